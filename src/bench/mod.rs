@@ -1,0 +1,55 @@
+//! `dfwatch bench NAME`: benchmarks that print their baseline measured in the same run.
+//!
+//! Each stage adds one entry to [`BENCHES`]. Benchmarks are never timed assertions in tests.
+
+#[cfg(feature = "gstreamer")]
+mod ingest;
+
+/// One registered benchmark.
+pub struct Bench {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Runs with the arguments after the name; prints its own table.
+    pub run: fn(&[String]) -> anyhow::Result<()>,
+}
+
+/// Every benchmark this build has.
+pub const BENCHES: &[Bench] = &[
+    #[cfg(feature = "gstreamer")]
+    Bench {
+        name: "ingest",
+        about: "decode 4 x 720p30 H.264 files as fast as possible: dfwatch ingest vs bare \
+                gst-launch-1.0 (fps, CPU seconds per stream)",
+        run: ingest::run,
+    },
+];
+
+/// Finds a benchmark by name.
+pub fn find(name: &str) -> Option<&'static Bench> {
+    BENCHES.iter().find(|b| b.name == name)
+}
+
+/// Whose CPU time [`cpu_seconds`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum CpuOf {
+    /// This process, every thread.
+    Process,
+    /// Child processes that have been waited for.
+    Children,
+}
+
+/// CPU time (user + system) in seconds, from getrusage.
+pub fn cpu_seconds(of: CpuOf) -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let who = match of {
+        CpuOf::Process => UsageWho::RUSAGE_SELF,
+        CpuOf::Children => UsageWho::RUSAGE_CHILDREN,
+    };
+    match getrusage(who) {
+        Ok(u) => {
+            let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
+            tv(u.user_time()) + tv(u.system_time())
+        }
+        Err(_) => f64::NAN,
+    }
+}

@@ -1,0 +1,245 @@
+//! Configuration: one TOML file, checked completely before anything starts.
+//!
+//! Each top-level section belongs to one module, which defines its struct (serde, doc comments,
+//! `deny_unknown_fields`, `#[serde(default)]`) and, when it has rules beyond types, a
+//! `validate` that pushes every problem it finds with its path. This file only lists the
+//! sections; a new stage adds its section in [`Config`] and one line in [`Config::from_table`].
+//!
+//! Loading never stops at the first problem: every section and every stream is parsed on its
+//! own, then the semantic checks run, and all errors come back together, each with a path such
+//! as `streams[2].uri` (see [`ConfigError`]). `dfwatch validate` prints them.
+
+mod errors;
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+pub use errors::{ConfigError, ConfigErrors};
+
+use crate::ingest::{IngestConfig, StreamConfig};
+use crate::types::NodeId;
+
+/// `[node]`: who this instance is.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Id of this instance, `[A-Za-z0-9_-]{1,64}`: the `<node>` level of MQTT topics.
+    /// Default: the host name with every other character replaced by `-`.
+    pub id: NodeId,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: default_node_id(),
+        }
+    }
+}
+
+fn default_node_id() -> NodeId {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let cleaned: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(crate::types::MAX_ID_LEN)
+        .collect();
+    NodeId::new(&cleaned).unwrap_or_else(|_| NodeId::new("dfwatch").expect("literal id is valid"))
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Config {
+    /// `[node]`
+    pub node: NodeConfig,
+    /// `[[streams]]`: the video sources to watch.
+    pub streams: Vec<StreamConfig>,
+    /// `[ingest]`: defaults and limits for every stream.
+    pub ingest: IngestConfig,
+    /// Directory of the file this came from: plain relative paths in stream URIs resolve
+    /// against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one(ConfigError::new(
+                "",
+                format!("cannot read {}: {e}", path.display()),
+            ))
+        })?;
+        let base = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        Config::parse(&text, &base)
+    }
+
+    /// Parses and checks TOML text; `base_dir` anchors relative file paths.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let at = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map(|(l, c)| format!(" at line {l}, column {c}"))
+                .unwrap_or_default();
+            ConfigErrors::one(ConfigError::new(
+                "",
+                format!("not valid TOML{at}: {}", e.message()),
+            ))
+        })?;
+        let mut errors = Vec::new();
+        let (mut cfg, stream_index) = Config::from_table(table, &mut errors);
+        cfg.base_dir = base_dir.to_path_buf();
+        cfg.validate(&stream_index, &mut errors);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Type-level parse: every section on its own, so one bad section hides no other error.
+    /// Also returns each parsed stream's index in the file (streams that failed to parse are
+    /// left out, and later errors must still name the right `streams[i]`).
+    fn from_table(mut table: toml::Table, errors: &mut Vec<ConfigError>) -> (Config, Vec<usize>) {
+        let node = section(&mut table, "node", errors);
+        let ingest = section(&mut table, "ingest", errors);
+        let (stream_index, streams) = array_section(&mut table, "streams", errors)
+            .into_iter()
+            .unzip();
+        for key in table.keys() {
+            errors.push(ConfigError::new(
+                key,
+                format!(
+                    "unknown section; known sections: {}",
+                    KNOWN_SECTIONS.join(", ")
+                ),
+            ));
+        }
+        let cfg = Config {
+            node,
+            streams,
+            ingest,
+            base_dir: PathBuf::new(),
+        };
+        (cfg, stream_index)
+    }
+
+    /// Rules beyond types, each module checking its own section.
+    fn validate(&self, stream_index: &[usize], errors: &mut Vec<ConfigError>) {
+        self.ingest.validate("ingest", errors);
+        let mut seen = std::collections::HashMap::new();
+        for (&i, s) in stream_index.iter().zip(&self.streams) {
+            let path = format!("streams[{i}]");
+            s.validate(&path, &self.base_dir, errors);
+            if let Some(first) = seen.insert(s.id.clone(), i) {
+                errors.push(ConfigError::new(
+                    format!("{path}.id"),
+                    format!("{:?} is already used by streams[{first}]", s.id.as_str()),
+                ));
+            }
+        }
+    }
+}
+
+const KNOWN_SECTIONS: &[&str] = &["node", "streams", "ingest"];
+
+/// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing
+/// or broken section yields its defaults (the error is recorded, so nothing runs on them).
+fn section<T: DeserializeOwned + Default>(
+    table: &mut toml::Table,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> T {
+    match table.remove(key) {
+        None => T::default(),
+        Some(v @ toml::Value::Table(_)) => parse_value(v, key, errors).unwrap_or_default(),
+        Some(other) => {
+            errors.push(ConfigError::new(
+                key,
+                format!("expected a table [{key}], found {}", other.type_str()),
+            ));
+            T::default()
+        }
+    }
+}
+
+/// Takes `[[key]]` out of `table` and parses each element on its own; returns the elements
+/// that parsed, with their index in the file.
+fn array_section<T: DeserializeOwned>(
+    table: &mut toml::Table,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(usize, T)> {
+    match table.remove(key) {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, v)| parse_value(v, &format!("{key}[{i}]"), errors).map(|t| (i, t)))
+            .collect(),
+        Some(other) => {
+            errors.push(ConfigError::new(
+                key,
+                format!(
+                    "expected an array of tables [[{key}]], found {}",
+                    other.type_str()
+                ),
+            ));
+            Vec::new()
+        }
+    }
+}
+
+fn parse_value<T: DeserializeOwned>(
+    v: toml::Value,
+    prefix: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(v) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let path = if inner == "." || inner.is_empty() {
+                prefix.to_string()
+            } else {
+                format!("{prefix}.{inner}")
+            };
+            errors.push(ConfigError::new(
+                path,
+                e.into_inner().message().trim().to_string(),
+            ));
+            None
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(text, Path::new("/etc/dfwatch"))
+}
+
+fn paths(e: &ConfigErrors) -> Vec<&str> {
+    e.0.iter().map(|e| e.path.as_str()).collect()
+}
+
+#[test]
+fn an_empty_file_is_a_valid_config_with_defaults() {
+    let c = parse("").unwrap();
+    assert!(c.streams.is_empty());
+    assert_eq!(c.ingest.analysis_fps, 5.0);
+    assert!(crate::types::check_id(c.node.id.as_str()).is_ok());
+}
+
+#[test]
+fn a_full_config_parses_with_overrides_and_durations() {
+    let c = parse(
+        r#"
+        [node]
+        id = "edge-01"
+
+        [ingest]
+        analysis_fps = 2.5
+        stall_timeout = "3s"
+        queue = { capacity = 2, policy = "drop_newest" }
+        backoff = { base = "250ms", cap = "20s", reset_after = "1m" }
+
+        [[streams]]
+        id = "lobby"
+        uri = "rtsp://10.1.2.3:554/main"
+        rtsp_transport = "tcp"
+        credentials = { username = "viewer", password_env = "LOBBY_PASS" }
+
+        [[streams]]
+        id = "sample"
+        uri = "../var/sample.mp4"
+        on_eos = "loop"
+        format = "nv12"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.node.id.as_str(), "edge-01");
+    assert_eq!(c.ingest.stall_timeout, std::time::Duration::from_secs(3));
+    assert_eq!(c.ingest.queue.capacity.get(), 2);
+    assert_eq!(c.ingest.backoff.reset_after.as_secs(), 60);
+    assert_eq!(c.streams.len(), 2);
+    assert_eq!(c.streams[1].on_eos, crate::ingest::EosAction::Loop);
+    assert_eq!(c.streams[1].format, Some(crate::types::PixelFormat::Nv12));
+}
+
+#[test]
+fn validate_lists_every_mistake_with_its_path() {
+    let e = parse(
+        r#"
+        [node]
+        id = "bad/node"
+
+        [ingest]
+        analysis_fps = 0
+        queue = { capacity = 4, policy = "block" }
+        backoff = { base = "0s", cap = "1s" }
+
+        [[streams]]
+        id = "ok-1"
+        uri = "ftp://example.com/x"
+
+        [[streams]]
+        id = "ok-2"
+        uri = "rtsp://admin:hunter2@cam/stream"
+        analysis_fps = 500
+
+        [[streams]]
+        id = "ok-3"
+        uri = "rtsp://cam/stream"
+        fpss = 3
+
+        [[streams]]
+        id = "ok-1"
+        uri = "srt://h:9000"
+        credentials = { password = "inline" }
+
+        [[streams]]
+        id = "ok-5"
+        uri = "file:///x.mp4"
+        enabled = "yes"
+
+        [mqtt_typo]
+        x = 1
+        "#,
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    let p = paths(&e);
+    for expected in [
+        "node.id",
+        "ingest.analysis_fps",
+        "ingest.queue.policy",
+        "ingest.backoff.base",
+        "streams[0].uri",
+        "streams[1].uri",
+        "streams[1].analysis_fps",
+        "streams[2].fpss",
+        "streams[3].id",
+        "streams[3].credentials.password",
+        "streams[4].enabled",
+        "mqtt_typo",
+    ] {
+        assert!(p.contains(&expected), "missing {expected} in:\n{text}");
+    }
+    assert!(
+        text.contains(r#"streams[0].uri: unsupported scheme "ftp""#),
+        "{text}"
+    );
+    assert!(text.contains("fpss"), "{text}");
+    assert!(text.contains("already used by streams[0]"), "{text}");
+    // The inline password itself is never echoed back.
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(!text.contains("\"inline\""), "{text}");
+}
+
+#[test]
+fn toml_syntax_errors_name_line_and_column() {
+    let e = parse("[node]\nid = \n").unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    assert!(e.0[0].message.contains("line 2"), "{e}");
+}
+
+#[test]
+fn wrong_section_types_are_reported() {
+    let e = parse("node = 3\nstreams = \"x\"\n").unwrap_err();
+    assert_eq!(paths(&e), vec!["node", "streams"]);
+}

@@ -1,0 +1,300 @@
+//! `[ingest]` and `[[streams]]`: what to watch and how.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::source::Source;
+use crate::channel::{FullPolicy, QueueConfig};
+use crate::config::ConfigError;
+use crate::types::{PixelFormat, StreamId};
+
+/// Highest analysis rate accepted: more than this is video decoding, not face analysis.
+pub const MAX_ANALYSIS_FPS: f64 = 60.0;
+
+/// `[ingest]`: defaults for every stream, and the supervisor's timing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Frames per second handed downstream from each stream (frames in between are skipped
+    /// before colour conversion, so they cost only their decode). A stream may override it.
+    pub analysis_fps: f64,
+    /// Pixel layout asked of GStreamer: `rgb8` (CPU path) or `nv12` (GPU path).
+    pub format: PixelFormat,
+    /// Which decoders to use: `auto` prefers NVIDIA's nvcodec decoders when GStreamer has
+    /// them and falls back to software; `software` never uses hardware decoders; `nvidia`
+    /// fails a stream whose codec nvcodec cannot decode.
+    pub decoder: DecoderPreference,
+    /// Queue between each stream's appsink and the detector. Its policy must be `drop_oldest`
+    /// or `drop_newest`: a GStreamer thread never waits.
+    pub queue: QueueConfig,
+    /// An online stream that delivers no frame for this long is declared stalled and
+    /// reconnected.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// An attempt that has not delivered its first frame after this long has failed.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Retry timing after a stream fails.
+    pub backoff: BackoffConfig,
+    /// RTSP: jitter-buffer latency.
+    #[serde(with = "humantime_serde")]
+    pub rtsp_latency: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            analysis_fps: 5.0,
+            format: PixelFormat::Rgb8,
+            decoder: DecoderPreference::Auto,
+            queue: QueueConfig {
+                capacity: NonZeroUsize::new(4).expect("non-zero literal"),
+                policy: FullPolicy::DropOldest,
+            },
+            stall_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(20),
+            backoff: BackoffConfig::default(),
+            rtsp_latency: Duration::from_millis(200),
+        }
+    }
+}
+
+impl IngestConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        check_fps(self.analysis_fps, &format!("{path}.analysis_fps"), errors);
+        if self.queue.policy == FullPolicy::Block {
+            errors.push(ConfigError::new(
+                format!("{path}.queue.policy"),
+                "\"block\" is not allowed here: the appsink runs on a GStreamer streaming \
+                 thread, which must never wait; use \"drop_oldest\" (newest frame wins) or \
+                 \"drop_newest\"",
+            ));
+        }
+        for (key, d) in [
+            ("stall_timeout", self.stall_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                errors.push(ConfigError::new(
+                    format!("{path}.{key}"),
+                    format!(
+                        "{} is too short; use at least 100ms",
+                        humantime::format_duration(d)
+                    ),
+                ));
+            }
+        }
+        self.backoff.validate(&format!("{path}.backoff"), errors);
+    }
+}
+
+fn check_fps(fps: f64, path: &str, errors: &mut Vec<ConfigError>) {
+    if !(fps.is_finite() && fps > 0.0 && fps <= MAX_ANALYSIS_FPS) {
+        errors.push(ConfigError::new(
+            path,
+            format!("{fps} is out of range; use a rate above 0 and at most {MAX_ANALYSIS_FPS}"),
+        ));
+    }
+}
+
+/// Exponential backoff with full jitter: attempt `n` waits a uniformly random time in
+/// `[0, min(cap, base * 2^n)]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cap: Duration,
+    /// A stream that stays online this long starts its next failure from `base` again.
+    #[serde(with = "humantime_serde")]
+    pub reset_after: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+            reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl BackoffConfig {
+    fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        if self.base.is_zero() {
+            errors.push(ConfigError::new(
+                format!("{path}.base"),
+                "must be above zero (a zero base retries in a tight loop)",
+            ));
+        }
+        if self.cap < self.base {
+            errors.push(ConfigError::new(
+                format!("{path}.cap"),
+                format!(
+                    "{} is below base {}",
+                    humantime::format_duration(self.cap),
+                    humantime::format_duration(self.base)
+                ),
+            ));
+        }
+    }
+}
+
+/// Decoder choice; see [`IngestConfig::decoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderPreference {
+    Auto,
+    Software,
+    Nvidia,
+}
+
+/// What a file stream does at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EosAction {
+    /// Seek back to the start and keep going.
+    Loop,
+    /// Stop; the stream goes offline with state "finished".
+    #[default]
+    Stop,
+}
+
+/// RTSP lower transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspTransport {
+    /// UDP first, then TCP (rtspsrc's own order).
+    #[default]
+    Auto,
+    Tcp,
+    Udp,
+}
+
+/// Where a stream's login comes from. Secrets are never written in the config file itself:
+/// they come from an environment variable or a file (e.g. a systemd credential), read each
+/// time the stream connects, so a rotated secret is picked up on the next reconnect.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// User name written here (not secret by itself).
+    pub username: Option<String>,
+    /// Environment variable holding the user name.
+    pub username_env: Option<String>,
+    /// Environment variable holding the password (RTSP, HTTP) or passphrase (SRT).
+    pub password_env: Option<String>,
+    /// File holding the password or passphrase (trailing newline ignored).
+    pub password_file: Option<std::path::PathBuf>,
+    /// Refused: present only to explain that inline passwords are not accepted.
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+}
+
+impl CredentialsConfig {
+    fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        if self.password.is_some() {
+            errors.push(ConfigError::new(
+                format!("{path}.password"),
+                "inline passwords are refused (config files get copied, logged and committed); \
+                 use password_env or password_file",
+            ));
+        }
+        if self.password_env.is_some() && self.password_file.is_some() {
+            errors.push(ConfigError::new(
+                path,
+                "set one of password_env and password_file, not both",
+            ));
+        }
+        if self.username.is_some() && self.username_env.is_some() {
+            errors.push(ConfigError::new(
+                path,
+                "set one of username and username_env, not both",
+            ));
+        }
+        for (key, v) in [
+            ("username_env", &self.username_env),
+            ("password_env", &self.password_env),
+        ] {
+            if let Some(name) = v
+                && (name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            {
+                errors.push(ConfigError::new(
+                    format!("{path}.{key}"),
+                    format!("{name:?} is not an environment variable name ([A-Za-z0-9_]+)"),
+                ));
+            }
+        }
+    }
+}
+
+/// `[[streams]]`: one video source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// `[A-Za-z0-9_-]{1,64}`, unique: an MQTT topic level and a metric label.
+    pub id: StreamId,
+    /// `rtsp://`, `rtsps://`, `srt://`, `http(s)://` (HLS or progressive), `file:///abs/path`,
+    /// `v4l2:///dev/videoN`, or a plain file path (relative to the config file). Never with
+    /// a user name or password in it: see `credentials`.
+    pub uri: String,
+    /// A disabled stream is listed with state "disabled" and not opened.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Overrides `ingest.analysis_fps`.
+    pub analysis_fps: Option<f64>,
+    /// Overrides `ingest.format`.
+    pub format: Option<PixelFormat>,
+    /// Overrides `ingest.decoder`.
+    pub decoder: Option<DecoderPreference>,
+    /// Files only: what to do at the end.
+    #[serde(default)]
+    pub on_eos: EosAction,
+    /// Files only: `true` plays at the file's own frame rate, as a camera would; `false`
+    /// decodes as fast as possible.
+    #[serde(default = "default_true")]
+    pub realtime: bool,
+    /// RTSP only.
+    #[serde(default)]
+    pub rtsp_transport: RtspTransport,
+    /// Login for the source, from the environment or a file.
+    pub credentials: Option<CredentialsConfig>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl StreamConfig {
+    /// A stream with every option at its default.
+    pub fn new(id: StreamId, uri: impl Into<String>) -> Self {
+        StreamConfig {
+            id,
+            uri: uri.into(),
+            enabled: true,
+            analysis_fps: None,
+            format: None,
+            decoder: None,
+            on_eos: EosAction::default(),
+            realtime: true,
+            rtsp_transport: RtspTransport::default(),
+            credentials: None,
+        }
+    }
+
+    pub(crate) fn validate(&self, path: &str, base_dir: &Path, errors: &mut Vec<ConfigError>) {
+        if let Err(e) = Source::parse(&self.uri, base_dir) {
+            errors.push(ConfigError::new(format!("{path}.uri"), e.to_string()));
+        }
+        if let Some(fps) = self.analysis_fps {
+            check_fps(fps, &format!("{path}.analysis_fps"), errors);
+        }
+        if let Some(c) = &self.credentials {
+            c.validate(&format!("{path}.credentials"), errors);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! dfwatch: watches live video for DeepFake faces and raises explained alerts.
+//!
+//! Data flows one way through bounded channels (see DESIGN.md):
+//! ingest -> detect + track -> crop -> encode -> score -> evidence -> publish.
+//! Stages share only [`types`] and [`channel`]; [`app`] is the only module that knows the
+//! whole graph.
+
+pub mod app;
+pub mod bench;
+pub mod channel;
+pub mod config;
+pub mod gpu;
+pub mod ingest;
+pub mod telemetry;
+pub mod types;

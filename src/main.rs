@@ -1,0 +1,215 @@
+//! The `dfwatch` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use dfwatch::config::Config;
+
+/// Watches live video for DeepFake faces and raises explained alerts over MQTT.
+#[derive(Parser)]
+#[command(name = "dfwatch", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon on a config file (stops cleanly on SIGINT or SIGTERM).
+    Run {
+        /// The TOML config, e.g. configs/default.toml.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check config files; print every problem with its path. Exits 2 if any file is invalid.
+    Validate {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Print version, GStreamer version, cargo features and the video decoders available.
+    Version {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a benchmark that prints its baseline measured in the same run.
+    Bench {
+        /// Benchmark name; leave out to list them.
+        name: Option<String>,
+        /// Arguments for the benchmark (see `dfwatch bench NAME --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    dfwatch::telemetry::init();
+    match cli.command {
+        Cmd::Run { config } => run(config),
+        Cmd::Validate { files } => validate(&files),
+        Cmd::Version { json } => version(json),
+        Cmd::Bench { name, args } => bench(name, &args),
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}: invalid config:", path.display());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("dfwatch-rt")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dfwatch::app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut bad = false;
+    for f in files {
+        match Config::load(f) {
+            Ok(c) => println!("{}: ok ({} streams)", f.display(), c.streams.len()),
+            Err(errors) => {
+                bad = true;
+                println!("{}: {} problem(s)", f.display(), errors.0.len());
+                for e in &errors.0 {
+                    println!("  {e}");
+                }
+            }
+        }
+    }
+    if bad {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "gstreamer") {
+        f.push("gstreamer");
+    }
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    f
+}
+
+fn version(json: bool) -> ExitCode {
+    #[cfg(feature = "gstreamer")]
+    let gst = dfwatch::ingest::info();
+    #[cfg(not(feature = "gstreamer"))]
+    let gst: Result<(), String> =
+        Err("not built in (cargo feature `gstreamer` is off): ingest is unavailable".into());
+    let gpu = dfwatch::gpu::availability().err().map(|e| e.to_string());
+    if json {
+        let v = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "features": features(),
+            "gstreamer": gst.as_ref().map_err(|e| e.to_string()).map(|g| serde_json::to_value(g).unwrap_or_default()),
+            "gpu": gpu,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("dfwatch {}", env!("CARGO_PKG_VERSION"));
+    println!("features: {}", features().join(", "));
+    #[cfg(feature = "gstreamer")]
+    match &gst {
+        Ok(g) => {
+            println!("gstreamer: {}", g.version);
+            println!(
+                "nvcodec (NVIDIA) decoders: {}",
+                if g.nvcodec {
+                    "registered, preferred"
+                } else {
+                    "not registered; software decoding"
+                }
+            );
+            println!(
+                "video decoders for streaming codecs (in the order GStreamer tries them; \
+                 --json lists all):"
+            );
+            const STREAMING: &[&str] = &[
+                "video/x-h264",
+                "video/x-h265",
+                "video/x-vp8",
+                "video/x-vp9",
+                "video/x-av1",
+                "image/jpeg",
+                "video/mpeg",
+            ];
+            for d in g
+                .decoders
+                .iter()
+                .filter(|d| d.codecs.iter().any(|c| STREAMING.contains(&c.as_str())))
+            {
+                println!(
+                    "  {:<22} rank {:>3}{}  {}",
+                    d.name,
+                    d.rank,
+                    if d.hardware { " hw" } else { "   " },
+                    d.codecs.join(", ")
+                );
+            }
+        }
+        Err(e) => println!("gstreamer: unavailable: {e}"),
+    }
+    #[cfg(not(feature = "gstreamer"))]
+    if let Err(e) = &gst {
+        println!("gstreamer: {e}");
+    }
+    if let Some(g) = gpu {
+        println!("gpu: {g}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn bench(name: Option<String>, args: &[String]) -> ExitCode {
+    let Some(name) = name else {
+        println!("benchmarks:");
+        for b in dfwatch::bench::BENCHES {
+            println!("  {:<10} {}", b.name, b.about);
+        }
+        return ExitCode::SUCCESS;
+    };
+    let Some(b) = dfwatch::bench::find(&name) else {
+        let names: Vec<_> = dfwatch::bench::BENCHES.iter().map(|b| b.name).collect();
+        eprintln!(
+            "error: no benchmark {name:?}; available: {}",
+            names.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    match (b.run)(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: bench {name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

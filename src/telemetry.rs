@@ -1,0 +1,19 @@
+//! Logging set-up. Log lines put fields first (`warn!(stream = %id, error = %e, "...")`) and
+//! nothing per frame is logged above `debug`.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global `tracing` subscriber writing to stderr. The filter comes from
+/// `DFWATCH_LOG` (or `RUST_LOG`), default `info`.
+pub fn init() {
+    let filter = std::env::var("DFWATCH_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

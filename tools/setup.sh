@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-time set-up on Debian 12: system packages, Rust toolchain check, release build, sample
+# clip. Safe to run again (each step skips what is already there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential pkg-config curl ca-certificates
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
+  gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
+  mosquitto mosquitto-clients
+)
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "setup: installing the Rust toolchain with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+
+# Sample clip for configs/default.toml (10 s, 640x360, 30 fps H.264).
+mkdir -p var/sample
+if [ ! -s var/sample/sample.mp4 ]; then
+  echo "setup: making var/sample/sample.mp4"
+  gst-launch-1.0 -q videotestsrc num-buffers=300 pattern=ball \
+    ! video/x-raw,width=640,height=360,framerate=30/1 \
+    ! x264enc speed-preset=veryfast key-int-max=30 ! h264parse ! mp4mux \
+    ! filesink location=var/sample/sample.mp4.part
+  mv var/sample/sample.mp4.part var/sample/sample.mp4
+fi
+echo "setup: done"
