@@ -13,14 +13,16 @@ use super::source::redact_known;
 const NVCODEC_RANK_BOOST: i32 = 10;
 
 /// Initialises GStreamer once per process: raises nvcodec decoders above software decoders
-/// when they are registered, and, when `GST_DEBUG` is set, routes GStreamer's own debug log
-/// through the credential redactor into `tracing` (target `gstreamer`).
+/// when they are registered, and routes GStreamer's own debug log (enabled as usual with
+/// `GST_DEBUG`) through the credential redactor into `tracing` at debug level, target
+/// `gstreamer` (see it with `DFWATCH_LOG=info,gstreamer=debug`). Nothing GStreamer logs
+/// reaches stderr unredacted.
 pub fn init() -> Result<(), String> {
     static INIT: OnceLock<Result<(), String>> = OnceLock::new();
     INIT.get_or_init(|| {
         gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))?;
         prefer_nvcodec();
-        if std::env::var_os("GST_DEBUG").is_some() {
+        {
             gst::log::remove_default_log_function();
             gst::log::add_log_function(|cat, level, file, _func, line, _obj, msg| {
                 let Some(text) = msg.get() else { return };

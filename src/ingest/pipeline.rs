@@ -124,23 +124,12 @@ impl Pipeline {
             delivered,
             redactor,
         };
-        if p.pipeline.set_state(gst::State::Playing).is_err() {
-            // The reason is on the bus.
-            let reason = p.drain_error().unwrap_or_else(|| {
-                IngestError::Pipeline("could not start playing (no reason given)".into())
-            });
-            return Err(reason);
+        if let Err(e) = p.pipeline.set_state(gst::State::Playing) {
+            // The reason is posted on the bus, possibly a moment later from a streaming
+            // thread; the runner's bus polling picks it up (or the connect timeout fires).
+            tracing::debug!(stream = %spec.stream, error = %e, "Pipeline refused to start.");
         }
         Ok(p)
-    }
-
-    fn drain_error(&self) -> Option<IngestError> {
-        while let Some(msg) = self.bus.pop() {
-            if let Some(BusEvent::Error(e)) = self.classify(&msg) {
-                return Some(e);
-            }
-        }
-        None
     }
 
     /// Next error or end-of-stream waiting on the bus, if any (never blocks).

@@ -324,7 +324,7 @@ pub struct Redactor {
 impl Redactor {
     /// A redactor that also removes the given login's values wherever they appear.
     pub fn for_login(login: &Login) -> Self {
-        let secrets = [&login.username, &login.password]
+        let mut secrets: Vec<Secret> = [&login.username, &login.password]
             .into_iter()
             .flatten()
             // Very short values would redact ordinary words; the user info of URIs is still
@@ -332,11 +332,17 @@ impl Redactor {
             .filter(|s| s.expose().len() >= 3)
             .cloned()
             .collect();
+        // HTTP and RTSP Basic authentication send base64("user:password"); debug logs of the
+        // source elements can print that header.
+        if let Some(p) = &login.password {
+            let user = login.username.as_ref().map(Secret::expose).unwrap_or("");
+            secrets.push(Secret(base64(format!("{user}:{}", p.expose()).as_bytes())));
+        }
         Redactor { secrets }
     }
 
     pub fn redact(&self, text: &str) -> String {
-        let mut out = strip_userinfo(text);
+        let mut out = strip_auth_headers(&strip_userinfo(text));
         for s in &self.secrets {
             if out.contains(s.expose()) {
                 out = out.replace(s.expose(), "***");
@@ -344,6 +350,46 @@ impl Redactor {
         }
         out
     }
+}
+
+/// Replaces the value of every `Authorization:` header in free text.
+fn strip_auth_headers(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let key = "authorization:";
+    if !lower.contains(key) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut pos = 0;
+    while let Some(i) = lower[pos..].find(key) {
+        let start = pos + i + key.len();
+        out.push_str(&text[pos..start]);
+        out.push_str(" ***");
+        pos = text[start..]
+            .find(['\r', '\n'])
+            .map(|e| start + e)
+            .unwrap_or(text.len());
+    }
+    out.push_str(&text[pos..]);
+    out
+}
+
+/// Standard base64 with padding (RFC 4648), for recognising Basic-auth tokens.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ABC[((n >> (18 - 6 * k)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Removes `user:pass@` from every `scheme://user:pass@host` in free text, and secret-looking
@@ -478,6 +524,21 @@ mod tests {
         assert!(out.contains("rtsp://10.0.0.1:554/x?token=***&x=1"), "{out}");
         let u = Source::parse("https://h/p.m3u8?token=zzz&a=1", Path::new("/")).unwrap();
         assert_eq!(u.redacted(), "https://h/p.m3u8?token=***&a=1");
+    }
+
+    #[test]
+    fn basic_auth_tokens_and_headers_are_redacted() {
+        assert_eq!(base64(b"Aladdin:open sesame"), "QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        let login = Login {
+            username: Some(Secret::new("Aladdin")),
+            password: Some(Secret::new("open sesame")),
+        };
+        let r = Redactor::for_login(&login);
+        let out = r.redact("token QWxhZGRpbjpvcGVuIHNlc2FtZQ== seen");
+        assert_eq!(out, "token *** seen");
+        let out = Redactor::default().redact("DESCRIBE\r\nAuthorization: Digest username=x, response=y\r\nCSeq: 2");
+        assert_eq!(out, "DESCRIBE\r\nAuthorization: ***\r\nCSeq: 2");
     }
 
     #[test]
