@@ -46,7 +46,13 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    dfwatch::telemetry::init();
+    // Benchmarks print tables; their stages' info lines would only interleave with them.
+    let default_level = if matches!(cli.command, Cmd::Bench { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    dfwatch::telemetry::init(default_level);
     match cli.command {
         Cmd::Run { config } => run(config),
         Cmd::Validate { files } => validate(&files),
@@ -130,7 +136,10 @@ fn version(json: bool) -> ExitCode {
         let v = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "features": features(),
-            "gstreamer": gst.as_ref().map_err(|e| e.to_string()).map(|g| serde_json::to_value(g).unwrap_or_default()),
+            "gstreamer": match &gst {
+                Ok(g) => serde_json::to_value(g).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
             "gpu": gpu,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

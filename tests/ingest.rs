@@ -29,25 +29,48 @@ async fn rtsp_h264_frames_arrive_sized_with_rising_pts_at_the_analysis_rate() {
             assert!(f.planes[0].stride >= 960);
             assert_eq!(f.stream.as_str(), "rtsp-h264");
         }
-        let pts: Vec<Duration> = frames.iter().map(|f| f.pts.expect("RTSP frames carry pts")).collect();
-        assert!(pts.windows(2).all(|w| w[1] > w[0]), "pts not increasing: {pts:?}");
+        let pts: Vec<Duration> = frames
+            .iter()
+            .map(|f| f.pts.expect("RTSP frames carry pts"))
+            .collect();
+        assert!(
+            pts.windows(2).all(|w| w[1] > w[0]),
+            "pts not increasing: {pts:?}"
+        );
         let seqs: Vec<u64> = frames.iter().map(|f| f.seq).collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
         // 5 fps from a 30 fps source: 5 +/- 1 frames per second of stream time.
         let span = (*pts.last().unwrap() - pts[0]).as_secs_f64();
         let rate = (frames.len() - 1) as f64 / span;
-        assert!((4.0..=6.0).contains(&rate), "{} frames over {span:.2} s = {rate:.2} fps", frames.len());
+        assert!(
+            (4.0..=6.0).contains(&rate),
+            "{} frames over {span:.2} s = {rate:.2} fps",
+            frames.len()
+        );
         // Once the first RTCP sender report arrives, frames carry the sender's NTP capture
         // time; the server shares our clock, so it must be close to the arrival time.
-        let from_sender: Vec<_> = frames.iter().filter(|f| f.capture_time_from_sender).collect();
-        assert!(!from_sender.is_empty(), "no frame carried the sender's NTP time");
+        let from_sender: Vec<_> = frames
+            .iter()
+            .filter(|f| f.capture_time_from_sender)
+            .collect();
+        assert!(
+            !from_sender.is_empty(),
+            "no frame carried the sender's NTP time"
+        );
         let now = std::time::SystemTime::now();
         for f in from_sender {
             let age = now.duration_since(f.capture_time).unwrap_or_default();
-            assert!(age < SECS(10), "sender time {:?} is far from now", f.capture_time);
+            assert!(
+                age < SECS(10),
+                "sender time {:?} is far from now",
+                f.capture_time
+            );
         }
         let stats = h.stats();
-        assert!(stats.frames_sampled_out > 3 * stats.frames_delivered, "{stats:?}");
+        assert!(
+            stats.frames_sampled_out > 3 * stats.frames_delivered,
+            "{stats:?}"
+        );
         h.stop().await;
     })
     .await
@@ -162,7 +185,11 @@ async fn frozen_media_is_a_stall_then_reconnects_once_when_it_flows_again() {
             pos(StreamState::Reconnecting).unwrap(),
         );
         assert!(online < stalled && stalled < reconnecting, "{seen:?}");
-        assert_eq!(seen.iter().filter(|s| **s == StreamState::Online).count(), 2, "{seen:?}");
+        assert_eq!(
+            seen.iter().filter(|s| **s == StreamState::Online).count(),
+            2,
+            "{seen:?}"
+        );
     })
     .await
     .expect("test finished in time");
@@ -193,7 +220,11 @@ async fn truncated_and_random_files_fail_typed_while_a_good_stream_runs() {
         let mut g = stream("good", good.to_str().unwrap());
         g.on_eos = EosAction::Loop;
         let (hg, _rg) = spawn(&g, &ingest, 4);
-        let (ht, _rt) = spawn(&stream("truncated", truncated.to_str().unwrap()), &ingest, 4);
+        let (ht, _rt) = spawn(
+            &stream("truncated", truncated.to_str().unwrap()),
+            &ingest,
+            4,
+        );
         let (hr, _rr) = spawn(&stream("random", random.to_str().unwrap()), &ingest, 4);
         wait_state(&ht, SECS(20), |s| s == StreamState::Offline).await;
         wait_state(&hr, SECS(20), |s| s == StreamState::Offline).await;
@@ -212,7 +243,10 @@ async fn truncated_and_random_files_fail_typed_while_a_good_stream_runs() {
         let before = hg.stats().frames_delivered;
         tokio::time::sleep(SECS(3)).await;
         let after = hg.stats().frames_delivered;
-        assert!(after > before + 5, "good stream stalled: {before} -> {after}");
+        assert!(
+            after > before + 5,
+            "good stream stalled: {before} -> {after}"
+        );
         assert_eq!(hg.status().state, StreamState::Online);
         assert_eq!(hg.status().reconnects, 0, "a loop is not a reconnect");
         for h in [hg, ht, hr] {
@@ -225,7 +259,11 @@ async fn truncated_and_random_files_fail_typed_while_a_good_stream_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_file_is_reported_not_found() {
-    let (h, _rx) = spawn(&stream("missing", "/nonexistent/dir/clip.mp4"), &fast_ingest(), 2);
+    let (h, _rx) = spawn(
+        &stream("missing", "/nonexistent/dir/clip.mp4"),
+        &fast_ingest(),
+        2,
+    );
     wait_state(&h, SECS(20), |s| s == StreamState::Offline).await;
     assert_eq!(h.status().last_error.unwrap().kind, "not_found");
     h.stop().await;
@@ -310,14 +348,18 @@ async fn a_full_queue_drops_exactly_the_excess_under_each_policy() {
                     assert_eq!(s.frames_delivered, 45);
                     assert_eq!(s.frames_dropped_queue_full, 42);
                     assert_eq!((ch.dropped_oldest, ch.dropped_newest), (42, 0));
-                    let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv()).map(|f| f.seq).collect();
+                    let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
+                        .map(|f| f.seq)
+                        .collect();
                     assert_eq!(seqs, vec![42, 43, 44], "the newest frames win");
                 }
                 _ => {
                     assert_eq!(s.frames_delivered, 3);
                     assert_eq!(s.frames_dropped_queue_full, 42);
                     assert_eq!((ch.dropped_oldest, ch.dropped_newest), (0, 42));
-                    let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv()).map(|f| f.seq).collect();
+                    let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
+                        .map(|f| f.seq)
+                        .collect();
                     assert_eq!(seqs, vec![0, 1, 2], "the oldest frames stay");
                 }
             }
@@ -338,7 +380,9 @@ async fn nv12_frames_carry_two_planes_and_colour_info() {
         cfg.format = Some(PixelFormat::Nv12);
         cfg.realtime = false;
         let (h, rx) = spawn(&cfg, &fast_ingest(), 16);
-        let f = collect_frames(&rx, SECS(20), Duration::ZERO).await.remove(0);
+        let f = collect_frames(&rx, SECS(20), Duration::ZERO)
+            .await
+            .remove(0);
         assert_eq!(f.format, PixelFormat::Nv12);
         assert!(f.planes[1].offset >= 320 * 240);
         assert_eq!(f.row(1, 119).len(), 320);

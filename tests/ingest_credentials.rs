@@ -57,21 +57,36 @@ async fn rtsp_credentials_work_and_appear_in_no_log_line() {
         assert!(!frames.is_empty());
         assert_eq!(hg.status().state, StreamState::Online);
         for h in [&hb, &hn] {
-            wait_state(h, Duration::from_secs(20), |s| s == StreamState::Reconnecting).await;
+            wait_state(h, Duration::from_secs(20), |s| {
+                s == StreamState::Reconnecting
+            })
+            .await;
             let err = h.status().last_error.expect("an error is recorded");
             assert_eq!(err.kind, "auth_failed", "{} {err:?}", h.id());
         }
         for h in [hg, hb, hn] {
             let json = serde_json::to_string(&h.status()).unwrap();
-            assert!(!json.contains(PASSWORD) && !json.contains("wrong-password-42"), "{json}");
+            assert!(
+                !json.contains(PASSWORD) && !json.contains("wrong-password-42"),
+                "{json}"
+            );
             h.stop().await;
         }
         let text = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
         // The capture really saw GStreamer's RTSP traffic, so the check below means something.
-        assert!(text.contains("gstreamer") || text.contains("rtsp"), "no GStreamer log captured");
-        assert!(text.contains("DESCRIBE"), "RTSP requests were not logged; the check is void");
+        assert!(
+            text.contains("gstreamer") || text.contains("rtsp"),
+            "no GStreamer log captured"
+        );
+        assert!(
+            text.contains("DESCRIBE"),
+            "RTSP requests were not logged; the check is void"
+        );
         assert!(!text.contains(PASSWORD), "password leaked into logs");
-        assert!(!text.contains("wrong-password-42"), "password leaked into logs");
+        assert!(
+            !text.contains("wrong-password-42"),
+            "password leaked into logs"
+        );
         let basic = "Y2FtdXNlci03ZjNhOnB3LVpxODEtdW5saWtlbHktc3RyaW5n"; // base64(user:password)
         assert!(!text.contains(basic), "Basic token leaked into logs");
         assert!(!text.contains(USER), "user name leaked into logs");

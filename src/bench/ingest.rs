@@ -91,7 +91,7 @@ fn ensure_clips(dir: &Path, n: usize, seconds: u32) -> anyhow::Result<Vec<PathBu
             }
             std::fs::rename(&tmp, &path)?;
         }
-        out.push(path);
+        out.push(std::fs::canonicalize(&path)?);
     }
     Ok(out)
 }

@@ -54,6 +54,7 @@ use supervisor::SupervisorSettings;
 
 /// A stream's config resolved against the `[ingest]` defaults.
 #[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "gstreamer"), allow(dead_code))]
 pub(crate) struct StreamSpec {
     pub config: StreamConfig,
     pub source: Source,

@@ -276,9 +276,7 @@ fn install_source_setup(decodebin: &gst::Element, spec: &PipelineSpec) {
     let latency_ms = spec.rtsp_latency.as_millis().min(u32::MAX as u128) as u32;
     let transport = spec.rtsp_transport;
     decodebin.connect("source-setup", false, move |args| {
-        let Some(src) = args.get(1).and_then(|v| v.get::<gst::Element>().ok()) else {
-            return None;
-        };
+        let src = args.get(1).and_then(|v| v.get::<gst::Element>().ok())?;
         let set_str = |name: &str, v: &str| {
             if src.has_property(name) {
                 src.set_property(name, v);
@@ -343,9 +341,7 @@ fn install_decoder_filter(decodebin: &gst::Element, pref: DecoderPreference) {
                 DecoderPreference::Auto => false,
             }
         });
-        let v = glib::EnumClass::with_type(result_type)
-            .and_then(|c| c.to_value(if skip { 2 } else { 0 }));
-        v
+        glib::EnumClass::with_type(result_type).and_then(|c| c.to_value(if skip { 2 } else { 0 }))
     });
 }
 

@@ -379,7 +379,11 @@ fn base64(bytes: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for k in 0..4 {
             if k <= chunk.len() {
@@ -528,7 +532,10 @@ mod tests {
 
     #[test]
     fn basic_auth_tokens_and_headers_are_redacted() {
-        assert_eq!(base64(b"Aladdin:open sesame"), "QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        assert_eq!(
+            base64(b"Aladdin:open sesame"),
+            "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
         assert_eq!(base64(b"ab"), "YWI=");
         let login = Login {
             username: Some(Secret::new("Aladdin")),
@@ -537,7 +544,8 @@ mod tests {
         let r = Redactor::for_login(&login);
         let out = r.redact("token QWxhZGRpbjpvcGVuIHNlc2FtZQ== seen");
         assert_eq!(out, "token *** seen");
-        let out = Redactor::default().redact("DESCRIBE\r\nAuthorization: Digest username=x, response=y\r\nCSeq: 2");
+        let out = Redactor::default()
+            .redact("DESCRIBE\r\nAuthorization: Digest username=x, response=y\r\nCSeq: 2");
         assert_eq!(out, "DESCRIBE\r\nAuthorization: ***\r\nCSeq: 2");
     }
 

@@ -202,6 +202,7 @@ impl StreamCounters {
             frames_delivered: l(&self.frames_delivered),
             frames_dropped_queue_full: l(&self.frames_dropped_queue_full),
             frames_dropped_invalid: l(&self.frames_dropped_invalid),
+            last_frame_age: self.last_frame().map(|t| t.elapsed()),
         }
     }
 }
@@ -209,6 +210,8 @@ impl StreamCounters {
 /// A copy of [`StreamCounters`] at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct StreamStats {
+    /// How long ago the last frame was delivered (`None` before the first).
+    pub last_frame_age: Option<Duration>,
     pub frames_decoded: u64,
     pub frames_sampled_out: u64,
     pub frames_delivered: u64,

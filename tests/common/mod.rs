@@ -236,7 +236,8 @@ pub fn serve_dir(root: PathBuf) -> u16 {
                         let _ = conn.write_all(&body);
                     }
                     Err(_) => {
-                        let _ = conn.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                        let _ =
+                            conn.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
                     }
                 }
             });
@@ -247,13 +248,17 @@ pub fn serve_dir(root: PathBuf) -> u16 {
 
 /// Ingest settings that react fast enough for tests.
 pub fn fast_ingest() -> IngestConfig {
-    let mut c = IngestConfig::default();
-    c.stall_timeout = Duration::from_millis(1500);
-    c.connect_timeout = Duration::from_secs(10);
-    c.backoff.base = Duration::from_millis(100);
-    c.backoff.cap = Duration::from_millis(500);
-    c.rtsp_latency = Duration::from_millis(50);
-    c
+    IngestConfig {
+        stall_timeout: Duration::from_millis(1500),
+        connect_timeout: Duration::from_secs(10),
+        backoff: dfwatch::ingest::BackoffConfig {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(500),
+            ..Default::default()
+        },
+        rtsp_latency: Duration::from_millis(50),
+        ..IngestConfig::default()
+    }
 }
 
 pub fn stream(id: &str, uri: &str) -> StreamConfig {
@@ -261,7 +266,11 @@ pub fn stream(id: &str, uri: &str) -> StreamConfig {
 }
 
 /// Starts a stream with its own queue; returns the handle and the receiving end.
-pub fn spawn(cfg: &StreamConfig, ingest: &IngestConfig, capacity: usize) -> (StreamHandle, Receiver<Frame>) {
+pub fn spawn(
+    cfg: &StreamConfig,
+    ingest: &IngestConfig,
+    capacity: usize,
+) -> (StreamHandle, Receiver<Frame>) {
     let (tx, rx) = bounded(
         format!("frames-{}", cfg.id),
         std::num::NonZeroUsize::new(capacity).expect("non-zero"),
@@ -284,7 +293,11 @@ pub async fn wait_state(h: &StreamHandle, timeout: Duration, pred: impl Fn(Strea
 }
 
 /// Takes frames from `rx` for `dur` (after the first one arrives, within `first_within`).
-pub async fn collect_frames(rx: &Receiver<Frame>, first_within: Duration, dur: Duration) -> Vec<Frame> {
+pub async fn collect_frames(
+    rx: &Receiver<Frame>,
+    first_within: Duration,
+    dur: Duration,
+) -> Vec<Frame> {
     let first = tokio::time::timeout(first_within, rx.recv_async())
         .await
         .expect("a first frame in time")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: set-up (idempotent), then every test with a time limit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./tools/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+# Slow tests carry their own timeouts; this bounds the whole run.
+timeout 1800 cargo test --locked "$@"
