@@ -192,6 +192,12 @@ struct State<T> {
     receivers: usize,
 }
 
+#[derive(Clone, Copy)]
+enum End {
+    Sender,
+    Receiver,
+}
+
 struct Shared<T> {
     name: String,
     capacity: usize,
@@ -262,6 +268,31 @@ impl<T> Shared<T> {
                 Ok(Sent::DroppedNewest(item))
             }
             FullPolicy::Block => Err(TrySendError::Full(item)),
+        }
+    }
+
+    fn count(st: &mut State<T>, end: End) -> &mut usize {
+        match end {
+            End::Sender => &mut st.senders,
+            End::Receiver => &mut st.receivers,
+        }
+    }
+
+    /// One more handle on `end`.
+    fn attach(&self, end: End) {
+        *Self::count(&mut self.lock(), end) += 1;
+    }
+
+    /// One handle on `end` fewer; the last one closes that side and wakes every waiter.
+    fn detach(&self, end: End) {
+        let last = {
+            let mut st = self.lock();
+            let n = Self::count(&mut st, end);
+            *n -= 1;
+            *n == 0
+        };
+        if last {
+            self.wake_all();
         }
     }
 
@@ -391,7 +422,7 @@ impl<T> Sender<T> {
 
 impl<T> Clone for Sender<T> {
     fn clone(&self) -> Self {
-        self.shared.lock().senders += 1;
+        self.shared.attach(End::Sender);
         Sender {
             shared: self.shared.clone(),
         }
@@ -400,14 +431,7 @@ impl<T> Clone for Sender<T> {
 
 impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
-        let last = {
-            let mut st = self.shared.lock();
-            st.senders -= 1;
-            st.senders == 0
-        };
-        if last {
-            self.shared.wake_all();
-        }
+        self.shared.detach(End::Sender);
     }
 }
 
@@ -510,7 +534,7 @@ impl<T> Receiver<T> {
 
 impl<T> Clone for Receiver<T> {
     fn clone(&self) -> Self {
-        self.shared.lock().receivers += 1;
+        self.shared.attach(End::Receiver);
         Receiver {
             shared: self.shared.clone(),
         }
@@ -519,14 +543,7 @@ impl<T> Clone for Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        let last = {
-            let mut st = self.shared.lock();
-            st.receivers -= 1;
-            st.receivers == 0
-        };
-        if last {
-            self.shared.wake_all();
-        }
+        self.shared.detach(End::Receiver);
     }
 }
 
