@@ -11,5 +11,6 @@ pub mod channel;
 pub mod config;
 pub mod gpu;
 pub mod ingest;
+pub mod score;
 pub mod telemetry;
 pub mod types;

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "gstreamer")]
 mod ingest;
+mod score;
 
 /// One registered benchmark.
 pub struct Bench {
@@ -21,6 +22,12 @@ pub const BENCHES: &[Bench] = &[
         about: "decode 4 x 720p30 H.264 files as fast as possible: dfwatch ingest vs bare \
                 gst-launch-1.0 (fps, CPU seconds per stream)",
         run: ingest::run,
+    },
+    Bench {
+        name: "score",
+        about: "label-graph scoring on the FFSC graph (1544 states), E T^T included, one \
+                thread, beside brute force with an equality check",
+        run: score::run,
     },
 ];
 
