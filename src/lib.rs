@@ -11,6 +11,7 @@ pub mod channel;
 pub mod config;
 pub mod gpu;
 pub mod ingest;
+pub mod model;
 pub mod score;
 pub mod telemetry;
 pub mod types;

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   mosquitto mosquitto-clients
+  python3 python3-venv python3-pip
 )
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -33,6 +34,21 @@ if ! command -v cargo >/dev/null 2>&1; then
     export PATH="$HOME/.cargo/bin:$PATH"
   fi
 fi
+
+# Python tools in a venv (model bundles, benchmark baselines, the ONNX Runtime library).
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  /usr/bin/python3 -m venv .venv
+fi
+if ! cmp -s tools/requirements.txt .venv/.requirements.installed; then
+  echo "setup: installing Python tools (tools/requirements.txt)"
+  .venv/bin/pip install -q --disable-pip-version-check -r tools/requirements.txt
+  cp tools/requirements.txt .venv/.requirements.installed
+fi
+# dfwatch loads ONNX Runtime at run time from the onnxruntime wheel.
+ORT_LIB=$(.venv/bin/python -c 'import onnxruntime, pathlib; p = pathlib.Path(onnxruntime.__file__).parent / "capi"; print(next(p.glob("libonnxruntime.so*")))')
+mkdir -p var/lib
+ln -sf "$ORT_LIB" var/lib/libonnxruntime.so
 
 # Sample clip for configs/default.toml (10 s, 640x360, 30 fps H.264).
 mkdir -p var/sample

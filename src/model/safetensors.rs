@@ -1,0 +1,153 @@
+//! Reading the safetensors format: a little-endian u64 header length, a JSON header naming each
+//! tensor's dtype, shape and byte range, then the raw data.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TensorInfo {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data_offsets: [usize; 2],
+}
+
+/// A parsed safetensors file held in memory.
+#[derive(Debug)]
+pub struct SafeTensors {
+    data: Vec<u8>,
+    base: usize,
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+/// Largest header accepted (the format's own limit is 100 MB).
+const MAX_HEADER: usize = 100 << 20;
+
+impl SafeTensors {
+    /// Parses `data`; errors say which part of the layout is wrong.
+    pub fn parse(data: Vec<u8>) -> Result<Self, String> {
+        let len_bytes: [u8; 8] = data
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or("file is shorter than the 8-byte header length")?;
+        let n = u64::from_le_bytes(len_bytes) as usize;
+        if n > MAX_HEADER || 8 + n > data.len() {
+            return Err(format!(
+                "header length {n} does not fit the file of {} bytes",
+                data.len()
+            ));
+        }
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&data[8..8 + n]).map_err(|e| format!("header: {e}"))?;
+        let base = 8 + n;
+        let mut tensors = BTreeMap::new();
+        for (name, v) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: TensorInfo =
+                serde_json::from_value(v).map_err(|e| format!("tensor {name:?}: {e}"))?;
+            let [a, b] = info.data_offsets;
+            if a > b || base + b > data.len() {
+                return Err(format!(
+                    "tensor {name:?}: bytes {a}..{b} lie outside the data ({} bytes)",
+                    data.len() - base
+                ));
+            }
+            tensors.insert(name, info);
+        }
+        Ok(SafeTensors {
+            data,
+            base,
+            tensors,
+        })
+    }
+
+    /// The f32 values of tensor `name` with its shape, checked for dtype and size.
+    pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| format!("no tensor named {name:?}"))?;
+        if info.dtype != "F32" {
+            return Err(format!("{name}: dtype {} (F32 expected)", info.dtype));
+        }
+        let [a, b] = info.data_offsets;
+        let count: usize = info.shape.iter().product();
+        if b - a != count * 4 {
+            return Err(format!(
+                "{name}: shape {:?} needs {} bytes, the entry holds {}",
+                info.shape,
+                count * 4,
+                b - a
+            ));
+        }
+        let bytes = &self.data[self.base + a..self.base + b];
+        let values = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((info.shape.clone(), values))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn reads_f32_tensors_and_rejects_bad_layouts() {
+        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let ok = file(
+            r#"{"t":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"__metadata__":{"a":"b"}}"#,
+            &data,
+        );
+        let st = SafeTensors::parse(ok).unwrap();
+        assert_eq!(st.f32("t").unwrap(), (vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]));
+        assert!(st.f32("u").unwrap_err().contains("no tensor named"));
+        let short = file(
+            r#"{"t":{"dtype":"F32","shape":[2,2],"data_offsets":[0,32]}}"#,
+            &data,
+        );
+        assert!(SafeTensors::parse(short).unwrap_err().contains("outside"));
+        let shape = file(
+            r#"{"t":{"dtype":"F32","shape":[3,2],"data_offsets":[0,16]}}"#,
+            &data,
+        );
+        assert!(
+            SafeTensors::parse(shape)
+                .unwrap()
+                .f32("t")
+                .unwrap_err()
+                .contains("needs 24")
+        );
+        let f16 = file(
+            r#"{"t":{"dtype":"F16","shape":[8],"data_offsets":[0,16]}}"#,
+            &data,
+        );
+        assert!(
+            SafeTensors::parse(f16)
+                .unwrap()
+                .f32("t")
+                .unwrap_err()
+                .contains("F16")
+        );
+        assert!(SafeTensors::parse(vec![1, 2, 3]).is_err());
+        assert!(
+            SafeTensors::parse(file("{nope", &[]))
+                .unwrap_err()
+                .contains("header")
+        );
+    }
+}
