@@ -28,6 +28,24 @@ enum Cmd {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Score aligned face crops (PNG/JPEG, square, at least the model's input size) and print
+    /// JSON: q0, its logit, log Z, every label's logit and marginal, and an explanation.
+    Score {
+        /// Model bundle directory (see engines/SCHEMA.md; make one with tools/model.py).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Path of libonnxruntime.so (default: see [onnx] in configs/example.toml).
+        #[arg(long, value_name = "FILE")]
+        onnx_library: Option<PathBuf>,
+        /// Intra-op threads for ONNX Runtime (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Include each image's raw embedding.
+        #[arg(long)]
+        embeddings: bool,
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<PathBuf>,
+    },
     /// Print version, GStreamer version, cargo features and the video decoders available.
     Version {
         /// Print JSON instead of text.
@@ -57,6 +75,13 @@ fn main() -> ExitCode {
         Cmd::Run { config } => run(config),
         Cmd::Validate { files } => validate(&files),
         Cmd::Version { json } => version(json),
+        Cmd::Score {
+            model,
+            onnx_library,
+            threads,
+            embeddings,
+            images,
+        } => score(&model, onnx_library, threads, embeddings, &images),
         Cmd::Bench { name, args } => bench(name, &args),
     }
 }
@@ -111,6 +136,38 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn score(
+    model: &std::path::Path,
+    library: Option<PathBuf>,
+    threads: Option<usize>,
+    embeddings: bool,
+    images: &[PathBuf],
+) -> ExitCode {
+    let onnx = dfwatch::onnx::OnnxConfig { library, threads };
+    match dfwatch::app::score_images::score_images(model, images, &onnx, embeddings) {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            let failed = report
+                .results
+                .iter()
+                .any(|r| matches!(r, dfwatch::app::score_images::ImageResult::Failed { .. }));
+            if failed {
+                eprintln!("error: some images could not be scored (see their \"error\")");
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

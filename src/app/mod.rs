@@ -5,6 +5,8 @@
 //! are not built yet, and the daemon says so at start and in every status line: frames are
 //! decoded, counted and discarded.
 
+pub mod score_images;
+
 use std::time::Duration;
 
 use anyhow::Context;

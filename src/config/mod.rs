@@ -17,7 +17,10 @@ use serde::de::DeserializeOwned;
 
 pub use errors::{ConfigError, ConfigErrors};
 
+use crate::encode::EncoderConfig;
 use crate::ingest::{IngestConfig, StreamConfig};
+use crate::model::ModelConfig;
+use crate::onnx::OnnxConfig;
 use crate::types::NodeId;
 
 /// `[node]`: who this instance is.
@@ -65,6 +68,12 @@ pub struct Config {
     pub streams: Vec<StreamConfig>,
     /// `[ingest]`: defaults and limits for every stream.
     pub ingest: IngestConfig,
+    /// `[model]`: the model bundle and its backend.
+    pub model: ModelConfig,
+    /// `[encoder]`: batching of crops for the image encoder.
+    pub encoder: EncoderConfig,
+    /// `[onnx]`: the ONNX Runtime library and its thread budget.
+    pub onnx: OnnxConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -124,6 +133,9 @@ impl Config {
     fn from_table(mut table: toml::Table, errors: &mut Vec<ConfigError>) -> (Config, Vec<usize>) {
         let node = section(&mut table, "node", errors);
         let ingest = section(&mut table, "ingest", errors);
+        let model = section(&mut table, "model", errors);
+        let encoder = section(&mut table, "encoder", errors);
+        let onnx = section(&mut table, "onnx", errors);
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -140,6 +152,9 @@ impl Config {
             node,
             streams,
             ingest,
+            model,
+            encoder,
+            onnx,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index)
@@ -148,6 +163,9 @@ impl Config {
     /// Rules beyond types, each module checking its own section.
     fn validate(&self, stream_index: &[usize], errors: &mut Vec<ConfigError>) {
         self.ingest.validate("ingest", errors);
+        self.model.validate("model", errors);
+        self.encoder.validate("encoder", errors);
+        self.onnx.validate("onnx", errors);
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
@@ -162,7 +180,7 @@ impl Config {
     }
 }
 
-const KNOWN_SECTIONS: &[&str] = &["node", "streams", "ingest"];
+const KNOWN_SECTIONS: &[&str] = &["node", "streams", "ingest", "model", "encoder", "onnx"];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing
 /// or broken section yields its defaults (the error is recorded, so nothing runs on them).

@@ -15,6 +15,41 @@ use sha2::{Digest, Sha256};
 
 use crate::score::{GraphError, LabelGraph, LabelNode, Level};
 
+/// Which engine runs the image encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// ONNX Runtime on the CPU.
+    #[default]
+    Cpu,
+    /// The native cudarc engine (not built yet).
+    Cuda,
+}
+
+/// `[model]`: which bundle scores faces, and on what.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Bundle directory (relative paths are relative to the config file).
+    pub bundle: Option<PathBuf>,
+    /// `cpu` (ONNX Runtime) or `cuda` (native engine).
+    pub backend: Backend,
+}
+
+impl ModelConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
+        if self.backend == Backend::Cuda {
+            errors.push(crate::config::ConfigError::new(
+                format!("{path}.backend"),
+                format!(
+                    "\"cuda\" is not available: {}",
+                    crate::gpu::GpuError::NotImplemented
+                ),
+            ));
+        }
+    }
+}
+
 /// The manifest schema version this build reads.
 pub const SCHEMA_VERSION: u32 = 1;
 

@@ -1,0 +1,319 @@
+//! Encode: aligned crops -> image embeddings, on the CPU through ONNX Runtime.
+//!
+//! Owns the `[encoder]` config section ([`EncoderConfig`]). Crops arrive one by one with
+//! metadata; a [`Batcher`] groups them by size or deadline; one dedicated thread runs the
+//! model on each batch and sends `(metadata, embedding)` on, never dropping one (the output
+//! channel applies back-pressure).
+//!
+//! Model contract (engines/SCHEMA.md): input `pixels`, `N x 3 x S x S` f32, CLIP-normalised;
+//! output `embedding`, `N x D` f32, not normalised.
+
+mod batcher;
+
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use batcher::Batcher;
+
+use crate::channel::{Receiver, RecvTimeoutError, Sender};
+use crate::model::ModelBundle;
+use crate::onnx::{self, OnnxError, Session};
+
+/// Input and output names of the ONNX image encoder.
+pub const INPUT_NAME: &str = "pixels";
+pub const OUTPUT_NAME: &str = "embedding";
+
+/// `[encoder]`: batching of crops for the image encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderConfig {
+    /// Largest batch handed to the model.
+    pub max_batch: NonZeroUsize,
+    /// Longest a crop waits for its batch to fill.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig {
+            max_batch: NonZeroUsize::new(8).expect("non-zero literal"),
+            max_wait: Duration::from_millis(20),
+        }
+    }
+}
+
+impl EncoderConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
+        if self.max_batch.get() > 1024 {
+            errors.push(crate::config::ConfigError::new(
+                format!("{path}.max_batch"),
+                format!("{} is above the limit of 1024", self.max_batch),
+            ));
+        }
+        if self.max_wait > Duration::from_secs(5) {
+            errors.push(crate::config::ConfigError::new(
+                format!("{path}.max_wait"),
+                "above 5s: faces would be scored long after they were seen",
+            ));
+        }
+    }
+}
+
+/// Why encoding failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    #[error("{model}: {what}")]
+    Contract { model: String, what: String },
+    #[error("batch holds {got} values; {n} crops of 3x{size}x{size} need {want}")]
+    BatchShape {
+        got: usize,
+        n: usize,
+        size: usize,
+        want: usize,
+    },
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// The ONNX image encoder of a bundle on the CPU.
+pub struct CpuEncoder {
+    session: Session,
+    size: usize,
+    dim: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl std::fmt::Debug for CpuEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuEncoder")
+            .field("size", &self.size)
+            .field("dim", &self.dim)
+            .finish()
+    }
+}
+
+impl CpuEncoder {
+    /// Loads `bundle`'s ONNX encoder on the shared runtime (call [`onnx::init`] first) and
+    /// checks its inputs and outputs against the manifest.
+    pub fn new(bundle: &ModelBundle) -> Result<Self, EncodeError> {
+        Self::from_onnx(bundle, &bundle.onnx_path)
+    }
+
+    /// Like [`CpuEncoder::new`] with another ONNX file of the same model (e.g. int8).
+    pub fn from_onnx(bundle: &ModelBundle, path: &std::path::Path) -> Result<Self, EncodeError> {
+        let a = bundle.architecture();
+        let session = onnx::session(path)?;
+        let model = path.display().to_string();
+        let contract = |what: String| EncodeError::Contract {
+            model: model.clone(),
+            what,
+        };
+        let size = a.image_size as usize;
+        let dim = a.embed_dim as usize;
+        let dims_of = |t: &ort::value::ValueType| match t {
+            ort::value::ValueType::Tensor { ty, shape, .. }
+                if *ty == ort::value::TensorElementType::Float32 =>
+            {
+                Some(shape.iter().copied().collect::<Vec<i64>>())
+            }
+            _ => None,
+        };
+        let input = session
+            .inputs()
+            .iter()
+            .find(|i| i.name() == INPUT_NAME)
+            .ok_or_else(|| contract(format!("no input named {INPUT_NAME:?}")))?;
+        let want_in = [-1, 3, size as i64, size as i64];
+        match dims_of(input.dtype()) {
+            Some(d) if d.len() == 4 && d[1..] == want_in[1..] => {}
+            other => {
+                return Err(contract(format!(
+                    "input {INPUT_NAME:?} is {other:?}; expected f32 [N, 3, {size}, {size}]"
+                )));
+            }
+        }
+        let output = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == OUTPUT_NAME)
+            .ok_or_else(|| contract(format!("no output named {OUTPUT_NAME:?}")))?;
+        match dims_of(output.dtype()) {
+            Some(d) if d.len() == 2 && d[1] == dim as i64 => {}
+            other => {
+                return Err(contract(format!(
+                    "output {OUTPUT_NAME:?} is {other:?}; expected f32 [N, {dim}] \
+                     (architecture.embed_dim)"
+                )));
+            }
+        }
+        Ok(CpuEncoder {
+            session,
+            size,
+            dim,
+            mean: a.mean,
+            std: a.std,
+        })
+    }
+
+    /// Side of the square input crop.
+    pub fn input_size(&self) -> usize {
+        self.size
+    }
+
+    /// Length of one embedding.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Values of one normalised crop (`3 * S * S`).
+    pub fn crop_len(&self) -> usize {
+        3 * self.size * self.size
+    }
+
+    /// Writes an RGB8 crop (`S x S`, rows of `3 * S` bytes) into `out` (`3 * S * S`), CHW,
+    /// `(v / 255 - mean) / std`.
+    pub fn normalise_into(&self, rgb: &[u8], out: &mut [f32]) {
+        normalise_rgb(rgb, self.size, self.mean, self.std, out);
+    }
+
+    /// Embeds `n` normalised crops laid out back to back in `pixels`.
+    pub fn encode(&mut self, pixels: &[f32], n: usize) -> Result<Vec<f32>, EncodeError> {
+        let want = n * self.crop_len();
+        if pixels.len() != want || n == 0 {
+            return Err(EncodeError::BatchShape {
+                got: pixels.len(),
+                n,
+                size: self.size,
+                want,
+            });
+        }
+        let s = self.size as i64;
+        let input = ort::value::TensorRef::from_array_view(([n as i64, 3, s, s], pixels))
+            .map_err(|e| EncodeError::Run(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![INPUT_NAME => input])
+            .map_err(|e| EncodeError::Run(e.to_string()))?;
+        let (shape, data) = outputs[OUTPUT_NAME]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| EncodeError::Run(e.to_string()))?;
+        if shape.len() != 2 || shape[0] != n as i64 || shape[1] != self.dim as i64 {
+            return Err(EncodeError::Run(format!(
+                "output shape {shape:?}, expected [{n}, {}]",
+                self.dim
+            )));
+        }
+        Ok(data.to_vec())
+    }
+}
+
+/// `(v / 255 - mean) / std`, HWC u8 -> CHW f32, for a square crop of side `size`.
+pub fn normalise_rgb(rgb: &[u8], size: usize, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
+    let plane = size * size;
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in rgb.chunks_exact(3).take(plane).enumerate() {
+        r[i] = f32::from(px[0]) * scale[0] - shift[0];
+        g[i] = f32::from(px[1]) * scale[1] - shift[1];
+        b[i] = f32::from(px[2]) * scale[2] - shift[2];
+    }
+}
+
+/// One crop to encode, with whatever the caller needs back.
+#[derive(Debug)]
+pub struct EncodeJob<M> {
+    /// `3 * S * S` normalised values.
+    pub pixels: Vec<f32>,
+    pub meta: M,
+}
+
+/// An embedding with its job's metadata.
+#[derive(Debug)]
+pub struct Embedded<M> {
+    pub meta: M,
+    pub embedding: Vec<f32>,
+    /// Size of the batch it ran in, and how long that batch took.
+    pub batch_size: usize,
+    pub batch_time: Duration,
+}
+
+/// Runs the encoder on this thread until `jobs` closes: batches by size or deadline, sends
+/// every embedding to `out` (waiting when `out` is full). A failed batch is logged with its
+/// size and its jobs are dropped with a count (returned at the end).
+pub fn run_encoder<M: Send>(
+    mut encoder: CpuEncoder,
+    cfg: &EncoderConfig,
+    jobs: Receiver<EncodeJob<M>>,
+    out: Sender<Embedded<M>>,
+) -> u64 {
+    let mut batcher = Batcher::new(cfg.max_batch.get(), cfg.max_wait);
+    let mut failed = 0u64;
+    let mut pixels = Vec::new();
+    let mut run = |batch: Vec<EncodeJob<M>>, pixels: &mut Vec<f32>| -> bool {
+        pixels.clear();
+        let n = batch.len();
+        for j in &batch {
+            pixels.extend_from_slice(&j.pixels);
+        }
+        let t0 = Instant::now();
+        match encoder.encode(pixels, n) {
+            Ok(emb) => {
+                let dt = t0.elapsed();
+                let dim = encoder.dim();
+                for (job, e) in batch.into_iter().zip(emb.chunks_exact(dim)) {
+                    let item = Embedded {
+                        meta: job.meta,
+                        embedding: e.to_vec(),
+                        batch_size: n,
+                        batch_time: dt,
+                    };
+                    if out.send(item).is_err() {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => {
+                failed += n as u64;
+                tracing::error!(batch = n, error = %e, "Encoder batch failed; its faces are not scored.");
+            }
+        }
+        true
+    };
+    loop {
+        let wait = batcher
+            .deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        match jobs.recv_timeout(wait) {
+            Ok(job) => {
+                if let Some(batch) = batcher.push(job, Instant::now())
+                    && !run(batch, &mut pixels)
+                {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(batch) = batcher.poll(Instant::now())
+                    && !run(batch, &mut pixels)
+                {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Some(batch) = batcher.flush() {
+                    run(batch, &mut pixels);
+                }
+                break;
+            }
+        }
+    }
+    failed
+}
