@@ -146,7 +146,11 @@ fn score(
     embeddings: bool,
     images: &[PathBuf],
 ) -> ExitCode {
-    let onnx = dfwatch::onnx::OnnxConfig { library, threads };
+    let onnx = dfwatch::onnx::OnnxConfig {
+        library,
+        threads,
+        spin: false,
+    };
     match dfwatch::app::score_images::score_images(model, images, &onnx, embeddings) {
         Ok(report) => {
             println!(

@@ -105,3 +105,72 @@ fn onnx_runtime_embeddings_and_scores_match_the_reference() {
         Err(dfwatch::encode::EncodeError::BatchShape { .. })
     ));
 }
+
+#[test]
+fn the_encoder_thread_batches_by_size_and_deadline_and_loses_nothing() {
+    use dfwatch::channel::{FullPolicy, bounded};
+    use dfwatch::encode::{EncodeJob, EncoderConfig, run_encoder};
+    use std::num::NonZeroUsize;
+    use std::time::{Duration, Instant};
+
+    let (bundle, _) = bundle_and_scorer();
+    onnx::init(&OnnxConfig::default()).expect("ONNX Runtime (run ./tools/setup.sh)");
+    let enc = CpuEncoder::new(&bundle).unwrap();
+    let exp = expected();
+    let mut crops = Vec::new();
+    for c in &exp.crops {
+        let rgb = load_crop(&Path::new(DIR).join(&c.crop), 224).unwrap();
+        let mut px = vec![0.0f32; enc.crop_len()];
+        enc.normalise_into(&rgb, &mut px);
+        crops.push(px);
+    }
+    let cap = NonZeroUsize::new(16).unwrap();
+    let (jobs_tx, jobs_rx) = bounded("jobs", cap, FullPolicy::Block);
+    let (out_tx, out_rx) = bounded("embedded", cap, FullPolicy::Block);
+    let cfg = EncoderConfig {
+        max_batch: NonZeroUsize::new(4).unwrap(),
+        max_wait: Duration::from_millis(100),
+    };
+    let worker = std::thread::spawn(move || run_encoder(enc, &cfg, jobs_rx, out_tx));
+    // Three crops: no batch fills, so the deadline sends them together.
+    let t0 = Instant::now();
+    for i in 0..3 {
+        jobs_tx
+            .send(EncodeJob {
+                pixels: crops[i].clone(),
+                meta: i,
+            })
+            .unwrap();
+    }
+    let first: Vec<_> = (0..3)
+        .map(|_| out_rx.recv_timeout(Duration::from_secs(10)).unwrap())
+        .collect();
+    assert!(t0.elapsed() >= Duration::from_millis(100));
+    assert!(first.iter().all(|e| e.batch_size == 3));
+    // Six more, then close: one full batch of 4, then the rest at shutdown.
+    for i in 3..9 {
+        jobs_tx
+            .send(EncodeJob {
+                pixels: crops[i % 4].clone(),
+                meta: i,
+            })
+            .unwrap();
+    }
+    drop(jobs_tx);
+    let rest: Vec<_> = std::iter::from_fn(|| out_rx.recv()).collect();
+    assert_eq!(worker.join().unwrap(), 0, "no batch failed");
+    let all: Vec<_> = first.into_iter().chain(rest).collect();
+    assert_eq!(
+        all.iter().map(|e| e.meta).collect::<Vec<_>>(),
+        (0..9).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        all.iter().map(|e| e.batch_size).collect::<Vec<_>>(),
+        vec![3, 3, 3, 4, 4, 4, 4, 2, 2]
+    );
+    for e in &all {
+        let want = &exp.crops[e.meta % 4].embedding;
+        let got: Vec<f64> = e.embedding.iter().map(|&v| f64::from(v)).collect();
+        assert!(max_diff(&got, want) < 1e-4);
+    }
+}

@@ -528,6 +528,33 @@ def cmd_fixture(args) -> None:
                                      out=str(out / "expected.json")))
 
 
+def cmd_checkset(args) -> None:
+    """Crops whose q0 lie between 0.05 and 0.95 under a bundle, with reference outputs: the
+    full-size comparison set (made in CI from a seed, never committed)."""
+    from PIL import Image
+    man, arch, sd, text, nodes, edges = load_bundle(Path(args.model))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = smooth_images(args.pool, arch["image_size"], args.seed)
+    emb = np.concatenate([visual_forward(sd, arch, normalise(pool[i:i + 8], arch["image_size"]))
+                          for i in range(0, len(pool), 8)])
+    kept = []
+    for i, e in enumerate(emb):
+        r = sjedd_scores(e, text, nodes, edges)
+        if 0.05 <= r["q0"] <= 0.95:
+            name = f"crop{len(kept)}.png"
+            Image.fromarray(pool[i]).save(out / name)
+            r["crop"] = name
+            r["embedding"] = e.tolist()
+            kept.append(r)
+        if len(kept) == args.count:
+            break
+    if len(kept) < args.count:
+        raise SystemExit(f"only {len(kept)} of {args.pool} crops have q0 in [0.05, 0.95]")
+    (out / "expected.json").write_text(json.dumps({"model": man["model"]["name"], "crops": kept}))
+    print(f"checkset: {len(kept)} crops -> {out}; q0 = " + ", ".join(f"{r['q0']:.3f}" for r in kept))
+
+
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 def cmd_quantize(args) -> None:
@@ -585,6 +612,13 @@ def main(argv=None) -> int:
     f.add_argument("--out", default="tests/fixtures/tiny")
     f.add_argument("--seed", type=int, default=11)
     f.set_defaults(fn=cmd_fixture)
+    c = sub.add_parser("checkset", help="crops with q0 in [0.05, 0.95] + reference outputs")
+    c.add_argument("--model", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--count", type=int, default=4)
+    c.add_argument("--pool", type=int, default=24)
+    c.add_argument("--seed", type=int, default=1234)
+    c.set_defaults(fn=cmd_checkset)
     q = sub.add_parser("quantize", help="int8 dynamic quantisation of an ONNX encoder")
     q.add_argument("onnx")
     q.add_argument("out")

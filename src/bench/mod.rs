@@ -2,6 +2,7 @@
 //!
 //! Each stage adds one entry to [`BENCHES`]. Benchmarks are never timed assertions in tests.
 
+mod encoder;
 #[cfg(feature = "gstreamer")]
 mod ingest;
 mod score;
@@ -22,6 +23,12 @@ pub const BENCHES: &[Bench] = &[
         about: "decode 4 x 720p30 H.264 files as fast as possible: dfwatch ingest vs bare \
                 gst-launch-1.0 (fps, CPU seconds per stream)",
         run: ingest::run,
+    },
+    Bench {
+        name: "encoder",
+        about: "ViT-B/32 faces/s through dfwatch's CPU encoder at batch 1 and 8 beside \
+                onnxruntime's Python API on the same ONNX; int8 vs fp32 speed and accuracy",
+        run: encoder::run,
     },
     Bench {
         name: "score",

@@ -1,0 +1,300 @@
+//! `dfwatch bench encoder`: the CPU image encoder (ViT-B/32 through ONNX Runtime) beside
+//! onnxruntime's own Python API on the same ONNX file in the same run, and the int8 model
+//! beside fp32 with its accuracy cost.
+//!
+//! The full-size synthetic bundle is made from its seed on first use
+//! (`tools/model.py synth --arch vit-b-32`), as is its int8 copy (`tools/model.py quantize`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::encode::CpuEncoder;
+use crate::model::ModelBundle;
+use crate::onnx::{self, OnnxConfig};
+use crate::score::Scorer;
+
+struct Args {
+    model: PathBuf,
+    threads: usize,
+    seconds: f64,
+    batches: Vec<usize>,
+    crops: usize,
+    python: PathBuf,
+    spin: bool,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Args> {
+    let mut a = Args {
+        model: PathBuf::from("var/models/vitb32-synth"),
+        threads: 2,
+        seconds: 5.0,
+        batches: vec![1, 8],
+        crops: 100,
+        python: PathBuf::from(".venv/bin/python"),
+        spin: false,
+    };
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--model" => a.model = PathBuf::from(v()?),
+            "--threads" => a.threads = v()?.parse()?,
+            "--seconds" => a.seconds = v()?.parse()?,
+            "--batch" => a.batches = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--crops" => a.crops = v()?.parse()?,
+            "--python" => a.python = PathBuf::from(v()?),
+            "--spin" => a.spin = true,
+            "-h" | "--help" => {
+                println!(
+                    "dfwatch bench encoder [--model var/models/vitb32-synth] [--threads 2] \
+                     [--seconds 5] [--batch 1,8] [--crops 100] [--python .venv/bin/python] [--spin]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if a.batches.iter().any(|&b| b == 0) || a.crops < 2 {
+        bail!("--batch values must be above 0 and --crops at least 2");
+    }
+    Ok(a)
+}
+
+fn python(a: &Args, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(&a.python)
+        .arg("tools/model.py")
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} (run ./tools/setup.sh)", a.python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "tools/model.py {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deterministic natural-looking crops (smooth colour fields with an edge and mild noise).
+fn crops(n: usize, size: usize) -> Vec<Vec<u8>> {
+    let mut seed = 99u64;
+    let mut rnd = move || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let waves: Vec<[f64; 5]> = (0..4)
+                .map(|_| [rnd() * 4.0, rnd() * 4.0, rnd() * 6.3, rnd() * 60.0, rnd()])
+                .collect();
+            let (cx, cy, r) = (0.3 + rnd() * 0.4, 0.3 + rnd() * 0.4, 0.15 + rnd() * 0.2);
+            let tint = [
+                rnd() * 120.0 - 60.0,
+                rnd() * 120.0 - 60.0,
+                rnd() * 120.0 - 60.0,
+            ];
+            let mut img = vec![0u8; size * size * 3];
+            for y in 0..size {
+                for x in 0..size {
+                    let (u, v) = (x as f64 / size as f64, y as f64 / size as f64);
+                    let disk = (u - cx).powi(2) + (v - cy).powi(2) < r * r;
+                    for c in 0..3 {
+                        let mut val = 128.0;
+                        for w in &waves {
+                            val += w[3]
+                                * (std::f64::consts::TAU * (w[0] * u + w[1] * v)
+                                    + w[2]
+                                    + c as f64 * w[4])
+                                    .sin();
+                        }
+                        if disk {
+                            val += tint[c];
+                        }
+                        img[(y * size + x) * 3 + c] = val.clamp(0.0, 255.0) as u8;
+                    }
+                }
+            }
+            img
+        })
+        .collect()
+}
+
+fn throughput(
+    enc: &mut CpuEncoder,
+    batch: usize,
+    pixels: &[f32],
+    secs: f64,
+) -> anyhow::Result<f64> {
+    let input = &pixels[..batch * enc.crop_len()];
+    for _ in 0..2 {
+        enc.encode(input, batch)?;
+    }
+    let t0 = Instant::now();
+    let mut faces = 0;
+    while t0.elapsed() < Duration::from_secs_f64(secs) {
+        enc.encode(input, batch)?;
+        faces += batch;
+    }
+    Ok(faces as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Fraction of pairs ordered the same way (Kendall's concordance, ties counted as agreeing).
+fn rank_agreement(a: &[f64], b: &[f64]) -> f64 {
+    let mut agree = 0usize;
+    let mut total = 0usize;
+    for i in 0..a.len() {
+        for j in i + 1..a.len() {
+            total += 1;
+            if (a[i] - a[j]) * (b[i] - b[j]) >= 0.0 {
+                agree += 1;
+            }
+        }
+    }
+    agree as f64 / total.max(1) as f64
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let a = parse(args)?;
+    if !a.model.join("manifest.toml").exists() {
+        eprintln!(
+            "making the full-size synthetic bundle {} ...",
+            a.model.display()
+        );
+        python(
+            &a,
+            &[
+                "synth",
+                "--arch",
+                "vit-b-32",
+                "--seed",
+                "1",
+                "--out",
+                &a.model.to_string_lossy(),
+            ],
+        )?;
+    }
+    let bundle = ModelBundle::load(&a.model)?;
+    let int8_path = a.model.join("image_encoder.int8.onnx");
+    if !int8_path.exists() {
+        eprintln!("quantising to {} ...", int8_path.display());
+        python(
+            &a,
+            &[
+                "quantize",
+                &bundle.onnx_path.to_string_lossy(),
+                &int8_path.to_string_lossy(),
+            ],
+        )?;
+    }
+    let info = onnx::init(&OnnxConfig {
+        library: None,
+        threads: Some(a.threads),
+        spin: a.spin,
+    })?;
+    let mut fp32 = CpuEncoder::new(&bundle)?;
+    let mut int8 = CpuEncoder::from_onnx(&bundle, Path::new(&int8_path))?;
+    let size = fp32.input_size();
+    let images = crops(a.crops, size);
+    let len = fp32.crop_len();
+    let mut pixels = vec![0.0f32; len * a.crops];
+    for (img, out) in images.iter().zip(pixels.chunks_exact_mut(len)) {
+        fp32.normalise_into(img, out);
+    }
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1).min(a.crops);
+
+    // Baseline: onnxruntime's Python API, same ONNX, same thread count (or 1 if faster).
+    let batch_list: Vec<String> = a.batches.iter().map(|b| b.to_string()).collect();
+    let mut py_args = vec![
+        "ortbench".to_string(),
+        bundle.onnx_path.to_string_lossy().into_owned(),
+        "--threads".into(),
+        a.threads.to_string(),
+        "--seconds".into(),
+        a.seconds.to_string(),
+        "--image-size".into(),
+        size.to_string(),
+        "--batch".into(),
+    ];
+    py_args.extend(batch_list);
+    let py_refs: Vec<&str> = py_args.iter().map(String::as_str).collect();
+    let baseline_out = python(&a, &py_refs)?;
+    let baseline: Vec<serde_json::Value> = baseline_out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let base_rate = |b: usize| {
+        baseline
+            .iter()
+            .find(|v| v["batch"] == b)
+            .and_then(|v| v["faces_per_s"].as_f64())
+    };
+
+    println!(
+        "bench encoder: {} ({} x {}, {} layers), ONNX Runtime {} with {} threads",
+        bundle.manifest.model.name,
+        size,
+        size,
+        bundle.architecture().layers,
+        info.library,
+        info.threads
+    );
+    println!(
+        "{:<8} {:>16} {:>22} {:>8} {:>16} {:>10}",
+        "batch", "dfwatch fp32/s", "onnxruntime python/s", "ratio", "dfwatch int8/s", "int8/fp32"
+    );
+    for &b in &a.batches {
+        let b = b.min(max_batch);
+        let ours = throughput(&mut fp32, b, &pixels, a.seconds)?;
+        let q = throughput(&mut int8, b, &pixels, a.seconds)?;
+        let base = base_rate(b);
+        println!(
+            "{:<8} {:>16.1} {:>22} {:>8} {:>16.1} {:>10.2}",
+            b,
+            ours,
+            base.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+            base.map(|v| format!("{:.3}", ours / v))
+                .unwrap_or("-".into()),
+            q,
+            q / ours
+        );
+    }
+
+    // Accuracy of int8 on the crops: largest logit error and q0 rank agreement.
+    let dim = bundle.architecture().embed_dim as usize;
+    let scorer = Scorer::new(bundle.graph.clone(), &bundle.text_embeddings, dim)?;
+    let (mut q_fp, mut q_i8, mut worst) = (vec![], vec![], 0.0f64);
+    for chunk in pixels.chunks(len * max_batch) {
+        let n = chunk.len() / len;
+        let ef = fp32.encode(chunk, n)?;
+        let ei = int8.encode(chunk, n)?;
+        for (f, i) in ef.chunks_exact(dim).zip(ei.chunks_exact(dim)) {
+            let (sf, si) = (scorer.score(f)?, scorer.score(i)?);
+            for (x, y) in sf.logits.iter().zip(&si.logits) {
+                worst = worst.max((x - y).abs());
+            }
+            q_fp.push(sf.logit_q0);
+            q_i8.push(si.logit_q0);
+        }
+    }
+    let spread = |v: &[f64]| {
+        let q: Vec<f64> = v.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect();
+        let lo = q.iter().copied().fold(1.0, f64::min);
+        let hi = q.iter().copied().fold(0.0, f64::max);
+        (lo, hi)
+    };
+    let (lo, hi) = spread(&q_fp);
+    println!(
+        "int8 vs fp32 over {} crops (fp32 q0 from {lo:.3} to {hi:.3}): largest logit error \
+         {worst:.4}, q0 rank agreement {:.4}",
+        q_fp.len(),
+        rank_agreement(&q_fp, &q_i8)
+    );
+    println!("targets: dfwatch >= 0.95x onnxruntime python; int8 >= 2x fp32 faces/s");
+    Ok(())
+}
