@@ -57,7 +57,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
-    if a.batches.iter().any(|&b| b == 0) || a.crops < 2 {
+    if a.batches.contains(&0) || a.crops < 2 {
         bail!("--batch values must be above 0 and --crops at least 2");
     }
     Ok(a)
