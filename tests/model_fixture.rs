@@ -134,10 +134,10 @@ fn the_encoder_thread_batches_by_size_and_deadline_and_loses_nothing() {
     let worker = std::thread::spawn(move || run_encoder(enc, &cfg, jobs_rx, out_tx));
     // Three crops: no batch fills, so the deadline sends them together.
     let t0 = Instant::now();
-    for i in 0..3 {
+    for (i, px) in crops.iter().take(3).enumerate() {
         jobs_tx
             .send(EncodeJob {
-                pixels: crops[i].clone(),
+                pixels: px.clone(),
                 meta: i,
             })
             .unwrap();
