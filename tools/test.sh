@@ -4,5 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+# Python tools: tokeniser, checkpoint import (restricted unpickler), ONNX export, fixture.
+timeout 600 .venv/bin/pytest -q tools
 # Slow tests carry their own timeouts; this bounds the whole run.
 timeout 1800 cargo test --locked "$@"
