@@ -1,7 +1,118 @@
-//! Crop: faces in frames -> aligned, normalised model inputs (SJEDD.md section 1).
+//! Crop: a face in a frame -> SJEDD's aligned crop, on the CPU (SJEDD.md section 1).
 //!
-//! So far this module holds the resampler the reference pipeline uses after its warp
-//! (Pillow's antialiased bicubic, reproduced exactly); the alignment, warp and batch
-//! assembly come with the faces stage.
+//! Two methods, both from the five landmarks:
+//! - [`CropMethod::Reference`]: the reference's steps. Landmarks truncated to integers, the
+//!   least-squares similarity onto the 317 px template ([`align`]), OpenCV's fixed-point
+//!   bilinear `warpAffine` into 317 x 317 with a black border ([`warp`]), then Pillow's
+//!   antialiased bicubic down to the model size ([`resize`]).
+//! - [`CropMethod::Fused`]: one bilinear warp straight from the frame to the model size (the
+//!   alignment composed with the 317 -> S scaling). Cheaper, and what the GPU kernel does;
+//!   it skips the antialiasing of the downscale, so it differs slightly (see its test).
+//!
+//! The output is packed RGB8, `S x S`; the encoder normalises it.
 
+pub mod align;
 pub mod resize;
+pub mod warp;
+
+use crate::types::{Frame, PixelFormat};
+
+use align::{Affine, WARP_SIZE, sjedd_alignment};
+use warp::RgbView;
+
+/// How a crop is made; see the module doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CropMethod {
+    Reference,
+    Fused,
+}
+
+/// Why a face could not be cropped.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CropError {
+    #[error("the CPU crop needs RGB8 frames, got {0:?} (set ingest.format = \"rgb8\")")]
+    Format(PixelFormat),
+    #[error("landmark {index} is not finite")]
+    Landmark { index: usize },
+    #[error("the landmarks coincide; no alignment exists")]
+    Degenerate,
+    #[error("output size {0} is out of range 16..=1024")]
+    Size(usize),
+}
+
+/// The alignment of a face and its crop.
+#[derive(Debug, Clone)]
+pub struct Crop {
+    /// Packed RGB8, `size x size`.
+    pub rgb: Vec<u8>,
+    pub size: usize,
+    /// Frame pixels -> 317 x 317 warp pixels.
+    pub alignment: Affine,
+}
+
+/// Crops the face with `landmarks` (frame pixels) from an RGB8 `frame` into `size x size`.
+pub fn crop_face(
+    frame: &Frame,
+    landmarks: &[[f32; 2]; 5],
+    size: usize,
+    method: CropMethod,
+) -> Result<Crop, CropError> {
+    if frame.format != PixelFormat::Rgb8 {
+        return Err(CropError::Format(frame.format));
+    }
+    let p = frame.planes[0];
+    let view = RgbView {
+        data: &frame.data[p.offset..],
+        width: frame.width as usize,
+        height: frame.height as usize,
+        stride: p.stride,
+    };
+    crop_rgb(view, landmarks, size, method)
+}
+
+/// [`crop_face`] on a raw RGB8 image.
+pub fn crop_rgb(
+    src: RgbView<'_>,
+    landmarks: &[[f32; 2]; 5],
+    size: usize,
+    method: CropMethod,
+) -> Result<Crop, CropError> {
+    if !(16..=1024).contains(&size) {
+        return Err(CropError::Size(size));
+    }
+    if let Some(index) = landmarks
+        .iter()
+        .position(|l| !(l[0].is_finite() && l[1].is_finite()))
+    {
+        return Err(CropError::Landmark { index });
+    }
+    let alignment = sjedd_alignment(landmarks).ok_or(CropError::Degenerate)?;
+    let rgb = match method {
+        CropMethod::Reference => {
+            let warped = warp::warp_affine_opencv(src, &alignment, WARP_SIZE, WARP_SIZE);
+            if size == WARP_SIZE {
+                warped
+            } else {
+                resize::resize_rgb_bicubic(&warped, WARP_SIZE, WARP_SIZE, size, size)
+            }
+        }
+        CropMethod::Fused => {
+            let inverse = fused_inverse(&alignment, size).ok_or(CropError::Degenerate)?;
+            warp::warp_affine_bilinear(src, &inverse, size, size)
+        }
+    };
+    Ok(Crop {
+        rgb,
+        size,
+        alignment,
+    })
+}
+
+/// Output pixel of the fused crop -> frame pixel: the output pixel centre in the 317 warp
+/// (`(u + 0.5) * 317 / S - 0.5`), then back through the alignment.
+pub fn fused_inverse(alignment: &Affine, size: usize) -> Option<Affine> {
+    let r = WARP_SIZE as f64 / size as f64;
+    let to_warp = Affine([[r, 0.0, 0.5 * r - 0.5], [0.0, r, 0.5 * r - 0.5]]);
+    Some(alignment.inverse()?.after(&to_warp))
+}
