@@ -10,6 +10,7 @@ pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod crop;
+pub mod detect;
 pub mod encode;
 pub mod gpu;
 pub mod ingest;

