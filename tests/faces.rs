@@ -69,3 +69,110 @@ fn mtcnn_finds_the_astronaut_where_the_reference_pipeline_does() {
     assert!(nose[1] > le[1] && lm[1] > nose[1] && rm[1] > nose[1]);
     assert!(f.bbox.x0 < le[0] && f.bbox.x1 > re[0] && f.bbox.y1 > lm[1]);
 }
+
+/// Pastes `src` (w x h) scaled by `s` (and mirrored) into `frame` at (ox, oy); returns where
+/// the photo's reference landmarks land, in the order of the pasted face's own image-left and
+/// image-right (mirroring swaps them).
+fn paste(
+    frame: &mut [u8],
+    fw: usize,
+    src: &[u8],
+    w: usize,
+    h: usize,
+    s: f32,
+    mirror: bool,
+    (ox, oy): (usize, usize),
+) -> [[f32; 2]; 5] {
+    let (cw, ch) = ((w as f32 * s).round() as usize, (h as f32 * s).round() as usize);
+    let copy = dfwatch::crop::resize::resize_rgb_bicubic(src, w, h, cw, ch);
+    for y in 0..ch {
+        for x in 0..cw {
+            let sx = if mirror { cw - 1 - x } else { x };
+            let d = 3 * ((oy + y) * fw + ox + x);
+            frame[d..d + 3].copy_from_slice(&copy[3 * (y * cw + sx)..3 * (y * cw + sx) + 3]);
+        }
+    }
+    let (kx, ky) = (cw as f32 / w as f32, ch as f32 / h as f32);
+    let place = |[x, y]: [f32; 2]| {
+        let (px, py) = ((x + 0.5) * kx - 0.5, (y + 0.5) * ky - 0.5);
+        let px = if mirror { cw as f32 - 1.0 - px } else { px };
+        [px + ox as f32, py + oy as f32]
+    };
+    let p = PY_LANDMARKS.map(place);
+    if mirror {
+        [p[1], p[0], p[2], p[4], p[3]]
+    } else {
+        p
+    }
+}
+
+#[test]
+fn every_face_of_a_composited_frame_is_found_near_its_known_landmarks() {
+    let (rgb, w, h) = photo();
+    let (fw, fh) = (1280usize, 720usize);
+    let mut frame = vec![90u8; 3 * fw * fh];
+    let truth = [
+        paste(&mut frame, fw, &rgb, w, h, 0.6, false, (30, 60)),
+        paste(&mut frame, fw, &rgb, w, h, 0.45, true, (420, 380)),
+        paste(&mut frame, fw, &rgb, w, h, 1.0, false, (740, 150)),
+        paste(&mut frame, fw, &rgb, w, h, 0.3, true, (380, 40)),
+    ];
+    let mut det = detector(DetectConfig::default());
+    let faces = detect(&mut det, &frame, fw, fh);
+    assert_eq!(faces.len(), truth.len(), "{faces:?}");
+    for t in &truth {
+        let eyes = dist(t[0], t[1]);
+        let f = faces
+            .iter()
+            .min_by(|a, b| dist(a.landmarks[2], t[2]).total_cmp(&dist(b.landmarks[2], t[2])))
+            .unwrap();
+        let worst = f
+            .landmarks
+            .iter()
+            .zip(t)
+            .map(|(g, k)| dist(*g, *k))
+            .fold(0.0f32, f32::max);
+        eprintln!(
+            "face with eyes {eyes:.0} px apart: worst landmark error {worst:.1} px ({:.0}% of that)",
+            100.0 * worst / eyes
+        );
+        // Image-left stays image-left on mirrored copies, and every point is close: within
+        // 15% of the eye distance, or 3.5 px for faces so small that the detector (which
+        // sees the frame at half size) has only a few pixels between the eyes.
+        assert!(worst < (0.15 * eyes).max(3.5), "{f:?} vs {t:?}");
+    }
+    // largest_only keeps the 1.0-scale copy; max_faces caps the count.
+    let mut one = detector(DetectConfig {
+        largest_only: true,
+        ..DetectConfig::default()
+    });
+    let big = detect(&mut one, &frame, fw, fh);
+    assert_eq!(big.len(), 1);
+    assert!(dist(big[0].landmarks[2], truth[2][2]) < 10.0);
+    let mut capped = detector(DetectConfig {
+        max_faces: 2,
+        ..DetectConfig::default()
+    });
+    assert_eq!(detect(&mut capped, &frame, fw, fh).len(), 2);
+}
+
+#[test]
+fn bad_frames_get_clear_errors() {
+    let mut det = detector(DetectConfig::default());
+    let tiny = vec![0u8; 3 * 8 * 8];
+    let e = det
+        .detect_rgb(RgbView { data: &tiny, width: 8, height: 8, stride: 24 })
+        .unwrap_err();
+    assert!(e.to_string().contains("too small"), "{e}");
+    let short = vec![0u8; 3 * 100 * 50];
+    let e = det
+        .detect_rgb(RgbView { data: &short, width: 100, height: 100, stride: 300 })
+        .unwrap_err();
+    assert!(e.to_string().contains("shorter"), "{e}");
+    // Odd strides (rows padded to 4 bytes) are fine: a blank frame has no face.
+    let padded = vec![128u8; 304 * 100];
+    let none = det
+        .detect_rgb(RgbView { data: &padded, width: 101, height: 100, stride: 304 })
+        .unwrap();
+    assert!(none.is_empty());
+}

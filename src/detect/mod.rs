@@ -43,13 +43,13 @@ pub enum DetectError {
 
 /// A face detector model.
 pub trait Detector: Send {
-    /// Faces in `img` (RGB, values 0..255), in its pixels.
-    fn detect(&mut self, img: &RgbF32) -> Result<Vec<Detection>, DetectError>;
+    /// Faces of at least `min_face` pixels in `img` (RGB, values 0..255), in its pixels.
+    fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError>;
 }
 
 impl Detector for mtcnn::Mtcnn {
-    fn detect(&mut self, img: &RgbF32) -> Result<Vec<Detection>, DetectError> {
-        mtcnn::Mtcnn::detect(self, img)
+    fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError> {
+        mtcnn::Mtcnn::detect(self, img, min_face)
     }
 }
 
@@ -74,7 +74,8 @@ pub struct DetectConfig {
     pub max_side: u32,
     /// Faces scoring below this are dropped (the reference used 0.8).
     pub score_threshold: f32,
-    /// Faces whose shorter box side is below this many frame pixels are dropped.
+    /// Smallest face searched for, in frame pixels (shorter box side); smaller boxes are
+    /// dropped. Smaller values cost detection time (a deeper image pyramid).
     pub min_face_px: f32,
     /// At most this many faces per frame, best scores first; 0 means all (a swapped face
     /// may be a small tile in a conference grid).
@@ -203,7 +204,7 @@ impl FaceDetector {
         );
         let mut faces: Vec<Detection> = self
             .model
-            .detect(&img)?
+            .detect(&img, (self.cfg.min_face_px / sx.max(sy)).max(12.0))?
             .into_iter()
             .map(|d| Detection {
                 bbox: BBox {

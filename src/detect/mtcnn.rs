@@ -26,8 +26,6 @@ use crate::types::BBox;
 pub struct MtcnnSettings {
     /// Score thresholds of P-Net, R-Net and O-Net.
     pub thresholds: [f32; 3],
-    /// Smallest face searched for, in pixels of the image given to the detector.
-    pub min_face: f32,
     /// Ratio between pyramid levels.
     pub scale_factor: f32,
 }
@@ -36,7 +34,6 @@ impl Default for MtcnnSettings {
     fn default() -> Self {
         MtcnnSettings {
             thresholds: [0.6, 0.7, 0.7],
-            min_face: 20.0,
             scale_factor: 0.709,
         }
     }
@@ -176,12 +173,14 @@ impl Mtcnn {
             .ok_or_else(|| DetectError::Model(format!("no output with {c} channels")))
     }
 
-    /// Detects faces in an RGB image (values 0..255). Landmarks are in 0-based pixels.
-    pub fn detect(&mut self, img: &RgbF32) -> Result<Vec<Detection>, DetectError> {
+    /// Detects faces of at least `min_face` pixels (the pyramid starts where such a face is
+    /// 12 px, P-Net's window) in an RGB image (values 0..255). Landmarks are in 0-based
+    /// pixels.
+    pub fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError> {
         let s = self.settings;
         let (w, h) = (img.width as f64, img.height as f64);
         // Stage 1: the pyramid through P-Net.
-        let m = 12.0 / f64::from(s.min_face);
+        let m = 12.0 / f64::from(min_face.max(12.0));
         let mut min_layer = w.min(h) * m;
         let mut scales = Vec::new();
         let mut k = 0;
