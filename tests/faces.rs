@@ -83,7 +83,10 @@ fn paste(
     mirror: bool,
     (ox, oy): (usize, usize),
 ) -> [[f32; 2]; 5] {
-    let (cw, ch) = ((w as f32 * s).round() as usize, (h as f32 * s).round() as usize);
+    let (cw, ch) = (
+        (w as f32 * s).round() as usize,
+        (h as f32 * s).round() as usize,
+    );
     let copy = dfwatch::crop::resize::resize_rgb_bicubic(src, w, h, cw, ch);
     for y in 0..ch {
         for x in 0..cw {
@@ -161,18 +164,169 @@ fn bad_frames_get_clear_errors() {
     let mut det = detector(DetectConfig::default());
     let tiny = vec![0u8; 3 * 8 * 8];
     let e = det
-        .detect_rgb(RgbView { data: &tiny, width: 8, height: 8, stride: 24 })
+        .detect_rgb(RgbView {
+            data: &tiny,
+            width: 8,
+            height: 8,
+            stride: 24,
+        })
         .unwrap_err();
     assert!(e.to_string().contains("too small"), "{e}");
     let short = vec![0u8; 3 * 100 * 50];
     let e = det
-        .detect_rgb(RgbView { data: &short, width: 100, height: 100, stride: 300 })
+        .detect_rgb(RgbView {
+            data: &short,
+            width: 100,
+            height: 100,
+            stride: 300,
+        })
         .unwrap_err();
     assert!(e.to_string().contains("shorter"), "{e}");
     // Odd strides (rows padded to 4 bytes) are fine: a blank frame has no face.
     let padded = vec![128u8; 304 * 100];
     let none = det
-        .detect_rgb(RgbView { data: &padded, width: 101, height: 100, stride: 304 })
+        .detect_rgb(RgbView {
+            data: &padded,
+            width: 101,
+            height: 100,
+            stride: 304,
+        })
         .unwrap();
     assert!(none.is_empty());
+}
+
+mod crop {
+    use super::*;
+    use dfwatch::crop::align::{Affine, sjedd_alignment};
+    use dfwatch::crop::warp::warp_affine_opencv;
+    use dfwatch::crop::{CropMethod, crop_rgb};
+
+    const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/crop");
+
+    fn png(name: &str) -> Vec<u8> {
+        image::open(format!("{FIX}/{name}"))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    }
+
+    fn view(rgb: &[u8], w: usize, h: usize) -> RgbView<'_> {
+        RgbView {
+            data: rgb,
+            width: w,
+            height: h,
+            stride: 3 * w,
+        }
+    }
+
+    /// (bytes differing, largest difference, mean absolute difference)
+    fn compare(a: &[u8], b: &[u8]) -> (usize, i32, f64) {
+        let d: Vec<i32> = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (i32::from(*x) - i32::from(*y)).abs())
+            .collect();
+        let n = d.iter().filter(|v| **v > 0).count();
+        let max = d.iter().copied().max().unwrap_or(0);
+        (
+            n,
+            max,
+            d.iter().map(|v| f64::from(*v)).sum::<f64>() / d.len() as f64,
+        )
+    }
+
+    #[test]
+    fn the_reference_crop_matches_opencv_and_pillow() {
+        let (rgb, w, h) = photo();
+        let fixture: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{FIX}/astronaut.json")).unwrap(),
+        )
+        .unwrap();
+        let m = sjedd_alignment(&PY_LANDMARKS).unwrap();
+        // The closed-form similarity equals the SVD (Umeyama) estimate.
+        for r in 0..2 {
+            for c in 0..3 {
+                let want = fixture["matrix"][r][c].as_f64().unwrap();
+                assert!((m.0[r][c] - want).abs() < 1e-9, "{m:?}");
+            }
+        }
+        let warp = warp_affine_opencv(view(&rgb, w, h), &m, 317, 317);
+        let (n, max, mean) = compare(&warp, &png("astronaut_warp_317.png"));
+        eprintln!(
+            "warp 317 vs OpenCV {}: {n} bytes differ, max {max}, mean {mean:.5}",
+            fixture["opencv"]
+        );
+        // Bit-exact with the fixture's OpenCV (4.10): same fixed-point arithmetic.
+        assert_eq!((n, max), (0, 0), "warp differs from OpenCV");
+        let crop = crop_rgb(view(&rgb, w, h), &PY_LANDMARKS, 224, CropMethod::Reference).unwrap();
+        let (n, max, mean) = compare(&crop.rgb, &png("astronaut_crop_224.png"));
+        eprintln!("crop 224 vs OpenCV + Pillow: {n} bytes differ, max {max}, mean {mean:.5}");
+        assert_eq!(
+            (n, max),
+            (0, 0),
+            "crop differs from OpenCV + Pillow (mean {mean})"
+        );
+    }
+
+    #[test]
+    fn the_fused_crop_stays_close_to_the_reference() {
+        let (rgb, w, h) = photo();
+        let two = crop_rgb(view(&rgb, w, h), &PY_LANDMARKS, 224, CropMethod::Reference).unwrap();
+        let one = crop_rgb(view(&rgb, w, h), &PY_LANDMARKS, 224, CropMethod::Fused).unwrap();
+        let (_, max, mean) = compare(&two.rgb, &one.rgb);
+        eprintln!("fused vs two-step crop: max difference {max}, mean {mean:.3} levels");
+        // No antialiasing on a 1.4x downscale: sharp edges differ, the face does not.
+        assert!(mean < 3.0, "mean {mean}");
+    }
+
+    #[test]
+    fn rotating_scaling_and_shifting_the_photo_barely_changes_the_crop() {
+        let (rgb, w, h) = photo();
+        let mut det = detector(DetectConfig::default());
+        let base_face = detect(&mut det, &rgb, w, h)[0];
+        let base = crop_rgb(
+            view(&rgb, w, h),
+            &base_face.landmarks,
+            224,
+            CropMethod::Reference,
+        )
+        .unwrap();
+        let (cw, ch) = (700usize, 640usize);
+        for (angle_deg, scale, dx, dy) in [
+            (12.0f64, 1.0, 60.0, 30.0),
+            (-8.0, 1.25, 20.0, 10.0),
+            (0.0, 0.8, 150.0, 90.0),
+        ] {
+            // Move the photo by a similarity transform into a larger canvas.
+            let (s, c) = angle_deg.to_radians().sin_cos();
+            let t = Affine([[scale * c, -scale * s, dx], [scale * s, scale * c, dy]]);
+            let moved = warp_affine_opencv(view(&rgb, w, h), &t, cw, ch);
+            let faces = detect(&mut det, &moved, cw, ch);
+            assert_eq!(faces.len(), 1, "{angle_deg} deg, x{scale}");
+            let crop = crop_rgb(
+                view(&moved, cw, ch),
+                &faces[0].landmarks,
+                224,
+                CropMethod::Reference,
+            )
+            .unwrap();
+            // Compare the central face region (the borders carry resampling and canvas edges).
+            let mut diff = 0.0;
+            let mut n = 0.0;
+            for y in 56..168 {
+                for x in 56..168 {
+                    for k in 0..3 {
+                        let i = 3 * (y * 224 + x) + k;
+                        diff += (f64::from(crop.rgb[i]) - f64::from(base.rgb[i])).abs();
+                        n += 1.0;
+                    }
+                }
+            }
+            let mean = diff / n;
+            eprintln!(
+                "{angle_deg} deg, x{scale}: mean difference of the aligned face {mean:.2} levels"
+            );
+            assert!(mean < 12.0, "{angle_deg} deg, x{scale}: {mean}");
+        }
+    }
 }

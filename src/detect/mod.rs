@@ -104,13 +104,22 @@ impl DetectConfig {
             errors.push(crate::config::ConfigError::new(format!("{path}.{k}"), m))
         };
         if !(64..=4096).contains(&self.max_side) {
-            err("max_side", format!("{} is out of range 64..=4096", self.max_side));
+            err(
+                "max_side",
+                format!("{} is out of range 64..=4096", self.max_side),
+            );
         }
         if !(0.0..=1.0).contains(&self.score_threshold) {
-            err("score_threshold", format!("{} is not a probability", self.score_threshold));
+            err(
+                "score_threshold",
+                format!("{} is not a probability", self.score_threshold),
+            );
         }
         if !(self.min_face_px.is_finite() && self.min_face_px >= 12.0) {
-            err("min_face_px", format!("{} is below MTCNN's 12 px", self.min_face_px));
+            err(
+                "min_face_px",
+                format!("{} is below MTCNN's 12 px", self.min_face_px),
+            );
         }
     }
 
@@ -132,7 +141,9 @@ pub struct FaceDetector {
 
 impl std::fmt::Debug for FaceDetector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaceDetector").field("cfg", &self.cfg).finish()
+        f.debug_struct("FaceDetector")
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -185,8 +196,12 @@ impl FaceDetector {
                 view.width, view.height
             )));
         }
-        if view.stride < 3 * view.width || view.data.len() < view.stride * (view.height - 1) + 3 * view.width {
-            return Err(DetectError::Frame("buffer shorter than its size and stride".into()));
+        if view.stride < 3 * view.width
+            || view.data.len() < view.stride * (view.height - 1) + 3 * view.width
+        {
+            return Err(DetectError::Frame(
+                "buffer shorter than its size and stride".into(),
+            ));
         }
         let full = RgbF32::from_view(view);
         let longer = view.width.max(view.height) as f32;

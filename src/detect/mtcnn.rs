@@ -49,7 +49,9 @@ pub struct Mtcnn {
 
 impl std::fmt::Debug for Mtcnn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mtcnn").field("settings", &self.settings).finish()
+        f.debug_struct("Mtcnn")
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
@@ -200,7 +202,11 @@ impl Mtcnn {
             let outs = Self::run(&mut self.pnet, &input, [1, sw as i64, sh as i64, 3])?;
             let prob = Self::by_channels(&outs, 2)?;
             let reg = Self::by_channels(&outs, 4)?;
-            let shape = &outs.iter().find(|(_, s)| s.last() == Some(&2)).expect("found").1;
+            let shape = &outs
+                .iter()
+                .find(|(_, s)| s.last() == Some(&2))
+                .expect("found")
+                .1;
             let (gw, gh) = (shape[1] as usize, shape[2] as usize);
             let mut cands = Vec::new();
             for gx in 0..gw {

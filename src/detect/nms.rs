@@ -14,7 +14,13 @@ pub enum Nms {
 /// Indices of the boxes kept, best score first: each box suppresses the lower-scored boxes
 /// that overlap it by more than `threshold`. `inclusive` counts box edges as pixels
 /// (`w = x1 - x0 + 1`), as MTCNN's lineage does.
-pub fn nms(boxes: &[BBox], scores: &[f32], threshold: f32, kind: Nms, inclusive: bool) -> Vec<usize> {
+pub fn nms(
+    boxes: &[BBox],
+    scores: &[f32],
+    threshold: f32,
+    kind: Nms,
+    inclusive: bool,
+) -> Vec<usize> {
     let one = if inclusive { 1.0 } else { 0.0 };
     let area = |b: &BBox| ((b.x1 - b.x0 + one).max(0.0)) * ((b.y1 - b.y0 + one).max(0.0));
     let mut order: Vec<usize> = (0..boxes.len().min(scores.len())).collect();
@@ -66,7 +72,12 @@ mod tests {
 
     #[test]
     fn overlapping_lower_scores_are_suppressed() {
-        let boxes = [b(0., 0., 10., 10.), b(1., 1., 11., 11.), b(20., 20., 30., 30.), b(2., 2., 5., 5.)];
+        let boxes = [
+            b(0., 0., 10., 10.),
+            b(1., 1., 11., 11.),
+            b(20., 20., 30., 30.),
+            b(2., 2., 5., 5.),
+        ];
         let scores = [0.8, 0.9, 0.7, 0.95];
         // Union: the nested small box barely overlaps by IoU and survives.
         assert_eq!(nms(&boxes, &scores, 0.5, Nms::Union, false), vec![3, 1, 2]);
