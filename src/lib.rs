@@ -18,4 +18,5 @@ pub mod model;
 pub mod onnx;
 pub mod score;
 pub mod telemetry;
+pub mod track;
 pub mod types;

@@ -76,9 +76,7 @@ fn mtcnn_finds_the_astronaut_where_the_reference_pipeline_does() {
 fn paste(
     frame: &mut [u8],
     fw: usize,
-    src: &[u8],
-    w: usize,
-    h: usize,
+    (src, w, h): (&[u8], usize, usize),
     s: f32,
     mirror: bool,
     (ox, oy): (usize, usize),
@@ -115,10 +113,10 @@ fn every_face_of_a_composited_frame_is_found_near_its_known_landmarks() {
     let (fw, fh) = (1280usize, 720usize);
     let mut frame = vec![90u8; 3 * fw * fh];
     let truth = [
-        paste(&mut frame, fw, &rgb, w, h, 0.6, false, (30, 60)),
-        paste(&mut frame, fw, &rgb, w, h, 0.45, true, (420, 380)),
-        paste(&mut frame, fw, &rgb, w, h, 1.0, false, (740, 150)),
-        paste(&mut frame, fw, &rgb, w, h, 0.3, true, (380, 40)),
+        paste(&mut frame, fw, (&rgb, w, h), 0.6, false, (30, 60)),
+        paste(&mut frame, fw, (&rgb, w, h), 0.45, true, (420, 380)),
+        paste(&mut frame, fw, (&rgb, w, h), 1.0, false, (740, 150)),
+        paste(&mut frame, fw, (&rgb, w, h), 0.3, true, (380, 40)),
     ];
     let mut det = detector(DetectConfig::default());
     let faces = detect(&mut det, &frame, fw, fh);

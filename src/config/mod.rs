@@ -22,6 +22,7 @@ use crate::encode::EncoderConfig;
 use crate::ingest::{IngestConfig, StreamConfig};
 use crate::model::ModelConfig;
 use crate::onnx::OnnxConfig;
+use crate::track::TrackConfig;
 use crate::types::NodeId;
 
 /// `[node]`: who this instance is.
@@ -77,6 +78,8 @@ pub struct Config {
     pub onnx: OnnxConfig,
     /// `[detect]`: the face detector.
     pub detect: DetectConfig,
+    /// `[track]`: face tracking and scoring cadence.
+    pub track: TrackConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -140,6 +143,7 @@ impl Config {
         let encoder = section(&mut table, "encoder", errors);
         let onnx = section(&mut table, "onnx", errors);
         let detect = section(&mut table, "detect", errors);
+        let track = section(&mut table, "track", errors);
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -160,6 +164,7 @@ impl Config {
             encoder,
             onnx,
             detect,
+            track,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index)
@@ -172,6 +177,7 @@ impl Config {
         self.encoder.validate("encoder", errors);
         self.onnx.validate("onnx", errors);
         self.detect.validate("detect", errors);
+        self.track.validate("track", errors);
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
@@ -187,7 +193,7 @@ impl Config {
 }
 
 const KNOWN_SECTIONS: &[&str] = &[
-    "node", "streams", "ingest", "model", "encoder", "onnx", "detect",
+    "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track",
 ];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing

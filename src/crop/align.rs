@@ -170,10 +170,8 @@ mod tests {
         let dst = src.map(|[x, y]| [-2.0 * y + 10.0, 2.0 * x + 20.0]);
         let m = estimate_similarity(&src, &dst).unwrap();
         let want = [[0.0, -2.0, 10.0], [2.0, 0.0, 20.0]];
-        for r in 0..2 {
-            for c in 0..3 {
-                assert!((m.0[r][c] - want[r][c]).abs() < 1e-12, "{m:?}");
-            }
+        for (got, want) in m.0.iter().flatten().zip(want.iter().flatten()) {
+            assert!((got - want).abs() < 1e-12, "{m:?}");
         }
         assert!((m.similarity_scale() - 2.0).abs() < 1e-12);
         // Noisy points: the residual of the fit is below the residual of a perturbed fit.

@@ -55,6 +55,9 @@ impl std::fmt::Debug for Mtcnn {
     }
 }
 
+/// One network output: values and shape.
+type Output = (Vec<f32>, Vec<i64>);
+
 /// A candidate box, 1-based inclusive coordinates as the lineage uses.
 #[derive(Debug, Clone, Copy)]
 struct Cand {
@@ -150,7 +153,7 @@ impl Mtcnn {
         session: &mut Session,
         input: &[f32],
         shape: [i64; 4],
-    ) -> Result<Vec<(Vec<f32>, Vec<i64>)>, DetectError> {
+    ) -> Result<Vec<Output>, DetectError> {
         let name = session.inputs()[0].name().to_string();
         let t = ort::value::TensorRef::from_array_view((shape, input))
             .map_err(|e| DetectError::Run(e.to_string()))?;
@@ -168,7 +171,7 @@ impl Mtcnn {
     }
 
     /// Picks outputs by their last dimension (2: scores, 4: box regression, 10: landmarks).
-    fn by_channels(outs: &[(Vec<f32>, Vec<i64>)], c: i64) -> Result<&[f32], DetectError> {
+    fn by_channels(outs: &[Output], c: i64) -> Result<&[f32], DetectError> {
         outs.iter()
             .find(|(_, s)| s.last() == Some(&c))
             .map(|(d, _)| d.as_slice())
