@@ -115,6 +115,8 @@ impl StreamHandle {
     }
 
     /// A receiver that sees every status change (for the retained MQTT status, tests, ...).
+    /// Clone what you read and drop the guard at once: a `watch::Ref` held across an await
+    /// makes the stream's supervisor wait to publish.
     pub fn subscribe(&self) -> watch::Receiver<StreamStatus> {
         self.status.clone()
     }

@@ -185,10 +185,13 @@ impl Pipeline {
             )
             .map_err(|e| IngestError::Pipeline(format!("seek to start failed: {e}")))
     }
+}
 
+impl Drop for Pipeline {
     /// Stops the pipeline on a helper thread: tearing down a network source can take seconds
-    /// (TCP timeouts), and the supervisor must not wait for it.
-    pub fn shutdown(self) {
+    /// (TCP timeouts), and the supervisor, a tokio task, must never block on it (a blocked
+    /// worker would stall every other stream's supervision).
+    fn drop(&mut self) {
         let pipeline = self.pipeline.clone();
         let spawned = std::thread::Builder::new()
             .name("gst-teardown".into())
@@ -196,18 +199,6 @@ impl Pipeline {
                 let _ = pipeline.set_state(gst::State::Null);
             });
         if spawned.is_err() {
-            let _ = self.pipeline.set_state(gst::State::Null);
-        }
-    }
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        // After shutdown() this is a no-op on an already-stopping pipeline; otherwise it makes
-        // sure no streaming thread outlives the attempt.
-        if self.pipeline.current_state() != gst::State::Null
-            && self.pipeline.pending_state() != gst::State::Null
-        {
             let _ = self.pipeline.set_state(gst::State::Null);
         }
     }

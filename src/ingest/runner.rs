@@ -132,7 +132,8 @@ async fn attempt(
     };
     let pipeline = Pipeline::start(pspec, frames.clone(), counters.clone(), seq.clone())?;
     let result = watch_pipeline(spec, &pipeline, sup, publish, cancel).await;
-    pipeline.shutdown();
+    // Dropping tears the pipeline down on a helper thread.
+    drop(pipeline);
     result
 }
 

@@ -250,7 +250,7 @@ pub fn serve_dir(root: PathBuf) -> u16 {
 pub fn fast_ingest() -> IngestConfig {
     IngestConfig {
         stall_timeout: Duration::from_millis(1500),
-        connect_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
         backoff: dfwatch::ingest::BackoffConfig {
             base: Duration::from_millis(100),
             cap: Duration::from_millis(500),
@@ -283,9 +283,12 @@ pub fn spawn(
 /// Waits until the stream's state satisfies `pred`, or panics after `timeout` with the status.
 pub async fn wait_state(h: &StreamHandle, timeout: Duration, pred: impl Fn(StreamState) -> bool) {
     let mut rx = h.subscribe();
-    let r = tokio::time::timeout(timeout, rx.wait_for(|s| pred(s.state))).await;
+    // Drop the watch guard at once: holding it would block the stream's status updates.
+    let r = tokio::time::timeout(timeout, rx.wait_for(|s| pred(s.state)))
+        .await
+        .map(|r| r.map(|_| ()));
     assert!(
-        matches!(r, Ok(Ok(_))),
+        matches!(r, Ok(Ok(()))),
         "stream {} did not reach the expected state within {timeout:?}: {:?}",
         h.id(),
         h.status()
