@@ -12,6 +12,7 @@
 //! The output is packed RGB8, `S x S`; the encoder normalises it.
 
 pub mod align;
+pub mod quality;
 pub mod resize;
 pub mod warp;
 
