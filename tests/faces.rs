@@ -355,3 +355,88 @@ mod crop {
         }
     }
 }
+
+#[test]
+fn crops_refuse_unexpected_formats_and_bad_landmarks_clearly() {
+    use dfwatch::crop::{CropError, CropMethod, crop_face, crop_rgb};
+    use dfwatch::types::{Frame, FrameMeta, PixelFormat, Plane, StreamId};
+    use std::sync::Arc;
+    use std::time::{Instant, SystemTime};
+    let meta = |format| FrameMeta {
+        stream: StreamId::new("t").unwrap(),
+        seq: 0,
+        pts: None,
+        capture_time: SystemTime::now(),
+        capture_time_from_sender: false,
+        mono: Instant::now(),
+        width: 64,
+        height: 48,
+        format,
+        color: None,
+    };
+    let nv12 = Frame::new(
+        meta(PixelFormat::Nv12),
+        &[
+            Plane {
+                offset: 0,
+                stride: 64,
+            },
+            Plane {
+                offset: 64 * 48,
+                stride: 64,
+            },
+        ],
+        Arc::from(vec![0u8; 64 * 48 * 3 / 2]),
+    )
+    .unwrap();
+    let lm = PY_LANDMARKS.map(|[x, y]| [x / 8.0, y / 8.0]);
+    assert_eq!(
+        crop_face(&nv12, &lm, 224, CropMethod::Reference).unwrap_err(),
+        CropError::Format(PixelFormat::Nv12)
+    );
+    let mut det = detector(DetectConfig::default());
+    assert!(
+        det.detect_frame(&nv12)
+            .unwrap_err()
+            .to_string()
+            .contains("RGB8")
+    );
+    // An RGB frame with padded rows crops fine; bad landmarks do not.
+    let rgb = Frame::new(
+        meta(PixelFormat::Rgb8),
+        &[Plane {
+            offset: 0,
+            stride: 196,
+        }],
+        Arc::from(vec![50u8; 196 * 48]),
+    )
+    .unwrap();
+    assert_eq!(
+        crop_face(&rgb, &lm, 224, CropMethod::Fused)
+            .unwrap()
+            .rgb
+            .len(),
+        3 * 224 * 224
+    );
+    let mut nan = lm;
+    nan[3][1] = f32::NAN;
+    assert_eq!(
+        crop_face(&rgb, &nan, 224, CropMethod::Reference).unwrap_err(),
+        CropError::Landmark { index: 3 }
+    );
+    let same = [[10.0f32, 10.0]; 5];
+    assert_eq!(
+        crop_face(&rgb, &same, 224, CropMethod::Reference).unwrap_err(),
+        CropError::Degenerate
+    );
+    let v = RgbView {
+        data: &[0u8; 3 * 4 * 4],
+        width: 4,
+        height: 4,
+        stride: 12,
+    };
+    assert_eq!(
+        crop_rgb(v, &lm, 8, CropMethod::Reference).unwrap_err(),
+        CropError::Size(8)
+    );
+}
