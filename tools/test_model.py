@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import checkpoint  # noqa: E402
 import fake_checkpoint  # noqa: E402
 import model  # noqa: E402
 
 
 def test_prompt_zero_tokenises_as_sjedd_lists_it():
-    tok = model.ClipTokenizer()
+    tok = checkpoint.ClipTokenizer()
     ids = tok.tokenize("A photo of a fake face")
     assert ids[:8].tolist() == [49406, 320, 1125, 539, 320, 5777, 1710, 49407]
     assert ids[8:].tolist() == [0] * 69
@@ -28,7 +29,7 @@ def test_an_sjedd_checkpoint_with_extra_objects_imports(tmp_path):
     ckpt = tmp_path / "FFPP_synthetic.pth"
     sd = fake_checkpoint.write_sjedd_checkpoint(ckpt)
     # The reader sees the tensors exactly and stubs the other objects.
-    obj = model.load_torch_zip(ckpt)
+    obj = checkpoint.load_torch_zip(ckpt)
     assert set(obj) == {"model", "config", "args", "optimizer", "epoch"}
     for k, v in sd.items():
         np.testing.assert_array_equal(obj["model"][k], v)
@@ -43,9 +44,9 @@ def test_an_sjedd_checkpoint_with_extra_objects_imports(tmp_path):
     assert arch == dict(image_size=224, patch_size=32, width=128, layers=1, heads=2,
                         mlp_width=512, embed_dim=32)
     # Text embeddings are the checkpoint's text tower on the exact prompts.
-    tok = model.ClipTokenizer()
+    tok = checkpoint.ClipTokenizer()
     tokens = np.stack([tok.tokenize(model.prompt(n, l)) for n, l in nodes])
-    want = model.text_forward(sd, tokens)
+    want = checkpoint.text_forward(sd, tokens)
     np.testing.assert_allclose(text, want, rtol=1e-5, atol=1e-5)
     assert text.shape == (10, 32)
     # The image tower round-trips: numpy on the bundle == numpy on the checkpoint == ONNX.
@@ -62,9 +63,9 @@ def test_a_checkpoint_that_runs_code_on_unpickling_is_refused(tmp_path):
     ckpt = tmp_path / "evil.pth"
     marker = tmp_path / "pwned"
     fake_checkpoint.write_malicious_checkpoint(ckpt, marker)
-    with pytest.raises(model.RefusedPickle, match="posix.system|os.system"):
-        model.load_torch_zip(ckpt)
-    with pytest.raises(model.RefusedPickle):
+    with pytest.raises(checkpoint.RefusedPickle, match="posix.system|os.system"):
+        checkpoint.load_torch_zip(ckpt)
+    with pytest.raises(checkpoint.RefusedPickle):
         model.main(["import", str(ckpt), "--labels", "ffpp", "--out", str(tmp_path / "b")])
     assert not marker.exists()
 
