@@ -60,6 +60,9 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
         .collect()
 }
 
+/// Rounding offset added before the final shift.
+const HALF: i64 = 1 << (PRECISION_BITS - 1);
+
 fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
@@ -67,23 +70,23 @@ fn clip8(acc: i64) -> u8 {
 /// Resizes packed RGB8 `src` (`w x h`, rows of `3 * w` bytes) to `out_w x out_h`.
 pub fn resize_rgb_bicubic(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
     assert_eq!(src.len(), 3 * w * h, "source is not {w}x{h} RGB");
-    let half = 1i64 << (PRECISION_BITS - 1);
     // Horizontal pass (skipped when the width does not change, as Pillow does).
     let horizontal: Vec<u8> = if out_w == w {
         src.to_vec()
     } else {
         let cx = coefficients(w, out_w);
         let mut tmp = vec![0u8; 3 * out_w * h];
-        for y in 0..h {
-            let row = &src[3 * w * y..3 * w * (y + 1)];
-            for (xx, (xmin, k)) in cx.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc = half;
-                    for (i, &kw) in k.iter().enumerate() {
-                        acc += i64::from(row[3 * (xmin + i) + c]) * i64::from(kw);
-                    }
-                    tmp[3 * (out_w * y + xx) + c] = clip8(acc);
+        for (row, out) in src.chunks_exact(3 * w).zip(tmp.chunks_exact_mut(3 * out_w)) {
+            for ((xmin, k), px) in cx.iter().zip(out.chunks_exact_mut(3)) {
+                let taps = &row[3 * xmin..3 * (xmin + k.len())];
+                let mut acc = [HALF; 3];
+                for (p, &kw) in taps.chunks_exact(3).zip(k) {
+                    let kw = i64::from(kw);
+                    acc[0] += i64::from(p[0]) * kw;
+                    acc[1] += i64::from(p[1]) * kw;
+                    acc[2] += i64::from(p[2]) * kw;
                 }
+                px.copy_from_slice(&acc.map(clip8));
             }
         }
         tmp
@@ -91,15 +94,21 @@ pub fn resize_rgb_bicubic(src: &[u8], w: usize, h: usize, out_w: usize, out_h: u
     if out_h == h {
         return horizontal;
     }
+    // Vertical pass: whole rows at a time, so the inner loop runs over contiguous bytes.
     let cy = coefficients(h, out_h);
-    let mut out = vec![0u8; 3 * out_w * out_h];
-    for (yy, (ymin, k)) in cy.iter().enumerate() {
-        for x in 0..3 * out_w {
-            let mut acc = half;
-            for (i, &kw) in k.iter().enumerate() {
-                acc += i64::from(horizontal[3 * out_w * (ymin + i) + x]) * i64::from(kw);
+    let row_len = 3 * out_w;
+    let mut out = vec![0u8; row_len * out_h];
+    let mut acc = vec![0i32; row_len];
+    for ((ymin, k), dst) in cy.iter().zip(out.chunks_exact_mut(row_len)) {
+        acc.fill(HALF as i32);
+        for (i, &kw) in k.iter().enumerate() {
+            let row = &horizontal[row_len * (ymin + i)..row_len * (ymin + i + 1)];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += i32::from(p) * kw;
             }
-            out[3 * out_w * yy + x] = clip8(acc);
+        }
+        for (d, &a) in dst.iter_mut().zip(&acc) {
+            *d = clip8(i64::from(a));
         }
     }
     out

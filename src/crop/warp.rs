@@ -75,6 +75,20 @@ pub fn warp_affine_opencv(
             ]
             .map(|v| v << (COEF_BITS - 2 * INTER_BITS));
             let dst = &mut row[3 * x..3 * x + 3];
+            if sx >= 0 && sy >= 0 && sx + 1 < w && sy + 1 < h {
+                // All four neighbours inside: the common case, without per-sample checks.
+                let i00 = sy as usize * src.stride + 3 * sx as usize;
+                let (i01, i10) = (i00 + 3, i00 + src.stride);
+                let (a, b) = (&src.data[i00..i01 + 3], &src.data[i10..i10 + 6]);
+                for c in 0..3 {
+                    let acc = i64::from(a[c]) * wts[0]
+                        + i64::from(a[3 + c]) * wts[1]
+                        + i64::from(b[c]) * wts[2]
+                        + i64::from(b[3 + c]) * wts[3];
+                    dst[c] = ((acc + (1 << (COEF_BITS - 1))) >> COEF_BITS).clamp(0, 255) as u8;
+                }
+                continue;
+            }
             if sx >= w || sx + 1 < 0 || sy >= h || sy + 1 < 0 {
                 continue; // all four neighbours outside: the border value, 0
             }
