@@ -12,6 +12,7 @@ pub mod config;
 pub mod crop;
 pub mod detect;
 pub mod encode;
+pub mod evidence;
 pub mod gpu;
 pub mod ingest;
 pub mod model;

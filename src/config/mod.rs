@@ -19,6 +19,7 @@ pub use errors::{ConfigError, ConfigErrors};
 
 use crate::detect::DetectConfig;
 use crate::encode::EncoderConfig;
+use crate::evidence::EvidenceConfig;
 use crate::ingest::{IngestConfig, StreamConfig};
 use crate::model::ModelConfig;
 use crate::onnx::OnnxConfig;
@@ -80,6 +81,8 @@ pub struct Config {
     pub detect: DetectConfig,
     /// `[track]`: face tracking and scoring cadence.
     pub track: TrackConfig,
+    /// `[evidence]`: the per-track decision rule.
+    pub evidence: EvidenceConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -144,6 +147,7 @@ impl Config {
         let onnx = section(&mut table, "onnx", errors);
         let detect = section(&mut table, "detect", errors);
         let track = section(&mut table, "track", errors);
+        let evidence = section(&mut table, "evidence", errors);
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -165,6 +169,7 @@ impl Config {
             onnx,
             detect,
             track,
+            evidence,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index)
@@ -178,6 +183,7 @@ impl Config {
         self.onnx.validate("onnx", errors);
         self.detect.validate("detect", errors);
         self.track.validate("track", errors);
+        self.evidence.validate("evidence", errors);
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
@@ -193,7 +199,7 @@ impl Config {
 }
 
 const KNOWN_SECTIONS: &[&str] = &[
-    "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track",
+    "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence",
 ];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing
