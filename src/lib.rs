@@ -17,6 +17,7 @@ pub mod gpu;
 pub mod ingest;
 pub mod model;
 pub mod onnx;
+pub mod publish;
 pub mod score;
 pub mod telemetry;
 pub mod track;

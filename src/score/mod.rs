@@ -18,7 +18,7 @@ mod explain;
 pub mod graph;
 pub mod math;
 
-pub use explain::Explanation;
+pub use explain::{Explanation, NodeMarginal};
 pub use graph::{GraphError, LabelGraph, LabelNode, Level};
 
 use serde::Serialize;
