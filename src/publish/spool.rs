@@ -108,8 +108,11 @@ fn encode(out: &mut Vec<u8>, seq: u64, kind: u8, key: &str, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// One record as read back: sequence number, kind, key, payload.
+type Record = (u64, u8, String, Vec<u8>);
+
 /// Parses records from `data`; returns them and the length of the valid prefix.
-fn decode(data: &[u8]) -> (Vec<(u64, u8, String, Vec<u8>)>, usize) {
+fn decode(data: &[u8]) -> (Vec<Record>, usize) {
     let mut out = Vec::new();
     let mut pos = 0;
     while data.len() - pos >= HEADER {
