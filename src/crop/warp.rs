@@ -112,8 +112,16 @@ pub fn warp_affine_opencv(
     out
 }
 
+/// `floor` as an integer without a library call (`f64::floor` is one on baseline x86-64).
+#[inline(always)]
+fn floor_i64(v: f64) -> i64 {
+    let t = v as i64;
+    if (t as f64) > v { t - 1 } else { t }
+}
+
 /// Bilinear warp in floating point with a black border: output pixel `(u, v)` samples the
-/// source at `inverse_map([u, v])` (pixel centres at integer coordinates, as OpenCV).
+/// source at `inverse_map([u, v])` (pixel centres at integer coordinates, as OpenCV). The
+/// reference the GPU crop kernel is checked against.
 pub fn warp_affine_bilinear(
     src: RgbView<'_>,
     inverse_map: &Affine,
@@ -122,27 +130,46 @@ pub fn warp_affine_bilinear(
 ) -> Vec<u8> {
     let mut out = vec![0u8; 3 * out_w * out_h];
     let (w, h) = (src.width as i64, src.height as i64);
+    let m = inverse_map.0;
     for v in 0..out_h {
-        for u in 0..out_w {
-            let [sx, sy] = inverse_map.apply([u as f64, v as f64]);
-            let (fx, fy) = (sx.floor(), sy.floor());
-            let (ax, ay) = (sx - fx, sy - fy);
-            let (x0, y0) = (fx as i64, fy as i64);
-            if x0 >= w || x0 + 1 < 0 || y0 >= h || y0 + 1 < 0 || !sx.is_finite() || !sy.is_finite()
-            {
+        // Walk the row incrementally: source position = row start + u * (m00, m10).
+        let (mut sx, mut sy) = (m[0][1] * v as f64 + m[0][2], m[1][1] * v as f64 + m[1][2]);
+        let row = &mut out[3 * out_w * v..3 * out_w * (v + 1)];
+        for px in row.chunks_exact_mut(3) {
+            let (x0, y0) = (floor_i64(sx), floor_i64(sy));
+            let (ax, ay) = ((sx - x0 as f64) as f32, (sy - y0 as f64) as f32);
+            let finite = sx.is_finite() && sy.is_finite();
+            sx += m[0][0];
+            sy += m[1][0];
+            if x0 >= 0 && y0 >= 0 && x0 + 1 < w && y0 + 1 < h {
+                let i = y0 as usize * src.stride + 3 * x0 as usize;
+                let (a, b) = (
+                    &src.data[i..i + 6],
+                    &src.data[i + src.stride..i + src.stride + 6],
+                );
+                for c in 0..3 {
+                    let top = (1.0 - ax) * f32::from(a[c]) + ax * f32::from(a[3 + c]);
+                    let bottom = (1.0 - ax) * f32::from(b[c]) + ax * f32::from(b[3 + c]);
+                    // Values are within 0..=255 here; adding 0.5 and truncating rounds them
+                    // (f32::round is a library call on baseline x86-64).
+                    px[c] = ((1.0 - ay) * top + ay * bottom + 0.5) as u8;
+                }
                 continue;
             }
-            for c in 0..3 {
+            if x0 >= w || x0 + 1 < 0 || y0 >= h || y0 + 1 < 0 || !finite {
+                continue;
+            }
+            for (c, d) in px.iter_mut().enumerate() {
                 let p = |x: i64, y: i64| {
                     if x >= 0 && y >= 0 && x < w && y < h {
-                        f64::from(src.px(x as usize, y as usize, c))
+                        f32::from(src.px(x as usize, y as usize, c))
                     } else {
                         0.0
                     }
                 };
                 let val = (1.0 - ay) * ((1.0 - ax) * p(x0, y0) + ax * p(x0 + 1, y0))
                     + ay * ((1.0 - ax) * p(x0, y0 + 1) + ax * p(x0 + 1, y0 + 1));
-                out[3 * (v * out_w + u) + c] = val.round().clamp(0.0, 255.0) as u8;
+                *d = val.round().clamp(0.0, 255.0) as u8;
             }
         }
     }
