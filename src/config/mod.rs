@@ -23,6 +23,7 @@ use crate::evidence::EvidenceConfig;
 use crate::ingest::{IngestConfig, StreamConfig};
 use crate::model::ModelConfig;
 use crate::onnx::OnnxConfig;
+use crate::publish::mqtt::MqttConfig;
 use crate::track::TrackConfig;
 use crate::types::NodeId;
 
@@ -83,6 +84,8 @@ pub struct Config {
     pub track: TrackConfig,
     /// `[evidence]`: the per-track decision rule.
     pub evidence: EvidenceConfig,
+    /// `[mqtt]`: the broker alerts go to.
+    pub mqtt: MqttConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -148,6 +151,7 @@ impl Config {
         let detect = section(&mut table, "detect", errors);
         let track = section(&mut table, "track", errors);
         let evidence = section(&mut table, "evidence", errors);
+        let mqtt = section(&mut table, "mqtt", errors);
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -170,6 +174,7 @@ impl Config {
             detect,
             track,
             evidence,
+            mqtt,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index)
@@ -184,6 +189,7 @@ impl Config {
         self.detect.validate("detect", errors);
         self.track.validate("track", errors);
         self.evidence.validate("evidence", errors);
+        self.mqtt.validate("mqtt", errors);
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
@@ -199,7 +205,7 @@ impl Config {
 }
 
 const KNOWN_SECTIONS: &[&str] = &[
-    "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence",
+    "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",
 ];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing

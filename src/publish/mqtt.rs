@@ -1,0 +1,547 @@
+//! The MQTT publisher: alerts from the spool to the broker, QoS 1, with a last will.
+//!
+//! One tokio task owns the spool, the rumqttc client and its event loop.
+//!
+//! - [`PublisherHandle::publish_alert`] hands a payload to the task, which appends every
+//!   request waiting at that moment to the spool and fsyncs once (group commit) before it
+//!   answers: when the call returns, the alert is on disk.
+//! - PUBACK matching: rumqttc does not say which publish a PUBACK answers, only the packet id
+//!   it gave each outgoing publish (`Outgoing::Publish(pkid)`, in the order the publishes were
+//!   handed to it). The task keeps a FIFO of spool sequence numbers in hand-over order, maps
+//!   each `Outgoing::Publish(pkid)` to the next one, and acks the spool entry on
+//!   `PubAck(pkid)`. Packet ids are reused, so the map is by live pkid only.
+//! - Connection loss: the client and event loop are dropped (with them rumqttc's own queue of
+//!   in-flight messages, whose re-sends would not be in the FIFO), and after a backoff with
+//!   full jitter a fresh client connects and every pending spool entry is sent again. An
+//!   alert whose PUBACK was lost is therefore sent twice: delivery to the broker is at least
+//!   once, and consumers deduplicate by `alert_id`.
+//! - Node status `<prefix>/<node>/status` is retained: `online` on connect, last will
+//!   `offline`, `stopped` on a clean stop.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::spool::Spool;
+use crate::ingest::BackoffConfig;
+use crate::ingest::supervisor::Backoff;
+use crate::types::NodeId;
+
+/// `[mqtt]`: where alerts go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`; no credentials in it.
+    pub url: String,
+    /// Client id; default `dfwatch-<node>`.
+    pub client_id: Option<String>,
+    /// Topic prefix (first level).
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificate for `mqtts://`.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for brokers that require them.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Reconnect timing.
+    pub backoff: BackoffConfig,
+    /// Spool directory (relative to the config file); default `var/spool`.
+    pub spool_dir: Option<PathBuf>,
+    /// Pending alerts past which updates are coalesced.
+    pub spool_max_pending: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: None,
+            prefix: "dfwatch".into(),
+            username: None,
+            password_env: None,
+            password_file: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            keep_alive: Duration::from_secs(15),
+            backoff: BackoffConfig {
+                base: Duration::from_millis(250),
+                cap: Duration::from_secs(15),
+                reset_after: Duration::from_secs(30),
+            },
+            spool_dir: None,
+            spool_max_pending: 10_000,
+        }
+    }
+}
+
+impl MqttConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
+        if let Err(e) = BrokerUrl::parse(&self.url) {
+            let msg = e.to_string();
+            errors.push(crate::config::ConfigError::new(
+                format!("{path}.url"),
+                msg.trim_start_matches("mqtt.url: ").to_string(),
+            ));
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['+', '#']) {
+            errors.push(crate::config::ConfigError::new(
+                format!("{path}.prefix"),
+                format!("{:?} is not a usable topic level", self.prefix),
+            ));
+        }
+        if self.password_env.is_some() && self.password_file.is_some() {
+            errors.push(crate::config::ConfigError::new(
+                path,
+                "set one of password_env and password_file, not both",
+            ));
+        }
+    }
+}
+
+/// Why the publisher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("mqtt.url: {0}")]
+    Url(String),
+    #[error("mqtt.{field}: cannot read {path}: {reason}")]
+    File {
+        field: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("mqtt.password_env: environment variable {0} is not set")]
+    MissingEnv(String),
+    #[error("spool {path}: {reason}")]
+    Spool { path: String, reason: String },
+    #[error("the publisher has stopped")]
+    Stopped,
+}
+
+/// A broker address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(s: &str) -> Result<Self, PublishError> {
+        let u = url::Url::parse(s).map_err(|e| PublishError::Url(format!("{s:?}: {e}")))?;
+        let tls = match u.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            other => {
+                return Err(PublishError::Url(format!(
+                    "unsupported scheme {other:?}; use mqtt:// or mqtts://"
+                )));
+            }
+        };
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(PublishError::Url(
+                "credentials in the URL are refused; use mqtt.username and mqtt.password_env \
+                 or mqtt.password_file"
+                    .into(),
+            ));
+        }
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| PublishError::Url(format!("{s:?} has no host")))?
+            .trim_matches(['[', ']'])
+            .to_string();
+        Ok(BrokerUrl {
+            tls,
+            host,
+            port: u.port().unwrap_or(if tls { 8883 } else { 1883 }),
+        })
+    }
+}
+
+fn read_file(field: &'static str, p: &Path) -> Result<Vec<u8>, PublishError> {
+    std::fs::read(p).map_err(|e| PublishError::File {
+        field,
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Topic of the node's retained status.
+pub fn status_topic(prefix: &str, node: &NodeId) -> String {
+    format!("{prefix}/{node}/status")
+}
+
+/// Topic of alerts.
+pub fn alerts_topic(prefix: &str, node: &NodeId) -> String {
+    format!("{prefix}/{node}/alerts")
+}
+
+/// Everything resolved at start, so the task itself cannot fail on configuration.
+#[derive(Clone)]
+struct Prepared {
+    options: MqttOptions,
+    status: String,
+    alerts: String,
+    backoff: BackoffConfig,
+}
+
+fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
+    let url = BrokerUrl::parse(&cfg.url)?;
+    let id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("dfwatch-{node}"));
+    let mut o = MqttOptions::new(id, url.host.clone(), url.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_clean_session(true);
+    let status = status_topic(&cfg.prefix, node);
+    o.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
+    let password = match (&cfg.password_env, &cfg.password_file) {
+        (Some(var), _) => {
+            Some(std::env::var(var).map_err(|_| PublishError::MissingEnv(var.clone()))?)
+        }
+        (None, Some(p)) => Some(
+            String::from_utf8_lossy(&read_file("password_file", p)?)
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(user) = &cfg.username {
+        o.set_credentials(user.clone(), password.unwrap_or_default());
+    }
+    if url.tls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = match &cfg.ca_file {
+            Some(p) => read_file("ca_file", p)?,
+            None => {
+                return Err(PublishError::Url(
+                    "mqtts:// needs mqtt.ca_file (the broker's CA certificate, PEM)".into(),
+                ));
+            }
+        };
+        let client_auth = match (&cfg.client_cert_file, &cfg.client_key_file) {
+            (Some(c), Some(k)) => Some((
+                read_file("client_cert_file", c)?,
+                read_file("client_key_file", k)?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(PublishError::Url(
+                    "set both mqtt.client_cert_file and mqtt.client_key_file, or neither".into(),
+                ));
+            }
+        };
+        o.set_transport(rumqttc::Transport::tls(ca, client_auth, None));
+    }
+    Ok(Prepared {
+        options: o,
+        alerts: alerts_topic(&cfg.prefix, node),
+        status,
+        backoff: cfg.backoff,
+    })
+}
+
+struct Request {
+    alert_id: String,
+    update: bool,
+    payload: Vec<u8>,
+    done: oneshot::Sender<std::io::Result<u64>>,
+}
+
+/// Counters of the publisher, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublisherStats {
+    pub connected: bool,
+    pub pending: usize,
+    pub published: u64,
+    pub acked: u64,
+    pub reconnects: u64,
+}
+
+/// The running publisher.
+pub struct PublisherHandle {
+    tx: mpsc::Sender<Request>,
+    stats: tokio::sync::watch::Receiver<PublisherStats>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PublisherHandle {
+    /// Spools `payload` (an alert event of `alert_id`; `update` marks coalescible updates) and
+    /// returns once it is fsynced. Publishing and acknowledgement follow in the background.
+    pub async fn publish_alert(
+        &self,
+        alert_id: &str,
+        update: bool,
+        payload: Vec<u8>,
+    ) -> Result<u64, PublishError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Request {
+                alert_id: alert_id.to_string(),
+                update,
+                payload,
+                done,
+            })
+            .await
+            .map_err(|_| PublishError::Stopped)?;
+        match rx.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => Err(PublishError::Spool {
+                path: "spool".into(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(PublishError::Stopped),
+        }
+    }
+
+    pub fn stats(&self) -> PublisherStats {
+        *self.stats.borrow()
+    }
+
+    /// A receiver of the counters, e.g. to wait until the spool is empty.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<PublisherStats> {
+        self.stats.clone()
+    }
+
+    /// Publishes `stopped` (when connected) and ends the task, within `grace`; what is not
+    /// acknowledged by then stays in the spool for the next start.
+    pub async fn stop(self, grace: Duration) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(grace, self.task).await;
+    }
+
+    /// Ends the task at once without a clean disconnect, as a crash would (the broker then
+    /// publishes the last will).
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the publisher. Fails at once on configuration mistakes (URL, unreadable files,
+/// missing environment) and on a spool that cannot be opened.
+pub fn spawn(
+    cfg: &MqttConfig,
+    node: &NodeId,
+    spool_dir: &Path,
+) -> Result<PublisherHandle, PublishError> {
+    let prepared = prepare(cfg, node)?;
+    let spool =
+        Spool::open(spool_dir, cfg.spool_max_pending, 200).map_err(|e| PublishError::Spool {
+            path: spool_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    let (tx, rx) = mpsc::channel(1024);
+    let (stats_tx, stats_rx) = tokio::sync::watch::channel(PublisherStats {
+        pending: spool.len(),
+        ..Default::default()
+    });
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(run(prepared, spool, rx, stats_tx, cancel.clone()));
+    Ok(PublisherHandle {
+        tx,
+        stats: stats_rx,
+        cancel,
+        task,
+    })
+}
+
+/// The connection-scoped state: dropped whole on a loss.
+struct Session {
+    client: AsyncClient,
+    events: EventLoop,
+    connected: bool,
+    /// Spool sequence numbers (None: a status) in hand-over order, awaiting their pkid.
+    handed: VecDeque<Option<u64>>,
+    /// Live packet id -> spool sequence number.
+    inflight: HashMap<u16, u64>,
+    /// Spool entries not yet handed to this client.
+    to_send: VecDeque<u64>,
+}
+
+impl Session {
+    fn new(p: &Prepared) -> Session {
+        let (client, events) = AsyncClient::new(p.options.clone(), 256);
+        Session {
+            client,
+            events,
+            connected: false,
+            handed: VecDeque::new(),
+            inflight: HashMap::new(),
+            to_send: VecDeque::new(),
+        }
+    }
+
+    /// Hands queued entries to rumqttc while its request queue has room.
+    fn pump(&mut self, p: &Prepared, spool: &Spool, published: &mut u64) {
+        while self.connected && self.inflight.len() + self.handed.len() < 200 {
+            let Some(seq) = self.to_send.pop_front() else {
+                break;
+            };
+            let Some(entry) = spool.pending().find(|e| e.seq == seq) else {
+                continue; // acked or coalesced meanwhile
+            };
+            match self
+                .client
+                .try_publish(&p.alerts, QoS::AtLeastOnce, false, entry.payload.clone())
+            {
+                Ok(()) => {
+                    self.handed.push_back(Some(seq));
+                    *published += 1;
+                }
+                Err(_) => {
+                    self.to_send.push_front(seq);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn run(
+    p: Prepared,
+    mut spool: Spool,
+    mut rx: mpsc::Receiver<Request>,
+    stats: tokio::sync::watch::Sender<PublisherStats>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(p.backoff);
+    let mut session = Session::new(&p);
+    let mut published = 0u64;
+    let mut acked = 0u64;
+    let mut reconnects = 0u64;
+    let mut rng = (std::process::id() as u64) | 1;
+    let mut unit = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let publish_stats =
+        |s: &Session, spool: &Spool, published: u64, acked: u64, reconnects: u64| {
+            stats.send_replace(PublisherStats {
+                connected: s.connected,
+                pending: spool.len(),
+                published,
+                acked,
+                reconnects,
+            });
+        };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                if session.connected {
+                    let _ = session.client.try_publish(&p.status, QoS::AtLeastOnce, true, "stopped");
+                    let _ = session.client.try_disconnect();
+                    // Let the event loop send them.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                        while let Ok(ev) = session.events.poll().await {
+                            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                }
+                let _ = spool.sync();
+                return;
+            }
+            first = rx.recv() => {
+                let Some(first) = first else {
+                    cancel.cancel();
+                    continue;
+                };
+                // Group commit: everything waiting now goes into one fsync.
+                let mut batch = vec![first];
+                while let Ok(r) = rx.try_recv() {
+                    batch.push(r);
+                    if batch.len() >= 1024 {
+                        break;
+                    }
+                }
+                let seqs: Vec<u64> = batch
+                    .iter()
+                    .map(|r| match spool.append(&r.alert_id, r.update, r.payload.clone()) {
+                        super::spool::Appended::Stored(s) => s,
+                        super::spool::Appended::Coalesced { seq, .. } => seq,
+                    })
+                    .collect();
+                let synced = spool.sync();
+                for (r, seq) in batch.into_iter().zip(&seqs) {
+                    let _ = r.done.send(match &synced {
+                        Ok(()) => Ok(*seq),
+                        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                    });
+                }
+                if synced.is_ok() {
+                    session.to_send.extend(seqs);
+                    session.pump(&p, &spool, &mut published);
+                }
+                publish_stats(&session, &spool, published, acked, reconnects);
+            }
+            ev = session.events.poll() => {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if session.connected {
+                            continue;
+                        }
+                        session.connected = true;
+                        tracing::info!("MQTT connected.");
+                        let _ = session.client.try_publish(&p.status, QoS::AtLeastOnce, true, "online");
+                        session.handed.push_back(None);
+                        session.to_send = spool.pending().map(|e| e.seq).collect();
+                        session.pump(&p, &spool, &mut published);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(Some(seq)) = session.handed.pop_front() {
+                            session.inflight.insert(pkid, seq);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(seq) = session.inflight.remove(&ack.pkid)
+                            && spool.ack(seq)
+                        {
+                            acked += 1;
+                            backoff.reset();
+                        }
+                        // Acks are made durable in batches: a lost ack only means a duplicate.
+                        if session.inflight.is_empty() || acked % 64 == 0 {
+                            let _ = spool.sync();
+                            let _ = spool.maybe_compact();
+                        }
+                        session.pump(&p, &spool, &mut published);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let wait = backoff.next_delay(unit());
+                        if session.connected {
+                            reconnects += 1;
+                            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connection lost.");
+                        } else {
+                            tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connect failed.");
+                        }
+                        let _ = spool.sync();
+                        session = Session::new(&p);
+                        publish_stats(&session, &spool, published, acked, reconnects);
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+                publish_stats(&session, &spool, published, acked, reconnects);
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The MQTT publisher against a real mosquitto (started by each test on a free port, with
+//! persistence) and a persistent-session subscriber (fixed client id, clean session off,
+//! QoS 1), as a consumer that must not miss alerts would run.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dfwatch::publish::mqtt::{self, MqttConfig, PublisherHandle};
+use dfwatch::types::NodeId;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A mosquitto process with persistence in `dir`.
+struct Broker {
+    port: u16,
+    conf: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn new(dir: &Path) -> Broker {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                 persistence_location {}/\nautosave_interval 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        Broker {
+            port,
+            conf,
+            child: None,
+        }
+    }
+
+    async fn start(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto (package mosquitto; tools/setup.sh installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("mosquitto did not start on port {}", self.port);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: mosquitto saves its persistent sessions on the way out.
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A persistent-session subscriber collecting `(topic, payload)`.
+fn subscriber(port: u16, id: &str) -> Arc<Mutex<Vec<(String, String)>>> {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_clean_session(false);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(o, 64);
+    let sink = got.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe("dfwatch/#", QoS::AtLeastOnce).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    sink.lock().unwrap().push((
+                        p.topic.clone(),
+                        String::from_utf8_lossy(&p.payload).into_owned(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    got
+}
+
+fn config(url: &str) -> MqttConfig {
+    let mut c = MqttConfig {
+        url: url.into(),
+        ..MqttConfig::default()
+    };
+    c.backoff.base = Duration::from_millis(100);
+    c.backoff.cap = Duration::from_millis(500);
+    c
+}
+
+fn node() -> NodeId {
+    NodeId::new("test-node").unwrap()
+}
+
+fn alert(i: usize) -> (String, Vec<u8>) {
+    let id = format!("01TESTALERT{i:015}");
+    (
+        id.clone(),
+        format!("{{\"alert_id\":\"{id}\"}}").into_bytes(),
+    )
+}
+
+async fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let t = tokio::time::Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn alert_ids(got: &Arc<Mutex<Vec<(String, String)>>>) -> BTreeSet<String> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.ends_with("/alerts"))
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+async fn publish_n(p: &PublisherHandle, range: std::ops::Range<usize>) {
+    for i in range {
+        let (id, payload) = alert(i);
+        p.publish_alert(&id, false, payload).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_the_broker_and_leave_the_spool() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-basic");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        publish_n(&p, 0..5).await;
+        wait_until("5 alerts", SECS(20), || alert_ids(&got).len() == 5).await;
+        let mut stats = p.subscribe();
+        let _ = tokio::time::timeout(SECS(10), stats.wait_for(|s| s.pending == 0)).await;
+        assert_eq!(p.stats().pending, 0, "{:?}", p.stats());
+        assert!(
+            got.lock()
+                .unwrap()
+                .iter()
+                .any(|(t, v)| t == "dfwatch/test-node/status" && v == "online")
+        );
+        p.stop(SECS(2)).await;
+        wait_until("stopped status", SECS(10), || {
+            got.lock().unwrap().iter().any(|(_, v)| v == "stopped")
+        })
+        .await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_for_ten_seconds_loses_none_of_100_alerts() {
+    tokio::time::timeout(SECS(90), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-outage");
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        publish_n(&p, 0..3).await;
+        wait_until("the first alerts", SECS(20), || alert_ids(&got).len() == 3).await;
+        broker.stop();
+        // 100 alerts raised while the broker is away: each is durable when publish returns.
+        publish_n(&p, 3..103).await;
+        tokio::time::sleep(SECS(10)).await;
+        assert!(p.stats().pending >= 100, "{:?}", p.stats());
+        broker.start().await;
+        wait_until("all 103 distinct alerts", SECS(40), || {
+            alert_ids(&got).len() == 103
+        })
+        .await;
+        let mut stats = p.subscribe();
+        let _ = tokio::time::timeout(SECS(10), stats.wait_for(|s| s.pending == 0)).await;
+        assert_eq!(p.stats().pending, 0);
+        assert!(p.stats().reconnects >= 1);
+        p.stop(SECS(2)).await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_will_arrives_when_the_publisher_dies() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-will");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        wait_until("online", SECS(20), || {
+            got.lock().unwrap().iter().any(|(_, v)| v == "online")
+        })
+        .await;
+        // A crash: the connection drops without DISCONNECT.
+        p.abort();
+        wait_until("the last will", SECS(20), || {
+            got.lock()
+                .unwrap()
+                .iter()
+                .any(|(t, v)| t == "dfwatch/test-node/status" && v == "offline")
+        })
+        .await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_spooled_before_a_crash_are_sent_after_the_restart() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        let spool = dir.path().join("spool");
+        // No broker yet: the alerts can only go to the spool, then the process dies.
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &spool).unwrap();
+        publish_n(&p, 0..3).await;
+        p.abort();
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-restart");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &spool).unwrap();
+        wait_until("the 3 spooled alerts", SECS(20), || {
+            alert_ids(&got).len() == 3
+        })
+        .await;
+        p.stop(SECS(2)).await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn bad_urls_and_unreadable_tls_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let err = |cfg: MqttConfig| match mqtt::spawn(&cfg, &node(), &spool) {
+        Ok(_) => panic!("accepted {cfg:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err(config("ftp://h:1")).contains("unsupported scheme \"ftp\""));
+    let e = err(config("mqtt://user:secret@h:1"));
+    assert!(
+        e.contains("credentials in the URL are refused") && !e.contains("secret"),
+        "{e}"
+    );
+    assert!(err(config("mqtts://h:8883")).contains("mqtt.ca_file"));
+    let mut c = config("mqtts://h:8883");
+    c.ca_file = Some(dir.path().join("missing-ca.pem"));
+    let e = err(c);
+    assert!(
+        e.starts_with("mqtt.ca_file: cannot read") && e.contains("missing-ca.pem"),
+        "{e}"
+    );
+    let mut c = config("mqtt://h:1");
+    c.password_env = Some("DFWATCH_TEST_UNSET_MQTT_PASSWORD".into());
+    assert!(err(c).contains("DFWATCH_TEST_UNSET_MQTT_PASSWORD"));
+}
