@@ -174,7 +174,26 @@ async fn alerts_reach_the_broker_and_leave_the_spool() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
         publish_n(&p, 0..5).await;
+        p.publish_retained("streams/cam/status", b"{\"state\":\"online\"}".to_vec())
+            .await
+            .unwrap();
         wait_until("5 alerts", SECS(20), || alert_ids(&got).len() == 5).await;
+        wait_until("the stream status", SECS(10), || {
+            got.lock()
+                .unwrap()
+                .iter()
+                .any(|(t, v)| t == "dfwatch/test-node/streams/cam/status" && v.contains("online"))
+        })
+        .await;
+        // Retained: a subscriber arriving later still gets it.
+        let late = subscriber(broker.port, "sub-late");
+        wait_until("the retained stream status", SECS(10), || {
+            late.lock()
+                .unwrap()
+                .iter()
+                .any(|(t, _)| t == "dfwatch/test-node/streams/cam/status")
+        })
+        .await;
         let mut stats = p.subscribe();
         let _ = tokio::time::timeout(SECS(10), stats.wait_for(|s| s.pending == 0)).await;
         assert_eq!(p.stats().pending, 0, "{:?}", p.stats());

@@ -192,6 +192,8 @@ struct Prepared {
     options: MqttOptions,
     status: String,
     alerts: String,
+    /// `<prefix>/<node>/`, for retained messages.
+    node_prefix: String,
     backoff: BackoffConfig,
 }
 
@@ -247,16 +249,22 @@ fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
     Ok(Prepared {
         options: o,
         alerts: alerts_topic(&cfg.prefix, node),
+        node_prefix: format!("{}/{node}/", cfg.prefix),
         status,
         backoff: cfg.backoff,
     })
 }
 
-struct Request {
-    alert_id: String,
-    update: bool,
-    payload: Vec<u8>,
-    done: oneshot::Sender<std::io::Result<u64>>,
+enum Request {
+    Alert {
+        alert_id: String,
+        update: bool,
+        payload: Vec<u8>,
+        done: oneshot::Sender<std::io::Result<u64>>,
+    },
+    /// A retained message (stream status, verdict): not spooled, the latest per topic is
+    /// kept and published again after every reconnect.
+    Retained { topic: String, payload: Vec<u8> },
 }
 
 /// Counters of the publisher, for metrics and tests.
@@ -288,7 +296,7 @@ impl PublisherHandle {
     ) -> Result<u64, PublishError> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Request {
+            .send(Request::Alert {
                 alert_id: alert_id.to_string(),
                 update,
                 payload,
@@ -304,6 +312,22 @@ impl PublisherHandle {
             }),
             Err(_) => Err(PublishError::Stopped),
         }
+    }
+
+    /// Publishes a retained message under `<prefix>/<node>/<suffix>` (e.g.
+    /// `streams/lobby/status`); the latest per topic is re-published after reconnects.
+    pub async fn publish_retained(
+        &self,
+        suffix: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        self.tx
+            .send(Request::Retained {
+                topic: suffix.to_string(),
+                payload,
+            })
+            .await
+            .map_err(|_| PublishError::Stopped)
     }
 
     pub fn stats(&self) -> PublisherStats {
@@ -421,6 +445,7 @@ async fn run(
     let mut published = 0u64;
     let mut acked = 0u64;
     let mut reconnects = 0u64;
+    let mut retained: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
     let mut rng = (std::process::id() as u64) | 1;
     let mut unit = move || {
         rng ^= rng << 13;
@@ -462,7 +487,7 @@ async fn run(
                     cancel.cancel();
                     continue;
                 };
-                // Group commit: everything waiting now goes into one fsync.
+                // Group commit: every alert waiting now goes into one fsync.
                 let mut batch = vec![first];
                 while let Ok(r) = rx.try_recv() {
                     batch.push(r);
@@ -470,22 +495,42 @@ async fn run(
                         break;
                     }
                 }
-                let seqs: Vec<u64> = batch
-                    .iter()
-                    .map(|r| match spool.append(&r.alert_id, r.update, r.payload.clone()) {
-                        super::spool::Appended::Stored(s) => s,
-                        super::spool::Appended::Coalesced { seq, .. } => seq,
-                    })
-                    .collect();
-                let synced = spool.sync();
-                for (r, seq) in batch.into_iter().zip(&seqs) {
-                    let _ = r.done.send(match &synced {
-                        Ok(()) => Ok(*seq),
-                        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                    });
+                let mut alerts = Vec::new();
+                for r in batch {
+                    match r {
+                        Request::Retained { topic, payload } => {
+                            let topic = format!("{}{topic}", p.node_prefix);
+                            if session.connected
+                                && session
+                                    .client
+                                    .try_publish(&topic, QoS::AtLeastOnce, true, payload.clone())
+                                    .is_ok()
+                            {
+                                session.handed.push_back(None);
+                            }
+                            retained.insert(topic, payload);
+                        }
+                        Request::Alert { alert_id, update, payload, done } => {
+                            let seq = match spool.append(&alert_id, update, payload) {
+                                super::spool::Appended::Stored(s) => s,
+                                super::spool::Appended::Coalesced { seq, .. } => seq,
+                            };
+                            alerts.push((seq, done));
+                        }
+                    }
                 }
-                if synced.is_ok() {
-                    session.to_send.extend(seqs);
+                if !alerts.is_empty() {
+                    let synced = spool.sync();
+                    let ok = synced.is_ok();
+                    for (seq, done) in alerts {
+                        let _ = done.send(match &synced {
+                            Ok(()) => Ok(seq),
+                            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                        });
+                        if ok {
+                            session.to_send.push_back(seq);
+                        }
+                    }
                     session.pump(&p, &spool, &mut published);
                 }
                 publish_stats(&session, &spool, published, acked, reconnects);
@@ -500,6 +545,15 @@ async fn run(
                         tracing::info!("MQTT connected.");
                         let _ = session.client.try_publish(&p.status, QoS::AtLeastOnce, true, "online");
                         session.handed.push_back(None);
+                        for (topic, payload) in &retained {
+                            if session
+                                .client
+                                .try_publish(topic, QoS::AtLeastOnce, true, payload.clone())
+                                .is_ok()
+                            {
+                                session.handed.push_back(None);
+                            }
+                        }
                         session.to_send = spool.pending().map(|e| e.seq).collect();
                         session.pump(&p, &spool, &mut published);
                     }
