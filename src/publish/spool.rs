@@ -288,6 +288,11 @@ impl Spool {
         true
     }
 
+    /// The pending entry `seq`, if it is still pending.
+    pub fn get(&self, seq: u64) -> Option<&Entry> {
+        self.pending.get(&seq)
+    }
+
     /// Pending entries, oldest first.
     pub fn pending(&self) -> impl Iterator<Item = &Entry> {
         self.pending.values()
