@@ -75,10 +75,12 @@ async fn durable(
     for t in tasks {
         t.await??;
     }
-    let enq = enq.lock().expect("lock");
-    for (seq, at) in &acked_at {
-        if let Some(e) = enq.get(seq) {
-            lat.push(at.saturating_duration_since(*e));
+    {
+        let enq = enq.lock().expect("lock");
+        for (seq, at) in &acked_at {
+            if let Some(e) = enq.get(seq) {
+                lat.push(at.saturating_duration_since(*e));
+            }
         }
     }
     if let Ok(p) = Arc::try_unwrap(p) {
