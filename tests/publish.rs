@@ -320,3 +320,34 @@ async fn bad_urls_and_unreadable_tls_files_are_clear_errors() {
     c.password_env = Some("DFWATCH_TEST_UNSET_MQTT_PASSWORD".into());
     assert!(err(c).contains("DFWATCH_TEST_UNSET_MQTT_PASSWORD"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_carries_alerts_statuses_and_the_last_will() {
+    tokio::time::timeout(SECS(60), async {
+        let port = free_port();
+        let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        dfwatch::publish::broker::start_embedded(listen).unwrap();
+        // The port is now taken: a second start says so.
+        let e = dfwatch::publish::broker::start_embedded(listen)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot listen"), "{e}");
+        let got = subscriber(port, "sub-embedded");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("mqtt://127.0.0.1:{port}");
+        let p = mqtt::spawn(&config(&url), &node(), &dir.path().join("spool")).unwrap();
+        publish_n(&p, 0..10).await;
+        wait_until("10 alerts", SECS(20), || alert_ids(&got).len() == 10).await;
+        let mut stats = p.subscribe();
+        let _ = tokio::time::timeout(SECS(10), stats.wait_for(|s| s.pending == 0)).await;
+        assert_eq!(p.stats().pending, 0);
+        p.abort();
+        wait_until("the last will", SECS(20), || {
+            got.lock().unwrap().iter().any(|(_, v)| v == "offline")
+        })
+        .await;
+    })
+    .await
+    .expect("in time");
+}

@@ -58,6 +58,11 @@ pub struct MqttConfig {
     pub spool_dir: Option<PathBuf>,
     /// Pending alerts past which updates are coalesced.
     pub spool_max_pending: usize,
+    /// Run an in-process broker (rumqttd, in memory) on `embedded_listen` and publish to it
+    /// instead of `url`: zero set-up for a first run; use a real broker in production.
+    pub embedded: bool,
+    /// Loopback address of the embedded broker.
+    pub embedded_listen: std::net::SocketAddr,
 }
 
 impl Default for MqttConfig {
@@ -80,6 +85,8 @@ impl Default for MqttConfig {
             },
             spool_dir: None,
             spool_max_pending: 10_000,
+            embedded: false,
+            embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
         }
     }
 }
@@ -97,6 +104,12 @@ impl MqttConfig {
             errors.push(crate::config::ConfigError::new(
                 format!("{path}.prefix"),
                 format!("{:?} is not a usable topic level", self.prefix),
+            ));
+        }
+        if self.embedded && !self.embedded_listen.ip().is_loopback() {
+            errors.push(crate::config::ConfigError::new(
+                format!("{path}.embedded_listen"),
+                format!("{} is not a loopback address", self.embedded_listen),
             ));
         }
         if self.password_env.is_some() && self.password_file.is_some() {
