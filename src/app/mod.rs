@@ -1,9 +1,10 @@
 //! The daemon: the only module that knows the whole graph. It creates the channels, spawns
 //! the stages, owns shutdown and (later) reload.
 //!
-//! Built so far: ingest. The analysis stages (detect, crop, encode, score, evidence, publish)
-//! are not built yet, and the daemon says so at start and in every status line: frames are
-//! decoded, counted and discarded.
+//! Wired so far: ingest, and MQTT (the embedded broker when configured, the node's retained
+//! status with its last will, each stream's retained status). The analysis stages (detect,
+//! crop, encode, score, evidence) are built as modules but not yet wired, and the daemon says
+//! so at start and in every status line: frames are decoded, counted and discarded.
 
 pub mod score_images;
 
@@ -27,12 +28,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "dfwatch starting."
     );
     tracing::warn!(
-        "Analysis stages are not built yet (detect, crop, encode, score, evidence, publish): \
-         this build decodes and counts frames only and raises no alerts."
+        "The analysis stages (detect, crop, encode, score, evidence) are not wired into the \
+         daemon yet: this build decodes and counts frames, publishes statuses, and raises no \
+         alerts."
     );
     let cancel = CancellationToken::new();
+    let mut mqtt_cfg = config.mqtt.clone();
+    if mqtt_cfg.embedded {
+        crate::publish::broker::start_embedded(mqtt_cfg.embedded_listen)?;
+        mqtt_cfg.url = format!("mqtt://{}", mqtt_cfg.embedded_listen);
+    }
+    let spool_dir = match &mqtt_cfg.spool_dir {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => config.base_dir.join(p),
+        None => std::path::PathBuf::from("var/spool"),
+    };
+    let publisher = std::sync::Arc::new(
+        crate::publish::mqtt::spawn(&mqtt_cfg, &config.node.id, &spool_dir)
+            .context("starting the MQTT publisher")?,
+    );
+    tracing::info!(url = %mqtt_cfg.url, prefix = %mqtt_cfg.prefix, "MQTT publisher started.");
     let mut streams: Vec<StreamHandle> = Vec::new();
     let mut sinks = Vec::new();
+    let mut forwarders = Vec::new();
     for s in &config.streams {
         let (tx, rx) = config
             .ingest
@@ -40,6 +58,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .channel::<Frame>(format!("frames-{}", s.id));
         let handle = ingest::spawn_stream(s, &config.ingest, &config.base_dir, tx)
             .with_context(|| format!("stream {}", s.id))?;
+        // Each status change goes out retained on <prefix>/<node>/streams/<id>/status.
+        let mut status = handle.subscribe();
+        let publisher = publisher.clone();
+        let topic = format!("streams/{}/status", s.id);
+        forwarders.push(tokio::spawn(async move {
+            loop {
+                let json = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
+                if publisher.publish_retained(&topic, json).await.is_err()
+                    || status.changed().await.is_err()
+                {
+                    break;
+                }
+            }
+        }));
         // Stand-in for the detector until it exists: takes frames so the queue keeps moving.
         sinks.push(tokio::spawn(async move {
             while let Some(frame) = rx.recv_async().await {
@@ -79,6 +111,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     for s in sinks {
         let _ = s.await;
+    }
+    // The streams are gone, so their status forwarders end (publishing the final status).
+    for f in forwarders {
+        let _ = f.await;
+    }
+    match std::sync::Arc::try_unwrap(publisher) {
+        Ok(p) => p.stop(Duration::from_secs(3)).await,
+        Err(_) => tracing::warn!("MQTT publisher still in use at shutdown."),
     }
     tracing::info!("dfwatch stopped.");
     Ok(())
