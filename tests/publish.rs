@@ -351,3 +351,144 @@ async fn the_embedded_broker_carries_alerts_statuses_and_the_last_will() {
     .await
     .expect("in time");
 }
+
+/// Child process for the SIGKILL test: spools 5 alerts (broker down), says so, then waits to
+/// be killed. Runs only when the parent test launches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by alerts_in_the_spool_survive_a_sigkill as a child process"]
+async fn child_spools_alerts_then_waits_to_be_killed() {
+    let Some(spool) = std::env::var_os("DFWATCH_CHILD_SPOOL") else {
+        return;
+    };
+    let url = std::env::var("DFWATCH_CHILD_URL").unwrap();
+    let p = mqtt::spawn(&config(&url), &node(), Path::new(&spool)).unwrap();
+    publish_n(&p, 0..5).await;
+    println!("SPOOLED");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    tokio::time::sleep(SECS(600)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_in_the_spool_survive_a_sigkill() {
+    tokio::time::timeout(SECS(90), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        let spool = dir.path().join("spool");
+        // A real process, killed with SIGKILL while its alerts sit in the spool (the broker
+        // is down, so none can have been delivered).
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_spools_alerts_then_waits_to_be_killed",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("DFWATCH_CHILD_SPOOL", &spool)
+            .env("DFWATCH_CHILD_URL", broker.url())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut buf = Vec::new();
+            let mut byte = [0u8; 1];
+            while out.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+                buf.push(byte[0]);
+                if String::from_utf8_lossy(&buf).contains("SPOOLED") {
+                    return;
+                }
+            }
+            panic!(
+                "the child ended without spooling: {}",
+                String::from_utf8_lossy(&buf)
+            );
+        })
+        .await
+        .unwrap();
+        let status = Command::new("kill")
+            .args(["-9", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let _ = child.wait();
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-sigkill");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &spool).unwrap();
+        wait_until("the 5 alerts of the killed process", SECS(20), || {
+            alert_ids(&got).len() == 5
+        })
+        .await;
+        p.stop(SECS(2)).await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn face_crops_go_out_as_jpeg_and_are_never_retained() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let got: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut o = MqttOptions::new("sub-face", "127.0.0.1", broker.port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(o, 64);
+        let sink = got.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = events.poll().await {
+                match ev {
+                    Event::Incoming(Packet::ConnAck(_)) => {
+                        let _ = client
+                            .subscribe("dfwatch/+/alerts/+/face", QoS::AtLeastOnce)
+                            .await;
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        sink.lock()
+                            .unwrap()
+                            .push((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let mut stats = p.subscribe();
+        stats.wait_for(|s| s.connected).await.unwrap();
+        let rgb: Vec<u8> = (0..224 * 224 * 3).map(|i| (i % 251) as u8).collect();
+        let jpeg = dfwatch::crop::encode_jpeg(&rgb, 224, 85).unwrap();
+        p.publish_face_crop("01TESTALERT000000000000001", jpeg.clone())
+            .await
+            .unwrap();
+        wait_until("the face crop", SECS(10), || {
+            !got.lock().unwrap().is_empty()
+        })
+        .await;
+        let (topic, bytes) = got.lock().unwrap()[0].clone();
+        assert_eq!(
+            topic,
+            "dfwatch/test-node/alerts/01TESTALERT000000000000001/face"
+        );
+        let img = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((img.width(), img.height()), (224, 224));
+        // Not retained: a subscriber arriving now gets nothing on that topic.
+        let late = subscriber(broker.port, "sub-face-late");
+        tokio::time::sleep(SECS(2)).await;
+        assert!(
+            !late
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(t, _)| t.ends_with("/face"))
+        );
+        // Not spooled: nothing pending.
+        assert_eq!(p.stats().pending, 0);
+        p.stop(SECS(2)).await;
+    })
+    .await
+    .expect("in time");
+}

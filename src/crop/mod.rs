@@ -110,6 +110,20 @@ pub fn crop_rgb(
     })
 }
 
+/// Encodes a packed RGB8 crop as JPEG (for the opt-in face-crop topic).
+pub fn encode_jpeg(rgb: &[u8], size: usize, quality: u8) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
+        .encode(
+            rgb,
+            size as u32,
+            size as u32,
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
 /// Output pixel of the fused crop -> frame pixel: the output pixel centre in the 317 warp
 /// (`(u + 0.5) * 317 / S - 0.5`), then back through the alignment.
 pub fn fused_inverse(alignment: &Affine, size: usize) -> Option<Affine> {

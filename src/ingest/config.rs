@@ -263,6 +263,10 @@ pub struct StreamConfig {
     pub rtsp_transport: RtspTransport,
     /// Login for the source, from the environment or a file.
     pub credentials: Option<CredentialsConfig>,
+    /// Publish a JPEG of the face with each alert (on `.../alerts/<id>/face`, never
+    /// retained, never spooled). Off by default: face crops are biometric data.
+    #[serde(default)]
+    pub publish_face_crops: bool,
 }
 
 fn default_true() -> bool {
@@ -283,6 +287,7 @@ impl StreamConfig {
             realtime: true,
             rtsp_transport: RtspTransport::default(),
             credentials: None,
+            publish_face_crops: false,
         }
     }
 

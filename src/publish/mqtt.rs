@@ -223,6 +223,8 @@ fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_session(true);
     o.set_inflight(MAX_IN_FLIGHT as u16);
+    // Face-crop JPEGs are tens of kB; rumqttc's default limit is 10 kB.
+    o.set_max_packet_size(1 << 20, 1 << 20);
     let status = status_topic(&cfg.prefix, node);
     o.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
     let password = match (&cfg.password_env, &cfg.password_file) {
@@ -282,6 +284,9 @@ enum Request {
     /// A retained message (stream status, verdict): not spooled, the latest per topic is
     /// kept and published again after every reconnect.
     Retained { topic: String, payload: Vec<u8> },
+    /// A face-crop JPEG: biometric data, so never retained and never spooled (sent when
+    /// connected, dropped otherwise).
+    FaceCrop { alert_id: String, jpeg: Vec<u8> },
 }
 
 /// Counters of the publisher, for metrics and tests.
@@ -343,6 +348,23 @@ impl PublisherHandle {
             .send(Request::Retained {
                 topic: suffix.to_string(),
                 payload,
+            })
+            .await
+            .map_err(|_| PublishError::Stopped)
+    }
+
+    /// Publishes a face-crop JPEG of an alert on `<prefix>/<node>/alerts/<alert_id>/face`
+    /// (QoS 1, never retained, never written to disk; dropped while disconnected). Only for
+    /// streams that opted in (`publish_face_crops`): face crops are biometric data.
+    pub async fn publish_face_crop(
+        &self,
+        alert_id: &str,
+        jpeg: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        self.tx
+            .send(Request::FaceCrop {
+                alert_id: alert_id.to_string(),
+                jpeg,
             })
             .await
             .map_err(|_| PublishError::Stopped)
@@ -543,6 +565,17 @@ async fn run(
                                 session.handed.push_back(None);
                             }
                             retained.insert(topic, payload);
+                        }
+                        Request::FaceCrop { alert_id, jpeg } => {
+                            let topic = format!("{}/{alert_id}/face", p.alerts);
+                            if session.connected
+                                && session
+                                    .client
+                                    .try_publish(&topic, QoS::AtLeastOnce, false, jpeg)
+                                    .is_ok()
+                            {
+                                session.handed.push_back(None);
+                            }
                         }
                         Request::Alert { alert_id, update, payload, done } => {
                             let seq = match spool.append(&alert_id, update, payload) {
