@@ -90,6 +90,9 @@ impl Drop for Broker {
     }
 }
 
+/// Raw messages received: `(topic, payload bytes)`.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A persistent-session subscriber collecting `(topic, payload)`.
 fn subscriber(port: u16, id: &str) -> Arc<Mutex<Vec<(String, String)>>> {
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -433,7 +436,7 @@ async fn face_crops_go_out_as_jpeg_and_are_never_retained() {
         let dir = tempfile::tempdir().unwrap();
         let mut broker = Broker::new(dir.path());
         broker.start().await;
-        let got: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let got: Received = Arc::new(Mutex::new(Vec::new()));
         let mut o = MqttOptions::new("sub-face", "127.0.0.1", broker.port);
         o.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(o, 64);
