@@ -35,8 +35,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let mut mqtt_cfg = config.mqtt.clone();
     if mqtt_cfg.embedded {
-        crate::publish::broker::start_embedded(mqtt_cfg.embedded_listen)?;
-        mqtt_cfg.url = format!("mqtt://{}", mqtt_cfg.embedded_listen);
+        let listen = mqtt_cfg.embedded_listen;
+        if let Err(e) = crate::publish::broker::start_embedded(listen) {
+            // Debian's mosquitto package starts a broker on 127.0.0.1:1883: publish to it
+            // rather than fail, so the zero-set-up run still works and mosquitto_sub sees us.
+            if std::net::TcpStream::connect(listen).is_ok() {
+                tracing::warn!(
+                    listen = %listen,
+                    "A broker already listens there; publishing to it instead of starting the \
+                     embedded one."
+                );
+            } else {
+                return Err(e.into());
+            }
+        }
+        mqtt_cfg.url = format!("mqtt://{listen}");
     }
     let spool_dir = match &mqtt_cfg.spool_dir {
         Some(p) if p.is_absolute() => p.clone(),
