@@ -38,7 +38,9 @@ impl Broker {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nautosave_interval 1\n",
+                 persistence_location {}/\nautosave_interval 1\n\
+                 # Started as root (CI), keep root: the files live in a private temp dir.\n\
+                 user root\n",
                 dir.display()
             ),
         )
@@ -491,6 +493,112 @@ async fn face_crops_go_out_as_jpeg_and_are_never_retained() {
         // Not spooled: nothing pending.
         assert_eq!(p.stats().pending, 0);
         p.stop(SECS(2)).await;
+    })
+    .await
+    .expect("in time");
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1 with openssl; returns (ca, cert, key).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let st = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dfwatch-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_ca_file_reaches_a_tls_broker() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = tls_files(dir.path());
+        let mut broker = Broker::new(dir.path());
+        let plain_port = broker.port;
+        let tls_port = free_port();
+        // A TLS listener beside the plain one (the subscriber stays on plain TCP).
+        let mut conf = std::fs::read_to_string(&broker.conf).unwrap();
+        conf.push_str(&format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ));
+        std::fs::write(&broker.conf, conf).unwrap();
+        broker.start().await;
+        let got = subscriber(plain_port, "sub-tls");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
+        cfg.ca_file = Some(ca.clone());
+        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
+        publish_n(&p, 0..3).await;
+        wait_until("3 alerts over TLS", SECS(20), || alert_ids(&got).len() == 3).await;
+        p.stop(SECS(2)).await;
+        // The wrong CA: the handshake fails, nothing is delivered, the alerts stay spooled.
+        let other = tempfile::tempdir().unwrap();
+        let (wrong_ca, _, _) = tls_files(other.path());
+        let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
+        cfg.ca_file = Some(wrong_ca);
+        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-wrong-ca")).unwrap();
+        publish_n(&p, 10..12).await;
+        tokio::time::sleep(SECS(2)).await;
+        assert!(!p.stats().connected);
+        assert_eq!(p.stats().pending, 2);
+        p.stop(SECS(1)).await;
     })
     .await
     .expect("in time");
