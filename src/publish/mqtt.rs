@@ -462,6 +462,20 @@ impl Session {
         }
     }
 
+    /// Hands a message that is not in the spool (statuses, retained messages, face crops) to
+    /// rumqttc when connected. Its place in the hand-over FIFO is recorded only if rumqttc
+    /// took it, so the pkid of every later publish still maps to the right spool entry.
+    fn send_unspooled(&mut self, topic: &str, retain: bool, payload: Vec<u8>) {
+        if self.connected
+            && self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+                .is_ok()
+        {
+            self.handed.push_back(None);
+        }
+    }
+
     /// Hands queued entries to rumqttc while its request queue has room.
     fn pump(&mut self, p: &Prepared, spool: &Spool, published: &mut u64) {
         while self.connected && self.inflight.len() + self.handed.len() < MAX_IN_FLIGHT {
@@ -556,26 +570,12 @@ async fn run(
                     match r {
                         Request::Retained { topic, payload } => {
                             let topic = format!("{}{topic}", p.node_prefix);
-                            if session.connected
-                                && session
-                                    .client
-                                    .try_publish(&topic, QoS::AtLeastOnce, true, payload.clone())
-                                    .is_ok()
-                            {
-                                session.handed.push_back(None);
-                            }
+                            session.send_unspooled(&topic, true, payload.clone());
                             retained.insert(topic, payload);
                         }
                         Request::FaceCrop { alert_id, jpeg } => {
                             let topic = format!("{}/{alert_id}/face", p.alerts);
-                            if session.connected
-                                && session
-                                    .client
-                                    .try_publish(&topic, QoS::AtLeastOnce, false, jpeg)
-                                    .is_ok()
-                            {
-                                session.handed.push_back(None);
-                            }
+                            session.send_unspooled(&topic, false, jpeg);
                         }
                         Request::Alert { alert_id, update, payload, done } => {
                             let seq = match spool.append(&alert_id, update, payload) {
@@ -610,16 +610,9 @@ async fn run(
                         }
                         session.connected = true;
                         tracing::info!("MQTT connected.");
-                        let _ = session.client.try_publish(&p.status, QoS::AtLeastOnce, true, "online");
-                        session.handed.push_back(None);
+                        session.send_unspooled(&p.status, true, b"online".to_vec());
                         for (topic, payload) in &retained {
-                            if session
-                                .client
-                                .try_publish(topic, QoS::AtLeastOnce, true, payload.clone())
-                                .is_ok()
-                            {
-                                session.handed.push_back(None);
-                            }
+                            session.send_unspooled(topic, true, payload.clone());
                         }
                         session.to_send = spool.pending().map(|e| e.seq).collect();
                         session.pump(&p, &spool, &mut published);

@@ -147,6 +147,16 @@ fn decode(data: &[u8]) -> (Vec<Record>, usize) {
     (out, pos)
 }
 
+/// Keeps the last `len` payloads.
+fn remember(history: &mut VecDeque<Vec<u8>>, len: usize, payload: &[u8]) {
+    if len > 0 {
+        history.push_back(payload.to_vec());
+        if history.len() > len {
+            history.pop_front();
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -173,12 +183,7 @@ impl Spool {
             match *kind {
                 PUT | PUT_UPDATE => {
                     let coalescible = *kind == PUT_UPDATE;
-                    if history_len > 0 {
-                        history.push_back(payload.clone());
-                        if history.len() > history_len {
-                            history.pop_front();
-                        }
-                    }
+                    remember(&mut history, history_len, payload);
                     pending.insert(
                         *seq,
                         Entry {
@@ -246,12 +251,7 @@ impl Spool {
                 result = Appended::Coalesced { seq, replaced: old };
             }
         }
-        if self.history_len > 0 {
-            self.history.push_back(payload.clone());
-            if self.history.len() > self.history_len {
-                self.history.pop_front();
-            }
-        }
+        remember(&mut self.history, self.history_len, &payload);
         self.pending.insert(
             seq,
             Entry {
