@@ -555,11 +555,94 @@ fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         "-out",
         "server.pem",
     ]);
+    // A client certificate from the same CA, for brokers that require one (X.509 v3: webpki
+    // refuses v1 certificates).
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=dfwatch-test-client",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "client.ext",
+        "-out",
+        "client.pem",
+    ]);
     (
         dir.join("ca.pem"),
         dir.join("server.pem"),
         dir.join("server.key"),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_client_certificate_when_the_broker_requires_one() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = tls_files(dir.path());
+        let mut broker = Broker::new(dir.path());
+        let plain_port = broker.port;
+        let tls_port = free_port();
+        let mut conf = std::fs::read_to_string(&broker.conf).unwrap();
+        conf.push_str(&format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate true\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ));
+        std::fs::write(&broker.conf, conf).unwrap();
+        broker.start().await;
+        let got = subscriber(plain_port, "sub-client-cert");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Without a client certificate the broker refuses the handshake: alerts stay spooled.
+        let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
+        cfg.ca_file = Some(ca.clone());
+        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-no-cert")).unwrap();
+        publish_n(&p, 20..22).await;
+        tokio::time::sleep(SECS(2)).await;
+        assert!(!p.stats().connected);
+        assert_eq!(p.stats().pending, 2);
+        p.stop(SECS(1)).await;
+        // With one, they arrive.
+        cfg.client_cert_file = Some(dir.path().join("client.pem"));
+        cfg.client_key_file = Some(dir.path().join("client.key"));
+        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-cert")).unwrap();
+        publish_n(&p, 0..3).await;
+        wait_until("3 alerts with a client certificate", SECS(20), || {
+            alert_ids(&got).len() == 3
+        })
+        .await;
+        p.stop(SECS(2)).await;
+        // Only one of the pair: a clear error at start.
+        cfg.client_key_file = None;
+        let err = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-half"))
+            .err()
+            .expect("half a client identity is refused")
+            .to_string();
+        assert!(err.contains("client_key_file"), "{err}");
+    })
+    .await
+    .expect("in time");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

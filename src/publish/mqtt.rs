@@ -2,9 +2,11 @@
 //!
 //! One tokio task owns the spool, the rumqttc client and its event loop.
 //!
-//! - [`PublisherHandle::publish_alert`] hands a payload to the task, which appends every
-//!   request waiting at that moment to the spool and fsyncs once (group commit) before it
-//!   answers: when the call returns, the alert is on disk.
+//! - [`PublisherHandle::publish_alert`] hands a payload to the task, which records it in the
+//!   spool and passes the encoded records to the spool's writer thread; the call returns when
+//!   that thread has fsynced them, and only then is the alert handed to rumqttc. The task never
+//!   blocks on the disk: alerts arriving during one fsync are written together by the next
+//!   (group commit), and PUBACKs keep flowing meanwhile.
 //! - PUBACK matching: rumqttc does not say which publish a PUBACK answers, only the packet id
 //!   it gave each outgoing publish (`Outgoing::Publish(pkid)`, in the order the publishes were
 //!   handed to it). The task keeps a FIFO of spool sequence numbers in hand-over order, maps
@@ -502,6 +504,88 @@ impl Session {
     }
 }
 
+/// The spool's writer thread, seen from the publisher task.
+struct Writer {
+    commands: std::sync::mpsc::Sender<super::spool::LogCommand>,
+    done: mpsc::UnboundedReceiver<super::spool::LogDone>,
+    thread: std::thread::JoinHandle<()>,
+    next_batch: u64,
+    awaiting: Awaiting,
+}
+
+impl Writer {
+    /// Sends what the spool buffered since the last call; `alerts` are answered once durable.
+    fn flush(
+        &mut self,
+        spool: &mut Spool,
+        alerts: Vec<(u64, oneshot::Sender<std::io::Result<u64>>)>,
+    ) {
+        let bytes = spool.take_buffer();
+        if bytes.is_empty() && alerts.is_empty() {
+            return;
+        }
+        self.next_batch += 1;
+        let batch = self.next_batch;
+        if self
+            .commands
+            .send(super::spool::LogCommand::Write { batch, bytes })
+            .is_err()
+        {
+            tracing::error!("Spool writer thread is gone; alerts are not durable.");
+            for (_, tx) in alerts {
+                let _ = tx.send(Err(std::io::Error::other(
+                    "the spool writer thread is gone",
+                )));
+            }
+            return;
+        }
+        if !alerts.is_empty() {
+            self.awaiting.push_back((batch, alerts));
+        }
+        if let Some(snapshot) = spool.compaction_snapshot() {
+            let _ = self
+                .commands
+                .send(super::spool::LogCommand::Compact(snapshot));
+        }
+    }
+
+    /// Writes what is left, waits for the thread and answers everyone.
+    async fn finish(mut self, spool: &mut Spool) {
+        self.flush(spool, Vec::new());
+        drop(self.commands);
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        while let Ok(d) = self.done.try_recv() {
+            settle(&mut self.awaiting, d);
+        }
+    }
+}
+
+/// Alerts waiting for the fsync of their batch, in batch order.
+type Awaiting = VecDeque<(u64, Vec<(u64, oneshot::Sender<std::io::Result<u64>>)>)>;
+
+/// Answers the alerts of every batch through `done.through`; returns the sequence numbers now
+/// durable (to be published).
+fn settle(awaiting: &mut Awaiting, done: super::spool::LogDone) -> Vec<u64> {
+    let mut durable = Vec::new();
+    while awaiting
+        .front()
+        .is_some_and(|(batch, _)| *batch <= done.through)
+    {
+        let (_, alerts) = awaiting.pop_front().expect("front exists");
+        for (seq, tx) in alerts {
+            let _ = tx.send(match &done.result {
+                Ok(()) => Ok(seq),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+            if done.result.is_ok() {
+                durable.push(seq);
+            }
+        }
+    }
+    durable
+}
+
 async fn run(
     p: Prepared,
     mut spool: Spool,
@@ -510,8 +594,29 @@ async fn run(
     acks: tokio::sync::broadcast::Sender<u64>,
     cancel: CancellationToken,
 ) {
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let log = spool
+        .detach_log()
+        .expect("a freshly opened spool has its log");
+    let (commands, thread) = match super::spool::spawn_writer(log, done_tx) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the spool writer thread; the publisher stops.");
+            return;
+        }
+    };
+    let mut writer = Writer {
+        commands,
+        done: done_rx,
+        thread,
+        next_batch: 0,
+        awaiting: VecDeque::new(),
+    };
     let mut backoff = Backoff::new(p.backoff);
     let mut session = Session::new(&p);
+    // While set, the next connection attempt waits (backoff after a loss or failure).
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut last_failure: Option<String> = None;
     let mut published = 0u64;
     let mut acked = 0u64;
     let mut reconnects = 0u64;
@@ -549,7 +654,7 @@ async fn run(
                     })
                     .await;
                 }
-                let _ = spool.sync();
+                writer.finish(&mut spool).await;
                 return;
             }
             first = rx.recv() => {
@@ -557,7 +662,8 @@ async fn run(
                     cancel.cancel();
                     continue;
                 };
-                // Group commit: every alert waiting now goes into one fsync.
+                // Everything waiting now goes to the writer as one batch; batches queued
+                // during an fsync share the next one.
                 let mut batch = vec![first];
                 while let Ok(r) = rx.try_recv() {
                     batch.push(r);
@@ -587,34 +693,45 @@ async fn run(
                     }
                 }
                 if !alerts.is_empty() {
-                    let synced = spool.sync();
-                    let ok = synced.is_ok();
-                    for (seq, done) in alerts {
-                        let _ = done.send(match &synced {
-                            Ok(()) => Ok(seq),
-                            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                        });
-                        if ok {
-                            session.to_send.push_back(seq);
-                        }
-                    }
-                    session.pump(&p, &spool, &mut published);
+                    writer.flush(&mut spool, alerts);
                 }
                 publish_stats(&session, &spool, published, acked, reconnects);
             }
-            ev = session.events.poll() => {
+            Some(done) = writer.done.recv() => {
+                // Published only once durable: a crash can lose an alert nobody saw, never
+                // one the broker delivered without a spool record.
+                for seq in settle(&mut writer.awaiting, done) {
+                    session.to_send.push_back(seq);
+                }
+                session.pump(&p, &spool, &mut published);
+            }
+            _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                retry_at = None;
+            }
+            ev = session.events.poll(), if retry_at.is_none() => {
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         if session.connected {
                             continue;
                         }
                         session.connected = true;
+                        last_failure = None;
                         tracing::info!("MQTT connected.");
                         session.send_unspooled(&p.status, true, b"online".to_vec());
                         for (topic, payload) in &retained {
                             session.send_unspooled(topic, true, payload.clone());
                         }
-                        session.to_send = spool.pending().map(|e| e.seq).collect();
+                        // Entries whose fsync is still running join when it completes.
+                        let not_yet: std::collections::HashSet<u64> = writer
+                            .awaiting
+                            .iter()
+                            .flat_map(|(_, a)| a.iter().map(|(seq, _)| *seq))
+                            .collect();
+                        session.to_send = spool
+                            .pending()
+                            .map(|e| e.seq)
+                            .filter(|s| !not_yet.contains(s))
+                            .collect();
                         session.pump(&p, &spool, &mut published);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -632,8 +749,7 @@ async fn run(
                         }
                         // Acks are made durable in batches: a lost ack only means a duplicate.
                         if session.inflight.is_empty() || acked % 1024 == 0 {
-                            let _ = spool.sync();
-                            let _ = spool.maybe_compact();
+                            writer.flush(&mut spool, Vec::new());
                         }
                         session.pump(&p, &spool, &mut published);
                     }
@@ -644,15 +760,21 @@ async fn run(
                             reconnects += 1;
                             tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connection lost.");
                         } else {
-                            tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connect failed.");
+                            // Said once per distinct reason (a wrong CA or a refused login
+                            // must be visible), then quietly while it keeps failing the same way.
+                            let reason = e.to_string();
+                            if last_failure.as_deref() != Some(reason.as_str()) {
+                                tracing::warn!(error = %reason, retry_in_ms = wait.as_millis() as u64, "MQTT connect failed; retrying with backoff.");
+                                last_failure = Some(reason);
+                            } else {
+                                tracing::debug!(error = %reason, retry_in_ms = wait.as_millis() as u64, "MQTT connect failed.");
+                            }
                         }
-                        let _ = spool.sync();
+                        writer.flush(&mut spool, Vec::new());
                         session = Session::new(&p);
+                        // Durable answers and new alerts go on while it waits.
+                        retry_at = Some(tokio::time::Instant::now() + wait);
                         publish_stats(&session, &spool, published, acked, reconnects);
-                        tokio::select! {
-                            _ = cancel.cancelled() => {}
-                            _ = tokio::time::sleep(wait) => {}
-                        }
                     }
                 }
                 // Counters are cheap to read but waking watchers on every packet is not.

@@ -5,7 +5,10 @@
 //! [payload]`, little-endian, where `kind` is 1 (put), 3 (put of an update) or 2 (ack) and
 //! `key` is the alert id.
 //! [`Spool::append`] only buffers; [`Spool::sync`] writes and fsyncs everything buffered in
-//! one go (group commit), so a burst of alerts costs one fsync. On open the log is replayed:
+//! one go (group commit), so a burst of alerts costs one fsync. The file itself is a
+//! [`SpoolLog`], which a caller can detach and drive from a thread of its own
+//! ([`spawn_writer`]): the publisher does, so fsyncs never stall its network side and the
+//! alerts that arrive during one fsync form the next group. On open the log is replayed:
 //! puts without an ack are pending again; a torn last record (a crash mid-write) fails its
 //! CRC and is cut off. When the log holds mostly acknowledged records it is rewritten with
 //! only the pending ones (write, fsync, rename, fsync the directory).
@@ -27,22 +30,13 @@ const HEADER: usize = 4 + 4 + 8 + 1 + 2;
 /// Largest record accepted on replay (a corrupt length must not allocate gigabytes).
 const MAX_RECORD: usize = 16 << 20;
 
-/// CRC-32 (IEEE), bitwise: records are small and fsync dominates anyway.
+/// CRC-32 (IEEE) over the parts in order.
 fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut crc = !0u32;
+    let mut h = crc32fast::Hasher::new();
     for p in parts {
-        for &b in *p {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
+        h.update(p);
     }
-    !crc
+    h.finalize()
 }
 
 /// A pending entry.
@@ -78,11 +72,44 @@ pub struct SpoolStats {
     pub compactions: u64,
 }
 
+/// The log file of a spool: appends made durable, and compaction by atomic replacement.
+#[derive(Debug)]
+pub struct SpoolLog {
+    dir: PathBuf,
+    file: File,
+}
+
+impl SpoolLog {
+    /// Appends `bytes` (encoded records) and fsyncs.
+    pub fn write_durably(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(bytes)?;
+        self.file.sync_data()
+    }
+
+    /// Replaces the whole log with `snapshot` (write, fsync, rename, fsync the directory).
+    pub fn replace(&mut self, snapshot: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join("spool.log.tmp");
+        let path = self.dir.join("spool.log");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(snapshot)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(&self.dir)?;
+        self.file = OpenOptions::new().append(true).open(&path)?;
+        Ok(())
+    }
+}
+
 /// The spool in one directory.
 #[derive(Debug)]
 pub struct Spool {
-    dir: PathBuf,
-    file: File,
+    /// None once detached ([`Spool::detach_log`]).
+    log: Option<SpoolLog>,
     next_seq: u64,
     pending: BTreeMap<u64, Entry>,
     buffer: Vec<u8>,
@@ -211,8 +238,10 @@ impl Spool {
         }
         stats.pending = pending.len();
         Ok(Spool {
-            dir: dir.to_path_buf(),
-            file,
+            log: Some(SpoolLog {
+                dir: dir.to_path_buf(),
+                file,
+            }),
             next_seq,
             pending,
             buffer: Vec::new(),
@@ -270,10 +299,44 @@ impl Spool {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.buffer)?;
-        self.file.sync_data()?;
+        self.log
+            .as_mut()
+            .ok_or_else(detached)?
+            .write_durably(&self.buffer)?;
         self.buffer.clear();
         Ok(())
+    }
+
+    /// Takes the log file out, for a writer thread; from then on the caller moves the bytes of
+    /// [`Spool::take_buffer`] and [`Spool::compaction_snapshot`] to it in order.
+    pub fn detach_log(&mut self) -> Option<SpoolLog> {
+        self.log.take()
+    }
+
+    /// The records buffered since the last call (or sync), to be written in this order.
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
+    /// When acknowledged records dominate the log: the pending entries encoded as a new log,
+    /// to replace the file after everything taken from [`Spool::take_buffer`] so far is
+    /// written (records buffered later go after it). The caller must take the buffer first.
+    pub fn compaction_snapshot(&mut self) -> Option<Vec<u8>> {
+        debug_assert!(
+            self.buffer.is_empty(),
+            "take the buffer before the snapshot"
+        );
+        if self.log_records < 1024 || self.log_records < 4 * (self.pending.len() + 1) {
+            return None;
+        }
+        let mut data = Vec::new();
+        for e in self.pending.values() {
+            let kind = if e.coalescible { PUT_UPDATE } else { PUT };
+            encode(&mut data, e.seq, kind, &e.key, &e.payload);
+        }
+        self.log_records = self.pending.len();
+        self.stats.compactions += 1;
+        Some(data)
     }
 
     /// The broker acknowledged `seq`: it leaves the spool (durably at the next sync).
@@ -317,29 +380,88 @@ impl Spool {
 
     /// Rewrites the log with only the pending entries when acknowledged records dominate.
     pub fn maybe_compact(&mut self) -> io::Result<bool> {
-        if self.log_records < 1024 || self.log_records < 4 * (self.pending.len() + 1) {
-            return Ok(false);
+        if self.log.is_none() {
+            return Err(detached());
         }
         self.sync()?;
-        let mut data = Vec::new();
-        for e in self.pending.values() {
-            let kind = if e.coalescible { PUT_UPDATE } else { PUT };
-            encode(&mut data, e.seq, kind, &e.key, &e.payload);
-        }
-        let tmp = self.dir.join("spool.log.tmp");
-        let path = self.dir.join("spool.log");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new().append(true).open(&path)?;
-        self.log_records = self.pending.len();
-        self.stats.compactions += 1;
+        let Some(snapshot) = self.compaction_snapshot() else {
+            return Ok(false);
+        };
+        self.log.as_mut().ok_or_else(detached)?.replace(&snapshot)?;
         Ok(true)
     }
+}
+
+fn detached() -> io::Error {
+    io::Error::other("the spool's log is driven by a writer thread")
+}
+
+/// What the writer thread is asked to do, in order.
+pub enum LogCommand {
+    /// Append these records and fsync; `batch` comes back in [`LogDone`].
+    Write { batch: u64, bytes: Vec<u8> },
+    /// Replace the log with this snapshot (after the writes before it).
+    Compact(Vec<u8>),
+}
+
+/// A batch made durable (or not).
+#[derive(Debug)]
+pub struct LogDone {
+    /// Every batch up to and including this one is settled.
+    pub through: u64,
+    pub result: io::Result<()>,
+}
+
+/// Runs `log` on a thread of its own: consecutive writes waiting in the queue share one fsync
+/// (group commit). Ends when the command sender is dropped, after the commands sent so far.
+pub fn spawn_writer(
+    mut log: SpoolLog,
+    done: tokio::sync::mpsc::UnboundedSender<LogDone>,
+) -> io::Result<(
+    std::sync::mpsc::Sender<LogCommand>,
+    std::thread::JoinHandle<()>,
+)> {
+    let (tx, rx) = std::sync::mpsc::channel::<LogCommand>();
+    let thread = std::thread::Builder::new()
+        .name("dfwatch-spool".into())
+        .spawn(move || {
+            let mut next = rx.recv().ok();
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    LogCommand::Write { batch, mut bytes } => {
+                        let mut through = batch;
+                        // Gather the writes queued meanwhile; stop at a compaction.
+                        loop {
+                            match rx.try_recv() {
+                                Ok(LogCommand::Write { batch, bytes: more }) => {
+                                    through = batch;
+                                    bytes.extend_from_slice(&more);
+                                }
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let result = log.write_durably(&bytes);
+                        if let Err(e) = &result {
+                            tracing::error!(error = %e, "Spool: write failed; alerts stay in memory only.");
+                        }
+                        let _ = done.send(LogDone { through, result });
+                    }
+                    LogCommand::Compact(snapshot) => {
+                        if let Err(e) = log.replace(&snapshot) {
+                            tracing::error!(error = %e, "Spool: compaction failed.");
+                        }
+                    }
+                }
+                if next.is_none() {
+                    next = rx.recv().ok();
+                }
+            }
+        })?;
+    Ok((tx, thread))
 }
 
 #[cfg(test)]
@@ -465,6 +587,64 @@ mod tests {
         let s = Spool::open(dir.path(), 10_000, 0).unwrap();
         assert_eq!(s.len(), 21);
         assert_eq!(s.pending().last().unwrap().key, "late");
+    }
+
+    #[test]
+    fn the_writer_thread_keeps_order_across_group_commits_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 10_000, 0).unwrap();
+        let log = s.detach_log().unwrap();
+        assert!(s.sync().is_ok(), "nothing buffered: nothing to write");
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, thread) = spawn_writer(log, done_tx).unwrap();
+        let mut batch = 0;
+        let mut compacted = false;
+        for i in 0..3000u64 {
+            let Appended::Stored(seq) = s.append(&format!("k{i}"), false, vec![i as u8; 64]) else {
+                panic!()
+            };
+            if i % 7 != 0 {
+                s.ack(seq);
+            }
+            if i % 50 == 49 {
+                batch += 1;
+                tx.send(LogCommand::Write {
+                    batch,
+                    bytes: s.take_buffer(),
+                })
+                .unwrap();
+                if let Some(snap) = s.compaction_snapshot() {
+                    compacted = true;
+                    tx.send(LogCommand::Compact(snap)).unwrap();
+                }
+            }
+        }
+        assert!(compacted, "3000 records, 6 in 7 acked: compaction is due");
+        s.append("late", false, b"after the last compaction".to_vec());
+        assert!(s.sync().is_err(), "the log is the writer's now");
+        batch += 1;
+        tx.send(LogCommand::Write {
+            batch,
+            bytes: s.take_buffer(),
+        })
+        .unwrap();
+        drop(tx);
+        thread.join().unwrap();
+        let mut through = 0;
+        while let Ok(d) = done_rx.try_recv() {
+            d.result.unwrap();
+            assert!(d.through > through, "settled in order");
+            through = d.through;
+        }
+        assert_eq!(through, batch, "every batch settled");
+        let reopened = Spool::open(dir.path(), 10_000, 0).unwrap();
+        let mut want: Vec<String> = (0..3000)
+            .filter(|i| i % 7 == 0)
+            .map(|i| format!("k{i}"))
+            .collect();
+        want.push("late".into());
+        let got: Vec<String> = reopened.pending().map(|e| e.key.clone()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
