@@ -65,10 +65,13 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Benchmarks print tables; their stages' info lines would only interleave with them.
+    // The embedded broker (rumqttd) logs every client connect and disconnect, and errors for
+    // clients that only probe its port; our own connection problems are reported by the
+    // publisher. DFWATCH_LOG=info,rumqttd=info brings them back.
     let default_level = if matches!(cli.command, Cmd::Bench { .. }) {
-        "warn"
+        "warn,rumqttd=off"
     } else {
-        "info"
+        "info,rumqttd=off"
     };
     dfwatch::telemetry::init(default_level);
     match cli.command {
@@ -109,7 +112,7 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dfwatch::app::run(config)) {
+    match rt.block_on(dfwatch::app::run(config, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

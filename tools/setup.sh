@@ -92,14 +92,26 @@ if [ ! -s var/photos/astronaut.png ]; then
   echo "$ASTRONAUT_SHA256  var/photos/astronaut.png" | sha256sum -c --quiet
 fi
 
-# Sample clip for configs/default.toml (10 s, 640x360, 30 fps H.264).
+# Sample clip for configs/default.toml: 10 s, 640x360, 30 fps H.264 of the astronaut photo
+# panned and zoomed (a real face that moves), made from the checksummed photo above.
 mkdir -p var/sample
-if [ ! -s var/sample/sample.mp4 ]; then
-  echo "setup: making var/sample/sample.mp4"
-  gst-launch-1.0 -q videotestsrc num-buffers=300 pattern=ball \
-    ! video/x-raw,width=640,height=360,framerate=30/1 \
-    ! x264enc speed-preset=veryfast key-int-max=30 ! h264parse ! mp4mux \
-    ! filesink location=var/sample/sample.mp4.part
-  mv var/sample/sample.mp4.part var/sample/sample.mp4
+if [ ! -s var/sample/face.mp4 ]; then
+  echo "setup: making var/sample/face.mp4"
+  .venv/bin/python tools/make_sample.py --width 640 --height 360 --frames 300 \
+    | gst-launch-1.0 -q fdsrc ! rawvideoparse format=rgb width=640 height=360 framerate=30/1 \
+      ! videoconvert ! x264enc speed-preset=veryfast key-int-max=30 ! h264parse ! mp4mux \
+      ! filesink location=var/sample/face.mp4.part
+  mv var/sample/face.mp4.part var/sample/face.mp4
+fi
+
+# The model the default config runs when no trained SJEDD bundle is installed (see the
+# README to import one into var/models/sjedd): a synthetic ViT-B/32 made from its seed, with
+# the real network's shape and cost. Its scores mean nothing; the daemon says so.
+if [ ! -f var/models/vitb32-synth/manifest.toml ]; then
+  echo "setup: making the synthetic ViT-B/32 bundle var/models/vitb32-synth (about 20 s)"
+  .venv/bin/python tools/model.py synth --arch vit-b-32 --labels ffpp --seed 1 \
+    --out var/models/vitb32-synth.part
+  rm -rf var/models/vitb32-synth
+  mv var/models/vitb32-synth.part var/models/vitb32-synth
 fi
 echo "setup: done"

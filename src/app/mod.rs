@@ -1,38 +1,323 @@
-//! The daemon: the only module that knows the whole graph. It creates the channels, spawns
-//! the stages, owns shutdown and (later) reload.
+//! The daemon: the only module that knows the whole graph. It creates the channels, spawns the
+//! stages (see [`analysis`] for the graph behind ingest), serves HTTP, owns shutdown and
+//! reload, and talks to systemd.
 //!
-//! Wired so far: ingest, and MQTT (the embedded broker when configured, the node's retained
-//! status with its last will, each stream's retained status). The analysis stages (detect,
-//! crop, encode, score, evidence) are built as modules but not yet wired, and the daemon says
-//! so at start and in every status line: frames are decoded, counted and discarded.
+//! Shutdown (SIGTERM or SIGINT), bounded by `node.shutdown_grace`: ingest stops, the face
+//! stages finish the frames they hold, the encoder its batch, the decision task ends every open
+//! alert (`stream_stopped`) and hands it to the publisher, which flushes what it can and
+//! publishes `stopped`; what the broker has not acknowledged stays in the spool for the next
+//! start.
+//!
+//! Reload (SIGHUP or `POST /api/reload`): the config file is read and validated again; on any
+//! error nothing changes. Streams that were added, removed or changed start, stop or restart;
+//! the others are not touched. Streams added through the API are runtime-only and survive a
+//! reload unless the file now defines the same id. New evidence thresholds apply at once. A
+//! new model bundle is loaded and checked first, then swapped in: the encoder thread is
+//! replaced and every open evidence window ends (`model_swapped`).
 
+pub mod analysis;
 pub mod score_images;
+pub mod state;
+pub mod systemd;
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use analysis::{
+    AnalysisMetrics, Control, CropSpec, Decision, FaceMeta, FaceStage, Scoring, StreamMetrics,
+};
+use state::{AppState, Command, CommandError, ReloadReport, StreamView};
+
+use crate::channel::{FullPolicy, Receiver, Sender};
 use crate::config::Config;
-use crate::ingest::{self, StreamHandle};
-use crate::types::Frame;
+use crate::crop::CropMethod;
+use crate::detect::FaceDetector;
+use crate::encode::{CpuEncoder, EncodeJob, Embedded};
+use crate::evidence::Evidence;
+use crate::ingest::{self, StreamConfig, StreamHandle};
+use crate::model::ModelBundle;
+use crate::publish::payload::ModelInfo;
+use crate::score::Scorer;
+use crate::types::{Frame, StreamId};
 
 /// How often a summary line per stream is logged.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
+/// How often an untrained model is announced again.
+const UNTRAINED_EVERY: Duration = Duration::from_secs(600);
 
-/// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Where the bundle comes from when `model.bundle` is not set: an imported SJEDD checkpoint
+/// if one is installed, else the synthetic ViT-B/32 that tools/setup.sh makes.
+pub const DEFAULT_TRAINED_BUNDLE: &str = "var/models/sjedd";
+pub const DEFAULT_SYNTH_BUNDLE: &str = "var/models/vitb32-synth";
+
+/// The bundle directory the config asks for.
+pub fn bundle_dir(config: &Config) -> PathBuf {
+    match &config.model.bundle {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => config.base_dir.join(p),
+        None => {
+            let trained = Path::new(DEFAULT_TRAINED_BUNDLE);
+            if trained.join("manifest.toml").exists() {
+                trained.to_path_buf()
+            } else {
+                PathBuf::from(DEFAULT_SYNTH_BUNDLE)
+            }
+        }
+    }
+}
+
+/// The directory for state (spool, API token): systemd's `$STATE_DIRECTORY`, else
+/// `var/state` under the working directory.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| {
+            v.to_string_lossy()
+                .split(':')
+                .next()
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("var/state"))
+}
+
+/// A loaded model: bundle, encoder, scorer and the identity that goes into alerts.
+pub struct LoadedModel {
+    pub bundle: ModelBundle,
+    pub encoder: CpuEncoder,
+    pub scoring: Scoring,
+    pub crop: CropSpec,
+}
+
+/// Loads and checks the bundle in `dir` for the CPU engine.
+pub fn load_model(dir: &Path) -> anyhow::Result<LoadedModel> {
+    let bundle = ModelBundle::load(dir).with_context(|| {
+        format!(
+            "model bundle {} (make one with `tools/model.py synth` or import a checkpoint: see \
+             the README)",
+            dir.display()
+        )
+    })?;
+    let encoder = CpuEncoder::new(&bundle)?;
+    let a = bundle.architecture();
+    let scorer = Scorer::new(
+        bundle.graph.clone(),
+        &bundle.text_embeddings,
+        a.embed_dim as usize,
+    )?;
+    let model = ModelInfo {
+        name: bundle.manifest.model.name.clone(),
+        version: bundle.manifest.model.version.clone(),
+        manifest_sha256: bundle.manifest_sha256.clone(),
+        trained: bundle.trained(),
+        backend: "cpu-onnxruntime".into(),
+        precision: "fp32".into(),
+    };
+    let crop = CropSpec {
+        size: a.image_size as usize,
+        mean: a.mean,
+        std: a.std,
+        method: CropMethod::Reference,
+    };
+    Ok(LoadedModel {
+        bundle,
+        encoder,
+        scoring: Scoring { scorer, model },
+        crop,
+    })
+}
+
+fn announce_untrained(model: &ModelInfo) {
+    if !model.trained {
+        tracing::warn!(
+            model = %model.name,
+            "The model bundle is SYNTHETIC (untrained): its scores mean nothing and every alert \
+             says trained=false. Import the SJEDD checkpoint for real detection (README)."
+        );
+    }
+}
+
+/// A running encoder thread.
+struct EncoderThread {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn spawn_encoder(
+    encoder: CpuEncoder,
+    cfg: &crate::encode::EncoderConfig,
+    jobs: Receiver<EncodeJob<FaceMeta>>,
+    out: Sender<Embedded<FaceMeta>>,
+    metrics: Arc<AnalysisMetrics>,
+) -> anyhow::Result<EncoderThread> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let cfg = cfg.clone();
+    let thread = std::thread::Builder::new()
+        .name("encoder".into())
+        .spawn(move || {
+            let failed = crate::encode::run_encoder_until(
+                encoder,
+                &cfg,
+                jobs,
+                out,
+                &flag,
+                &mut |_, dt| metrics.inference_seconds.observe_duration(dt),
+            );
+            if failed > 0 {
+                tracing::warn!(faces = failed, "Encoder batches failed during this run.");
+            }
+        })?;
+    Ok(EncoderThread { stop, thread })
+}
+
+/// One running stream and its face stage.
+struct RunningStream {
+    config: StreamConfig,
+    handle: StreamHandle,
+    face_stop: Arc<AtomicBool>,
+    face_thread: std::thread::JoinHandle<()>,
+    forwarder: tokio::task::JoinHandle<()>,
+}
+
+/// What starting a stream needs, shared by all of them.
+struct StreamFactory {
+    config: Config,
+    crop: CropSpec,
+    encode: Sender<EncodeJob<FaceMeta>>,
+    /// For the encoder of a swapped-in model.
+    encode_rx: Receiver<EncodeJob<FaceMeta>>,
+    control: mpsc::UnboundedSender<Control>,
+    publisher: Arc<crate::publish::mqtt::PublisherHandle>,
+}
+
+impl StreamFactory {
+    fn encode_receiver(&self) -> Receiver<EncodeJob<FaceMeta>> {
+        self.encode_rx.clone()
+    }
+
+    fn start(
+        &self,
+        s: &StreamConfig,
+        state: &AppState,
+        runtime_only: bool,
+    ) -> anyhow::Result<RunningStream> {
+        let (tx, rx) = self
+            .config
+            .ingest
+            .queue
+            .channel::<Frame>(format!("frames-{}", s.id));
+        // Counters through a receiver: a sender kept here would hold the channel open.
+        let frames_stats = {
+            let rx = rx.clone();
+            Box::new(move || rx.stats()) as Box<dyn Fn() -> _ + Send + Sync>
+        };
+        let detector = FaceDetector::load(&self.config.detect, &self.config.base_dir)
+            .with_context(|| format!("stream {}: face detector", s.id))?;
+        let handle = ingest::spawn_stream(s, &self.config.ingest, &self.config.base_dir, tx)
+            .with_context(|| format!("stream {}", s.id))?;
+        let metrics = Arc::new(StreamMetrics::default());
+        let stage = FaceStage {
+            stream: s.id.clone(),
+            frames: rx,
+            detector,
+            track: self.config.track.clone(),
+            crop: self.crop.clone(),
+            keep_crops: s.publish_face_crops,
+            encode: self.encode.clone(),
+            control: self.control.clone(),
+            metrics: metrics.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let face_stop = stage.stop.clone();
+        let face_thread = stage.spawn()?;
+        // Each status change goes out retained on <prefix>/<node>/streams/<id>/status.
+        let mut status = handle.subscribe();
+        let publisher = self.publisher.clone();
+        let topic = format!("streams/{}/status", s.id);
+        let forwarder = tokio::spawn(async move {
+            loop {
+                let json = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
+                if publisher.publish_retained(&topic, json).await.is_err()
+                    || status.changed().await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        state.streams.write().expect("streams lock").insert(
+            s.id.clone(),
+            StreamView {
+                config: s.clone(),
+                runtime_only,
+                status: handle.subscribe(),
+                counters: handle.counters().clone(),
+                analysis: metrics,
+                frames: frames_stats,
+            },
+        );
+        tracing::info!(stream = %s.id, uri = %crate::ingest::source::redact_known(&s.uri), runtime_only, "Stream started.");
+        Ok(RunningStream {
+            config: s.clone(),
+            handle,
+            face_stop,
+            face_thread,
+            forwarder,
+        })
+    }
+}
+
+impl RunningStream {
+    /// Stops ingest and the face stage, then ends the stream's open alerts.
+    async fn stop(self, state: &AppState, control: &mpsc::UnboundedSender<Control>) {
+        let id = self.config.id.clone();
+        self.handle.stop().await;
+        self.face_stop.store(true, Ordering::Relaxed);
+        let face = self.face_thread;
+        let _ = tokio::task::spawn_blocking(move || face.join()).await;
+        let _ = control.send(Control::StreamStopped(id.clone()));
+        let _ = self.forwarder.await;
+        state.streams.write().expect("streams lock").remove(&id);
+        tracing::info!(stream = %id, "Stream stopped.");
+    }
+}
+
+fn same_stream_config(a: &StreamConfig, b: &StreamConfig) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// Runs the daemon on `config` (read from `config_path`, re-read on reload) until SIGINT or
+/// SIGTERM.
+pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    let notifier = systemd::Notifier::from_env();
+    tracing::info!(node = %config.node.id, streams = config.streams.len(), config = %config_path.display(), "dfwatch starting.");
+    let state_dir = state_dir();
+
+    // Model first: a bad bundle must stop the start with a clear error.
+    let onnx = crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
+    let model_dir = bundle_dir(&config);
+    let LoadedModel {
+        bundle,
+        encoder,
+        scoring,
+        crop,
+    } = load_model(&model_dir)?;
     tracing::info!(
-        node = %config.node.id,
-        streams = config.streams.len(),
-        "dfwatch starting."
+        model = %scoring.model.name,
+        version = %scoring.model.version,
+        sha256 = %scoring.model.manifest_sha256,
+        trained = scoring.model.trained,
+        dir = %model_dir.display(),
+        "Model loaded."
     );
-    tracing::warn!(
-        "The analysis stages (detect, crop, encode, score, evidence) are not wired into the \
-         daemon yet: this build decodes and counts frames, publishes statuses, and raises no \
-         alerts."
-    );
-    let cancel = CancellationToken::new();
+    announce_untrained(&scoring.model);
+
+    // Publisher (and the embedded broker when configured).
     let mut mqtt_cfg = config.mqtt.clone();
     if mqtt_cfg.embedded {
         let listen = mqtt_cfg.embedded_listen;
@@ -40,11 +325,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // Debian's mosquitto package starts a broker on 127.0.0.1:1883: publish to it
             // rather than fail, so the zero-set-up run still works and mosquitto_sub sees us.
             if std::net::TcpStream::connect(listen).is_ok() {
-                tracing::warn!(
-                    listen = %listen,
-                    "A broker already listens there; publishing to it instead of starting the \
-                     embedded one."
-                );
+                tracing::warn!(listen = %listen, "A broker already listens there; publishing to it instead of starting the embedded one.");
             } else {
                 return Err(e.into());
             }
@@ -54,92 +335,450 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let spool_dir = match &mqtt_cfg.spool_dir {
         Some(p) if p.is_absolute() => p.clone(),
         Some(p) => config.base_dir.join(p),
-        None => std::path::PathBuf::from("var/spool"),
+        None if std::env::var_os("STATE_DIRECTORY").is_some() => state_dir.join("spool"),
+        None => PathBuf::from("var/spool"),
     };
-    let publisher = std::sync::Arc::new(
+    let publisher = Arc::new(
         crate::publish::mqtt::spawn(&mqtt_cfg, &config.node.id, &spool_dir)
             .context("starting the MQTT publisher")?,
     );
-    tracing::info!(url = %mqtt_cfg.url, prefix = %mqtt_cfg.prefix, "MQTT publisher started.");
-    let mut streams: Vec<StreamHandle> = Vec::new();
-    let mut sinks = Vec::new();
-    let mut forwarders = Vec::new();
-    for s in &config.streams {
-        let (tx, rx) = config
-            .ingest
-            .queue
-            .channel::<Frame>(format!("frames-{}", s.id));
-        let handle = ingest::spawn_stream(s, &config.ingest, &config.base_dir, tx)
-            .with_context(|| format!("stream {}", s.id))?;
-        // Each status change goes out retained on <prefix>/<node>/streams/<id>/status.
-        let mut status = handle.subscribe();
-        let publisher = publisher.clone();
-        let topic = format!("streams/{}/status", s.id);
-        forwarders.push(tokio::spawn(async move {
-            loop {
-                let json = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
-                if publisher.publish_retained(&topic, json).await.is_err()
-                    || status.changed().await.is_err()
-                {
-                    break;
-                }
+    tracing::info!(url = %mqtt_cfg.url, prefix = %mqtt_cfg.prefix, spool = %spool_dir.display(), "MQTT publisher started.");
+
+    // The shared stages.
+    let analysis_metrics = Arc::new(AnalysisMetrics::default());
+    let encode_capacity =
+        std::num::NonZeroUsize::new(4 * config.encoder.max_batch.get()).expect("non-zero");
+    let (encode_tx, encode_rx) =
+        crate::channel::bounded::<EncodeJob<FaceMeta>>("encode", encode_capacity, FullPolicy::DropOldest);
+    let (emb_tx, emb_rx) = crate::channel::bounded::<Embedded<FaceMeta>>(
+        "embeddings",
+        std::num::NonZeroUsize::new(256).expect("non-zero"),
+        FullPolicy::Block,
+    );
+    let mut encoder_thread = Some(spawn_encoder(
+        encoder,
+        &config.encoder,
+        encode_rx.clone(),
+        emb_tx.clone(),
+        analysis_metrics.clone(),
+    )?);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let decision = Decision {
+        node: config.node.id.clone(),
+        evidence: Evidence::new(
+            config.evidence.clone(),
+            bundle.graph.nodes().iter().map(|n| n.level).collect(),
+        ),
+        scoring,
+        publisher: publisher.clone(),
+        metrics: analysis_metrics.clone(),
+        face_crop_streams: config
+            .streams
+            .iter()
+            .filter(|s| s.publish_face_crops)
+            .map(|s| s.id.clone())
+            .collect(),
+    };
+    let model_info = decision.scoring.model.clone();
+    let decision_task = tokio::spawn(decision.run(emb_rx, control_rx));
+
+    // HTTP and the shared state.
+    let (commands_tx, mut commands_rx) = mpsc::channel::<Command>(16);
+    let token = config
+        .http
+        .token(&config.base_dir, &state_dir)
+        .context("[http] API token")?;
+    // Counters through a receiver: a sender kept here would keep the encoder from seeing
+    // the end of its input at shutdown.
+    let encode_stats = {
+        let rx = encode_rx.clone();
+        Box::new(move || rx.stats()) as Box<dyn Fn() -> _ + Send + Sync>
+    };
+    let state = Arc::new(AppState {
+        node: config.node.id.clone(),
+        started: Instant::now(),
+        heartbeat_ms: Default::default(),
+        ready: AtomicBool::new(false),
+        model: std::sync::RwLock::new(model_info.clone()),
+        publisher: publisher.clone(),
+        analysis: analysis_metrics.clone(),
+        streams: Default::default(),
+        commands: commands_tx,
+        token,
+        api_schemes: config.http.api_schemes.clone(),
+        encode_queue: encode_stats,
+        onnx_threads: onnx.threads,
+    });
+    state.beat();
+    let http_cancel = CancellationToken::new();
+    let http_task = if config.http.enabled {
+        let (addr, task) =
+            crate::http::serve(config.http.listen, state.clone(), http_cancel.clone()).await?;
+        tracing::info!(listen = %addr, "HTTP API listening (/livez /readyz /metrics /api/streams /api/alerts).");
+        Some(task)
+    } else {
+        None
+    };
+
+    // Streams. One that cannot start (a detector that will not load, ingest unavailable) is
+    // logged and left out; the others run.
+    let mut factory = StreamFactory {
+        config: config.clone(),
+        crop,
+        encode: encode_tx,
+        encode_rx,
+        control: control_tx.clone(),
+        publisher: publisher.clone(),
+    };
+    let mut running: BTreeMap<StreamId, RunningStream> = BTreeMap::new();
+    for s in config.streams.iter().filter(|s| s.enabled) {
+        match factory.start(s, &state, false) {
+            Ok(r) => {
+                running.insert(s.id.clone(), r);
             }
-        }));
-        // Stand-in for the detector until it exists: takes frames so the queue keeps moving.
-        sinks.push(tokio::spawn(async move {
-            while let Some(frame) = rx.recv_async().await {
-                drop(frame);
-            }
-        }));
-        streams.push(handle);
+            Err(e) => tracing::error!(stream = %s.id, error = format!("{e:#}"), "Stream not started."),
+        }
     }
-    let mut every = tokio::time::interval(STATUS_EVERY);
-    every.tick().await;
+    let mut current = config;
+    let mut current_model_dir = model_dir;
+    let mut current_sha = model_info.manifest_sha256.clone();
+
+    state.ready.store(true, Ordering::Relaxed);
+    let status_line = |running: &BTreeMap<StreamId, RunningStream>| {
+        let online = running
+            .values()
+            .filter(|r| r.handle.status().state == ingest::StreamState::Online)
+            .count();
+        format!("{online}/{} streams online", running.len())
+    };
+    notifier.ready(&status_line(&running));
+    tracing::info!("dfwatch ready.");
+
+    let cancel = CancellationToken::new();
     let signal = shutdown_signal(cancel.clone());
     tokio::pin!(signal);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let watchdog_every = notifier.watchdog_interval();
+    let mut tick = tokio::time::interval(
+        watchdog_every
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+    );
+    let mut last_watchdog = Instant::now();
+    let mut last_status = Instant::now();
+    let mut last_untrained = Instant::now();
     loop {
         tokio::select! {
             _ = &mut signal => break,
-            _ = every.tick() => {
-                for h in &streams {
-                    let st = h.status();
-                    let stats = h.stats();
-                    tracing::info!(
-                        stream = %h.id(),
-                        state = st.state.as_str(),
-                        decoder = st.decoder.as_deref().unwrap_or("-"),
-                        reconnects = st.reconnects,
-                        frames_delivered = stats.frames_delivered,
-                        frames_dropped = stats.frames_dropped_queue_full + stats.frames_dropped_invalid,
-                        last_error = st.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or("-"),
-                        "Stream status (frames are not analysed yet)."
-                    );
+            _ = tick.tick() => {
+                state.beat();
+                if let Some(every) = watchdog_every
+                    && last_watchdog.elapsed() >= every
+                {
+                    notifier.watchdog();
+                    last_watchdog = Instant::now();
+                }
+                if last_status.elapsed() >= STATUS_EVERY {
+                    last_status = Instant::now();
+                    notifier.status(&status_line(&running));
+                    for r in state.stream_reports() {
+                        tracing::info!(
+                            stream = %r.id,
+                            state = r.status.state.as_str(),
+                            reconnects = r.status.reconnects,
+                            frames_delivered = r.frames_delivered,
+                            frames_dropped = r.frames_dropped,
+                            faces_scored = r.faces_scored,
+                            tracks = r.tracks,
+                            coverage = format!("{:.2}", r.coverage),
+                            "Stream status."
+                        );
+                    }
+                }
+                let model = state.model.read().expect("model lock").clone();
+                if !model.trained && last_untrained.elapsed() >= UNTRAINED_EVERY {
+                    last_untrained = Instant::now();
+                    announce_untrained(&model);
+                }
+            }
+            _ = hup.recv() => {
+                tracing::info!(config = %config_path.display(), "SIGHUP: reloading the config.");
+                notifier.reloading();
+                let result = reload(&config_path, &mut current, &mut factory, &mut running, &state, &control_tx, &mut encoder_thread, &mut current_model_dir, &mut current_sha, &emb_tx, &analysis_metrics).await;
+                match result {
+                    Ok(r) => tracing::info!(report = ?r, "Reload applied."),
+                    Err(e) => tracing::error!(error = %e, "Reload refused; nothing changed."),
+                }
+                notifier.reloaded(&status_line(&running));
+            }
+            cmd = commands_rx.recv() => {
+                let Some(cmd) = cmd else { continue };
+                match cmd {
+                    Command::AddStream { stream, reply } => {
+                        let r = add_stream(*stream, &factory, &mut running, &state);
+                        let _ = reply.send(r);
+                    }
+                    Command::RemoveStream { id, reply } => {
+                        let r = match running.remove(&id) {
+                            Some(rs) => {
+                                rs.stop(&state, &control_tx).await;
+                                Ok(())
+                            }
+                            None => Err(CommandError::NotFound(id.to_string())),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Command::Reload { reply } => {
+                        notifier.reloading();
+                        let r = reload(&config_path, &mut current, &mut factory, &mut running, &state, &control_tx, &mut encoder_thread, &mut current_model_dir, &mut current_sha, &emb_tx, &analysis_metrics).await;
+                        notifier.reloaded(&status_line(&running));
+                        let _ = reply.send(r);
+                    }
                 }
             }
         }
     }
-    tracing::info!("Stopping streams.");
-    for h in streams {
-        h.stop().await;
+
+    // Shutdown, bounded.
+    notifier.stopping();
+    state.ready.store(false, Ordering::Relaxed);
+    let grace = current.node.shutdown_grace;
+    let deadline = Instant::now() + grace;
+    tracing::info!(grace_s = grace.as_secs_f64(), "Stopping: ingest, then in-flight work, then the spool.");
+    let drain = async {
+        for (_, r) in std::mem::take(&mut running) {
+            r.stop(&state, &control_tx).await;
+        }
+        // With every face stage gone, closing the encoder's input ends it after its batch.
+        drop(factory);
+        if let Some(enc) = encoder_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || enc.thread.join()).await;
+        }
+        drop(emb_tx);
+        drop(control_tx);
+        let _ = decision_task.await;
+    };
+    if tokio::time::timeout(grace.mul_f64(0.6), drain).await.is_err() {
+        tracing::warn!("In-flight work did not drain in time; continuing the stop.");
     }
-    for s in sinks {
-        let _ = s.await;
+    http_cancel.cancel();
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
     }
-    // The streams are gone, so their status forwarders end (publishing the final status).
-    for f in forwarders {
-        let _ = f.await;
-    }
-    match std::sync::Arc::try_unwrap(publisher) {
-        Ok(p) => p.stop(Duration::from_secs(3)).await,
-        Err(_) => tracing::warn!("MQTT publisher still in use at shutdown."),
+    drop(state);
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(500));
+    match Arc::try_unwrap(publisher) {
+        Ok(p) => {
+            let mut stats = p.subscribe();
+            let _ = tokio::time::timeout(left.mul_f64(0.8), stats.wait_for(|s| s.pending == 0 || !s.connected)).await;
+            let pending = p.stats().pending;
+            p.stop(left.mul_f64(0.2).max(Duration::from_millis(300))).await;
+            if pending > 0 {
+                tracing::warn!(pending, spool = %spool_dir.display(), "Alerts not yet acknowledged stay in the spool for the next start.");
+            }
+        }
+        Err(p) => {
+            tracing::warn!("MQTT publisher still in use at shutdown; stopping it anyway.");
+            drop(p);
+        }
     }
     tracing::info!("dfwatch stopped.");
     Ok(())
 }
 
+fn add_stream(
+    stream: StreamConfig,
+    factory: &StreamFactory,
+    running: &mut BTreeMap<StreamId, RunningStream>,
+    state: &AppState,
+) -> Result<(), CommandError> {
+    if running.contains_key(&stream.id) {
+        return Err(CommandError::Exists(stream.id.to_string()));
+    }
+    let mut errors = Vec::new();
+    stream.validate("stream", &factory.config.base_dir, &mut errors);
+    if !errors.is_empty() {
+        return Err(CommandError::Invalid(
+            errors.iter().map(|e| e.to_string()).collect(),
+        ));
+    }
+    let r = factory
+        .start(&stream, state, true)
+        .map_err(|e| CommandError::Failed(format!("{e:#}")))?;
+    running.insert(stream.id.clone(), r);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reload(
+    path: &Path,
+    current: &mut Config,
+    factory: &mut StreamFactory,
+    running: &mut BTreeMap<StreamId, RunningStream>,
+    state: &AppState,
+    control: &mpsc::UnboundedSender<Control>,
+    encoder_thread: &mut Option<EncoderThread>,
+    model_dir: &mut PathBuf,
+    model_sha: &mut String,
+    emb_tx: &Sender<Embedded<FaceMeta>>,
+    metrics: &Arc<AnalysisMetrics>,
+) -> Result<ReloadReport, CommandError> {
+    let new = Config::load(path)
+        .map_err(|e| CommandError::Invalid(e.0.iter().map(|x| x.to_string()).collect()))?;
+    let mut report = ReloadReport::default();
+    // Settings that need a restart: say so rather than pretend.
+    let section = |a: &dyn erased::Json, b: &dyn erased::Json| a.json() != b.json();
+    for (name, changed) in [
+        ("node", section(&current.node, &new.node)),
+        ("ingest", section(&current.ingest, &new.ingest)),
+        ("encoder", section(&current.encoder, &new.encoder)),
+        ("onnx", section(&current.onnx, &new.onnx)),
+        ("detect", section(&current.detect, &new.detect)),
+        ("track", section(&current.track, &new.track)),
+        ("mqtt", section(&current.mqtt, &new.mqtt)),
+        ("http", section(&current.http, &new.http)),
+    ] {
+        if changed {
+            report.needs_restart.push(name.to_string());
+        }
+    }
+    // The model: load and check the new bundle before anything changes.
+    let new_dir = bundle_dir(&new);
+    let new_model = {
+        let manifest_sha = crate::model::sha256_file(&new_dir.join("manifest.toml")).ok();
+        if new_dir != *model_dir || manifest_sha.as_deref() != Some(model_sha.as_str()) {
+            let loaded = load_model(&new_dir).map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
+            if loaded.crop.size != factory.crop.size
+                || loaded.crop.mean != factory.crop.mean
+                || loaded.crop.std != factory.crop.std
+            {
+                return Err(CommandError::Invalid(vec![format!(
+                    "model: {} takes {} px crops with other normalisation than the running model; \
+                     restart the daemon to change the input geometry",
+                    new_dir.display(),
+                    loaded.crop.size
+                )]));
+            }
+            Some(loaded)
+        } else {
+            None
+        }
+    };
+    // Streams: the file's streams, plus runtime-only ones the file does not redefine.
+    let wanted: BTreeMap<StreamId, StreamConfig> = new
+        .streams
+        .iter()
+        .filter(|s| s.enabled)
+        .map(|s| (s.id.clone(), s.clone()))
+        .collect();
+    let runtime_only: Vec<StreamId> = state
+        .streams
+        .read()
+        .expect("streams lock")
+        .iter()
+        .filter(|(id, v)| v.runtime_only && !wanted.contains_key(*id))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let ids: Vec<StreamId> = running.keys().cloned().collect();
+    for id in ids {
+        if runtime_only.contains(&id) {
+            report.unchanged.push(id.to_string());
+            continue;
+        }
+        match wanted.get(&id) {
+            Some(w) if same_stream_config(w, &running[&id].config) => {
+                report.unchanged.push(id.to_string())
+            }
+            Some(_) => {
+                let r = running.remove(&id).expect("listed");
+                r.stop(state, control).await;
+                report.restarted.push(id.to_string());
+            }
+            None => {
+                let r = running.remove(&id).expect("listed");
+                r.stop(state, control).await;
+                report.removed.push(id.to_string());
+            }
+        }
+    }
+    // Apply the model swap before new streams start producing faces for it.
+    if let Some(m) = new_model {
+        let old = encoder_thread.take().expect("an encoder runs");
+        old.stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || old.thread.join()).await;
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+        let info = m.scoring.model.clone();
+        let _ = control.send(Control::ModelSwapped {
+            scoring: Box::new(m.scoring),
+            levels: m.bundle.graph.nodes().iter().map(|n| n.level).collect(),
+            done: ack_tx,
+        });
+        let _ = ack_rx.await;
+        *encoder_thread = Some(
+            spawn_encoder(
+                m.encoder,
+                &current.encoder,
+                factory.encode_receiver(),
+                emb_tx.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| CommandError::Failed(format!("encoder thread: {e:#}")))?,
+        );
+        *state.model.write().expect("model lock") = info.clone();
+        *model_dir = new_dir;
+        *model_sha = info.manifest_sha256.clone();
+        announce_untrained(&info);
+        report.model_swapped = true;
+    }
+    if current.evidence != new.evidence {
+        let _ = control.send(Control::Evidence(new.evidence.clone()));
+        report.evidence_changed = true;
+    }
+    let streams_before = current.streams.clone();
+    *current = Config {
+        streams: new.streams.clone(),
+        evidence: new.evidence.clone(),
+        model: new.model.clone(),
+        ..current.clone()
+    };
+    factory.config.streams = current.streams.clone();
+    for (id, s) in &wanted {
+        if running.contains_key(id) {
+            continue;
+        }
+        match factory.start(s, state, false) {
+            Ok(r) => {
+                running.insert(id.clone(), r);
+                if !report.restarted.contains(&id.to_string()) {
+                    report.added.push(id.to_string());
+                }
+            }
+            Err(e) => {
+                tracing::error!(stream = %id, error = format!("{e:#}"), "Stream not started.");
+            }
+        }
+    }
+    let _ = streams_before;
+    Ok(report)
+}
+
+/// Comparing config sections by their JSON form (they need no PartialEq of their own).
+mod erased {
+    pub trait Json {
+        fn json(&self) -> Option<serde_json::Value>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Option<serde_json::Value> {
+            serde_json::to_value(self).ok()
+        }
+    }
+}
+
 async fn shutdown_signal(cancel: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -151,8 +790,6 @@ async fn shutdown_signal(cancel: CancellationToken) {
             }
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received."),
         _ = term => tracing::info!("SIGTERM received."),

@@ -20,6 +20,7 @@ pub use errors::{ConfigError, ConfigErrors};
 use crate::detect::DetectConfig;
 use crate::encode::EncoderConfig;
 use crate::evidence::EvidenceConfig;
+use crate::http::HttpConfig;
 use crate::ingest::{IngestConfig, StreamConfig};
 use crate::model::ModelConfig;
 use crate::onnx::OnnxConfig;
@@ -34,12 +35,18 @@ pub struct NodeConfig {
     /// Id of this instance, `[A-Za-z0-9_-]{1,64}`: the `<node>` level of MQTT topics.
     /// Default: the host name with every other character replaced by `-`.
     pub id: NodeId,
+    /// On SIGTERM: how long in-flight work may drain and the spool may flush before the
+    /// process exits (what is not acknowledged stays on disk). Keep it below systemd's
+    /// TimeoutStopSec (the unit uses 20 s).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             id: default_node_id(),
+            shutdown_grace: std::time::Duration::from_secs(8),
         }
     }
 }
@@ -86,6 +93,8 @@ pub struct Config {
     pub evidence: EvidenceConfig,
     /// `[mqtt]`: the broker alerts go to.
     pub mqtt: MqttConfig,
+    /// `[http]`: health, metrics and the stream API.
+    pub http: HttpConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -152,6 +161,7 @@ impl Config {
         let track = section(&mut table, "track", errors);
         let evidence = section(&mut table, "evidence", errors);
         let mqtt = section(&mut table, "mqtt", errors);
+        let http = section(&mut table, "http", errors);
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -175,6 +185,7 @@ impl Config {
             track,
             evidence,
             mqtt,
+            http,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index)
@@ -190,6 +201,13 @@ impl Config {
         self.track.validate("track", errors);
         self.evidence.validate("evidence", errors);
         self.mqtt.validate("mqtt", errors);
+        self.http.validate("http", errors);
+        if self.node.shutdown_grace.is_zero() {
+            errors.push(ConfigError::new(
+                "node.shutdown_grace",
+                "must be above zero (the spool needs time to flush)",
+            ));
+        }
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
@@ -206,6 +224,7 @@ impl Config {
 
 const KNOWN_SECTIONS: &[&str] = &[
     "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",
+    "http",
 ];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing

@@ -10,6 +10,7 @@
 
 mod batcher;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
@@ -249,10 +250,24 @@ pub struct Embedded<M> {
 /// every embedding to `out` (waiting when `out` is full). A failed batch is logged with its
 /// size and its jobs are dropped with a count (returned at the end).
 pub fn run_encoder<M: Send>(
+    encoder: CpuEncoder,
+    cfg: &EncoderConfig,
+    jobs: Receiver<EncodeJob<M>>,
+    out: Sender<Embedded<M>>,
+) -> u64 {
+    run_encoder_until(encoder, cfg, jobs, out, &AtomicBool::new(false), &mut |_, _| {})
+}
+
+/// [`run_encoder`] that also ends when `stop` is set (within 100 ms, after the batch in
+/// hand; queued jobs stay for whoever reads `jobs` next, e.g. the encoder of a new model), and
+/// reports each batch's size and wall time to `on_batch`.
+pub fn run_encoder_until<M: Send>(
     mut encoder: CpuEncoder,
     cfg: &EncoderConfig,
     jobs: Receiver<EncodeJob<M>>,
     out: Sender<Embedded<M>>,
+    stop: &AtomicBool,
+    on_batch: &mut dyn FnMut(usize, Duration),
 ) -> u64 {
     let mut batcher = Batcher::new(cfg.max_batch.get(), cfg.max_wait);
     let mut failed = 0u64;
@@ -267,6 +282,7 @@ pub fn run_encoder<M: Send>(
         match encoder.encode(pixels, n) {
             Ok(emb) => {
                 let dt = t0.elapsed();
+                on_batch(n, dt);
                 let dim = encoder.dim();
                 for (job, e) in batch.into_iter().zip(emb.chunks_exact(dim)) {
                     let item = Embedded {
@@ -288,10 +304,17 @@ pub fn run_encoder<M: Send>(
         true
     };
     loop {
+        if stop.load(Ordering::Relaxed) {
+            if let Some(batch) = batcher.flush() {
+                run(batch, &mut pixels);
+            }
+            break;
+        }
         let wait = batcher
             .deadline()
             .map(|d| d.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(3600));
+            .unwrap_or(Duration::from_secs(3600))
+            .min(Duration::from_millis(100));
         match jobs.recv_timeout(wait) {
             Ok(job) => {
                 if let Some(batch) = batcher.push(job, Instant::now())

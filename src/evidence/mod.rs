@@ -32,7 +32,7 @@
 //! changed; `end` when the verdict leaves `fake` (cleared), the track is lost, or the model is
 //! swapped.
 
-mod ulid;
+pub mod ulid;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -293,6 +293,11 @@ impl Evidence {
 
     pub fn config(&self) -> &EvidenceConfig {
         &self.cfg
+    }
+
+    /// New thresholds for every track from now on (open windows keep their observations).
+    pub fn set_config(&mut self, cfg: EvidenceConfig) {
+        self.cfg = cfg;
     }
 
     /// The current verdict of a track.

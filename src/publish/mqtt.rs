@@ -22,6 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
@@ -301,9 +302,16 @@ pub struct PublisherStats {
     pub reconnects: u64,
 }
 
+/// Recent alert payloads, oldest first (for `/api/alerts`); replayed from the spool at start.
+type History = Arc<std::sync::Mutex<VecDeque<Arc<[u8]>>>>;
+
+/// Alert payloads kept for `/api/alerts`.
+pub const HISTORY_LEN: usize = 200;
+
 /// The running publisher.
 pub struct PublisherHandle {
     tx: mpsc::Sender<Request>,
+    history: History,
     acks: tokio::sync::broadcast::Sender<u64>,
     stats: tokio::sync::watch::Receiver<PublisherStats>,
     cancel: CancellationToken,
@@ -319,6 +327,27 @@ impl PublisherHandle {
         update: bool,
         payload: Vec<u8>,
     ) -> Result<u64, PublishError> {
+        let rx = self.enqueue_alert(alert_id, update, payload).await?;
+        match rx.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => Err(PublishError::Spool {
+                path: "spool".into(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(PublishError::Stopped),
+        }
+    }
+
+    /// Hands an alert to the publisher without waiting for its fsync (waiting only for room
+    /// in the publisher's queue, which is the back-pressure). Events of one caller stay in
+    /// order. The receiver says when the alert is durable (or why not); dropping it is fine:
+    /// a failed write is logged by the spool.
+    pub async fn enqueue_alert(
+        &self,
+        alert_id: &str,
+        update: bool,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<std::io::Result<u64>>, PublishError> {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Request::Alert {
@@ -329,14 +358,7 @@ impl PublisherHandle {
             })
             .await
             .map_err(|_| PublishError::Stopped)?;
-        match rx.await {
-            Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(e)) => Err(PublishError::Spool {
-                path: "spool".into(),
-                reason: e.to_string(),
-            }),
-            Err(_) => Err(PublishError::Stopped),
-        }
+        Ok(rx)
     }
 
     /// Publishes a retained message under `<prefix>/<node>/<suffix>` (e.g.
@@ -376,6 +398,14 @@ impl PublisherHandle {
         *self.stats.borrow()
     }
 
+    /// The most recent alert payloads (JSON), newest last, at most [`HISTORY_LEN`].
+    pub fn recent_alerts(&self) -> Vec<Arc<[u8]>> {
+        self.history
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Spool sequence numbers as the broker acknowledges them (for latency measurements;
     /// a slow receiver loses the oldest).
     pub fn acks(&self) -> tokio::sync::broadcast::Receiver<u64> {
@@ -409,11 +439,15 @@ pub fn spawn(
     spool_dir: &Path,
 ) -> Result<PublisherHandle, PublishError> {
     let prepared = prepare(cfg, node)?;
-    let spool =
-        Spool::open(spool_dir, cfg.spool_max_pending, 200).map_err(|e| PublishError::Spool {
+    let spool = Spool::open(spool_dir, cfg.spool_max_pending, HISTORY_LEN).map_err(|e| {
+        PublishError::Spool {
             path: spool_dir.display().to_string(),
             reason: e.to_string(),
-        })?;
+        }
+    })?;
+    let history: History = Arc::new(std::sync::Mutex::new(
+        spool.history().map(Arc::from).collect(),
+    ));
     let (tx, rx) = mpsc::channel(1024);
     let (stats_tx, stats_rx) = tokio::sync::watch::channel(PublisherStats {
         pending: spool.len(),
@@ -427,10 +461,12 @@ pub fn spawn(
         rx,
         stats_tx,
         acks.clone(),
+        history.clone(),
         cancel.clone(),
     ));
     Ok(PublisherHandle {
         tx,
+        history,
         acks,
         stats: stats_rx,
         cancel,
@@ -592,6 +628,7 @@ async fn run(
     mut rx: mpsc::Receiver<Request>,
     stats: tokio::sync::watch::Sender<PublisherStats>,
     acks: tokio::sync::broadcast::Sender<u64>,
+    history: History,
     cancel: CancellationToken,
 ) {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -684,6 +721,12 @@ async fn run(
                             session.send_unspooled(&topic, false, jpeg);
                         }
                         Request::Alert { alert_id, update, payload, done } => {
+                            if let Ok(mut h) = history.lock() {
+                                h.push_back(Arc::from(payload.as_slice()));
+                                while h.len() > HISTORY_LEN {
+                                    h.pop_front();
+                                }
+                            }
                             let seq = match spool.append(&alert_id, update, payload) {
                                 super::spool::Appended::Stored(s) => s,
                                 super::spool::Appended::Coalesced { seq, .. } => seq,
