@@ -124,7 +124,11 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 
 fn num(v: f64) -> String {
     if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else {
         format!("{v}")
     }
@@ -193,7 +197,10 @@ mod tests {
         e.family("x_seconds", "histogram", "test");
         e.histogram("x_seconds", &[("stream", "a\"b")], &h);
         let text = e.finish();
-        assert!(text.contains("x_seconds_bucket{stream=\"a\\\"b\",le=\"0.1\"} 1\n"), "{text}");
+        assert!(
+            text.contains("x_seconds_bucket{stream=\"a\\\"b\",le=\"0.1\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("x_seconds_bucket{stream=\"a\\\"b\",le=\"1\"} 3\n"));
         assert!(text.contains("x_seconds_bucket{stream=\"a\\\"b\",le=\"+Inf\"} 4\n"));
         assert!(text.contains("x_seconds_count{stream=\"a\\\"b\"} 4\n"));

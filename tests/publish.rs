@@ -3,9 +3,8 @@
 //! QoS 1), as a consumer that must not miss alerts would run.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,115 +12,14 @@ use dfwatch::publish::mqtt::{self, MqttConfig, PublisherHandle};
 use dfwatch::types::NodeId;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+mod mqtt_support;
+
+use mqtt_support::{Broker, free_port, subscriber, wait_until};
+
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A mosquitto process with persistence in `dir`.
-struct Broker {
-    port: u16,
-    conf: PathBuf,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn new(dir: &Path) -> Broker {
-        let port = free_port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nautosave_interval 1\n\
-                 # Started as root (CI), keep root: the files live in a private temp dir.\n\
-                 user root\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        Broker {
-            port,
-            conf,
-            child: None,
-        }
-    }
-
-    async fn start(&mut self) {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto (package mosquitto; tools/setup.sh installs it)");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("mosquitto did not start on port {}", self.port);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: mosquitto saves its persistent sessions on the way out.
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Raw messages received: `(topic, payload bytes)`.
 type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// A persistent-session subscriber collecting `(topic, payload)`.
-fn subscriber(port: u16, id: &str) -> Arc<Mutex<Vec<(String, String)>>> {
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_clean_session(false);
-    o.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(o, 64);
-    let sink = got.clone();
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.subscribe("dfwatch/#", QoS::AtLeastOnce).await;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    sink.lock().unwrap().push((
-                        p.topic.clone(),
-                        String::from_utf8_lossy(&p.payload).into_owned(),
-                    ));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    got
-}
 
 fn config(url: &str) -> MqttConfig {
     let mut c = MqttConfig {
@@ -143,14 +41,6 @@ fn alert(i: usize) -> (String, Vec<u8>) {
         id.clone(),
         format!("{{\"alert_id\":\"{id}\"}}").into_bytes(),
     )
-}
-
-async fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
-    let t = tokio::time::Instant::now();
-    while !cond() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn alert_ids(got: &Arc<Mutex<Vec<(String, String)>>>) -> BTreeSet<String> {

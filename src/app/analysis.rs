@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::channel::{Receiver, Sender, Sent};
 use crate::crop::{self, CropMethod};
 use crate::detect::FaceDetector;
-use crate::encode::{EncodeJob, Embedded};
+use crate::encode::{Embedded, EncodeJob};
 use crate::evidence::{AlertEvent, AlertKind, EndReason, Evidence, Observation, Verdict};
 use crate::metrics::{BATCH_BUCKETS, Counter, Histogram, LATENCY_BUCKETS};
 use crate::publish::mqtt::PublisherHandle;
@@ -119,7 +119,10 @@ pub struct FaceMeta {
 /// Messages to the decision task beside the embeddings.
 #[derive(Debug)]
 pub enum Control {
-    TrackLost { stream: StreamId, track: TrackId },
+    TrackLost {
+        stream: StreamId,
+        track: TrackId,
+    },
     /// The stream was removed or the daemon stops: its open alerts end.
     StreamStopped(StreamId),
     /// A new model: every open evidence window ends and the scorer is replaced; `done` is

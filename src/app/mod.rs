@@ -39,7 +39,7 @@ use crate::channel::{FullPolicy, Receiver, Sender};
 use crate::config::Config;
 use crate::crop::CropMethod;
 use crate::detect::FaceDetector;
-use crate::encode::{CpuEncoder, EncodeJob, Embedded};
+use crate::encode::{CpuEncoder, Embedded, EncodeJob};
 use crate::evidence::Evidence;
 use crate::ingest::{self, StreamConfig, StreamHandle};
 use crate::model::ModelBundle;
@@ -77,12 +77,7 @@ pub fn bundle_dir(config: &Config) -> PathBuf {
 /// `var/state` under the working directory.
 pub fn state_dir() -> PathBuf {
     std::env::var_os("STATE_DIRECTORY")
-        .and_then(|v| {
-            v.to_string_lossy()
-                .split(':')
-                .next()
-                .map(PathBuf::from)
-        })
+        .and_then(|v| v.to_string_lossy().split(':').next().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("var/state"))
 }
 
@@ -161,14 +156,10 @@ fn spawn_encoder(
     let thread = std::thread::Builder::new()
         .name("encoder".into())
         .spawn(move || {
-            let failed = crate::encode::run_encoder_until(
-                encoder,
-                &cfg,
-                jobs,
-                out,
-                &flag,
-                &mut |_, dt| metrics.inference_seconds.observe_duration(dt),
-            );
+            let failed =
+                crate::encode::run_encoder_until(encoder, &cfg, jobs, out, &flag, &mut |_, dt| {
+                    metrics.inference_seconds.observe_duration(dt)
+                });
             if failed > 0 {
                 tracing::warn!(faces = failed, "Encoder batches failed during this run.");
             }
@@ -348,8 +339,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let analysis_metrics = Arc::new(AnalysisMetrics::default());
     let encode_capacity =
         std::num::NonZeroUsize::new(4 * config.encoder.max_batch.get()).expect("non-zero");
-    let (encode_tx, encode_rx) =
-        crate::channel::bounded::<EncodeJob<FaceMeta>>("encode", encode_capacity, FullPolicy::DropOldest);
+    let (encode_tx, encode_rx) = crate::channel::bounded::<EncodeJob<FaceMeta>>(
+        "encode",
+        encode_capacity,
+        FullPolicy::DropOldest,
+    );
     let (emb_tx, emb_rx) = crate::channel::bounded::<Embedded<FaceMeta>>(
         "embeddings",
         std::num::NonZeroUsize::new(256).expect("non-zero"),
@@ -436,7 +430,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             Ok(r) => {
                 running.insert(s.id.clone(), r);
             }
-            Err(e) => tracing::error!(stream = %s.id, error = format!("{e:#}"), "Stream not started."),
+            Err(e) => {
+                tracing::error!(stream = %s.id, error = format!("{e:#}"), "Stream not started.")
+            }
         }
     }
     let mut current = config;
@@ -545,7 +541,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     state.ready.store(false, Ordering::Relaxed);
     let grace = current.node.shutdown_grace;
     let deadline = Instant::now() + grace;
-    tracing::info!(grace_s = grace.as_secs_f64(), "Stopping: ingest, then in-flight work, then the spool.");
+    tracing::info!(
+        grace_s = grace.as_secs_f64(),
+        "Stopping: ingest, then in-flight work, then the spool."
+    );
     let drain = async {
         for (_, r) in std::mem::take(&mut running) {
             r.stop(&state, &control_tx).await;
@@ -559,7 +558,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         drop(control_tx);
         let _ = decision_task.await;
     };
-    if tokio::time::timeout(grace.mul_f64(0.6), drain).await.is_err() {
+    if tokio::time::timeout(grace.mul_f64(0.6), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("In-flight work did not drain in time; continuing the stop.");
     }
     http_cancel.cancel();
@@ -573,9 +575,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     match Arc::try_unwrap(publisher) {
         Ok(p) => {
             let mut stats = p.subscribe();
-            let _ = tokio::time::timeout(left.mul_f64(0.8), stats.wait_for(|s| s.pending == 0 || !s.connected)).await;
+            let _ = tokio::time::timeout(
+                left.mul_f64(0.8),
+                stats.wait_for(|s| s.pending == 0 || !s.connected),
+            )
+            .await;
             let pending = p.stats().pending;
-            p.stop(left.mul_f64(0.2).max(Duration::from_millis(300))).await;
+            p.stop(left.mul_f64(0.2).max(Duration::from_millis(300)))
+                .await;
             if pending > 0 {
                 tracing::warn!(pending, spool = %spool_dir.display(), "Alerts not yet acknowledged stay in the spool for the next start.");
             }
@@ -650,7 +657,8 @@ async fn reload(
     let new_model = {
         let manifest_sha = crate::model::sha256_file(&new_dir.join("manifest.toml")).ok();
         if new_dir != *model_dir || manifest_sha.as_deref() != Some(model_sha.as_str()) {
-            let loaded = load_model(&new_dir).map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
+            let loaded = load_model(&new_dir)
+                .map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
             if loaded.crop.size != factory.crop.size
                 || loaded.crop.mean != factory.crop.mean
                 || loaded.crop.std != factory.crop.std

@@ -180,7 +180,12 @@ impl AppState {
             self.started.elapsed().as_secs_f64(),
         );
         let streams = self.streams.read().expect("streams lock");
-        let rows: Vec<(String, StreamStatus, crate::ingest::StreamStats, &StreamView)> = streams
+        let rows: Vec<(
+            String,
+            StreamStatus,
+            crate::ingest::StreamStats,
+            &StreamView,
+        )> = streams
             .iter()
             .map(|(id, v)| {
                 (
@@ -302,11 +307,9 @@ impl AppState {
                 "Frames on which face detection failed.",
                 |m| m.detector_errors.get(),
             ),
-            (
-                "dfwatch_tracks",
-                "Live face tracks (gauge).",
-                |m| m.tracks_live.load(Ordering::Relaxed),
-            ),
+            ("dfwatch_tracks", "Live face tracks (gauge).", |m| {
+                m.tracks_live.load(Ordering::Relaxed)
+            }),
         ];
         for (name, help, pick) in face_counters {
             let kind = if name.ends_with("_total") {
@@ -389,7 +392,11 @@ impl AppState {
             "counter",
             "Embeddings the scorer refused.",
         )
-        .sample("dfwatch_score_errors_total", &[], a.score_errors.get() as f64);
+        .sample(
+            "dfwatch_score_errors_total",
+            &[],
+            a.score_errors.get() as f64,
+        );
         e.family(
             "dfwatch_alerts_total",
             "counter",

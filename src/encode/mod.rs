@@ -10,8 +10,8 @@
 
 mod batcher;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -255,7 +255,14 @@ pub fn run_encoder<M: Send>(
     jobs: Receiver<EncodeJob<M>>,
     out: Sender<Embedded<M>>,
 ) -> u64 {
-    run_encoder_until(encoder, cfg, jobs, out, &AtomicBool::new(false), &mut |_, _| {})
+    run_encoder_until(
+        encoder,
+        cfg,
+        jobs,
+        out,
+        &AtomicBool::new(false),
+        &mut |_, _| {},
+    )
 }
 
 /// [`run_encoder`] that also ends when `stop` is set (within 100 ms, after the batch in

@@ -86,8 +86,9 @@ impl HttpConfig {
     pub fn token(&self, base_dir: &Path, state_dir: &Path) -> anyhow::Result<String> {
         use anyhow::Context;
         if let Some(var) = &self.token_env {
-            let t = std::env::var(var)
-                .with_context(|| format!("http.token_env: environment variable {var} is not set"))?;
+            let t = std::env::var(var).with_context(|| {
+                format!("http.token_env: environment variable {var} is not set")
+            })?;
             return check_token(t.trim(), &format!("environment variable {var}"));
         }
         if let Some(p) = &self.token_file {
@@ -104,8 +105,9 @@ impl HttpConfig {
         if let Ok(t) = std::fs::read_to_string(&p) {
             return check_token(t.trim(), &p.display().to_string());
         }
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+        std::fs::create_dir_all(state_dir).with_context(|| {
+            format!("cannot create the state directory {}", state_dir.display())
+        })?;
         let mut bytes = [0u8; 24];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
@@ -230,7 +232,10 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.render_metrics(),
     )
         .into_response()

@@ -1,0 +1,558 @@
+//! The daemon end to end: the `dfwatch` binary on a generated config, fed by an in-process RTSP
+//! server streaming a clip with a real moving face (the astronaut photo), publishing to a real
+//! mosquitto, observed through MQTT, HTTP and a systemd notify socket.
+//!
+//! Bundles are tiny synthetic models shifted towards fake or real (`tools/model.py synth
+//! --shift`), so the verdicts are known in advance; the detector is the real MTCNN.
+#![cfg(feature = "gstreamer")]
+
+mod common;
+mod mqtt_support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::RtspServer;
+use mqtt_support::{Broker, free_port, subscriber, wait_until};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const TOKEN: &str = "e2e-test-token-0123456789";
+
+/// A clip of `seconds` with the astronaut's face panned and zoomed, H.264 in MP4.
+fn face_clip(dir: &Path, seconds: u32) -> PathBuf {
+    let out = dir.join("face.mp4");
+    let cmd = format!(
+        ".venv/bin/python tools/make_sample.py --width 480 --height 270 --frames {} | \
+         gst-launch-1.0 -q fdsrc ! rawvideoparse format=rgb width=480 height=270 \
+         framerate=30/1 ! videoconvert ! x264enc speed-preset=ultrafast key-int-max=30 ! \
+         h264parse ! mp4mux ! filesink location={}",
+        seconds * 30,
+        out.display()
+    );
+    let st = Command::new("sh").arg("-c").arg(&cmd).status().expect("sh");
+    assert!(st.success(), "making the face clip failed: {cmd}");
+    out
+}
+
+/// A tiny synthetic bundle whose median logit(q0) is `shift`.
+fn bundle(dir: &Path, shift: f64) -> PathBuf {
+    let out = dir.join(format!("bundle{shift}"));
+    let st = Command::new(".venv/bin/python")
+        .args([
+            "tools/model.py",
+            "synth",
+            "--arch",
+            "tiny",
+            "--labels",
+            "ffpp",
+        ])
+        .args(["--seed", "3", "--shift", &shift.to_string(), "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .expect("python (run ./tools/setup.sh)");
+    assert!(st.success(), "tools/model.py synth failed");
+    out
+}
+
+/// An RTSP server streaming `clip` in real time at `/test`.
+fn serve_clip(clip: &Path, port: u16) -> RtspServer {
+    RtspServer::start(
+        &format!(
+            "filesrc location={} ! qtdemux ! h264parse config-interval=-1",
+            clip.display()
+        ),
+        "rtph264pay",
+        port,
+        None,
+    )
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    http_port: u16,
+    config: PathBuf,
+}
+
+fn write_config(
+    dir: &Path,
+    http_port: u16,
+    mqtt_url: &str,
+    model: &Path,
+    streams: &str,
+) -> PathBuf {
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let text = format!(
+        r#"
+[node]
+id = "e2e"
+shutdown_grace = "4s"
+
+[ingest]
+analysis_fps = 5.0
+
+{streams}
+
+[model]
+bundle = "{model}"
+
+[onnx]
+threads = 1
+
+[track]
+score_every = "300ms"
+
+[evidence]
+window = "3s"
+min_frames = 3
+min_duration = "600ms"
+update_every = "1s"
+
+[mqtt]
+url = "{mqtt_url}"
+spool_dir = "{spool}"
+backoff = {{ base = "100ms", cap = "500ms", reset_after = "5s" }}
+
+[http]
+listen = "127.0.0.1:{http_port}"
+token_file = "token"
+api_schemes = ["rtsp", "file"]
+"#,
+        model = model.display(),
+        spool = dir.join("spool").display(),
+    );
+    let path = dir.join("dfwatch.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn stream_toml(id: &str, uri: &str) -> String {
+    format!("[[streams]]\nid = \"{id}\"\nuri = \"{uri}\"\non_eos = \"loop\"\n")
+}
+
+/// The daemon as a child process; killed if the test ends early.
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, dir: &Path, env: &[(&str, String)]) -> Daemon {
+        let log = dir.join("daemon.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfwatch"));
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("STATE_DIRECTORY", dir.join("state"))
+            .env("DFWATCH_LOG", "info,dfwatch=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: Some(cmd.spawn().expect("dfwatch binary")),
+            log,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{sig}"), &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for the exit; returns its code and how long it took.
+    fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
+        let t0 = Instant::now();
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return (st.code(), t0.elapsed());
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "dfwatch did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            eprintln!("--- dfwatch log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request: returns status and body.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = match std::net::TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(_) => return (0, String::new()),
+    };
+    s.set_read_timeout(Some(SECS(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// The value of one sample in a Prometheus text body (`name{labels}` exactly as written).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn metrics(port: u16) -> String {
+    http(port, "GET", "/metrics", None, "").1
+}
+
+type Got = Arc<Mutex<Vec<(String, String)>>>;
+
+fn on_topic(got: &Got, suffix: &str) -> Vec<serde_json::Value> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.ends_with(suffix))
+        .filter_map(|(_, p)| serde_json::from_str(p).ok())
+        .collect()
+}
+
+/// A config in a temp dir; `{clip}` in `streams` becomes a face clip of `clip_seconds`.
+fn setup(streams: &str, mqtt_url: &str, shift: f64, clip_seconds: u32) -> (Setup, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = if streams.contains("{clip}") {
+        face_clip(dir.path(), clip_seconds)
+    } else {
+        PathBuf::new()
+    };
+    let model = bundle(dir.path(), shift);
+    let http_port = free_port();
+    let streams = streams.replace("{clip}", &clip.display().to_string());
+    let config = write_config(dir.path(), http_port, mqtt_url, &model, &streams);
+    (
+        Setup {
+            dir,
+            http_port,
+            config,
+        },
+        clip,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = face_clip(tmp.path(), 40);
+    let server = serve_clip(&clip, 0);
+    let rtsp_port = server.port;
+    let mut broker = Broker::new(tmp.path());
+    broker.start().await;
+    let got = subscriber(broker.port, "e2e-fake");
+    let (s, _) = setup(&stream_toml("cam", &server.url()), &broker.url(), 8.0, 0);
+    // A systemd notify socket, as the unit would give it.
+    let notify_path = s.dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut daemon = Daemon::start(
+        &s.config,
+        s.dir.path(),
+        &[
+            ("NOTIFY_SOCKET", notify_path.display().to_string()),
+            ("WATCHDOG_USEC", "1000000".to_string()),
+        ],
+    );
+    let notes: Arc<Mutex<Vec<String>>> = Default::default();
+    let sink = notes.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let t0 = Instant::now();
+        while t0.elapsed() < SECS(120) {
+            if let Ok(n) = notify.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    let port = s.http_port;
+    wait_until("/readyz ready", SECS(60), || {
+        http(port, "GET", "/readyz", None, "").0 == 200
+    })
+    .await;
+    wait_until("READY=1 and WATCHDOG=1 on NOTIFY_SOCKET", SECS(20), || {
+        let n = notes.lock().unwrap();
+        n.iter().any(|m| m.starts_with("READY=1")) && n.iter().any(|m| m == "WATCHDOG=1")
+    })
+    .await;
+    wait_until("a new alert on dfwatch/e2e/alerts", SECS(60), || {
+        !on_topic(&got, "/alerts").is_empty()
+    })
+    .await;
+    let alerts = on_topic(&got, "/alerts");
+    let a = &alerts[0];
+    assert_eq!(a["type"], "new", "{a}");
+    assert_eq!(a["verdict"], "fake", "{a}");
+    assert_eq!(a["stream"], "cam");
+    assert!(a["track_id"].as_u64().unwrap() >= 1);
+    assert_eq!(a["model"]["trained"], false);
+    assert_eq!(a["schema_version"], 1);
+    let sentence = a["explanation"]["sentence"].as_str().unwrap();
+    assert!(sentence.len() > 20, "{sentence}");
+    assert!(a["evidence"]["frames_scored"].as_u64().unwrap() >= 3, "{a}");
+    let text = metrics(port);
+    assert!(metric(&text, "dfwatch_faces_scored_total{stream=\"cam\"}").unwrap() >= 3.0);
+    assert!(metric(&text, "dfwatch_faces_detected_total{stream=\"cam\"}").unwrap() >= 3.0);
+    assert!(metric(&text, "dfwatch_alerts_total{type=\"new\",verdict=\"fake\"}").unwrap() >= 1.0);
+    assert!(text.contains("dfwatch_build_info{"), "{text}");
+    assert!(text.contains("trained=\"false\""));
+    let (code, body) = http(port, "GET", "/api/alerts?limit=5", None, "");
+    assert_eq!(code, 200);
+    assert!(body.contains(a["alert_id"].as_str().unwrap()), "{body}");
+    // Only one track, so only one new alert however long the face stays fake.
+    tokio::time::sleep(SECS(3)).await;
+    let news = on_topic(&got, "/alerts")
+        .into_iter()
+        .filter(|a| a["type"] == "new")
+        .count();
+    assert_eq!(news, 1, "{:?}", on_topic(&got, "/alerts"));
+    // The retained per-stream verdict says fake.
+    let verdicts = on_topic(&got, "/streams/cam/verdict");
+    assert_eq!(verdicts.last().unwrap()["verdict"], "fake", "{verdicts:?}");
+
+    // The server goes away: the retained stream status says reconnecting, then online again.
+    server.stop();
+    wait_until("retained status reconnecting", SECS(30), || {
+        on_topic(&got, "/streams/cam/status")
+            .last()
+            .is_some_and(|s| s["state"] == "reconnecting")
+    })
+    .await;
+    let server = serve_clip(&clip, rtsp_port);
+    wait_until("retained status online again", SECS(40), || {
+        on_topic(&got, "/streams/cam/status")
+            .last()
+            .is_some_and(|s| s["state"] == "online")
+    })
+    .await;
+
+    daemon.signal("TERM");
+    let (code, took) = daemon.wait_exit(SECS(15));
+    assert_eq!(code, Some(0), "{}", daemon.log());
+    assert!(took < SECS(6), "stopped in {took:?}");
+    wait_until("status stopped", SECS(5), || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .any(|(t, p)| t == "dfwatch/e2e/status" && p == "stopped")
+    })
+    .await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_face_is_scored_and_stays_silent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = face_clip(tmp.path(), 40);
+    let server = serve_clip(&clip, 0);
+    let mut broker = Broker::new(tmp.path());
+    broker.start().await;
+    let got = subscriber(broker.port, "e2e-real");
+    let (s, _) = setup(&stream_toml("cam", &server.url()), &broker.url(), -8.0, 0);
+    let mut daemon = Daemon::start(&s.config, s.dir.path(), &[]);
+    let port = s.http_port;
+    wait_until("20 faces scored", SECS(90), || {
+        metric(&metrics(port), "dfwatch_faces_scored_total{stream=\"cam\"}").unwrap_or(0.0) >= 20.0
+    })
+    .await;
+    let text = metrics(port);
+    let coverage = metric(&text, "dfwatch_coverage_ratio{stream=\"cam\"}").unwrap();
+    assert!(coverage > 0.9, "coverage {coverage}\n{text}");
+    assert!(
+        on_topic(&got, "/alerts").is_empty(),
+        "{:?}",
+        on_topic(&got, "/alerts")
+    );
+    let verdicts = on_topic(&got, "/streams/cam/verdict");
+    assert_eq!(verdicts.last().unwrap()["verdict"], "real", "{verdicts:?}");
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(SECS(15)).0, Some(0));
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_come_and_go_through_the_api_and_sighup_without_touching_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = RtspServer::start(common::H264_LIVE, "rtph264pay", 0, None);
+    let mut broker = Broker::new(tmp.path());
+    broker.start().await;
+    let (s, clip) = setup(&stream_toml("steady", "{clip}"), &broker.url(), -8.0, 8);
+    let mut daemon = Daemon::start(&s.config, s.dir.path(), &[]);
+    let port = s.http_port;
+    let steady = || {
+        metric(
+            &metrics(port),
+            "dfwatch_frames_analysed_total{stream=\"steady\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    wait_until("steady analyses frames", SECS(60), || steady() > 0.0).await;
+    // The steady stream's counter must rise through every change below.
+    let rising = |before: f64| async move {
+        wait_until("the steady stream keeps going", SECS(10), || {
+            steady() > before
+        })
+        .await;
+        steady()
+    };
+
+    let body = format!(r#"{{"id": "extra", "uri": "{}"}}"#, server.url());
+    assert_eq!(http(port, "POST", "/api/streams", None, &body).0, 401);
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/api/streams",
+            Some("wrong-token-0123456789"),
+            &body
+        )
+        .0,
+        401
+    );
+    let (code, err) = http(
+        port,
+        "POST",
+        "/api/streams",
+        Some(TOKEN),
+        r#"{"id": "bad", "uri": "ftp://example.com/x"}"#,
+    );
+    assert_eq!(code, 400, "{err}");
+    assert!(err.contains("ftp"), "{err}");
+    let (code, err) = http(
+        port,
+        "POST",
+        "/api/streams",
+        Some(TOKEN),
+        r#"{"id": "typo", "uri": "rtsp://127.0.0.1/x", "enabeld": true}"#,
+    );
+    assert_eq!(code, 400, "{err}");
+    assert!(err.contains("enabeld"), "{err}");
+    let mut n = steady();
+    let (code, reply) = http(port, "POST", "/api/streams", Some(TOKEN), &body);
+    assert_eq!(code, 201, "{reply}");
+    assert_eq!(
+        http(port, "POST", "/api/streams", Some(TOKEN), &body).0,
+        409
+    );
+    wait_until("the added stream comes online", SECS(30), || {
+        let (_, b) = http(port, "GET", "/api/streams", None, "");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
+        v.as_array().is_some_and(|a| {
+            a.iter().any(|s| {
+                s["id"] == "extra" && s["status"]["state"] == "online" && s["runtime_only"] == true
+            })
+        })
+    })
+    .await;
+    n = rising(n).await;
+    assert_eq!(
+        http(port, "DELETE", "/api/streams/extra", Some(TOKEN), "").0,
+        204
+    );
+    assert_eq!(
+        http(port, "DELETE", "/api/streams/extra", Some(TOKEN), "").0,
+        404
+    );
+    n = rising(n).await;
+
+    // SIGHUP: the file gains a stream; the steady one is untouched.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let added = stream_toml("hup", &server.url());
+    std::fs::write(
+        &s.config,
+        text.replacen("[model]", &format!("{added}\n[model]"), 1),
+    )
+    .unwrap();
+    let reconnects_before = metric(
+        &metrics(port),
+        "dfwatch_stream_reconnects_total{stream=\"steady\"}",
+    );
+    daemon.signal("HUP");
+    wait_until("the stream from the file appears", SECS(30), || {
+        metrics(port).contains("dfwatch_frames_analysed_total{stream=\"hup\"}")
+    })
+    .await;
+    n = rising(n).await;
+    // A broken file: refused as a whole, nothing changes.
+    std::fs::write(&s.config, "[[streams]]\nid = \"x\"\nuri = \"ftp://nope\"\n").unwrap();
+    let (code, err) = http(port, "POST", "/api/reload", Some(TOKEN), "");
+    assert_eq!(code, 400, "{err}");
+    assert!(err.contains("streams[0].uri"), "{err}");
+    assert!(metrics(port).contains("{stream=\"hup\"}"));
+    rising(n).await;
+    let text = metrics(port);
+    assert_eq!(
+        metric(&text, "dfwatch_stream_reconnects_total{stream=\"steady\"}"),
+        reconnects_before
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(SECS(15)).0, Some(0));
+    drop(clip);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_broker_down_ends_in_time_and_keeps_the_spool() {
+    let down = format!("mqtt://127.0.0.1:{}", free_port());
+    let (s, _) = setup(&stream_toml("cam", "{clip}"), &down, 8.0, 20);
+    let mut daemon = Daemon::start(&s.config, s.dir.path(), &[]);
+    let port = s.http_port;
+    wait_until("an alert waits in the spool", SECS(90), || {
+        metric(&metrics(port), "dfwatch_spool_pending").unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    daemon.signal("TERM");
+    let (code, took) = daemon.wait_exit(SECS(15));
+    assert_eq!(code, Some(0), "{}", daemon.log());
+    assert!(took < SECS(6), "stopped in {took:?} with a 4 s grace");
+    let log = std::fs::read(s.dir.path().join("spool/spool.log")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&log).contains("\"verdict\":\"fake\""),
+        "the alert is on disk for the next start"
+    );
+}
