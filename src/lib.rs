@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod onnx;
+pub mod progress;
 pub mod publish;
 pub mod score;
 pub mod telemetry;

@@ -46,6 +46,26 @@ enum Cmd {
         #[arg(required = true, value_name = "IMAGE")]
         images: Vec<PathBuf>,
     },
+    /// An offline verdict for one video (file or seekable URL), as JSON: the paper's protocol
+    /// (evenly spaced frames, mean q0 of the largest face) with per-frame scores and the
+    /// explanation, plus the daemon's own per-track verdicts.
+    Analyze {
+        /// Video file or URL.
+        #[arg(value_name = "FILE|URL")]
+        input: String,
+        /// Model bundle directory.
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Frames to sample, evenly spaced.
+        #[arg(long, default_value_t = 64)]
+        frames: usize,
+        /// Take [detect], [track], [evidence], [onnx] and ingest.analysis_fps from this config.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Write the JSON here instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Print version, GStreamer version, cargo features and the video decoders available.
     Version {
         /// Print JSON instead of text.
@@ -86,6 +106,13 @@ fn main() -> ExitCode {
             images,
         } => score(&model, onnx_library, threads, embeddings, &images),
         Cmd::Bench { name, args } => bench(name, &args),
+        Cmd::Analyze {
+            input,
+            model,
+            frames,
+            config,
+            out,
+        } => analyze(&input, &model, frames, config, out),
     }
 }
 
@@ -119,6 +146,83 @@ fn run(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "gstreamer")]
+fn analyze(
+    input: &str,
+    model: &std::path::Path,
+    frames: usize,
+    config: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    let config = match config {
+        Some(p) => match Config::load(&p) {
+            Ok(c) => c,
+            Err(errors) => {
+                eprintln!("{}: invalid config:", p.display());
+                for e in &errors.0 {
+                    eprintln!("  {e}");
+                }
+                return ExitCode::from(2);
+            }
+        },
+        None => Config {
+            base_dir: PathBuf::from("."),
+            ..Config::default()
+        },
+    };
+    let bar = dfwatch::progress::bar(frames as u64, "analyze");
+    let result =
+        dfwatch::app::analyze::analyze(input, model, frames, &config, &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        });
+    bar.finish_and_clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = serde_json::to_string_pretty(&report).expect("report serialises");
+    match out {
+        Some(p) => {
+            if let Err(e) = std::fs::write(&p, json + "\n") {
+                eprintln!("error: writing {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "{}: {} (score {}, {} of {} frames with a face) -> {}",
+                report.input,
+                report.verdict,
+                report
+                    .score
+                    .map(|s| format!("{s:.3}"))
+                    .unwrap_or("-".into()),
+                report.frames_with_face,
+                report.frames_decoded,
+                p.display()
+            );
+        }
+        None => println!("{json}"),
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(not(feature = "gstreamer"))]
+fn analyze(
+    _input: &str,
+    _model: &std::path::Path,
+    _frames: usize,
+    _config: Option<PathBuf>,
+    _out: Option<PathBuf>,
+) -> ExitCode {
+    eprintln!(
+        "error: analyze reads video through GStreamer; this build has no `gstreamer` feature"
+    );
+    ExitCode::FAILURE
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {

@@ -556,3 +556,45 @@ async fn sigterm_with_the_broker_down_ends_in_time_and_keeps_the_spool() {
         "the alert is on disk for the next start"
     );
 }
+
+#[test]
+fn analyze_gives_one_verdict_over_the_requested_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = face_clip(dir.path(), 6);
+    for (shift, want) in [(8.0, "fake"), (-8.0, "real")] {
+        let model = bundle(dir.path(), shift);
+        let out = Command::new(env!("CARGO_BIN_EXE_dfwatch"))
+            .args(["analyze", "--frames", "30", "--model"])
+            .arg(&model)
+            .arg(&clip)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["frames_requested"], 30);
+        assert_eq!(r["frames_decoded"], 30, "{r}");
+        assert_eq!(r["frames"].as_array().unwrap().len(), 30);
+        assert!(r["frames_with_face"].as_u64().unwrap() >= 25, "{r}");
+        assert_eq!(r["verdict"], want, "{r}");
+        assert!((r["duration_s"].as_f64().unwrap() - 6.0).abs() < 0.2);
+        assert_eq!(r["model"]["trained"], false);
+        assert!(r["explanation"]["sentence"].as_str().unwrap().len() > 10);
+        let tracks = r["tracks"].as_array().unwrap();
+        assert!(!tracks.is_empty(), "{r}");
+        assert_eq!(tracks[0]["verdict"], want, "{r}");
+    }
+    // A source without a duration is refused with the reason.
+    let out = Command::new(env!("CARGO_BIN_EXE_dfwatch"))
+        .args(["analyze", "--model"])
+        .arg(dir.path().join("bundle8"))
+        .arg(dir.path().join("missing.mp4"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.mp4"), "{err}");
+}

@@ -154,7 +154,7 @@ fn thread_cpu_ns() -> u64 {
 
 /// A pre-crop quality for the tracker's cadence: face size and frontalness (blur needs the
 /// crop, which exists only for due faces).
-fn quick_quality(d: &crate::detect::Detection) -> f32 {
+pub(crate) fn quick_quality(d: &crate::detect::Detection) -> f32 {
     let size = (d.bbox.width().min(d.bbox.height()) / 112.0).clamp(0.0, 1.0);
     match crop::align::sjedd_alignment(&d.landmarks) {
         Some(a) => size * crop::quality::frontalness(&a, &d.landmarks),

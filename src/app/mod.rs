@@ -16,6 +16,8 @@
 //! replaced and every open evidence window ends (`model_swapped`).
 
 pub mod analysis;
+#[cfg(feature = "gstreamer")]
+pub mod analyze;
 pub mod score_images;
 pub mod state;
 pub mod systemd;

@@ -30,6 +30,8 @@ mod gst_info;
 mod pipeline;
 #[cfg(feature = "gstreamer")]
 mod runner;
+#[cfg(feature = "gstreamer")]
+pub mod sample;
 
 use std::path::Path;
 use std::sync::Arc;

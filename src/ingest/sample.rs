@@ -1,0 +1,189 @@
+//! Evenly spaced frames of a whole video, for offline analysis (`dfwatch analyze`): the
+//! protocol of the paper (N frames spread over the video, 64 by default).
+//!
+//! The video is opened paused, its duration queried, then each target time is reached with an
+//! accurate flushing seek and the preroll sample taken: decoding only around the targets,
+//! not the whole file. Sources without a duration (live streams) are refused clearly.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+
+use super::source::Source;
+use super::status::IngestError;
+use crate::types::{Frame, FrameMeta, PixelFormat, StreamId};
+
+/// Frames taken from one video.
+#[derive(Debug)]
+pub struct SampledVideo {
+    pub duration: Duration,
+    pub width: u32,
+    pub height: u32,
+    /// In time order; a target the decoder could not reach is left out.
+    pub frames: Vec<Frame>,
+}
+
+fn wait_async_done(bus: &gst::Bus, what: &str) -> Result<(), IngestError> {
+    let msg = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(30),
+            &[gst::MessageType::AsyncDone, gst::MessageType::Error],
+        )
+        .ok_or_else(|| IngestError::Pipeline(format!("{what}: no answer within 30 s")))?;
+    if let gst::MessageView::Error(e) = msg.view() {
+        let text = super::source::redact_known(&format!("{}", e.error()));
+        let debug = e
+            .debug()
+            .map(|d| super::source::redact_known(d.as_str()))
+            .unwrap_or_default();
+        return Err(IngestError::Pipeline(format!("{what}: {text} ({debug})")));
+    }
+    Ok(())
+}
+
+/// Decodes `count` frames evenly spread over the video at `uri` (a URI or a plain path,
+/// relative to `base_dir`) as packed RGB.
+pub fn sample_frames(
+    uri: &str,
+    base_dir: &Path,
+    count: usize,
+) -> Result<SampledVideo, IngestError> {
+    super::init().map_err(IngestError::Pipeline)?;
+    let source = Source::parse(uri, base_dir).map_err(|e| IngestError::Pipeline(e.to_string()))?;
+    let location = source.uri().to_string();
+    let pipeline = gst::Pipeline::new();
+    let make = |name: &str| {
+        gst::ElementFactory::make(name)
+            .build()
+            .map_err(|e| IngestError::Pipeline(format!("GStreamer element {name}: {e}")))
+    };
+    let decode = make("uridecodebin")?;
+    decode.set_property("uri", &location);
+    let convert = make("videoconvert")?;
+    let sink = gst_app::AppSink::builder()
+        .caps(
+            &gst_video::VideoCapsBuilder::new()
+                .format(gst_video::VideoFormat::Rgb)
+                .build(),
+        )
+        .sync(false)
+        .max_buffers(1)
+        .build();
+    pipeline
+        .add_many([&decode, &convert, sink.upcast_ref()])
+        .map_err(|e| IngestError::Pipeline(e.to_string()))?;
+    convert
+        .link(&sink)
+        .map_err(|e| IngestError::Pipeline(e.to_string()))?;
+    let conv = convert.downgrade();
+    decode.connect_pad_added(move |_, pad| {
+        let Some(conv) = conv.upgrade() else { return };
+        let video = pad
+            .current_caps()
+            .or_else(|| Some(pad.query_caps(None)))
+            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
+            .unwrap_or(false);
+        if let (true, Some(sinkpad)) = (video, conv.static_pad("sink"))
+            && !sinkpad.is_linked()
+        {
+            let _ = pad.link(&sinkpad);
+        }
+    });
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    let result = (|| {
+        pipeline
+            .set_state(gst::State::Paused)
+            .map_err(|_| IngestError::Pipeline("the video could not be opened".into()))?;
+        wait_async_done(&bus, "opening the video")?;
+        let duration = pipeline
+            .query_duration::<gst::ClockTime>()
+            .filter(|d| d.nseconds() > 0)
+            .ok_or_else(|| {
+                IngestError::Pipeline(
+                    "the source has no known duration (a live stream?): evenly spaced frames \
+                     need a file or a seekable recording"
+                        .into(),
+                )
+            })?;
+        let d = Duration::from_nanos(duration.nseconds());
+        let stream = StreamId::new("analyze").expect("literal id");
+        let seq = AtomicU64::new(0);
+        let mut frames = Vec::with_capacity(count);
+        let (mut width, mut height) = (0, 0);
+        for i in 0..count {
+            // Centres of `count` equal slices: never the very last instant, which may not
+            // hold a frame.
+            let t = d.mul_f64((i as f64 + 0.5) / count as f64);
+            if pipeline
+                .seek_simple(
+                    gst::SeekFlags::FLUSH | gst::SeekFlags::ACCURATE,
+                    gst::ClockTime::from_nseconds(t.as_nanos() as u64),
+                )
+                .is_err()
+            {
+                return Err(IngestError::Pipeline(format!(
+                    "seeking to {:.3} s failed (the container may not be seekable)",
+                    t.as_secs_f64()
+                )));
+            }
+            wait_async_done(&bus, "seeking")?;
+            let Ok(sample) = sink.pull_preroll() else {
+                continue;
+            };
+            let (Some(buffer), Some(caps)) = (sample.buffer(), sample.caps()) else {
+                continue;
+            };
+            let Ok(info) = gst_video::VideoInfo::from_caps(caps) else {
+                continue;
+            };
+            let Ok(vf) = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info) else {
+                continue;
+            };
+            let stride = vf.plane_stride()[0] as usize;
+            let (w, h) = (info.width(), info.height());
+            let row = 3 * w as usize;
+            let Ok(plane) = vf.plane_data(0) else {
+                continue;
+            };
+            let mut data = Vec::with_capacity(row * h as usize);
+            for r in 0..h as usize {
+                data.extend_from_slice(&plane[r * stride..r * stride + row]);
+            }
+            let meta = FrameMeta {
+                stream: stream.clone(),
+                seq: seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                pts: buffer.pts().map(|p| Duration::from_nanos(p.nseconds())),
+                capture_time: SystemTime::now(),
+                capture_time_from_sender: false,
+                mono: Instant::now(),
+                width: w,
+                height: h,
+                format: PixelFormat::Rgb8,
+                color: None,
+            };
+            let planes = [crate::types::Plane {
+                offset: 0,
+                stride: row,
+            }];
+            if let Ok(f) = Frame::new(meta, &planes, Arc::from(data)) {
+                (width, height) = (w, h);
+                frames.push(f);
+            }
+        }
+        Ok(SampledVideo {
+            duration: d,
+            width,
+            height,
+            frames,
+        })
+    })();
+    let _ = pipeline.set_state(gst::State::Null);
+    result
+}
