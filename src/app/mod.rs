@@ -287,6 +287,15 @@ fn same_stream_config(a: &StreamConfig, b: &StreamConfig) -> bool {
 /// Runs the daemon on `config` (read from `config_path`, re-read on reload) until SIGINT or
 /// SIGTERM.
 pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    run_until(config, config_path, CancellationToken::new()).await
+}
+
+/// [`run`] that also stops when `stop` is cancelled (benchmarks, embedding).
+pub async fn run_until(
+    config: Config,
+    config_path: PathBuf,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let notifier = systemd::Notifier::from_env();
     tracing::info!(node = %config.node.id, streams = config.streams.len(), config = %config_path.display(), "dfwatch starting.");
     let state_dir = state_dir();
@@ -452,8 +461,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     notifier.ready(&status_line(&running));
     tracing::info!("dfwatch ready.");
 
-    let cancel = CancellationToken::new();
-    let signal = shutdown_signal(cancel.clone());
+    let signal = shutdown_signal(stop);
     tokio::pin!(signal);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP")?;

@@ -2,6 +2,8 @@
 //!
 //! Each stage adds one entry to [`BENCHES`]. Benchmarks are never timed assertions in tests.
 
+#[cfg(feature = "gstreamer")]
+mod e2e;
 mod encoder;
 mod faces;
 #[cfg(feature = "gstreamer")]
@@ -25,6 +27,14 @@ pub const BENCHES: &[Bench] = &[
         about: "decode 4 x 720p30 H.264 files as fast as possible: dfwatch ingest vs bare \
                 gst-launch-1.0 (fps, CPU seconds per stream)",
         run: ingest::run,
+    },
+    #[cfg(feature = "gstreamer")]
+    Bench {
+        name: "e2e",
+        about: "the largest number of 720p30 one-face streams analysed in real time through \
+                the whole daemon (drops, coverage, p50/p95 decode-to-publish, CPU per stage), \
+                beside decode-only gst-launch-1.0",
+        run: e2e::run,
     },
     Bench {
         name: "encoder",

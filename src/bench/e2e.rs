@@ -1,0 +1,376 @@
+//! `dfwatch bench e2e`: how many 720p30 streams with one face each this machine analyses in
+//! real time on the CPU path, through the whole daemon (ingest, detect, track, crop, encode,
+//! score, evidence, publish to the embedded broker).
+//!
+//! For N = 1, 2, ... streams of the same looping clip (the astronaut panned and zoomed, made
+//! once under var/bench/), the daemon runs in this process; after a warm-up, its own
+//! `/metrics` are read at the start and end of the measured window. N is in real time when:
+//! the decoders keep up (at least 95% of 30 fps x N decoded), no frame is dropped beyond the
+//! configured sampling, coverage (faces scored / faces due) is at least 0.95, and the p95
+//! decode-to-publish latency is under 1 s. CPU per stage comes from the threads' own CPU time
+//! (/proc/self/task), grouped by thread name.
+//!
+//! Baseline in the same run: the decode alone (`gst-launch-1.0` decoding the same clip to
+//! RGB at 5 fps into fakesink, N at once) gives the CPU floor any analysis pays before it
+//! looks at a pixel; the table shows what analysis adds on top of it.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+
+use super::{CpuOf, cpu_seconds};
+use crate::config::Config;
+
+const W: u32 = 1280;
+const H: u32 = 720;
+
+fn clip() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from("var/bench/face720.mp4");
+    if path.exists() {
+        return Ok(std::fs::canonicalize(&path)?);
+    }
+    std::fs::create_dir_all("var/bench")?;
+    eprintln!("bench e2e: making {} (20 s of 1280x720 at 30 fps)", path.display());
+    let cmd = format!(
+        ".venv/bin/python tools/make_sample.py --width {W} --height {H} --frames 600 | \
+         gst-launch-1.0 -q fdsrc ! rawvideoparse format=rgb width={W} height={H} \
+         framerate=30/1 ! videoconvert ! x264enc speed-preset=veryfast key-int-max=30 \
+         bitrate=3000 ! h264parse ! mp4mux ! filesink location={}.part",
+        path.display()
+    );
+    let st = Command::new("sh").arg("-c").arg(&cmd).status()?;
+    if !st.success() {
+        bail!("making the clip failed (run ./tools/setup.sh first): {cmd}");
+    }
+    std::fs::rename(format!("{}.part", path.display()), &path)?;
+    Ok(std::fs::canonicalize(&path)?)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// Samples of a Prometheus text body: `name{labels}` -> value.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sum_prefix(m: &BTreeMap<String, f64>, prefix: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// CPU seconds per thread group, from /proc/self/task/*/stat (USER_HZ = 100 on Linux).
+fn thread_cpu() -> BTreeMap<&'static str, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is field 3; utime 14, stime 15.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        let comm = comm.trim();
+        let group = if comm.starts_with("faces-") {
+            "detect+track+crop"
+        } else if comm == "encoder" || comm == "dfwatch" {
+            "encode (ONNX pool)"
+        } else if comm.starts_with("dfwatch-rt") || comm.starts_with("tokio") {
+            "score+evidence+http"
+        } else if comm.starts_with("dfwatch-spool")
+            || comm.starts_with("mqtt")
+            || comm.starts_with("router")
+            || comm.starts_with("dfwatch-embedde")
+        {
+            "publish+broker"
+        } else {
+            "decode (GStreamer)"
+        };
+        *out.entry(group).or_default() += ticks / 100.0;
+    }
+    out
+}
+
+/// The smallest histogram bound under which a fraction `q` of the window's observations fall.
+fn quantile(m0: &BTreeMap<String, f64>, m1: &BTreeMap<String, f64>, name: &str, q: f64) -> f64 {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = m1
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, v - m0.get(k).copied().unwrap_or(0.0)))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|b| b.0)
+        .unwrap_or(f64::INFINITY)
+}
+
+struct Row {
+    n: usize,
+    decoded_fps: f64,
+    dropped: f64,
+    due: f64,
+    scored: f64,
+    coverage: f64,
+    p50: f64,
+    p95: f64,
+    cpu: f64,
+    groups: BTreeMap<&'static str, f64>,
+    realtime: bool,
+}
+
+async fn measure(
+    n: usize,
+    clip: &Path,
+    model: &Path,
+    fps: f64,
+    warmup: Duration,
+    seconds: Duration,
+) -> anyhow::Result<Row> {
+    let dir = std::env::temp_dir().join(format!("dfwatch-bench-e2e-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let http = free_port()?;
+    let broker = free_port()?;
+    let mut streams = String::new();
+    for i in 0..n {
+        streams.push_str(&format!(
+            "[[streams]]\nid = \"s{i}\"\nuri = \"{}\"\non_eos = \"loop\"\n\n",
+            clip.display()
+        ));
+    }
+    std::fs::write(dir.join("token"), "bench-token-0123456789abcdef")?;
+    let text = format!(
+        "[node]\nid = \"bench\"\nshutdown_grace = \"4s\"\n\n[ingest]\nanalysis_fps = {fps}\n\n\
+         {streams}[model]\nbundle = \"{}\"\n\n[mqtt]\nembedded = true\n\
+         embedded_listen = \"127.0.0.1:{broker}\"\nspool_dir = \"{}\"\n\n[http]\n\
+         listen = \"127.0.0.1:{http}\"\ntoken_file = \"token\"\n",
+        model.display(),
+        dir.join("spool").display()
+    );
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, &text)?;
+    let config = Config::parse(&text, &dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(crate::app::run_until(config, path, stop.clone()));
+    let t0 = Instant::now();
+    while http_get(http, "/readyz").map(|r| r.0) != Some(200) {
+        if t0.elapsed() > Duration::from_secs(60) || task.is_finished() {
+            stop.cancel();
+            task.await??;
+            bail!("the daemon did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(warmup).await;
+    let m0 = parse_metrics(&http_get(http, "/metrics").context("metrics")?.1);
+    let (cpu0, g0, w0) = (cpu_seconds(CpuOf::Process), thread_cpu(), Instant::now());
+    tokio::time::sleep(seconds).await;
+    let m1 = parse_metrics(&http_get(http, "/metrics").context("metrics")?.1);
+    let (cpu1, g1, wall) = (cpu_seconds(CpuOf::Process), thread_cpu(), w0.elapsed());
+    stop.cancel();
+    task.await??;
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = |prefix: &str| sum_prefix(&m1, prefix) - sum_prefix(&m0, prefix);
+    let secs = wall.as_secs_f64();
+    let decoded = d("dfwatch_frames_decoded_total{");
+    let dropped = d("dfwatch_frames_dropped_total{");
+    let due = d("dfwatch_faces_due_total{");
+    let scored = d("dfwatch_faces_scored_total{");
+    let coverage = if due > 0.0 { scored / due } else { f64::NAN };
+    let p50 = quantile(&m0, &m1, "dfwatch_decode_to_publish_seconds", 0.5);
+    let p95 = quantile(&m0, &m1, "dfwatch_decode_to_publish_seconds", 0.95);
+    let groups = g1
+        .iter()
+        .map(|(k, v)| (*k, (v - g0.get(k).copied().unwrap_or(0.0)) / secs))
+        .collect();
+    let decoded_fps = decoded / secs;
+    let realtime = decoded_fps >= 0.95 * 30.0 * n as f64
+        && dropped == 0.0
+        && coverage >= 0.95
+        && p95 < 1.0;
+    Ok(Row {
+        n,
+        decoded_fps,
+        dropped,
+        due,
+        scored,
+        coverage,
+        p50,
+        p95,
+        cpu: (cpu1 - cpu0) / secs,
+        groups,
+        realtime,
+    })
+}
+
+/// The baseline: N decodes of the clip to RGB at the analysis rate, nothing else.
+/// Returns CPU seconds per stream-second (the clip is 20 s, decoded as fast as possible).
+fn decode_only(clip: &Path, n: usize, fps: f64) -> anyhow::Result<f64> {
+    let mut branches = String::new();
+    for _ in 0..n {
+        branches.push_str(&format!(
+            " filesrc location={} ! qtdemux ! h264parse ! avdec_h264 ! videorate drop-only=true \
+             ! video/x-raw,framerate={}/1000 ! videoconvert ! video/x-raw,format=RGB ! fakesink \
+             sync=false",
+            clip.display(),
+            (fps * 1000.0).round() as u64
+        ));
+    }
+    let before = cpu_seconds(CpuOf::Children);
+    let st = Command::new("gst-launch-1.0")
+        .arg("-q")
+        .args(branches.split_whitespace())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("gst-launch-1.0")?;
+    if !st.success() {
+        bail!("gst-launch-1.0 decode baseline failed");
+    }
+    let clip_seconds = 20.0;
+    Ok((cpu_seconds(CpuOf::Children) - before) / (clip_seconds * n as f64))
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut max = 6usize;
+    let mut seconds = 20.0f64;
+    let mut warmup = 6.0f64;
+    let mut fps = 5.0f64;
+    let mut model = PathBuf::from(crate::app::DEFAULT_SYNTH_BUNDLE);
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match k.as_str() {
+            "--max-streams" => max = val("--max-streams")?.parse()?,
+            "--seconds" => seconds = val("--seconds")?.parse()?,
+            "--warmup" => warmup = val("--warmup")?.parse()?,
+            "--fps" => fps = val("--fps")?.parse()?,
+            "--model" => model = PathBuf::from(val("--model")?),
+            "-h" | "--help" => {
+                println!(
+                    "dfwatch bench e2e [--max-streams 6] [--seconds 20] [--warmup 6] [--fps 5] \
+                     [--model {}]",
+                    crate::app::DEFAULT_SYNTH_BUNDLE
+                );
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    let clip = clip()?;
+    let model = std::fs::canonicalize(&model)
+        .with_context(|| format!("model bundle {} (run ./tools/setup.sh)", model.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("dfwatch-rt")
+        .enable_all()
+        .build()?;
+    println!(
+        "bench e2e: 1280x720 30 fps H.264 streams with one moving face each, analysed at {fps} \
+         fps, model {} ({} cores); {warmup} s warm-up, {seconds} s measured per N",
+        model.display(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!(
+        "{:>3} {:>9} {:>8} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>5}",
+        "N", "dec fps", "dropped", "due", "scored", "coverage", "p50 ms", "p95 ms", "CPU/s",
+        "decode-only", "real"
+    );
+    let mut best = 0;
+    let mut last_groups = BTreeMap::new();
+    let bar = crate::progress::bar(max as u64, "e2e");
+    for n in 1..=max {
+        let row = rt.block_on(measure(
+            n,
+            &clip,
+            &model,
+            fps,
+            Duration::from_secs_f64(warmup),
+            Duration::from_secs_f64(seconds),
+        ))?;
+        let base = decode_only(&clip, n, fps)? * n as f64;
+        bar.suspend(|| {
+            println!(
+                "{:>3} {:>9.1} {:>8.0} {:>7.0} {:>7.0} {:>8.3} {:>8.0} {:>8.0} {:>8.2} {:>10.2} {:>5}",
+                row.n,
+                row.decoded_fps,
+                row.dropped,
+                row.due,
+                row.scored,
+                row.coverage,
+                row.p50 * 1e3,
+                row.p95 * 1e3,
+                row.cpu,
+                base,
+                if row.realtime { "yes" } else { "no" }
+            )
+        });
+        bar.inc(1);
+        last_groups = row.groups.clone();
+        if !row.realtime {
+            break;
+        }
+        best = n;
+    }
+    bar.finish_and_clear();
+    println!("CPU seconds per second by stage at the last N measured:");
+    for (k, v) in &last_groups {
+        println!("  {k:<22} {v:>6.2}");
+    }
+    println!(
+        "largest N in real time (decode >= 95% of 30 fps x N, no drops, coverage >= 0.95, p95 \
+         decode-to-publish < 1 s): {best}"
+    );
+    println!(
+        "decode-only: CPU seconds per second of N gst-launch-1.0 decodes of the same clip to RGB \
+         at {fps} fps (the floor before any analysis); p50/p95 are histogram bucket bounds"
+    );
+    Ok(())
+}
