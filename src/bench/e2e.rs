@@ -108,10 +108,12 @@ fn thread_cpu() -> BTreeMap<&'static str, f64> {
         let comm = comm.trim();
         let group = if comm.starts_with("faces-") {
             "detect+track+crop"
-        } else if comm == "encoder" || comm == "dfwatch" {
+        } else if comm == "encoder" || comm == "onnx-pool" {
             "encode (ONNX pool)"
         } else if comm.starts_with("dfwatch-rt") || comm.starts_with("tokio") {
             "score+evidence+http"
+        } else if comm == "dfwatch" {
+            "main (bench driver)"
         } else if comm.starts_with("dfwatch-spool")
             || comm.starts_with("mqtt")
             || comm.starts_with("router")
