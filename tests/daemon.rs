@@ -598,3 +598,49 @@ fn analyze_gives_one_verdict_over_the_requested_frames() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing.mp4"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_swap_on_reload_ends_open_alerts_and_changes_the_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = Broker::new(tmp.path());
+    broker.start().await;
+    let got = subscriber(broker.port, "e2e-swap");
+    let (s, _) = setup(&stream_toml("cam", "{clip}"), &broker.url(), 8.0, 20);
+    let real = bundle(s.dir.path(), -8.0);
+    let mut daemon = Daemon::start(&s.config, s.dir.path(), &[]);
+    let port = s.http_port;
+    wait_until("a new alert", SECS(90), || {
+        on_topic(&got, "/alerts").iter().any(|a| a["type"] == "new")
+    })
+    .await;
+    let sha_before = on_topic(&got, "/alerts")[0]["model"]["manifest_sha256"].clone();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let fake = s.dir.path().join("bundle8");
+    std::fs::write(
+        &s.config,
+        text.replace(&fake.display().to_string(), &real.display().to_string()),
+    )
+    .unwrap();
+    let (code, report) = http(port, "POST", "/api/reload", Some(TOKEN), "");
+    assert_eq!(code, 200, "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["model_swapped"], true, "{report}");
+    assert_eq!(report["restarted"], serde_json::json!([]), "{report}");
+    wait_until("the open alert ends with model_swapped", SECS(20), || {
+        on_topic(&got, "/alerts")
+            .iter()
+            .any(|a| a["type"] == "end" && a["end_reason"] == "model_swapped")
+    })
+    .await;
+    let (_, ready) = http(port, "GET", "/readyz", None, "");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_ne!(ready["model"]["manifest_sha256"], sha_before);
+    // The new model scores faces too (the encoder thread was replaced, not lost).
+    let before = metric(&metrics(port), "dfwatch_faces_scored_total{stream=\"cam\"}").unwrap();
+    wait_until("faces scored by the new model", SECS(20), || {
+        metric(&metrics(port), "dfwatch_faces_scored_total{stream=\"cam\"}").unwrap() > before
+    })
+    .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(SECS(15)).0, Some(0));
+}

@@ -35,7 +35,10 @@ fn clip() -> anyhow::Result<PathBuf> {
         return Ok(std::fs::canonicalize(&path)?);
     }
     std::fs::create_dir_all("var/bench")?;
-    eprintln!("bench e2e: making {} (20 s of 1280x720 at 30 fps)", path.display());
+    eprintln!(
+        "bench e2e: making {} (20 s of 1280x720 at 30 fps)",
+        path.display()
+    );
     let cmd = format!(
         ".venv/bin/python tools/make_sample.py --width {W} --height {H} --frames 600 | \
          gst-launch-1.0 -q fdsrc ! rawvideoparse format=rgb width={W} height={H} \
@@ -234,10 +237,8 @@ async fn measure(
         .map(|(k, v)| (*k, (v - g0.get(k).copied().unwrap_or(0.0)) / secs))
         .collect();
     let decoded_fps = decoded / secs;
-    let realtime = decoded_fps >= 0.95 * 30.0 * n as f64
-        && dropped == 0.0
-        && coverage >= 0.95
-        && p95 < 1.0;
+    let realtime =
+        decoded_fps >= 0.95 * 30.0 * n as f64 && dropped == 0.0 && coverage >= 0.95 && p95 < 1.0;
     Ok(Row {
         n,
         decoded_fps,
@@ -318,12 +319,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "bench e2e: 1280x720 30 fps H.264 streams with one moving face each, analysed at {fps} \
          fps, model {} ({} cores); {warmup} s warm-up, {seconds} s measured per N",
         model.display(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
     println!(
         "{:>3} {:>9} {:>8} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>5}",
-        "N", "dec fps", "dropped", "due", "scored", "coverage", "p50 ms", "p95 ms", "CPU/s",
-        "decode-only", "real"
+        "N",
+        "dec fps",
+        "dropped",
+        "due",
+        "scored",
+        "coverage",
+        "p50 ms",
+        "p95 ms",
+        "CPU/s",
+        "decode-only",
+        "real"
     );
     let mut best = 0;
     let mut last_groups = BTreeMap::new();
