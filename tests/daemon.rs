@@ -282,7 +282,12 @@ async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
     let mut broker = Broker::new(tmp.path());
     broker.start().await;
     let got = subscriber(broker.port, "e2e-fake");
-    let (s, _) = setup(&stream_toml("cam", &server.url()), &broker.url(), 8.0, 0);
+    // This stream opts in to face crops with its alerts.
+    let stream = format!(
+        "{}publish_face_crops = true\n",
+        stream_toml("cam", &server.url())
+    );
+    let (s, _) = setup(&stream, &broker.url(), 8.0, 0);
     // A systemd notify socket, as the unit would give it.
     let notify_path = s.dir.path().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -341,6 +346,16 @@ async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
     assert!(metric(&text, "dfwatch_alerts_total{type=\"new\",verdict=\"fake\"}").unwrap() >= 1.0);
     assert!(text.contains("dfwatch_build_info{"), "{text}");
     assert!(text.contains("trained=\"false\""));
+    assert_eq!(http(port, "GET", "/livez", None, "").0, 200);
+    // The face crop of the new alert, as a JPEG on its own topic.
+    let face_topic = format!(
+        "dfwatch/e2e/alerts/{}/face",
+        a["alert_id"].as_str().unwrap()
+    );
+    wait_until("the face crop JPEG", SECS(10), || {
+        got.lock().unwrap().iter().any(|(t, _)| *t == face_topic)
+    })
+    .await;
     let (code, body) = http(port, "GET", "/api/alerts?limit=5", None, "");
     assert_eq!(code, 200);
     assert!(body.contains(a["alert_id"].as_str().unwrap()), "{body}");

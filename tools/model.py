@@ -561,10 +561,24 @@ def cmd_checkset(args) -> None:
 
 # ----------------------------------------------------------------------------- import
 
+class Steps:
+    """Progress of a long command on stderr: `[k/n] what (elapsed)`, one line per step."""
+
+    def __init__(self, command: str, total: int):
+        self.command, self.total, self.k, self.t0 = command, total, 0, time.time()
+
+    def __call__(self, what: str) -> None:
+        self.k += 1
+        print(f"{self.command}: [{self.k}/{self.total}] {what} ({time.time() - self.t0:.1f} s)",
+              file=sys.stderr, flush=True)
+
+
 def cmd_import(args) -> None:
     from checkpoint import ClipTokenizer, infer_visual, load_torch_zip, text_forward
     ckpt = Path(args.checkpoint)
     labels = LABEL_SETS[args.labels]
+    step = Steps("import", 5)
+    step(f"reading {ckpt.name} (restricted unpickler)")
     obj = load_torch_zip(ckpt)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or "visual.conv1.weight" not in {
@@ -577,6 +591,7 @@ def cmd_import(args) -> None:
     visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
     tok = ClipTokenizer()
     prompts = [prompt(n, lvl) for n, lvl in labels["nodes"]]
+    step(f"text tower over {len(prompts)} label prompts")
     tokens = np.stack([tok.tokenize(p, sd["positional_embedding"].shape[0]) for p in prompts])
     text = text_forward(sd, tokens).astype(np.float32)
     if text.shape[1] != arch["embed_dim"]:
@@ -584,11 +599,14 @@ def cmd_import(args) -> None:
                          f"{arch['embed_dim']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    step("writing safetensors")
     write_safetensors(out / "image_encoder.safetensors", visual,
                       {"format": "OpenAI-CLIP visual tower, f32", "checkpoint": ckpt.name})
     write_safetensors(out / "text_embeddings.safetensors", {"text_embeddings": text},
                       {"rows": "label nodes in manifest order", "checkpoint": ckpt.name})
+    step("exporting the image tower to ONNX")
     export_onnx(visual, arch, out / "image_encoder.onnx")
+    step("writing the manifest (SHA-256 of every file)")
     name = {768: "vit-b-32"}.get(arch["width"], "custom") if arch["patch_size"] == 32 else "custom"
     write_manifest(out, name=args.name or f"sjedd-{args.labels}", version=args.version,
                    source={"kind": "import", "checkpoint": ckpt.name,

@@ -608,6 +608,7 @@ impl Decision {
                 let size = (rgb.len() as f64 / 3.0).sqrt() as usize;
                 match crop::encode_jpeg(&rgb, size, 90) {
                     Ok(jpeg) => {
+                        tracing::debug!(alert_id = %id, bytes = jpeg.len(), "Face crop handed to the publisher.");
                         let _ = self.publisher.publish_face_crop(&id, jpeg).await;
                     }
                     Err(e) => tracing::warn!(error = %e, "Face crop not encoded."),

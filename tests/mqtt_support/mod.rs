@@ -93,6 +93,8 @@ pub fn subscriber(port: u16, id: &str) -> Arc<Mutex<Vec<(String, String)>>> {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_clean_session(false);
     o.set_keep_alive(Duration::from_secs(5));
+    // Face-crop JPEGs are tens of kB; rumqttc refuses packets over 10 kB by default.
+    o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = AsyncClient::new(o, 64);
     let sink = got.clone();
     tokio::spawn(async move {
