@@ -116,16 +116,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{}: invalid config:", path.display());
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
-            return ExitCode::from(2);
+/// Loads a config, printing every problem (exit code 2) when it is invalid.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{}: invalid config:", path.display());
+        for e in &errors.0 {
+            eprintln!("  {e}");
         }
+        ExitCode::from(2)
+    })
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -157,15 +162,9 @@ fn analyze(
     out: Option<PathBuf>,
 ) -> ExitCode {
     let config = match config {
-        Some(p) => match Config::load(&p) {
+        Some(p) => match load_config(&p) {
             Ok(c) => c,
-            Err(errors) => {
-                eprintln!("{}: invalid config:", p.display());
-                for e in &errors.0 {
-                    eprintln!("  {e}");
-                }
-                return ExitCode::from(2);
-            }
+            Err(code) => return code,
         },
         None => Config {
             base_dir: PathBuf::from("."),

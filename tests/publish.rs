@@ -388,6 +388,25 @@ async fn face_crops_go_out_as_jpeg_and_are_never_retained() {
     .expect("in time");
 }
 
+/// A mosquitto with a TLS listener beside its plain one (subscribers stay on plain TCP);
+/// returns the broker, the TLS port and the CA file.
+async fn tls_broker(dir: &Path, require_client_cert: bool) -> (Broker, u16, PathBuf) {
+    let (ca, cert, key) = tls_files(dir);
+    let mut broker = Broker::new(dir);
+    let tls_port = free_port();
+    let mut conf = std::fs::read_to_string(&broker.conf).unwrap();
+    conf.push_str(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+         require_certificate {require_client_cert}\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    ));
+    std::fs::write(&broker.conf, conf).unwrap();
+    broker.start().await;
+    (broker, tls_port, ca)
+}
+
 /// Makes a CA and a server certificate for 127.0.0.1 with openssl; returns (ca, cert, key).
 fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let run = |args: &[&str]| {
@@ -488,21 +507,8 @@ fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 async fn mqtts_with_a_client_certificate_when_the_broker_requires_one() {
     tokio::time::timeout(SECS(60), async {
         let dir = tempfile::tempdir().unwrap();
-        let (ca, cert, key) = tls_files(dir.path());
-        let mut broker = Broker::new(dir.path());
-        let plain_port = broker.port;
-        let tls_port = free_port();
-        let mut conf = std::fs::read_to_string(&broker.conf).unwrap();
-        conf.push_str(&format!(
-            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
-             require_certificate true\n",
-            ca.display(),
-            cert.display(),
-            key.display()
-        ));
-        std::fs::write(&broker.conf, conf).unwrap();
-        broker.start().await;
-        let got = subscriber(plain_port, "sub-client-cert");
+        let (broker, tls_port, ca) = tls_broker(dir.path(), true).await;
+        let got = subscriber(broker.port, "sub-client-cert");
         tokio::time::sleep(Duration::from_millis(300)).await;
         // Without a client certificate the broker refuses the handshake: alerts stay spooled.
         let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
@@ -539,21 +545,8 @@ async fn mqtts_with_a_client_certificate_when_the_broker_requires_one() {
 async fn mqtts_with_a_ca_file_reaches_a_tls_broker() {
     tokio::time::timeout(SECS(60), async {
         let dir = tempfile::tempdir().unwrap();
-        let (ca, cert, key) = tls_files(dir.path());
-        let mut broker = Broker::new(dir.path());
-        let plain_port = broker.port;
-        let tls_port = free_port();
-        // A TLS listener beside the plain one (the subscriber stays on plain TCP).
-        let mut conf = std::fs::read_to_string(&broker.conf).unwrap();
-        conf.push_str(&format!(
-            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-            ca.display(),
-            cert.display(),
-            key.display()
-        ));
-        std::fs::write(&broker.conf, conf).unwrap();
-        broker.start().await;
-        let got = subscriber(plain_port, "sub-tls");
+        let (broker, tls_port, ca) = tls_broker(dir.path(), false).await;
+        let got = subscriber(broker.port, "sub-tls");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
         cfg.ca_file = Some(ca.clone());

@@ -84,7 +84,6 @@ pub struct AnalysisMetrics {
     pub score_errors: Counter,
     /// Alerts by (type, verdict).
     pub alerts: std::sync::Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    pub encoder_ns: Counter,
 }
 
 impl Default for AnalysisMetrics {
@@ -95,7 +94,6 @@ impl Default for AnalysisMetrics {
             decode_to_publish_seconds: Histogram::new(LATENCY_BUCKETS),
             score_errors: Counter::default(),
             alerts: Default::default(),
-            encoder_ns: Counter::default(),
         }
     }
 }

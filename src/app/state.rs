@@ -91,6 +91,14 @@ pub struct StreamReport {
     pub coverage: f64,
 }
 
+/// One stream's numbers, read once per `/metrics` request.
+struct StreamRow<'a> {
+    id: String,
+    status: StreamStatus,
+    stats: crate::ingest::StreamStats,
+    view: &'a StreamView,
+}
+
 /// Shared by the supervisor loop, the stages and the HTTP handlers.
 pub struct AppState {
     pub node: NodeId,
@@ -180,20 +188,13 @@ impl AppState {
             self.started.elapsed().as_secs_f64(),
         );
         let streams = self.streams.read().expect("streams lock");
-        let rows: Vec<(
-            String,
-            StreamStatus,
-            crate::ingest::StreamStats,
-            &StreamView,
-        )> = streams
+        let rows: Vec<StreamRow> = streams
             .iter()
-            .map(|(id, v)| {
-                (
-                    id.to_string(),
-                    v.status.borrow().clone(),
-                    v.counters.snapshot(),
-                    v,
-                )
+            .map(|(id, v)| StreamRow {
+                id: id.to_string(),
+                status: v.status.borrow().clone(),
+                stats: v.counters.snapshot(),
+                view: v,
             })
             .collect();
         e.family(
@@ -201,48 +202,12 @@ impl AppState {
             "gauge",
             "1 while the stream delivers frames (state online).",
         );
-        for (id, st, _, _) in &rows {
-            let up = st.state == crate::ingest::StreamState::Online;
+        for r in &rows {
+            let up = r.status.state == crate::ingest::StreamState::Online;
             e.sample(
                 "dfwatch_stream_up",
-                &[("stream", id), ("state", st.state.as_str())],
+                &[("stream", &r.id), ("state", r.status.state.as_str())],
                 if up { 1.0 } else { 0.0 },
-            );
-        }
-        e.family(
-            "dfwatch_stream_reconnects_total",
-            "counter",
-            "Re-establishments after a loss.",
-        );
-        for (id, st, _, _) in &rows {
-            e.sample(
-                "dfwatch_stream_reconnects_total",
-                &[("stream", id)],
-                st.reconnects as f64,
-            );
-        }
-        e.family(
-            "dfwatch_frames_decoded_total",
-            "counter",
-            "Frames out of the decoder.",
-        );
-        for (id, _, s, _) in &rows {
-            e.sample(
-                "dfwatch_frames_decoded_total",
-                &[("stream", id)],
-                s.frames_decoded as f64,
-            );
-        }
-        e.family(
-            "dfwatch_frames_sampled_out_total",
-            "counter",
-            "Frames skipped by the analysis rate (by design, not a loss).",
-        );
-        for (id, _, s, _) in &rows {
-            e.sample(
-                "dfwatch_frames_sampled_out_total",
-                &[("stream", id)],
-                s.frames_sampled_out as f64,
             );
         }
         e.family(
@@ -250,114 +215,110 @@ impl AppState {
             "counter",
             "Frames lost, by reason.",
         );
-        for (id, _, s, v) in &rows {
-            for (reason, n) in s.drops() {
+        for r in &rows {
+            for (reason, n) in r.stats.drops() {
                 e.sample(
                     "dfwatch_frames_dropped_total",
-                    &[("stream", id), ("reason", reason)],
+                    &[("stream", &r.id), ("reason", reason)],
                     n as f64,
                 );
             }
-            let ch = (v.frames)();
             e.sample(
                 "dfwatch_frames_dropped_total",
-                &[("stream", id), ("reason", "analysis_behind")],
-                ch.dropped_oldest as f64,
+                &[("stream", &r.id), ("reason", "analysis_behind")],
+                (r.view.frames)().dropped_oldest as f64,
             );
         }
-        e.family(
-            "dfwatch_frames_analysed_total",
-            "counter",
-            "Frames the face stage processed.",
-        );
-        for (id, _, _, v) in &rows {
-            e.sample(
+        // One value per stream: (name, help, value). Kind: counter for `_total`, else gauge.
+        type Pick = fn(&StreamRow) -> f64;
+        let per_stream: [(&str, &str, Pick); 12] = [
+            (
+                "dfwatch_stream_reconnects_total",
+                "Re-establishments after a loss.",
+                |r| r.status.reconnects as f64,
+            ),
+            (
+                "dfwatch_frames_decoded_total",
+                "Frames out of the decoder.",
+                |r| r.stats.frames_decoded as f64,
+            ),
+            (
+                "dfwatch_frames_sampled_out_total",
+                "Frames skipped by the analysis rate (by design, not a loss).",
+                |r| r.stats.frames_sampled_out as f64,
+            ),
+            (
                 "dfwatch_frames_analysed_total",
-                &[("stream", id)],
-                v.analysis.frames_analysed.get() as f64,
-            );
-        }
-        type Pick = fn(&StreamMetrics) -> u64;
-        let face_counters: [(&str, &str, Pick); 7] = [
+                "Frames the face stage processed.",
+                |r| r.view.analysis.frames_analysed.get() as f64,
+            ),
             (
                 "dfwatch_faces_detected_total",
                 "Faces found by the detector.",
-                |m| m.faces_detected.get(),
+                |r| r.view.analysis.faces_detected.get() as f64,
             ),
             (
                 "dfwatch_faces_due_total",
                 "Faces the tracker scheduled for scoring.",
-                |m| m.faces_due.get(),
+                |r| r.view.analysis.faces_due.get() as f64,
             ),
-            ("dfwatch_faces_scored_total", "Faces scored.", |m| {
-                m.faces_scored.get()
+            ("dfwatch_faces_scored_total", "Faces scored.", |r| {
+                r.view.analysis.faces_scored.get() as f64
             }),
             (
                 "dfwatch_faces_dropped_total",
                 "Due faces evicted from the full encode queue.",
-                |m| m.faces_dropped_encode_queue.get(),
+                |r| r.view.analysis.faces_dropped_encode_queue.get() as f64,
             ),
             (
                 "dfwatch_faces_crop_failed_total",
                 "Due faces that could not be cropped.",
-                |m| m.faces_crop_failed.get(),
+                |r| r.view.analysis.faces_crop_failed.get() as f64,
             ),
             (
                 "dfwatch_detector_errors_total",
                 "Frames on which face detection failed.",
-                |m| m.detector_errors.get(),
+                |r| r.view.analysis.detector_errors.get() as f64,
             ),
-            ("dfwatch_tracks", "Live face tracks (gauge).", |m| {
-                m.tracks_live.load(Ordering::Relaxed)
+            ("dfwatch_tracks", "Live face tracks.", |r| {
+                r.view.analysis.tracks_live.load(Ordering::Relaxed) as f64
             }),
+            (
+                "dfwatch_coverage_ratio",
+                "Faces scored / faces due for scoring, since start.",
+                |r| r.view.analysis.coverage(),
+            ),
         ];
-        for (name, help, pick) in face_counters {
+        for (name, help, pick) in per_stream {
             let kind = if name.ends_with("_total") {
                 "counter"
             } else {
                 "gauge"
             };
             e.family(name, kind, help);
-            for (id, _, _, v) in &rows {
-                e.sample(name, &[("stream", id)], pick(&v.analysis) as f64);
+            for r in &rows {
+                e.sample(name, &[("stream", &r.id)], pick(r));
             }
-        }
-        e.family(
-            "dfwatch_coverage_ratio",
-            "gauge",
-            "Faces scored / faces due for scoring, since start.",
-        );
-        for (id, _, _, v) in &rows {
-            e.sample(
-                "dfwatch_coverage_ratio",
-                &[("stream", id)],
-                v.analysis.coverage(),
-            );
         }
         e.family(
             "dfwatch_stage_cpu_seconds_total",
             "counter",
             "CPU time of the face stage, by step.",
         );
-        for (id, _, _, v) in &rows {
-            e.sample(
-                "dfwatch_stage_cpu_seconds_total",
-                &[("stream", id), ("stage", "detect")],
-                v.analysis.detect_ns.get() as f64 * 1e-9,
-            );
-            e.sample(
-                "dfwatch_stage_cpu_seconds_total",
-                &[("stream", id), ("stage", "crop")],
-                v.analysis.crop_ns.get() as f64 * 1e-9,
-            );
+        for r in &rows {
+            for (stage, ns) in [
+                ("detect", r.view.analysis.detect_ns.get()),
+                ("crop", r.view.analysis.crop_ns.get()),
+            ] {
+                e.sample(
+                    "dfwatch_stage_cpu_seconds_total",
+                    &[("stream", &r.id), ("stage", stage)],
+                    ns as f64 * 1e-9,
+                );
+            }
         }
         drop(streams);
         let a = &self.analysis;
-        e.sample(
-            "dfwatch_stage_cpu_seconds_total",
-            &[("stream", ""), ("stage", "encode")],
-            a.encoder_ns.get() as f64 * 1e-9,
-        );
         e.family(
             "dfwatch_encode_batch_size",
             "histogram",
