@@ -340,8 +340,6 @@ pub struct Decision {
     pub evidence: Evidence,
     pub publisher: Arc<PublisherHandle>,
     pub metrics: Arc<AnalysisMetrics>,
-    /// Streams that publish face crops with their alerts.
-    pub face_crop_streams: std::collections::HashSet<StreamId>,
 }
 
 /// How long an ended track is remembered to ignore its late embeddings.
@@ -408,7 +406,8 @@ impl Decision {
                     };
                     if let Some(ev) = self.evidence.observe(obs, SystemTime::now(), rng.next_u128()) {
                         let crop = match ev.kind {
-                            AlertKind::New if self.face_crop_streams.contains(&meta.stream) => item.meta.crop.clone(),
+                            // Present only for streams that opted in (publish_face_crops).
+                            AlertKind::New => item.meta.crop.clone(),
                             _ => None,
                         };
                         events.push((ev, crop));

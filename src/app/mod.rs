@@ -377,12 +377,6 @@ pub async fn run_until(
         scoring,
         publisher: publisher.clone(),
         metrics: analysis_metrics.clone(),
-        face_crop_streams: config
-            .streams
-            .iter()
-            .filter(|s| s.publish_face_crops)
-            .map(|s| s.id.clone())
-            .collect(),
     };
     let model_info = decision.scoring.model.clone();
     let decision_task = tokio::spawn(decision.run(emb_rx, control_rx));
