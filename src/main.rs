@@ -72,6 +72,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What the GPU path finds on this machine: the `cuda` feature, each CUDA library, the
+    /// devices, the CUDA headers; `--compile` also compiles every kernel with NVRTC.
+    GpuInfo {
+        #[arg(long)]
+        json: bool,
+        /// Compile kernels/*.cu with NVRTC for the first device's architecture (compute_90
+        /// without a device).
+        #[arg(long)]
+        compile: bool,
+    },
     /// Run a benchmark that prints its baseline measured in the same run.
     Bench {
         /// Benchmark name; leave out to list them.
@@ -106,6 +116,7 @@ fn main() -> ExitCode {
             images,
         } => score(&model, onnx_library, threads, embeddings, &images),
         Cmd::Bench { name, args } => bench(name, &args),
+        Cmd::GpuInfo { json, compile } => gpu_info(json, compile),
         Cmd::Analyze {
             input,
             model,
@@ -113,6 +124,72 @@ fn main() -> ExitCode {
             config,
             out,
         } => analyze(&input, &model, frames, config, out),
+    }
+}
+
+fn gpu_info(json: bool, compile: bool) -> ExitCode {
+    let info = dfwatch::gpu::probe();
+    let compiled = compile.then(|| {
+        let arch = dfwatch::gpu::arch_for(info.devices.first().map(|d| d.compute_capability));
+        (arch, dfwatch::gpu::compile_kernels(arch))
+    });
+    if json {
+        let mut v = serde_json::to_value(&info).expect("serialisable");
+        if let Some((arch, r)) = &compiled {
+            v["kernels"] = match r {
+                Ok(k) => {
+                    serde_json::json!({"arch": arch, "compiled": k.iter().map(|(n, p)| serde_json::json!({"kernel": n, "ptx_bytes": p.len()})).collect::<Vec<_>>()})
+                }
+                Err(e) => serde_json::json!({"arch": arch, "error": e.to_string()}),
+            };
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serialisable")
+        );
+    } else {
+        println!(
+            "cuda feature: {}",
+            if info.feature_cuda {
+                "on"
+            } else {
+                "off (build with --features cuda)"
+            }
+        );
+        for (lib, ok) in &info.libraries {
+            println!("  {lib:<18} {}", if *ok { "found" } else { "MISSING" });
+        }
+        for d in &info.devices {
+            println!(
+                "  device {}: {} (compute capability {}.{})",
+                d.ordinal, d.name, d.compute_capability.0, d.compute_capability.1
+            );
+        }
+        if let Some(e) = &info.device_error {
+            println!("  devices: none ({e})");
+        }
+        match &info.include_dir {
+            Some(p) => println!("  CUDA headers: {}", p.display()),
+            None => println!("  CUDA headers: not found (DFWATCH_CUDA_INCLUDE, CUDA_PATH)"),
+        }
+        if let Some((arch, r)) = &compiled {
+            match r {
+                Ok(k) => {
+                    for (n, p) in k {
+                        println!(
+                            "  kernel {n}: compiled for {arch} ({} bytes of PTX)",
+                            p.len()
+                        );
+                    }
+                }
+                Err(e) => println!("  kernels: {e}"),
+            }
+        }
+        println!("engine: {}", info.engine);
+    }
+    match compiled {
+        Some((_, Err(_))) => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
     }
 }
 
