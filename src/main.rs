@@ -81,6 +81,10 @@ enum Cmd {
         /// without a device).
         #[arg(long)]
         compile: bool,
+        /// Crop this image on the GPU under 16 similarity maps and compare with the CPU fused
+        /// crop (target: >= 99.9% of values within 1/255).
+        #[arg(long, value_name = "IMAGE")]
+        check_crop: Option<PathBuf>,
     },
     /// Run a benchmark that prints its baseline measured in the same run.
     Bench {
@@ -116,7 +120,11 @@ fn main() -> ExitCode {
             images,
         } => score(&model, onnx_library, threads, embeddings, &images),
         Cmd::Bench { name, args } => bench(name, &args),
-        Cmd::GpuInfo { json, compile } => gpu_info(json, compile),
+        Cmd::GpuInfo {
+            json,
+            compile,
+            check_crop,
+        } => gpu_info(json, compile, check_crop),
         Cmd::Analyze {
             input,
             model,
@@ -127,7 +135,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn gpu_info(json: bool, compile: bool) -> ExitCode {
+fn gpu_info(json: bool, compile: bool, check_crop: Option<PathBuf>) -> ExitCode {
+    if let Some(image) = check_crop {
+        return gpu_check_crop(&image);
+    }
     let info = dfwatch::gpu::probe();
     let compiled = compile.then(|| {
         let arch = dfwatch::gpu::arch_for(info.devices.first().map(|d| d.compute_capability));
@@ -191,6 +202,36 @@ fn gpu_info(json: bool, compile: bool) -> ExitCode {
         Some((_, Err(_))) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check_crop(image: &std::path::Path) -> ExitCode {
+    match dfwatch::gpu::crop::check_crop(image) {
+        Ok((n, within, worst)) => {
+            let pass = within >= 0.999;
+            println!(
+                "crop kernel vs CPU fused crop: {n} values, {:.4}% within 1/255, largest \
+                 difference {worst:.2}/255: {}",
+                within * 100.0,
+                if pass { "PASS" } else { "FAIL" }
+            );
+            if pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check_crop(_image: &std::path::Path) -> ExitCode {
+    eprintln!("error: {}", dfwatch::gpu::GpuError::FeatureDisabled);
+    ExitCode::FAILURE
 }
 
 /// Loads a config, printing every problem (exit code 2) when it is invalid.

@@ -11,6 +11,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+#[cfg(feature = "cuda")]
+pub mod crop;
+
 /// The CUDA C++ kernels, compiled at run time by NVRTC (no CUDA toolkit needed to build).
 pub const KERNELS: &[(&str, &str)] = &[("crop.cu", include_str!("../../kernels/crop.cu"))];
 
