@@ -419,6 +419,16 @@ pub async fn run_until(
         None
     };
 
+    // The detector once up front: a missing model is a start-up error, not a silent stream.
+    drop(
+        FaceDetector::load(&config.detect, &config.base_dir).with_context(|| {
+            format!(
+                "face detector ({}; run ./tools/setup.sh or set [detect] model_dir)",
+                config.detect.model_dir(&config.base_dir).display()
+            )
+        })?,
+    );
+
     // Streams. One that cannot start (a detector that will not load, ingest unavailable) is
     // logged and left out; the others run.
     let mut factory = StreamFactory {

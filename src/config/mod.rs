@@ -208,10 +208,27 @@ impl Config {
                 "must be above zero (the spool needs time to flush)",
             ));
         }
+        // The CPU path detects and crops on packed RGB; NV12 is for the GPU crop.
+        let cpu = self.model.backend == crate::model::Backend::Cpu;
+        let nv12 = crate::types::PixelFormat::Nv12;
+        if cpu && self.ingest.format == nv12 {
+            errors.push(ConfigError::new(
+                "ingest.format",
+                "\"nv12\" is for the GPU path (model.backend = \"cuda\"); the CPU path detects \
+                 and crops on \"rgb8\"",
+            ));
+        }
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
             s.validate(&path, &self.base_dir, errors);
+            if cpu && s.format == Some(nv12) {
+                errors.push(ConfigError::new(
+                    format!("{path}.format"),
+                    "\"nv12\" is for the GPU path (model.backend = \"cuda\"); the CPU path \
+                     needs \"rgb8\"",
+                ));
+            }
             if let Some(first) = seen.insert(s.id.clone(), i) {
                 errors.push(ConfigError::new(
                     format!("{path}.id"),

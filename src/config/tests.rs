@@ -41,7 +41,7 @@ fn a_full_config_parses_with_overrides_and_durations() {
         id = "sample"
         uri = "../var/sample.mp4"
         on_eos = "loop"
-        format = "nv12"
+        format = "rgb8"
         "#,
     )
     .unwrap();
@@ -51,7 +51,29 @@ fn a_full_config_parses_with_overrides_and_durations() {
     assert_eq!(c.ingest.backoff.reset_after.as_secs(), 60);
     assert_eq!(c.streams.len(), 2);
     assert_eq!(c.streams[1].on_eos, crate::ingest::EosAction::Loop);
-    assert_eq!(c.streams[1].format, Some(crate::types::PixelFormat::Nv12));
+    assert_eq!(c.streams[1].format, Some(crate::types::PixelFormat::Rgb8));
+}
+
+#[test]
+fn nv12_is_refused_on_the_cpu_path_where_nothing_could_crop_it() {
+    let e = parse(
+        r#"
+        [ingest]
+        format = "nv12"
+
+        [[streams]]
+        id = "a"
+        uri = "rtsp://10.0.0.1/x"
+        format = "nv12"
+        "#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("ingest.format: \"nv12\" is for the GPU path"),
+        "{e}"
+    );
+    assert!(e.contains("streams[0].format"), "{e}");
 }
 
 #[test]
