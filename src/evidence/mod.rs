@@ -314,7 +314,7 @@ impl Evidence {
     ) -> Option<AlertEvent> {
         let key = (obs.stream.clone(), obs.track);
         let now = obs.at;
-        let cfg = self.cfg.clone();
+        let cfg = &self.cfg;
         let state = self.tracks.entry(key).or_insert_with(|| TrackState {
             stream: obs.stream.clone(),
             window: Vec::new(),
