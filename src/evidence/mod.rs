@@ -330,7 +330,7 @@ impl Evidence {
         state
             .window
             .retain(|o| now.saturating_duration_since(o.at) <= cfg.window);
-        let stat = window_statistic(&state.window, &cfg)?;
+        let stat = window_statistic(&state.window, cfg)?;
         let span = match (state.window.first(), state.window.last()) {
             (Some(a), Some(b)) => b.at.saturating_duration_since(a.at),
             _ => Duration::ZERO,
@@ -363,7 +363,7 @@ impl Evidence {
                     leaders,
                     top,
                 };
-                let ev = Self::event(&cfg, state, &alert, AlertKind::New, stat, marg);
+                let ev = Self::event(cfg, state, &alert, AlertKind::New, stat, marg);
                 state.alert = Some(alert);
                 Some(ev)
             }
@@ -384,7 +384,7 @@ impl Evidence {
                     alert.leaders = leaders;
                     let alert = alert.clone();
                     Some(Self::event(
-                        &cfg,
+                        cfg,
                         state,
                         &alert,
                         AlertKind::Update,
@@ -400,7 +400,7 @@ impl Evidence {
                 let kind = AlertKind::End {
                     reason: EndReason::Cleared,
                 };
-                Some(Self::event(&cfg, state, &alert, kind, stat, marg))
+                Some(Self::event(cfg, state, &alert, kind, stat, marg))
             }
             (false, false) => None,
         }
