@@ -15,7 +15,10 @@ use serde::Serialize;
 pub mod crop;
 
 /// The CUDA C++ kernels, compiled at run time by NVRTC (no CUDA toolkit needed to build).
-pub const KERNELS: &[(&str, &str)] = &[("crop.cu", include_str!("../../kernels/crop.cu"))];
+pub const KERNELS: &[(&str, &str)] = &[
+    ("crop.cu", include_str!("../../kernels/crop.cu")),
+    ("vit.cu", include_str!("../../kernels/vit.cu")),
+];
 
 /// Why the GPU path cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,8 +26,9 @@ pub enum GpuError {
     #[error("the GPU path is not available: dfwatch was built without the `cuda` feature")]
     FeatureDisabled,
     #[error(
-        "the native GPU engine is not implemented yet in this version of dfwatch (the crop \
-         kernels compile; the ViT-B/32 engine does not exist yet): use model.backend = \"cpu\""
+        "the native GPU engine is not implemented yet in this version of dfwatch (its \
+         kernels compile; the ViT-B/32 engine that runs them does not exist yet): use \
+         model.backend = \"cpu\""
     )]
     NotImplemented,
     #[error("CUDA library {0} not found (searched the loader path; set LD_LIBRARY_PATH)")]
@@ -261,5 +265,19 @@ mod tests {
         assert!(crop.contains(".entry crop_rgb_fp16"), "{crop}");
         assert!(crop.contains(".entry crop_nv12_fp16"));
         assert!(crop.contains(".target sm_90"));
+        let vit = &ptx.iter().find(|(n, _)| *n == "vit.cu").unwrap().1;
+        for entry in [
+            "patchify",
+            "embed_tokens",
+            "add_layernorm",
+            "bias_quick_gelu",
+            "add_bias",
+            "attention",
+        ] {
+            assert!(
+                vit.contains(&format!(".entry {entry}")),
+                "{entry} missing from the PTX"
+            );
+        }
     }
 }
