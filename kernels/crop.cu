@@ -36,22 +36,37 @@ __device__ __forceinline__ float round_u8(float v) {
     return fminf(fmaxf(rintf(v), 0.0f), 255.0f);
 }
 
+// Output pixel `idx` of a face with inverse map `m` (6 floats): its source position's
+// neighbours and bilinear weights; false when all four are outside the frame.
+__device__ __forceinline__ bool source_neighbours(const float* m, int idx, const CropParams& p,
+                                                  int& x0, int& y0, float& ax, float& ay) {
+    const int u = idx % p.size, v = idx / p.size;
+    const float sx = m[0] * u + m[1] * v + m[2];
+    const float sy = m[3] * u + m[4] * v + m[5];
+    return neighbours(sx, sy, p.width, p.height, x0, y0, ax, ay);
+}
+
+// CLIP normalisation of one output pixel, written as fp16 at out[face][c][idx].
+__device__ __forceinline__ void store_normalised(const float rgb[3], int face, int idx,
+                                                 const CropParams& p, __half* __restrict__ out) {
+    const int plane = p.size * p.size;
+    __half* o = out + (size_t)face * 3 * plane;
+    for (int c = 0; c < 3; ++c) {
+        o[c * plane + idx] = __float2half(rgb[c] * p.scale[c] - p.shift[c]);
+    }
+}
+
 // Packed RGB8 frame with a row stride in bytes.
 extern "C" __global__ void crop_rgb_fp16(const unsigned char* __restrict__ frame, int stride,
                                          const float* __restrict__ inverse,  // faces x 6
                                          CropParams p, __half* __restrict__ out) {
     const int face = blockIdx.y;
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    const int plane = p.size * p.size;
-    if (idx >= plane) return;
-    const int u = idx % p.size, v = idx / p.size;
-    const float* m = inverse + 6 * face;
-    const float sx = m[0] * u + m[1] * v + m[2];
-    const float sy = m[3] * u + m[4] * v + m[5];
+    if (idx >= p.size * p.size) return;
     float rgb[3] = {0.0f, 0.0f, 0.0f};
     int x0, y0;
     float ax, ay;
-    if (neighbours(sx, sy, p.width, p.height, x0, y0, ax, ay)) {
+    if (source_neighbours(inverse + 6 * face, idx, p, x0, y0, ax, ay)) {
         for (int c = 0; c < 3; ++c) {
             float q[4];
             for (int k = 0; k < 4; ++k) {
@@ -64,10 +79,7 @@ extern "C" __global__ void crop_rgb_fp16(const unsigned char* __restrict__ frame
             rgb[c] = round_u8((1.0f - ay) * top + ay * bottom);
         }
     }
-    __half* o = out + (size_t)face * 3 * plane;
-    for (int c = 0; c < 3; ++c) {
-        o[c * plane + idx] = __float2half(rgb[c] * p.scale[c] - p.shift[c]);
-    }
+    store_normalised(rgb, face, idx, p, out);
 }
 
 // YUV -> RGB coefficients (full 8-bit scale): r = ky (y - y_off) + kr v', ...
@@ -104,16 +116,11 @@ extern "C" __global__ void crop_nv12_fp16(const unsigned char* __restrict__ luma
                                           CropParams p, YuvParams k, __half* __restrict__ out) {
     const int face = blockIdx.y;
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    const int plane = p.size * p.size;
-    if (idx >= plane) return;
-    const int u = idx % p.size, v = idx / p.size;
-    const float* m = inverse + 6 * face;
-    const float sx = m[0] * u + m[1] * v + m[2];
-    const float sy = m[3] * u + m[4] * v + m[5];
+    if (idx >= p.size * p.size) return;
     float rgb[3] = {0.0f, 0.0f, 0.0f};
     int x0, y0;
     float ax, ay;
-    if (neighbours(sx, sy, p.width, p.height, x0, y0, ax, ay)) {
+    if (source_neighbours(inverse + 6 * face, idx, p, x0, y0, ax, ay)) {
         float q[4][3];
         for (int n = 0; n < 4; ++n) {
             const int x = x0 + (n & 1), y = y0 + (n >> 1);
@@ -129,8 +136,5 @@ extern "C" __global__ void crop_nv12_fp16(const unsigned char* __restrict__ luma
             rgb[c] = round_u8((1.0f - ay) * top + ay * bottom);
         }
     }
-    __half* o = out + (size_t)face * 3 * plane;
-    for (int c = 0; c < 3; ++c) {
-        o[c * plane + idx] = __float2half(rgb[c] * p.scale[c] - p.shift[c]);
-    }
+    store_normalised(rgb, face, idx, p, out);
 }

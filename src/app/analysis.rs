@@ -225,14 +225,7 @@ impl FaceStage {
                 tracker.predict(now)
             };
             n += 1;
-            for ev in events {
-                if let TrackEvent::Lost(track) = ev {
-                    let _ = self.control.send(Control::TrackLost {
-                        stream: self.stream.clone(),
-                        track,
-                    });
-                }
-            }
+            self.report_lost(events);
             m.tracks_live.store(tracker.len() as u64, Ordering::Relaxed);
             let frame = Arc::new(frame);
             for face in faces.iter().filter(|f| f.due) {
@@ -253,7 +246,13 @@ impl FaceStage {
                 }
             }
         }
-        for ev in tracker.clear() {
+        self.report_lost(tracker.clear());
+        self.metrics.tracks_live.store(0, Ordering::Relaxed);
+    }
+
+    /// Tells the decision task about every track that ended.
+    fn report_lost(&self, events: Vec<TrackEvent>) {
+        for ev in events {
             if let TrackEvent::Lost(track) = ev {
                 let _ = self.control.send(Control::TrackLost {
                     stream: self.stream.clone(),
@@ -261,7 +260,6 @@ impl FaceStage {
                 });
             }
         }
-        self.metrics.tracks_live.store(0, Ordering::Relaxed);
     }
 
     fn prepare(

@@ -301,7 +301,7 @@ pub async fn run_until(
     let state_dir = state_dir();
 
     // Model first: a bad bundle must stop the start with a clear error.
-    let onnx = crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
+    crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
     let model_dir = bundle_dir(&config);
     let LoadedModel {
         bundle,
@@ -394,7 +394,6 @@ pub async fn run_until(
         Box::new(move || rx.stats()) as Box<dyn Fn() -> _ + Send + Sync>
     };
     let state = Arc::new(AppState {
-        node: config.node.id.clone(),
         started: Instant::now(),
         heartbeat_ms: Default::default(),
         ready: AtomicBool::new(false),
@@ -406,7 +405,6 @@ pub async fn run_until(
         token,
         api_schemes: config.http.api_schemes.clone(),
         encode_queue: encode_stats,
-        onnx_threads: onnx.threads,
     });
     state.beat();
     let http_cancel = CancellationToken::new();
@@ -759,7 +757,6 @@ async fn reload(
         let _ = control.send(Control::Evidence(new.evidence.clone()));
         report.evidence_changed = true;
     }
-    let streams_before = current.streams.clone();
     *current = Config {
         streams: new.streams.clone(),
         evidence: new.evidence.clone(),
@@ -783,7 +780,6 @@ async fn reload(
             }
         }
     }
-    let _ = streams_before;
     Ok(report)
 }
 

@@ -15,7 +15,7 @@ use crate::ingest::{StreamConfig, StreamCounters, StreamStatus};
 use crate::metrics::Exposition;
 use crate::publish::mqtt::PublisherHandle;
 use crate::publish::payload::ModelInfo;
-use crate::types::{NodeId, StreamId};
+use crate::types::StreamId;
 
 /// A request to the supervisor loop, answered on `reply`.
 #[derive(Debug)]
@@ -101,7 +101,6 @@ struct StreamRow<'a> {
 
 /// Shared by the supervisor loop, the stages and the HTTP handlers.
 pub struct AppState {
-    pub node: NodeId,
     pub started: Instant,
     /// Milliseconds after `started` of the supervisor loop's last tick.
     pub heartbeat_ms: AtomicU64,
@@ -116,7 +115,6 @@ pub struct AppState {
     /// URI schemes accepted for streams added through the API.
     pub api_schemes: Vec<String>,
     pub encode_queue: Box<dyn Fn() -> ChannelStats + Send + Sync>,
-    pub onnx_threads: usize,
 }
 
 impl AppState {
@@ -231,7 +229,7 @@ impl AppState {
         }
         // One value per stream: (name, help, value). Kind: counter for `_total`, else gauge.
         type Pick = fn(&StreamRow) -> f64;
-        let per_stream: [(&str, &str, Pick); 12] = [
+        let per_stream: [(&str, &str, Pick); 13] = [
             (
                 "dfwatch_stream_reconnects_total",
                 "Re-establishments after a loss.",
@@ -279,6 +277,11 @@ impl AppState {
                 "dfwatch_detector_errors_total",
                 "Frames on which face detection failed.",
                 |r| r.view.analysis.detector_errors.get() as f64,
+            ),
+            (
+                "dfwatch_faces_late_total",
+                "Embeddings that arrived after their track had ended (ignored).",
+                |r| r.view.analysis.faces_late.get() as f64,
             ),
             ("dfwatch_tracks", "Live face tracks.", |r| {
                 r.view.analysis.tracks_live.load(Ordering::Relaxed) as f64

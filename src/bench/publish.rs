@@ -188,21 +188,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "{:<40} {:>12} {:>10} {:>10}",
             "variant", "alerts/s", "p50 ms", "p99 ms"
         );
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        println!(
-            "{:<40} {:>12.0} {:>10.2} {:>10.2}",
-            "rumqttc QoS 1, no spool (baseline)",
-            bare_rate,
-            ms(percentile(&bare_lat, 0.5)),
-            ms(percentile(&bare_lat, 0.99))
-        );
-        println!(
-            "{:<40} {:>12.0} {:>10.2} {:>10.2}",
-            "dfwatch, durable spool",
-            dur_rate,
-            ms(percentile(&dur_lat, 0.5)),
-            ms(percentile(&dur_lat, 0.99))
-        );
+        let row = |name: &str, rate: f64, lat: &[Duration]| {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "{:<40} {:>12.0} {:>10.2} {:>10.2}",
+                name,
+                rate,
+                ms(percentile(lat, 0.5)),
+                ms(percentile(lat, 0.99))
+            );
+        };
+        row("rumqttc QoS 1, no spool (baseline)", bare_rate, &bare_lat);
+        row("dfwatch, durable spool", dur_rate, &dur_lat);
         println!(
             "targets: >= 5,000 alerts/s durable ({}), and >= half the spool-less rate ({:.2})",
             if dur_rate >= 5000.0 { "met" } else { "NOT met" },

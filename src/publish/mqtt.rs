@@ -349,16 +349,22 @@ impl PublisherHandle {
         payload: Vec<u8>,
     ) -> Result<oneshot::Receiver<std::io::Result<u64>>, PublishError> {
         let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Alert {
-                alert_id: alert_id.to_string(),
-                update,
-                payload,
-                done,
-            })
-            .await
-            .map_err(|_| PublishError::Stopped)?;
+        self.send(Request::Alert {
+            alert_id: alert_id.to_string(),
+            update,
+            payload,
+            done,
+        })
+        .await?;
         Ok(rx)
+    }
+
+    /// Hands a request to the task, waiting for room in its queue.
+    async fn send(&self, request: Request) -> Result<(), PublishError> {
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| PublishError::Stopped)
     }
 
     /// Publishes a retained message under `<prefix>/<node>/<suffix>` (e.g.
@@ -368,13 +374,11 @@ impl PublisherHandle {
         suffix: &str,
         payload: Vec<u8>,
     ) -> Result<(), PublishError> {
-        self.tx
-            .send(Request::Retained {
-                topic: suffix.to_string(),
-                payload,
-            })
-            .await
-            .map_err(|_| PublishError::Stopped)
+        self.send(Request::Retained {
+            topic: suffix.to_string(),
+            payload,
+        })
+        .await
     }
 
     /// Publishes a face-crop JPEG of an alert on `<prefix>/<node>/alerts/<alert_id>/face`
@@ -385,13 +389,11 @@ impl PublisherHandle {
         alert_id: &str,
         jpeg: Vec<u8>,
     ) -> Result<(), PublishError> {
-        self.tx
-            .send(Request::FaceCrop {
-                alert_id: alert_id.to_string(),
-                jpeg,
-            })
-            .await
-            .map_err(|_| PublishError::Stopped)
+        self.send(Request::FaceCrop {
+            alert_id: alert_id.to_string(),
+            jpeg,
+        })
+        .await
     }
 
     pub fn stats(&self) -> PublisherStats {
