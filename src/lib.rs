@@ -6,6 +6,7 @@
 //! whole graph.
 
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod channel;
 pub mod config;
@@ -25,3 +26,4 @@ pub mod score;
 pub mod telemetry;
 pub mod track;
 pub mod types;
+pub mod validation;

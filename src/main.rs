@@ -346,7 +346,16 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     let mut bad = false;
     for f in files {
         match Config::load(f) {
-            Ok(c) => println!("{}: ok ({} streams)", f.display(), c.streams.len()),
+            Ok(c) => {
+                let fps = c.ingest.analysis_fps;
+                println!(
+                    "{}: ok ({} streams); a steady fake face at {fps} fps alerts within {} plus \
+                     the pipeline's latency",
+                    f.display(),
+                    c.streams.len(),
+                    dfwatch::validation::human(c.cadence(fps).alert_delay(&c.track))
+                )
+            }
             Err(errors) => {
                 bad = true;
                 println!("{}: {} problem(s)", f.display(), errors.0.len());

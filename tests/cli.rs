@@ -107,3 +107,199 @@ fn version_reports_features_and_gstreamer() {
         );
     }
 }
+
+/// The configs of tests/fixtures/configs named `{prefix}*.toml`, with their text.
+fn fixture_configs(prefix: &str) -> Vec<(std::path::PathBuf, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs");
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(prefix) && n.ends_with(".toml")
+        })
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `text` with what a daemon run here needs where the fixture leaves it open: the tiny
+/// bundle, a broker address nobody listens on, a spool, HTTP on a free port, one looping
+/// file stream of the sample clip.
+fn runnable(text: &str, dir: &std::path::Path, http_port: u16) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut t: toml::Table = text.parse().expect("fixture is TOML");
+    let section = |name: &str| -> toml::Table {
+        t.get(name)
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut model = section("model");
+    model.entry("bundle").or_insert(
+        root.join("tests/fixtures/tiny/bundle")
+            .display()
+            .to_string()
+            .into(),
+    );
+    let mut mqtt = section("mqtt");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    mqtt.entry("url")
+        .or_insert(format!("mqtt://127.0.0.1:{port}").into());
+    mqtt.insert(
+        "spool_dir".into(),
+        dir.join("spool").display().to_string().into(),
+    );
+    let mut http = section("http");
+    http.insert("listen".into(), format!("127.0.0.1:{http_port}").into());
+    t.insert("model".into(), model.into());
+    t.insert("mqtt".into(), mqtt.into());
+    t.insert("http".into(), http.into());
+    if !t.contains_key("streams") {
+        let mut s = toml::Table::new();
+        s.insert("id".into(), "sample".into());
+        s.insert(
+            "uri".into(),
+            root.join("var/sample/face.mp4")
+                .display()
+                .to_string()
+                .into(),
+        );
+        s.insert("on_eos".into(), "loop".into());
+        t.insert("streams".into(), toml::Value::Array(vec![s.into()]));
+    }
+    toml::to_string(&t).unwrap()
+}
+
+#[test]
+fn configs_that_crashed_or_hung_the_daemon_are_refused_by_validate_and_run_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = fixture_configs("refused-");
+    assert!(cases.len() >= 25);
+    for (file, text) in &cases {
+        let key = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# refused: "))
+            .unwrap_or_else(|| panic!("{}: first line must name the key", file.display()));
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, runnable(text, dir.path(), 1)).unwrap();
+        let v = dfwatch().arg("validate").arg(&path).output().unwrap();
+        let said = String::from_utf8_lossy(&v.stdout);
+        assert_eq!(v.status.code(), Some(2), "{}: {said}", file.display());
+        assert!(
+            said.contains(&format!("  {key}: ")),
+            "{}: {said}",
+            file.display()
+        );
+        // The daemon refuses it the same way, before starting anything.
+        let r = dfwatch()
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("STATE_DIRECTORY", dir.path().join("state"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{}: {err}", file.display());
+        assert!(
+            err.contains(&format!("  {key}: ")),
+            "{}: {err}",
+            file.display()
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// Every range edge that `validate` accepts, run by the daemon: it becomes ready, analyses
+/// the sample clip, and stops cleanly on SIGTERM without a panic.
+#[cfg(feature = "gstreamer")]
+#[test]
+fn the_daemon_starts_and_stops_cleanly_at_every_range_edge() {
+    use std::time::{Duration, Instant};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        root.join("var/sample/face.mp4").exists(),
+        "run ./tools/setup.sh first"
+    );
+    let cases = fixture_configs("edge-");
+    assert!(cases.len() >= 10);
+    for (file, text) in &cases {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, runnable(text, dir.path(), port)).unwrap();
+        let v = dfwatch().arg("validate").arg(&path).output().unwrap();
+        assert!(
+            v.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&v.stdout)
+        );
+        let log = dir.path().join("daemon.log");
+        let mut child = dfwatch()
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("STATE_DIRECTORY", dir.path().join("state"))
+            .env("DFWATCH_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        let t0 = Instant::now();
+        while !read().contains("dfwatch ready.") {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("{}: exited {st} before ready:\n{}", file.display(), read());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{}: not ready:\n{}",
+                file.display(),
+                read()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Let the stream run through detection, tracking and the encoder for a moment.
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let t1 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t1.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!(
+                    "{}: no exit 30 s after SIGTERM:\n{}",
+                    file.display(),
+                    read()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = read();
+        assert_eq!(status.code(), Some(0), "{}:\n{text}", file.display());
+        assert!(!text.contains("panicked"), "{}:\n{text}", file.display());
+        assert!(
+            text.contains("dfwatch stopped."),
+            "{}:\n{text}",
+            file.display()
+        );
+    }
+}

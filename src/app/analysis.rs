@@ -166,6 +166,8 @@ pub struct FaceStage {
     pub frames: Receiver<Frame>,
     pub detector: FaceDetector,
     pub track: TrackConfig,
+    /// The stream's analysis rate (the tracker's cadence is in whole frames of it).
+    pub fps: f64,
     pub crop: CropSpec,
     pub keep_crops: bool,
     pub encode: Sender<EncodeJob<FaceMeta>>,
@@ -185,7 +187,7 @@ impl FaceStage {
     }
 
     fn run(mut self) {
-        let mut tracker = Tracker::new(self.track.clone());
+        let mut tracker = Tracker::new(self.track.clone(), self.fps);
         let every = self.track.detect_every.max(1) as u64;
         let mut n = 0u64;
         let mut pixels = Vec::new();
@@ -355,7 +357,7 @@ impl Decision {
         let mut verdicts: BTreeMap<StreamId, BTreeMap<TrackId, Verdict>> = BTreeMap::new();
         let mut open: BTreeMap<StreamId, BTreeMap<TrackId, String>> = BTreeMap::new();
         let mut published: HashMap<StreamId, StreamVerdict> = HashMap::new();
-        let mut rng = crate::evidence::ulid::Entropy::new();
+        let mut ids = crate::evidence::UlidGenerator::new();
         let mut control_open = true;
         let mut late_old_model = 0u64;
         loop {
@@ -402,7 +404,7 @@ impl Decision {
                         marginals: score.marginals,
                         quality: meta.quality,
                     };
-                    if let Some(ev) = self.evidence.observe(obs, SystemTime::now(), rng.next_u128()) {
+                    if let Some(ev) = self.evidence.observe(obs, SystemTime::now(), &mut ids) {
                         let crop = match ev.kind {
                             // Present only for streams that opted in (publish_face_crops).
                             AlertKind::New => item.meta.crop.clone(),

@@ -89,18 +89,18 @@ pub fn analyze(
     let video = crate::ingest::sample::sample_frames(input, &cwd, frames)
         .with_context(|| format!("reading {}", crate::ingest::source::redact_known(input)))?;
     let graph = model.scoring.scorer.graph().clone();
-    let mut tracker = Tracker::new(config.track.clone());
-    let mut evidence = Evidence::new(
-        config.evidence.clone(),
-        graph.nodes().iter().map(|n| n.level).collect(),
-    );
     // The frames' real spacing, unless it is so sparse that every track would time out
     // between two frames: then the time line is compressed to a third of the patience.
     let spacing = video.duration.div_f64(frames as f64);
     let step = spacing.min(config.track.patience / 3);
+    let mut tracker = Tracker::new(config.track.clone(), 1.0 / step.as_secs_f64().max(1e-3));
+    let mut evidence = Evidence::new(
+        config.evidence.clone(),
+        graph.nodes().iter().map(|n| n.level).collect(),
+    );
     let t0 = Instant::now();
     let wall0 = SystemTime::now();
-    let mut entropy = crate::evidence::ulid::Entropy::new();
+    let mut ids = crate::evidence::UlidGenerator::new();
     let mut per_frame = Vec::with_capacity(video.frames.len());
     let mut largest_scores: Vec<FaceScore> = Vec::new();
     let mut tracks: BTreeMap<u64, (usize, f64, Vec<String>)> = BTreeMap::new();
@@ -154,7 +154,7 @@ pub fn analyze(
                 marginals: s.marginals,
                 quality,
             };
-            if let Some(ev) = evidence.observe(obs, SystemTime::now(), entropy.next_u128()) {
+            if let Some(ev) = evidence.observe(obs, SystemTime::now(), &mut ids) {
                 entry.2.push(alert_kind(&ev.kind));
             }
         }

@@ -220,6 +220,7 @@ impl StreamFactory {
             frames: rx,
             detector,
             track: self.config.track.clone(),
+            fps: s.analysis_fps.unwrap_or(self.config.ingest.analysis_fps),
             crop: self.crop.clone(),
             keep_crops: s.publish_face_crops,
             encode: self.encode.clone(),
@@ -618,7 +619,9 @@ fn add_stream(
         return Err(CommandError::Exists(stream.id.to_string()));
     }
     let mut errors = Vec::new();
-    stream.validate("stream", &factory.config.base_dir, &mut errors);
+    factory
+        .config
+        .validate_stream(&stream, "stream", &mut errors);
     if !errors.is_empty() {
         return Err(CommandError::Invalid(
             errors.iter().map(|e| e.to_string()).collect(),

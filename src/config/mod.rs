@@ -8,14 +8,20 @@
 //! Loading never stops at the first problem: every section and every stream is parsed on its
 //! own, then the semantic checks run, and all errors come back together, each with a path such
 //! as `streams[2].uri` (see [`ConfigError`]). `dfwatch validate` prints them.
+//!
+//! Every number and duration has a documented range (configs/example.toml), checked by its
+//! section's `validate`; rules that span sections (nv12 on the CPU path, whether a stream's
+//! scoring cadence can fill the evidence window: [`cadence`]) are checked here. The daemon
+//! runs exactly these checks at start, on reload and for streams added through the API.
 
-mod errors;
+pub mod cadence;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-pub use errors::{ConfigError, ConfigErrors};
+pub use crate::validation::{ConfigError, ConfigErrors};
 
 use crate::detect::DetectConfig;
 use crate::encode::EncoderConfig;
@@ -37,7 +43,7 @@ pub struct NodeConfig {
     pub id: NodeId,
     /// On SIGTERM: how long in-flight work may drain and the spool may flush before the
     /// process exits (what is not acknowledged stays on disk). Keep it below systemd's
-    /// TimeoutStopSec (the unit uses 20 s).
+    /// TimeoutStopSec (the unit uses 20 s). Range 1s to 10m.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: std::time::Duration,
 }
@@ -202,33 +208,31 @@ impl Config {
         self.evidence.validate("evidence", errors);
         self.mqtt.validate("mqtt", errors);
         self.http.validate("http", errors);
-        if self.node.shutdown_grace.is_zero() {
-            errors.push(ConfigError::new(
-                "node.shutdown_grace",
-                "must be above zero (the spool needs time to flush)",
-            ));
-        }
+        crate::validation::Checker::new("node", errors).duration(
+            "shutdown_grace",
+            self.node.shutdown_grace,
+            SHUTDOWN_GRACE_RANGE,
+        );
         // The CPU path detects and crops on packed RGB; NV12 is for the GPU crop.
-        let cpu = self.model.backend == crate::model::Backend::Cpu;
-        let nv12 = crate::types::PixelFormat::Nv12;
-        if cpu && self.ingest.format == nv12 {
+        if self.cpu() && self.ingest.format == crate::types::PixelFormat::Nv12 {
             errors.push(ConfigError::new(
                 "ingest.format",
                 "\"nv12\" is for the GPU path (model.backend = \"cuda\"); the CPU path detects \
                  and crops on \"rgb8\"",
             ));
         }
+        // The default rate applies to every stream without its own (API streams included).
+        let defaults = self.cadence(self.ingest.analysis_fps);
+        if self.cadence_checkable(self.ingest.analysis_fps) && !defaults.fits() {
+            errors.push(ConfigError::new(
+                "evidence.window",
+                defaults.explain("ingest.analysis_fps", &self.track, &self.evidence),
+            ));
+        }
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
             let path = format!("streams[{i}]");
-            s.validate(&path, &self.base_dir, errors);
-            if cpu && s.format == Some(nv12) {
-                errors.push(ConfigError::new(
-                    format!("{path}.format"),
-                    "\"nv12\" is for the GPU path (model.backend = \"cuda\"); the CPU path \
-                     needs \"rgb8\"",
-                ));
-            }
+            self.validate_stream(s, &path, errors);
             if let Some(first) = seen.insert(s.id.clone(), i) {
                 errors.push(ConfigError::new(
                     format!("{path}.id"),
@@ -237,7 +241,58 @@ impl Config {
             }
         }
     }
+
+    fn cpu(&self) -> bool {
+        self.model.backend == crate::model::Backend::Cpu
+    }
+
+    /// The cadence rule is only worth stating when its inputs passed their own checks.
+    fn cadence_checkable(&self, fps: f64) -> bool {
+        let mut scratch = Vec::new();
+        self.track.validate("track", &mut scratch);
+        self.evidence.validate("evidence", &mut scratch);
+        let rates = crate::ingest::MIN_ANALYSIS_FPS..=crate::ingest::MAX_ANALYSIS_FPS;
+        scratch.is_empty() && rates.contains(&fps)
+    }
+
+    /// The scoring cadence at `fps` under this config's `[track]` and `[evidence]`.
+    pub fn cadence(&self, fps: f64) -> cadence::Cadence {
+        cadence::Cadence::new(fps, &self.track, &self.evidence)
+    }
+
+    /// Every rule for one stream under this config (`path` prefixes the errors): its own
+    /// section, the pixel format for the backend, and its scoring cadence. The daemon runs it
+    /// for streams added through the API too.
+    pub fn validate_stream(&self, s: &StreamConfig, path: &str, errors: &mut Vec<ConfigError>) {
+        let before = errors.len();
+        s.validate(path, &self.base_dir, errors);
+        if self.cpu() && s.format == Some(crate::types::PixelFormat::Nv12) {
+            errors.push(ConfigError::new(
+                format!("{path}.format"),
+                "\"nv12\" is for the GPU path (model.backend = \"cuda\"); the CPU path \
+                 needs \"rgb8\"",
+            ));
+        }
+        // A stream at the default rate is covered by the check of [ingest].
+        if let Some(fps) = s.analysis_fps
+            && errors.len() == before
+            && self.cadence_checkable(fps)
+        {
+            let c = self.cadence(fps);
+            if !c.fits() {
+                let key = format!("{path}.analysis_fps");
+                errors.push(ConfigError::new(
+                    key.clone(),
+                    c.explain(&key, &self.track, &self.evidence),
+                ));
+            }
+        }
+    }
 }
+
+/// `node.shutdown_grace`.
+pub const SHUTDOWN_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(600);
 
 const KNOWN_SECTIONS: &[&str] = &[
     "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",

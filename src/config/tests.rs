@@ -158,3 +158,86 @@ fn wrong_section_types_are_reported() {
     let e = parse("node = 3\nstreams = \"x\"\n").unwrap_err();
     assert_eq!(paths(&e), vec!["node", "streams"]);
 }
+
+/// The configs in tests/fixtures/configs: `refused-*.toml` (first line `# refused: KEY`)
+/// hold values that passed `validate` before every number had a range and made the daemon
+/// panic, hang or misbehave; `edge-*.toml` hold the edges of each range, which are accepted.
+/// tests/cli.rs feeds the same files to `dfwatch validate` and `dfwatch run`.
+fn fixture_configs(prefix: &str) -> Vec<(String, String, Option<String>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs");
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/fixtures/configs")
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".toml"))
+        })
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let key = text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("# refused: "))
+                .map(str::to_string);
+            (p.display().to_string(), text, key)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_value_the_daemon_would_crash_or_hang_on_is_refused_naming_its_key() {
+    let cases = fixture_configs("refused-");
+    assert!(cases.len() >= 25, "{} cases", cases.len());
+    for (file, text, key) in cases {
+        let key = key.unwrap_or_else(|| panic!("{file}: first line must be `# refused: KEY`"));
+        let e = parse(&text).expect_err(&file);
+        assert!(
+            paths(&e).contains(&key.as_str()),
+            "{file} should name {key}, got:\n{e}"
+        );
+    }
+}
+
+#[test]
+fn the_edges_of_every_range_are_accepted() {
+    let cases = fixture_configs("edge-");
+    assert!(cases.len() >= 10, "{} cases", cases.len());
+    for (file, text, _) in cases {
+        if let Err(e) = parse(&text) {
+            panic!("{file} refused:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn the_shipped_defaults_and_configs_pass() {
+    let c = parse("").unwrap();
+    assert!(c.cadence(c.ingest.analysis_fps).fits());
+    for file in ["configs/default.toml", "configs/example.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        if let Err(e) = Config::load(&path) {
+            panic!("{file}:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn the_cadence_error_shows_the_keys_and_the_arithmetic() {
+    let e = parse("[ingest]\nanalysis_fps = 1.0\n").unwrap_err();
+    let text = e.to_string();
+    assert_eq!(paths(&e), ["evidence.window"], "{text}");
+    for part in [
+        "at 1 fps (ingest.analysis_fps)",
+        "track.score_every = 500ms",
+        "track.detect_every = 1",
+        "evidence.min_frames = 5",
+        "4s, plus one frame of margin for jitter = 5s, more than evidence.window = 4s",
+    ] {
+        assert!(text.contains(part), "missing {part:?} in {text}");
+    }
+    // A longer window fixes it.
+    parse("[ingest]\nanalysis_fps = 1.0\n[evidence]\nwindow = \"5s\"\n").unwrap();
+}

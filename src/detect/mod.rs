@@ -74,15 +74,17 @@ pub struct DetectConfig {
     /// Directory of the model's ONNX files (relative to the config file). Default:
     /// `var/models/mtcnn`.
     pub model_dir: Option<PathBuf>,
-    /// Frames are downscaled so their longer side is at most this before detection.
+    /// Frames are downscaled so their longer side is at most this before detection. Range
+    /// 64 to 4096.
     pub max_side: u32,
-    /// Faces scoring below this are dropped (the reference used 0.8).
+    /// Faces scoring below this are dropped (the reference used 0.8). Range 0 to 1.
     pub score_threshold: f32,
     /// Smallest face searched for, in frame pixels (shorter box side); smaller boxes are
-    /// dropped. Smaller values cost detection time (a deeper image pyramid).
+    /// dropped. Smaller values cost detection time (a deeper image pyramid). Range 12 (MTCNN's
+    /// smallest) to 1024.
     pub min_face_px: f32,
     /// At most this many faces per frame, best scores first; 0 means all (a swapped face
-    /// may be a small tile in a conference grid).
+    /// may be a small tile in a conference grid). Range 0 to 1000.
     pub max_faces: usize,
     /// Keep only the largest face by box area, as the reference pipeline did.
     pub largest_only: bool,
@@ -103,28 +105,12 @@ impl Default for DetectConfig {
 }
 
 impl DetectConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
-        let mut err = |k: &str, m: String| {
-            errors.push(crate::config::ConfigError::new(format!("{path}.{k}"), m))
-        };
-        if !(64..=4096).contains(&self.max_side) {
-            err(
-                "max_side",
-                format!("{} is out of range 64..=4096", self.max_side),
-            );
-        }
-        if !(0.0..=1.0).contains(&self.score_threshold) {
-            err(
-                "score_threshold",
-                format!("{} is not a probability", self.score_threshold),
-            );
-        }
-        if !(self.min_face_px.is_finite() && self.min_face_px >= 12.0) {
-            err(
-                "min_face_px",
-                format!("{} is below MTCNN's 12 px", self.min_face_px),
-            );
-        }
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
+        let mut c = crate::validation::Checker::new(path, errors);
+        c.count("max_side", self.max_side.into(), 64..=4096);
+        c.number("score_threshold", self.score_threshold.into(), 0.0..=1.0);
+        c.number("min_face_px", self.min_face_px.into(), 12.0..=1024.0);
+        c.count("max_faces", self.max_faces as u64, 0..=1000);
     }
 
     /// The model directory, resolved against the config's directory.

@@ -30,9 +30,9 @@ pub const OUTPUT_NAME: &str = "embedding";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncoderConfig {
-    /// Largest batch handed to the model.
+    /// Largest batch handed to the model. Range 1 to 256.
     pub max_batch: NonZeroUsize,
-    /// Longest a crop waits for its batch to fill.
+    /// Longest a crop waits for its batch to fill. Range 0s to 5s.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }
@@ -47,21 +47,19 @@ impl Default for EncoderConfig {
 }
 
 impl EncoderConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
-        if self.max_batch.get() > 1024 {
-            errors.push(crate::config::ConfigError::new(
-                format!("{path}.max_batch"),
-                format!("{} is above the limit of 1024", self.max_batch),
-            ));
-        }
-        if self.max_wait > Duration::from_secs(5) {
-            errors.push(crate::config::ConfigError::new(
-                format!("{path}.max_wait"),
-                "above 5s: faces would be scored long after they were seen",
-            ));
-        }
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
+        let mut c = crate::validation::Checker::new(path, errors);
+        c.count("max_batch", self.max_batch.get() as u64, 1..=MAX_BATCH);
+        c.duration(
+            "max_wait",
+            self.max_wait,
+            Duration::ZERO..=Duration::from_secs(5),
+        );
     }
 }
+
+/// Largest `encoder.max_batch` (256 crops of 3x224x224 f32 are 154 MB).
+pub const MAX_BATCH: u64 = 256;
 
 /// Why encoding failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

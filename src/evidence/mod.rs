@@ -39,52 +39,56 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-pub use ulid::Ulid;
+pub use ulid::{Ulid, UlidGenerator};
 
 use crate::types::{BBox, StreamId, TrackId};
+use crate::validation::{Checker, ConfigError};
 
 /// `[evidence]`: the decision rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvidenceConfig {
-    /// How far back scored faces count.
+    /// How far back scored faces count. Range 500ms to 10m; with the stream's cadence it
+    /// must hold `min_frames` faces (see [`crate::config`]'s cadence check).
     #[serde(with = "humantime_serde")]
     pub window: Duration,
-    /// Fraction of the weight trimmed from each end before averaging.
+    /// Fraction of the weight trimmed from each end before averaging. Range 0 to 0.49.
     pub trim: f64,
     /// Each face's logit is clipped to +/- this before averaging (8: q0 of 0.9997), so one
-    /// absurdly confident frame counts no more than a confident one.
+    /// absurdly confident frame counts no more than a confident one. Range above 0, at
+    /// most 50.
     pub logit_clip: f64,
-    /// Faces needed in the window before any verdict.
+    /// Faces needed in the window before any verdict. Range 1 to 1000.
     pub min_frames: usize,
-    /// Time the window's faces must span before any verdict.
+    /// Time the window's faces must span before any verdict. Range 0s to `window`.
     #[serde(with = "humantime_serde")]
     pub min_duration: Duration,
-    /// Statistic (mean logit of q0) at which a face becomes `fake` (2.0: q0 ~ 0.88).
+    /// Statistic (mean logit of q0) at which a face becomes `fake` (2.0: q0 ~ 0.88). Range
+    /// -20 to 20.
     pub enter_fake: f64,
-    /// ... and below which it stops being `fake`.
+    /// ... and below which it stops being `fake`. Range -20 to 20, below `enter_fake`.
     pub exit_fake: f64,
-    /// Statistic at or below which a face is `real`.
+    /// Statistic at or below which a face is `real`. Range -20 to 20, below `enter_fake`.
     pub enter_real: f64,
-    /// Faces of lower quality weight are skipped.
+    /// Faces of lower quality weight are skipped. Range 0 to 1.
     pub min_quality: f32,
-    /// Open alerts are updated at most this often ...
+    /// Open alerts are updated at most this often ... Range 0s to 1h.
     #[serde(with = "humantime_serde")]
     pub update_every: Duration,
     /// ... and only if the statistic moved by this much (or the leading attribute or region
-    /// changed).
+    /// changed). Range 0 to 100.
     pub update_delta: f64,
-    /// Evidence frames kept per alert (the strongest).
+    /// Evidence frames kept per alert (the strongest). Range 0 to 32.
     pub top_frames: usize,
 }
 
 impl Default for EvidenceConfig {
     fn default() -> Self {
         EvidenceConfig {
-            window: Duration::from_secs(3),
+            window: Duration::from_secs(4),
             trim: 0.2,
             logit_clip: 8.0,
-            min_frames: 4,
+            min_frames: 5,
             min_duration: Duration::from_secs(1),
             enter_fake: 2.0,
             exit_fake: 0.5,
@@ -98,30 +102,35 @@ impl Default for EvidenceConfig {
 }
 
 impl EvidenceConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
-        let mut err = |k: &str, m: String| {
-            errors.push(crate::config::ConfigError::new(format!("{path}.{k}"), m))
-        };
-        if self.window.is_zero() {
-            err("window", "must be above zero".into());
-        }
-        if !(0.0..0.5).contains(&self.trim) {
-            err("trim", format!("{} is outside 0..0.5", self.trim));
-        }
-        if self.logit_clip.is_nan() || self.logit_clip <= 0.0 {
-            err("logit_clip", "must be above 0".into());
-        }
-        if self.min_frames == 0 {
-            err("min_frames", "must be at least 1".into());
-        }
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        let mut c = Checker::new(path, errors);
+        c.duration(
+            "window",
+            self.window,
+            Duration::from_millis(500)..=Duration::from_secs(600),
+        );
+        c.number("trim", self.trim, 0.0..=0.49);
+        c.number_above("logit_clip", self.logit_clip, 0.0, 50.0);
+        c.count("min_frames", self.min_frames as u64, 1..=1000);
         if self.min_duration > self.window {
-            err(
+            c.error(
                 "min_duration",
-                "is longer than the window, so no verdict could ever form".into(),
+                format!(
+                    "{} is longer than the window {}, so no verdict could ever form",
+                    crate::validation::human(self.min_duration),
+                    crate::validation::human(self.window)
+                ),
             );
         }
+        for (key, v) in [
+            ("enter_fake", self.enter_fake),
+            ("exit_fake", self.exit_fake),
+            ("enter_real", self.enter_real),
+        ] {
+            c.number(key, v, -20.0..=20.0);
+        }
         if self.exit_fake.partial_cmp(&self.enter_fake) != Some(std::cmp::Ordering::Less) {
-            err(
+            c.error(
                 "exit_fake",
                 format!(
                     "{} must be below enter_fake {} (hysteresis)",
@@ -130,8 +139,16 @@ impl EvidenceConfig {
             );
         }
         if self.enter_real.partial_cmp(&self.enter_fake) != Some(std::cmp::Ordering::Less) {
-            err("enter_real", "must be below enter_fake".into());
+            c.error("enter_real", "must be below enter_fake");
         }
+        c.number("min_quality", self.min_quality.into(), 0.0..=1.0);
+        c.duration(
+            "update_every",
+            self.update_every,
+            Duration::ZERO..=Duration::from_secs(3600),
+        );
+        c.number("update_delta", self.update_delta, 0.0..=100.0);
+        c.count("top_frames", self.top_frames as u64, 0..=32);
     }
 }
 
@@ -305,12 +322,12 @@ impl Evidence {
         self.tracks.get(&(stream.clone(), track)).map(|t| t.verdict)
     }
 
-    /// Feeds one scored face. `wall` and `random` make the id of an alert opened now.
+    /// Feeds one scored face. An alert opened now takes its id from `ids` at `wall`.
     pub fn observe(
         &mut self,
         obs: Observation,
         wall: SystemTime,
-        random: u128,
+        ids: &mut UlidGenerator,
     ) -> Option<AlertEvent> {
         let key = (obs.stream.clone(), obs.track);
         let now = obs.at;
@@ -356,7 +373,7 @@ impl Evidence {
         match (prev == Verdict::Fake, next == Verdict::Fake) {
             (false, true) => {
                 let alert = OpenAlert {
-                    id: Ulid::from_parts(wall, random),
+                    id: ids.next(wall),
                     started: wall,
                     last_sent: now,
                     last_logit: stat,

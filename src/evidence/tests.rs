@@ -37,9 +37,10 @@ fn run(ev: &mut Evidence, seconds: u64, logit: impl Fn(u64) -> f64) -> Vec<(u64,
     let s = StreamId::new("cam").unwrap();
     let t0 = Instant::now();
     let mut out = Vec::new();
+    let mut ids = UlidGenerator::with_seed(1);
     for ms in (0..seconds * 1000).step_by(200) {
         let wall = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_000 + ms);
-        if let Some(e) = ev.observe(obs(&s, 1, t0, ms, logit(ms), 0.8), wall, u128::from(ms)) {
+        if let Some(e) = ev.observe(obs(&s, 1, t0, ms, logit(ms), 0.8), wall, &mut ids) {
             out.push((ms, e));
         }
     }
@@ -215,10 +216,11 @@ fn low_quality_faces_are_skipped_and_counted() {
     let t0 = Instant::now();
     let wall = SystemTime::now();
     let mut first = None;
+    let mut ids = UlidGenerator::with_seed(1);
     for i in 0..50u64 {
         // Every other face is blurred/tiny (weight 0.05) and looks fake: it must not count.
         let (logit, q) = if i % 2 == 0 { (6.0, 0.05) } else { (-3.0, 0.9) };
-        if let Some(e) = ev.observe(obs(&s, 7, t0, i * 100, logit, q), wall, 1) {
+        if let Some(e) = ev.observe(obs(&s, 7, t0, i * 100, logit, q), wall, &mut ids) {
             first.get_or_insert(e);
         }
     }
@@ -233,14 +235,11 @@ fn a_model_swap_ends_every_open_alert() {
     let b = StreamId::new("b").unwrap();
     let t0 = Instant::now();
     let wall = SystemTime::now();
+    let mut ids = UlidGenerator::with_seed(1);
     for i in 0..20u64 {
         for (s, track) in [(&a, 1), (&b, 2), (&b, 3)] {
             let logit = if track == 3 { -3.0 } else { 5.0 };
-            ev.observe(
-                obs(s, track, t0, i * 200, logit, 0.9),
-                wall,
-                u128::from(track),
-            );
+            ev.observe(obs(s, track, t0, i * 200, logit, 0.9), wall, &mut ids);
         }
     }
     let ends = ev.end_all(None, EndReason::ModelSwapped);

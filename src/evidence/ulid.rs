@@ -7,37 +7,47 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
-/// Random bits for ULIDs: splitmix64 seeded from the clock, the process id and an address.
-/// Not cryptographic; ULIDs need uniqueness, not secrecy.
+/// Makes ULIDs that sort in the order they were made: a new millisecond gets fresh random
+/// bits; within the same millisecond (or when the clock steps back) the previous ULID plus
+/// one is used, as the spec's monotonic mode does.
 #[derive(Debug, Clone)]
-pub struct Entropy(u64);
+pub struct UlidGenerator {
+    rng: fastrand::Rng,
+    last: Option<Ulid>,
+}
 
-impl Entropy {
+impl UlidGenerator {
+    /// Random bits seeded from the operating system (per process, not per pid).
     pub fn new() -> Self {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let local = 0u8;
-        let addr = &local as *const u8 as u64;
-        Entropy(t ^ (u64::from(std::process::id()) << 32) ^ addr.rotate_left(17))
+        UlidGenerator {
+            rng: fastrand::Rng::new(),
+            last: None,
+        }
     }
 
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    /// Reproducible ids, for tests.
+    pub fn with_seed(seed: u64) -> Self {
+        UlidGenerator {
+            rng: fastrand::Rng::with_seed(seed),
+            last: None,
+        }
     }
 
-    /// 128 random bits (a ULID uses the low 80).
-    pub fn next_u128(&mut self) -> u128 {
-        (u128::from(self.next_u64()) << 64) | u128::from(self.next_u64())
+    /// The next id at wall-clock time `wall`.
+    pub fn next(&mut self, wall: SystemTime) -> Ulid {
+        let fresh = Ulid::from_parts(wall, self.rng.u128(..));
+        let id = match self.last {
+            Some(last) if fresh.timestamp_ms() <= last.timestamp_ms() => {
+                Ulid(last.0.saturating_add(1))
+            }
+            _ => fresh,
+        };
+        self.last = Some(id);
+        id
     }
 }
 
-impl Default for Entropy {
+impl Default for UlidGenerator {
     fn default() -> Self {
         Self::new()
     }
@@ -117,5 +127,22 @@ mod tests {
         assert!(later > a);
         assert_eq!(Ulid::parse("8ZZZZZZZZZZZZZZZZZZZZZZZZZ"), None);
         assert_eq!(Ulid::parse("short"), None);
+    }
+
+    #[test]
+    fn generated_ids_are_strictly_increasing_within_a_millisecond_and_backwards_steps() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
+        let mut g = UlidGenerator::with_seed(7);
+        let a = g.next(t);
+        let b = g.next(t);
+        let c = g.next(t - Duration::from_secs(1));
+        assert_eq!(b.0, a.0 + 1);
+        assert_eq!(c.0, b.0 + 1);
+        let d = g.next(t + Duration::from_millis(1));
+        assert!(d > c);
+        assert_eq!(d.timestamp_ms(), 1_700_000_000_001);
+        // Two generators seeded alike repeat each other; the OS-seeded ones do not.
+        assert_eq!(UlidGenerator::with_seed(7).next(t), a);
+        assert_ne!(UlidGenerator::new().next(t), UlidGenerator::new().next(t));
     }
 }

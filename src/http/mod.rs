@@ -65,21 +65,20 @@ impl Default for HttpConfig {
 const KNOWN_SCHEMES: &[&str] = &["rtsp", "rtsps", "srt", "http", "https", "file", "v4l2"];
 
 impl HttpConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
+        let mut c = crate::validation::Checker::new(path, errors);
         for (i, s) in self.api_schemes.iter().enumerate() {
             if !KNOWN_SCHEMES.contains(&s.as_str()) {
-                errors.push(crate::config::ConfigError::new(
-                    format!("{path}.api_schemes[{i}]"),
+                c.error(
+                    &format!("api_schemes[{i}]"),
                     format!("unknown scheme {s:?}; known: {}", KNOWN_SCHEMES.join(", ")),
-                ));
+                );
             }
         }
         if self.token_env.is_some() && self.token_file.is_some() {
-            errors.push(crate::config::ConfigError::new(
-                path,
-                "set one of token_env and token_file, not both",
-            ));
+            c.error("", "set one of token_env and token_file, not both");
         }
+        c.env_name("token_env", self.token_env.as_deref());
     }
 
     /// The API token: from the environment, the file, or generated into `state_dir`.

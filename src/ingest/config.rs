@@ -7,12 +7,17 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::source::Source;
+pub use crate::backoff::BackoffConfig;
 use crate::channel::{FullPolicy, QueueConfig};
-use crate::config::ConfigError;
 use crate::types::{PixelFormat, StreamId};
+use crate::validation::{Checker, ConfigError};
 
 /// Highest analysis rate accepted: more than this is video decoding, not face analysis.
 pub const MAX_ANALYSIS_FPS: f64 = 60.0;
+/// Lowest analysis rate accepted (one frame every 10 s).
+pub const MIN_ANALYSIS_FPS: f64 = 0.1;
+/// Frames a stream's queue may hold (a 1080p RGB frame is 6 MB).
+pub const MAX_FRAME_QUEUE: u64 = 64;
 
 /// `[ingest]`: defaults for every stream, and the supervisor's timing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,85 +69,36 @@ impl Default for IngestConfig {
 
 impl IngestConfig {
     pub(crate) fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
-        check_fps(self.analysis_fps, &format!("{path}.analysis_fps"), errors);
+        let mut c = Checker::new(path, errors);
+        check_fps(&mut c, "analysis_fps", self.analysis_fps);
+        c.count(
+            "queue.capacity",
+            self.queue.capacity.get() as u64,
+            1..=MAX_FRAME_QUEUE,
+        );
         if self.queue.policy == FullPolicy::Block {
-            errors.push(ConfigError::new(
-                format!("{path}.queue.policy"),
+            c.error(
+                "queue.policy",
                 "\"block\" is not allowed here: the appsink runs on a GStreamer streaming \
                  thread, which must never wait; use \"drop_oldest\" (newest frame wins) or \
                  \"drop_newest\"",
-            ));
+            );
         }
-        for (key, d) in [
-            ("stall_timeout", self.stall_timeout),
-            ("connect_timeout", self.connect_timeout),
-        ] {
-            if d < Duration::from_millis(100) {
-                errors.push(ConfigError::new(
-                    format!("{path}.{key}"),
-                    format!(
-                        "{} is too short; use at least 100ms",
-                        humantime::format_duration(d)
-                    ),
-                ));
-            }
-        }
-        self.backoff.validate(&format!("{path}.backoff"), errors);
+        let timeouts = Duration::from_millis(100)..=Duration::from_secs(3600);
+        c.duration("stall_timeout", self.stall_timeout, timeouts.clone());
+        c.duration("connect_timeout", self.connect_timeout, timeouts);
+        c.duration(
+            "rtsp_latency",
+            self.rtsp_latency,
+            Duration::ZERO..=Duration::from_secs(10),
+        );
+        self.backoff.validate(&mut c.table("backoff"));
     }
 }
 
-fn check_fps(fps: f64, path: &str, errors: &mut Vec<ConfigError>) {
-    if !(fps.is_finite() && fps > 0.0 && fps <= MAX_ANALYSIS_FPS) {
-        errors.push(ConfigError::new(
-            path,
-            format!("{fps} is out of range; use a rate above 0 and at most {MAX_ANALYSIS_FPS}"),
-        ));
-    }
-}
-
-/// Exponential backoff with full jitter: attempt `n` waits a uniformly random time in
-/// `[0, min(cap, base * 2^n)]`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BackoffConfig {
-    #[serde(with = "humantime_serde")]
-    pub base: Duration,
-    #[serde(with = "humantime_serde")]
-    pub cap: Duration,
-    /// A stream that stays online this long starts its next failure from `base` again.
-    #[serde(with = "humantime_serde")]
-    pub reset_after: Duration,
-}
-
-impl Default for BackoffConfig {
-    fn default() -> Self {
-        BackoffConfig {
-            base: Duration::from_millis(500),
-            cap: Duration::from_secs(30),
-            reset_after: Duration::from_secs(60),
-        }
-    }
-}
-
-impl BackoffConfig {
-    fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
-        if self.base.is_zero() {
-            errors.push(ConfigError::new(
-                format!("{path}.base"),
-                "must be above zero (a zero base retries in a tight loop)",
-            ));
-        }
-        if self.cap < self.base {
-            errors.push(ConfigError::new(
-                format!("{path}.cap"),
-                format!(
-                    "{} is below base {}",
-                    humantime::format_duration(self.cap),
-                    humantime::format_duration(self.base)
-                ),
-            ));
-        }
-    }
+/// The analysis rate of `[ingest]` or of one stream.
+fn check_fps(c: &mut Checker<'_>, key: &str, fps: f64) {
+    c.number(key, fps, MIN_ANALYSIS_FPS..=MAX_ANALYSIS_FPS);
 }
 
 /// Decoder choice; see [`IngestConfig::decoder`].
@@ -216,19 +172,9 @@ impl CredentialsConfig {
                 "set one of username and username_env, not both",
             ));
         }
-        for (key, v) in [
-            ("username_env", &self.username_env),
-            ("password_env", &self.password_env),
-        ] {
-            if let Some(name) = v
-                && (name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            {
-                errors.push(ConfigError::new(
-                    format!("{path}.{key}"),
-                    format!("{name:?} is not an environment variable name ([A-Za-z0-9_]+)"),
-                ));
-            }
-        }
+        let mut c = Checker::new(path, errors);
+        c.env_name("username_env", self.username_env.as_deref());
+        c.env_name("password_env", self.password_env.as_deref());
     }
 }
 
@@ -296,7 +242,7 @@ impl StreamConfig {
             errors.push(ConfigError::new(format!("{path}.uri"), e.to_string()));
         }
         if let Some(fps) = self.analysis_fps {
-            check_fps(fps, &format!("{path}.analysis_fps"), errors);
+            check_fps(&mut Checker::new(path, errors), "analysis_fps", fps);
         }
         if let Some(c) = &self.credentials {
             c.validate(&format!("{path}.credentials"), errors);

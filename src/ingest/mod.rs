@@ -41,8 +41,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    BackoffConfig, CredentialsConfig, DecoderPreference, EosAction, IngestConfig, RtspTransport,
-    StreamConfig,
+    BackoffConfig, CredentialsConfig, DecoderPreference, EosAction, IngestConfig, MAX_ANALYSIS_FPS,
+    MIN_ANALYSIS_FPS, RtspTransport, StreamConfig,
 };
 pub use source::{Source, SourceKind};
 pub use status::{IngestError, StreamCounters, StreamState, StreamStats, StreamStatus};

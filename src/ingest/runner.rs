@@ -29,7 +29,7 @@ pub(crate) async fn run(
 ) {
     let id = spec.config.id.clone();
     let mut sup = Supervisor::new(spec.supervisor_settings(), SystemTime::now());
-    let mut rng = SplitMix64::seeded(id.as_str());
+    let mut rng = fastrand::Rng::new();
     let publish = |sup: &Supervisor| {
         status.send_if_modified(|s| {
             if s != sup.status() {
@@ -68,7 +68,7 @@ pub(crate) async fn run(
             };
         let kind = outcome.kind();
         let message = outcome.to_string();
-        match sup.on_failure(outcome, Instant::now(), SystemTime::now(), rng.unit()) {
+        match sup.on_failure(outcome, Instant::now(), SystemTime::now(), rng.f64()) {
             Next::GiveUp => {
                 publish(&sup);
                 tracing::error!(stream = %id, kind, error = %message, "Stream failed for good; offline.");
@@ -186,34 +186,5 @@ async fn watch_pipeline(
             return Err(e);
         }
         publish(sup);
-    }
-}
-
-/// Small non-cryptographic generator for backoff jitter (SplitMix64, Steele et al. 2014).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn seeded(salt: &str) -> Self {
-        let t = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let h = salt.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
-        SplitMix64(t ^ h)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

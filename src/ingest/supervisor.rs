@@ -4,41 +4,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use super::config::BackoffConfig;
 use super::status::{IngestError, LastError, StreamState, StreamStatus};
-
-/// Exponential backoff with full jitter ("Exponential Backoff And Jitter", AWS architecture
-/// blog): attempt `n` (from 0) waits `uniform(0, min(cap, base * 2^n))`. Full jitter spreads
-/// the reconnects of many cameras that failed together (a switch reboot) instead of having
-/// them retry in lock step.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    cfg: BackoffConfig,
-    failures: u32,
-}
-
-impl Backoff {
-    pub fn new(cfg: BackoffConfig) -> Self {
-        Backoff { cfg, failures: 0 }
-    }
-
-    /// The ceiling for the next wait, before jitter.
-    pub fn ceiling(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);
-        self.cfg.base.saturating_mul(factor).min(self.cfg.cap)
-    }
-
-    /// The next wait; `unit` is a uniform random number in `[0, 1)`.
-    pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let d = self.ceiling().mul_f64(unit.clamp(0.0, 1.0));
-        self.failures = self.failures.saturating_add(1);
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
+use crate::backoff::{Backoff, BackoffConfig};
 
 /// What the runner must do after a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +34,6 @@ pub struct Supervisor {
     status: StreamStatus,
     /// When the running attempt started (`None` while waiting to retry or stopped).
     attempt_started: Option<Instant>,
-    online_since: Option<Instant>,
     last_frame: Option<Instant>,
     /// The stream was online at least once and then lost: the next frame is a reconnect.
     lost_after_online: bool,
@@ -80,7 +46,6 @@ impl Supervisor {
             backoff: Backoff::new(settings.backoff),
             status: StreamStatus::new(StreamState::Starting, wall),
             attempt_started: None,
-            online_since: None,
             last_frame: None,
             lost_after_online: false,
         }
@@ -112,7 +77,6 @@ impl Supervisor {
         self.status.attempts += 1;
         self.attempt_started = Some(now);
         self.last_frame = None;
-        self.online_since = None;
         let state = if self.status.attempts == 1 {
             StreamState::Starting
         } else {
@@ -134,7 +98,7 @@ impl Supervisor {
                 self.status.reconnects += 1;
                 self.lost_after_online = false;
             }
-            self.online_since = Some(now);
+            self.backoff.on_up(now);
             self.enter(StreamState::Online, wall);
         }
     }
@@ -167,11 +131,8 @@ impl Supervisor {
         unit: f64,
     ) -> Next {
         let was_online = self.status.state == StreamState::Online;
-        if let Some(since) = self.online_since
-            && now.saturating_duration_since(since) >= self.settings.backoff.reset_after
-        {
-            self.backoff.reset();
-        }
+        // Drawn now, so a stream that stayed online for `reset_after` starts again from base.
+        let wait = self.backoff.on_failure(now, unit);
         if was_online {
             self.lost_after_online = true;
         }
@@ -182,7 +143,6 @@ impl Supervisor {
             at: wall,
         });
         self.attempt_started = None;
-        self.online_since = None;
         if !retry {
             self.enter(StreamState::Offline, wall);
             return Next::GiveUp;
@@ -193,7 +153,7 @@ impl Supervisor {
             StreamState::Reconnecting
         };
         self.enter(state, wall);
-        Next::RetryAfter(self.backoff.next_delay(unit))
+        Next::RetryAfter(wait)
     }
 
     /// After a stall has been shown, the runner is about to wait and retry.
@@ -236,32 +196,6 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_and_jitter_stays_below_the_ceiling() {
-        let mut b = Backoff::new(settings(true).backoff);
-        let ceilings: Vec<Duration> = (0..6)
-            .map(|_| {
-                let c = b.ceiling();
-                // The largest draw stays within the ceiling, the smallest is zero.
-                assert!(b.clone().next_delay(0.999_999) <= c);
-                assert_eq!(b.clone().next_delay(0.0), Duration::ZERO);
-                b.next_delay(0.5);
-                c
-            })
-            .collect();
-        assert_eq!(
-            ceilings,
-            vec![ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
-        );
-        b.reset();
-        assert_eq!(b.ceiling(), ms(100));
-        // Many failures never overflow.
-        for _ in 0..100 {
-            b.next_delay(1.0);
-        }
-        assert_eq!(b.ceiling(), ms(1000));
     }
 
     #[test]

@@ -37,9 +37,9 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
         if self.backend == Backend::Cuda {
-            errors.push(crate::config::ConfigError::new(
+            errors.push(crate::validation::ConfigError::new(
                 format!("{path}.backend"),
                 format!(
                     "\"cuda\" is not available: {}",

@@ -25,7 +25,7 @@ pub struct OnnxConfig {
     /// the executable, then the system's library path.
     pub library: Option<PathBuf>,
     /// Intra-op threads shared by every ONNX model in the process. Default: the number of
-    /// cores.
+    /// cores. Range 1 to 256.
     pub threads: Option<usize>,
     /// Let idle pool threads spin for work: a few percent lower latency at batch 1, at the
     /// cost of CPU that decoders may need. Off by default; turn on for dedicated cores.
@@ -33,14 +33,9 @@ pub struct OnnxConfig {
 }
 
 impl OnnxConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
-        if let Some(t) = self.threads
-            && !(1..=256).contains(&t)
-        {
-            errors.push(crate::config::ConfigError::new(
-                format!("{path}.threads"),
-                format!("{t} is out of range 1..=256"),
-            ));
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
+        if let Some(t) = self.threads {
+            crate::validation::Checker::new(path, errors).count("threads", t as u64, 1..=256);
         }
     }
 

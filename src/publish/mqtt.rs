@@ -31,9 +31,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::spool::Spool;
-use crate::ingest::BackoffConfig;
-use crate::ingest::supervisor::Backoff;
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::types::NodeId;
+use crate::validation::{Checker, ConfigError, ConfigErrors};
+
+/// `keep_alive`: MQTT counts it in whole seconds (rumqttc refuses less than 1 s).
+pub const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+/// `spool_max_pending`.
+pub const MAX_PENDING_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 
 /// `[mqtt]`: where alerts go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,31 +101,88 @@ impl Default for MqttConfig {
 }
 
 impl MqttConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
-        if let Err(e) = BrokerUrl::parse(&self.url) {
-            let msg = e.to_string();
-            errors.push(crate::config::ConfigError::new(
-                format!("{path}.url"),
-                msg.trim_start_matches("mqtt.url: ").to_string(),
-            ));
+    /// Every rule of `[mqtt]`, including the TLS ones: the publisher runs the same checks
+    /// at start ([`spawn`]), so what `validate` accepts it accepts.
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        let mut c = Checker::new(path, errors);
+        let tls = match BrokerUrl::parse(&self.url) {
+            Ok(u) => Some(u.tls),
+            Err(e) => {
+                let msg = e.to_string();
+                c.error("url", msg.trim_start_matches("mqtt.url: "));
+                None
+            }
+        };
+        if self.prefix.is_empty() || self.prefix.len() > 256 || self.prefix.contains(['+', '#']) {
+            c.error(
+                "prefix",
+                format!(
+                    "{:?} is not a usable topic level (1 to 256 bytes, no + or #)",
+                    self.prefix
+                ),
+            );
         }
-        if self.prefix.is_empty() || self.prefix.contains(['+', '#']) {
-            errors.push(crate::config::ConfigError::new(
-                format!("{path}.prefix"),
-                format!("{:?} is not a usable topic level", self.prefix),
-            ));
+        if let Some(id) = &self.client_id
+            && (id.is_empty() || id.len() > 256 || id.contains('\0'))
+        {
+            c.error("client_id", "must be 1 to 256 bytes without NUL");
         }
+        c.duration("keep_alive", self.keep_alive, KEEP_ALIVE_RANGE);
+        c.count(
+            "spool_max_pending",
+            self.spool_max_pending as u64,
+            MAX_PENDING_RANGE,
+        );
+        self.backoff.validate(&mut c.table("backoff"));
         if self.embedded && !self.embedded_listen.ip().is_loopback() {
-            errors.push(crate::config::ConfigError::new(
-                format!("{path}.embedded_listen"),
+            c.error(
+                "embedded_listen",
                 format!("{} is not a loopback address", self.embedded_listen),
-            ));
+            );
         }
         if self.password_env.is_some() && self.password_file.is_some() {
-            errors.push(crate::config::ConfigError::new(
-                path,
-                "set one of password_env and password_file, not both",
-            ));
+            c.error("", "set one of password_env and password_file, not both");
+        }
+        c.env_name("password_env", self.password_env.as_deref());
+        // TLS: mqtts:// needs the CA; a client identity is a pair; TLS files on a plain
+        // connection mean the operator believes it is encrypted when it is not.
+        let identity = (&self.client_cert_file, &self.client_key_file);
+        if tls == Some(true) && self.ca_file.is_none() {
+            c.error(
+                "ca_file",
+                "mqtts:// needs mqtt.ca_file (the broker's CA certificate, PEM)",
+            );
+        }
+        if matches!(identity, (Some(_), None) | (None, Some(_))) {
+            c.error(
+                if self.client_key_file.is_none() {
+                    "client_key_file"
+                } else {
+                    "client_cert_file"
+                },
+                "set both mqtt.client_cert_file and mqtt.client_key_file, or neither",
+            );
+        }
+        let tls_files = self.ca_file.is_some() || identity != (&None, &None);
+        if tls == Some(false) && tls_files {
+            c.error(
+                "url",
+                format!(
+                    "{:?} is a plain connection but TLS files are set; use mqtts://",
+                    self.url
+                ),
+            );
+        }
+    }
+
+    /// The problems [`MqttConfig::validate`] finds, as one error.
+    pub fn check(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        self.validate("mqtt", &mut errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
         }
     }
 }
@@ -127,6 +190,8 @@ impl MqttConfig {
 /// Why the publisher could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    #[error("{0}")]
+    Config(ConfigErrors),
     #[error("mqtt.url: {0}")]
     Url(String),
     #[error("mqtt.{field}: cannot read {path}: {reason}")]
@@ -217,6 +282,7 @@ struct Prepared {
 }
 
 fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
+    cfg.check().map_err(PublishError::Config)?;
     let url = BrokerUrl::parse(&cfg.url)?;
     let id = cfg
         .client_id
@@ -246,25 +312,17 @@ fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
     }
     if url.tls {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Checked above: TLS has its CA, and a client identity is a whole pair.
         let ca = match &cfg.ca_file {
             Some(p) => read_file("ca_file", p)?,
-            None => {
-                return Err(PublishError::Url(
-                    "mqtts:// needs mqtt.ca_file (the broker's CA certificate, PEM)".into(),
-                ));
-            }
+            None => Vec::new(),
         };
         let client_auth = match (&cfg.client_cert_file, &cfg.client_key_file) {
             (Some(c), Some(k)) => Some((
                 read_file("client_cert_file", c)?,
                 read_file("client_key_file", k)?,
             )),
-            (None, None) => None,
-            _ => {
-                return Err(PublishError::Url(
-                    "set both mqtt.client_cert_file and mqtt.client_key_file, or neither".into(),
-                ));
-            }
+            _ => None,
         };
         o.set_transport(rumqttc::Transport::tls(ca, client_auth, None));
     }
@@ -660,13 +718,7 @@ async fn run(
     let mut acked = 0u64;
     let mut reconnects = 0u64;
     let mut retained: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
-    let mut rng = (std::process::id() as u64) | 1;
-    let mut unit = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = fastrand::Rng::new();
     let publish_stats =
         |s: &Session, spool: &Spool, published: u64, acked: u64, reconnects: u64| {
             stats.send_replace(PublisherStats {
@@ -760,6 +812,7 @@ async fn run(
                             continue;
                         }
                         session.connected = true;
+                        backoff.on_up(std::time::Instant::now());
                         last_failure = None;
                         tracing::info!("MQTT connected.");
                         session.send_unspooled(&p.status, true, b"online".to_vec());
@@ -789,7 +842,6 @@ async fn run(
                             && spool.ack(seq)
                         {
                             acked += 1;
-                            backoff.reset();
                             let _ = acks.send(seq);
                         }
                         // Acks are made durable in batches: a lost ack only means a duplicate.
@@ -800,7 +852,7 @@ async fn run(
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let wait = backoff.next_delay(unit());
+                        let wait = backoff.on_failure(std::time::Instant::now(), rng.f64());
                         if session.connected {
                             reconnects += 1;
                             tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connection lost.");

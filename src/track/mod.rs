@@ -10,8 +10,10 @@
 //! - Life: a track is born after `birth_hits` matches (a single false detection never becomes
 //!   a track) and dies when unmatched for `patience`.
 //! - Landmarks are smoothed (exponential, weight `smoothing` on the new value).
-//! - Scoring cadence: due at birth, then every `score_every`, and sooner when the face's
-//!   quality has grown by `rescore_gain` since it was last scored.
+//! - Scoring cadence: due at birth, then every `score_every` rounded up to whole analysed
+//!   frames (less half a frame, so arrival times jittered by up to a quarter frame either
+//!   way never cost a frame), and
+//!   sooner when the face's quality has grown by `rescore_gain` since it was last scored.
 //! - Detection can run every `detect_every` frames; in between, [`Tracker::predict`] bridges
 //!   with the predicted positions.
 
@@ -22,28 +24,33 @@ use serde::{Deserialize, Serialize};
 use crate::detect::Detection;
 use crate::detect::nms::iou;
 use crate::types::{BBox, TrackId};
+use crate::validation::{Checker, ConfigError};
 
 /// `[track]`: face tracking and scoring cadence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrackConfig {
-    /// Matches needed before a track is born.
+    /// Matches needed before a track is born. Range 1 to 30.
     pub birth_hits: u32,
-    /// A track unmatched for this long ends.
+    /// A track unmatched for this long ends. Range 100ms to 1m.
     #[serde(with = "humantime_serde")]
     pub patience: Duration,
-    /// Smallest IoU for a match (unless the landmarks are close).
+    /// Smallest IoU for a match (unless the landmarks are close). Range 0 to 1.
     pub iou_min: f32,
-    /// Landmark distance, in face sizes, under which a match is accepted.
+    /// Landmark distance, in face sizes, under which a match is accepted. Range 0 to 5.
     pub landmark_gate: f32,
-    /// Weight of a new observation in the landmark smoothing (1 = no smoothing).
+    /// Weight of a new observation in the landmark smoothing (1 = no smoothing). Range
+    /// above 0, at most 1.
     pub smoothing: f32,
-    /// A track is scored again after this long.
+    /// A track is scored again after this long, rounded up to whole analysed frames (and to
+    /// detection frames: faces are scored only where the detector ran). Range 100ms to 1m.
     #[serde(with = "humantime_serde")]
     pub score_every: Duration,
-    /// ... or sooner when its quality grew by this factor since its last scoring.
+    /// ... or sooner when its quality grew by this factor since its last scoring. Range 1
+    /// to 100.
     pub rescore_gain: f32,
-    /// Run the detector on every Nth analysed frame; the tracker bridges the others.
+    /// Run the detector on every Nth analysed frame; the tracker bridges the others. Range
+    /// 1 to 100.
     pub detect_every: u32,
 }
 
@@ -55,7 +62,7 @@ impl Default for TrackConfig {
             iou_min: 0.3,
             landmark_gate: 0.35,
             smoothing: 0.6,
-            score_every: Duration::from_secs(1),
+            score_every: Duration::from_millis(500),
             rescore_gain: 1.25,
             detect_every: 1,
         }
@@ -63,25 +70,43 @@ impl Default for TrackConfig {
 }
 
 impl TrackConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::config::ConfigError>) {
-        let mut err = |k: &str, m: &str| {
-            errors.push(crate::config::ConfigError::new(format!("{path}.{k}"), m))
-        };
-        if self.birth_hits == 0 {
-            err("birth_hits", "must be at least 1");
-        }
-        if !(0.0..=1.0).contains(&self.iou_min) {
-            err("iou_min", "must be within 0..=1");
-        }
-        if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
-            err("smoothing", "must be within (0, 1]");
-        }
-        if self.detect_every == 0 {
-            err("detect_every", "must be at least 1");
-        }
-        if self.rescore_gain.is_nan() || self.rescore_gain < 1.0 {
-            err("rescore_gain", "must be at least 1");
-        }
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        let mut c = Checker::new(path, errors);
+        c.count("birth_hits", self.birth_hits.into(), 1..=30);
+        c.duration(
+            "patience",
+            self.patience,
+            Duration::from_millis(100)..=Duration::from_secs(60),
+        );
+        c.number("iou_min", self.iou_min.into(), 0.0..=1.0);
+        c.number("landmark_gate", self.landmark_gate.into(), 0.0..=5.0);
+        c.number_above("smoothing", self.smoothing.into(), 0.0, 1.0);
+        c.duration(
+            "score_every",
+            self.score_every,
+            Duration::from_millis(100)..=Duration::from_secs(60),
+        );
+        c.number("rescore_gain", self.rescore_gain.into(), 1.0..=100.0);
+        c.count("detect_every", self.detect_every.into(), 1..=100);
+    }
+
+    /// Analysed frames between two scorings of a steady face at `fps`, as the tracker
+    /// delivers them: `score_every` rounded up to whole frames, then up to a multiple of
+    /// `detect_every` (faces are scored only on frames the detector ran on).
+    pub fn frames_per_score(&self, fps: f64) -> u64 {
+        let d = u64::from(self.detect_every.max(1));
+        frames_in(self.score_every, fps).div_ceil(d) * d
+    }
+}
+
+/// `span` in whole frames at `fps`, rounded up, at least 1 (a hair of slack absorbs the
+/// float error of exact multiples).
+fn frames_in(span: Duration, fps: f64) -> u64 {
+    let f = (span.as_secs_f64() * fps - 1e-6).ceil();
+    if f.is_finite() && f >= 1.0 {
+        f.min(1e9) as u64
+    } else {
+        1
     }
 }
 
@@ -155,11 +180,26 @@ pub struct Tracker {
     cfg: TrackConfig,
     tracks: Vec<Track>,
     next_id: u64,
+    /// Time since the last scoring after which a face is due again: `score_every` rounded
+    /// up to whole frames, less half a frame (jitter of a quarter frame either way is free).
+    rescore_after: Duration,
 }
 
 impl Tracker {
-    pub fn new(cfg: TrackConfig) -> Self {
+    /// A tracker for a stream analysed at `fps` frames per second.
+    pub fn new(cfg: TrackConfig, fps: f64) -> Self {
+        let frame = if fps.is_finite() && fps > 0.0 {
+            Duration::from_secs_f64(1.0 / fps.max(1e-3))
+        } else {
+            Duration::ZERO
+        };
+        let whole = if frame.is_zero() {
+            cfg.score_every
+        } else {
+            frame.saturating_mul(frames_in(cfg.score_every, fps).min(u64::from(u32::MAX)) as u32)
+        };
         Tracker {
+            rescore_after: whole.saturating_sub(frame / 2),
             cfg,
             tracks: Vec::new(),
             next_id: 1,
@@ -292,7 +332,7 @@ impl Tracker {
         let due = match t.last_scored {
             None => true,
             Some(at) => {
-                now.saturating_duration_since(at) >= cfg.score_every
+                now.saturating_duration_since(at) >= self.rescore_after
                     || t.quality >= t.quality_at_score * cfg.rescore_gain
             }
         };

@@ -28,7 +28,7 @@ fn frames(n: usize, fps: f32) -> impl Iterator<Item = (usize, Instant)> {
 
 #[test]
 fn a_moving_face_keeps_one_id_and_is_born_after_two_hits() {
-    let mut tr = Tracker::new(TrackConfig::default());
+    let mut tr = Tracker::new(TrackConfig::default(), 10.0);
     let mut ids = std::collections::BTreeSet::new();
     for (i, now) in frames(60, 10.0) {
         let (faces, events) = tr.update(&[(face(100.0 + 6.0 * i as f32, 200.0, 80.0), 1.0)], now);
@@ -48,7 +48,7 @@ fn a_moving_face_keeps_one_id_and_is_born_after_two_hits() {
 
 #[test]
 fn two_faces_crossing_keep_their_ids() {
-    let mut tr = Tracker::new(TrackConfig::default());
+    let mut tr = Tracker::new(TrackConfig::default(), 10.0);
     // A moves right, B moves left on nearly the same row; they pass through each other.
     let path_a = |t: f32| 100.0 + 12.0 * t;
     let path_b = |t: f32| 568.0 - 12.0 * t;
@@ -85,7 +85,7 @@ fn two_faces_crossing_keep_their_ids() {
 #[test]
 fn a_face_that_leaves_ends_its_track_after_the_patience() {
     let cfg = TrackConfig::default();
-    let mut tr = Tracker::new(cfg.clone());
+    let mut tr = Tracker::new(cfg.clone(), 10.0);
     let t0 = Instant::now();
     let ms = |v: u64| t0 + Duration::from_millis(v);
     tr.update(&[(face(100.0, 100.0, 60.0), 1.0)], ms(0));
@@ -105,7 +105,11 @@ fn a_face_that_leaves_ends_its_track_after_the_patience() {
 
 #[test]
 fn scoring_is_due_at_birth_then_on_cadence_or_better_quality() {
-    let mut tr = Tracker::new(TrackConfig::default());
+    let cfg = TrackConfig {
+        score_every: Duration::from_secs(1),
+        ..TrackConfig::default()
+    };
+    let mut tr = Tracker::new(cfg, 10.0);
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     let step = |tr: &mut Tracker, ms: u64, q: f32| {
@@ -131,7 +135,7 @@ fn scoring_is_due_at_birth_then_on_cadence_or_better_quality() {
 
 #[test]
 fn prediction_bridges_frames_without_detection() {
-    let mut tr = Tracker::new(TrackConfig::default());
+    let mut tr = Tracker::new(TrackConfig::default(), 10.0);
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     tr.update(&[(face(100.0, 100.0, 60.0), 1.0)], at(0));
@@ -145,4 +149,72 @@ fn prediction_bridges_frames_without_detection() {
     let (faces, _) = tr.update(&[(face(130.0, 100.0, 60.0), 1.0)], at(300));
     assert_eq!(faces[0].track, TrackId(1));
     assert_eq!(tr.clear(), vec![TrackEvent::Lost(TrackId(1))]);
+}
+
+/// Runs a steady face through a tracker at `fps` with arrival times jittered by up to
+/// `jitter` (alternately early and late: up to a quarter frame each way keeps the cadence);
+/// returns the frame indices where it was due.
+fn due_frames(cfg: &TrackConfig, fps: f64, jitter: Duration, frames: usize) -> Vec<usize> {
+    let mut tr = Tracker::new(cfg.clone(), fps);
+    let t0 = Instant::now() + Duration::from_secs(1);
+    let mut due = Vec::new();
+    for i in 0..frames {
+        let nominal = t0 + Duration::from_secs_f64(i as f64 / fps);
+        let at = if i % 2 == 0 {
+            nominal + jitter
+        } else {
+            nominal - jitter
+        };
+        let (faces, _) = tr.update(&[(face(200.0, 200.0, 80.0), 1.0)], at);
+        if faces.first().is_some_and(|f| f.due) {
+            due.push(i);
+        }
+    }
+    due
+}
+
+#[test]
+fn the_default_cadence_is_whole_frames_and_jitter_never_costs_a_frame() {
+    let cfg = TrackConfig::default();
+    // 500 ms at 5 fps is 2.5 frames: every third frame, born on frame 1.
+    assert_eq!(cfg.frames_per_score(5.0), 3);
+    for jitter_ms in [0, 20, 45] {
+        let jitter = Duration::from_millis(jitter_ms);
+        assert_eq!(
+            due_frames(&cfg, 5.0, jitter, 14),
+            vec![1, 4, 7, 10, 13],
+            "jitter {jitter_ms} ms"
+        );
+    }
+    // An exact multiple (1 s at 5 fps: 5 frames) with jitter: still every 5th frame.
+    let one_s = TrackConfig {
+        score_every: Duration::from_secs(1),
+        ..cfg.clone()
+    };
+    assert_eq!(one_s.frames_per_score(5.0), 5);
+    assert_eq!(
+        due_frames(&one_s, 5.0, Duration::from_millis(40), 17),
+        vec![1, 6, 11, 16]
+    );
+    // 2 fps: every frame (500 ms is one frame).
+    assert_eq!(cfg.frames_per_score(2.0), 1);
+    assert_eq!(due_frames(&cfg, 2.0, Duration::ZERO, 4), vec![1, 2, 3]);
+}
+
+#[test]
+fn frames_per_score_rounds_up_to_detection_frames() {
+    let cfg = TrackConfig {
+        score_every: Duration::from_millis(300),
+        detect_every: 3,
+        ..TrackConfig::default()
+    };
+    // 300 ms at 5 fps is 1.5 -> 2 frames, then up to a multiple of 3.
+    assert_eq!(cfg.frames_per_score(5.0), 3);
+    assert_eq!(cfg.frames_per_score(30.0), 9);
+    let every_frame = TrackConfig {
+        score_every: Duration::from_millis(100),
+        ..TrackConfig::default()
+    };
+    assert_eq!(every_frame.frames_per_score(5.0), 1);
+    assert_eq!(every_frame.frames_per_score(0.1), 1);
 }

@@ -20,6 +20,7 @@ fn example() -> AlertPayload {
     let base = UNIX_EPOCH + Duration::from_millis(1_800_000_000_000);
     let stream = StreamId::new("lobby").unwrap();
     let mut event = None;
+    let mut ids = crate::evidence::UlidGenerator::with_seed(1);
     for i in 0..10u64 {
         let mut marginals = vec![0.05; 10];
         marginals[0] = 0.95;
@@ -42,7 +43,7 @@ fn example() -> AlertPayload {
             marginals,
             quality: 0.75,
         };
-        if let Some(e) = ev.observe(obs, base + Duration::from_millis(200 * i), 0xABCDEF) {
+        if let Some(e) = ev.observe(obs, base + Duration::from_millis(200 * i), &mut ids) {
             event = Some(e);
             break;
         }
