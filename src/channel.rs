@@ -14,6 +14,11 @@
 //! returned to the sender (inside [`Sent`]) so it can act on them, e.g. the tracker re-schedules
 //! a face whose job was dropped, and they are counted in [`ChannelStats`].
 //!
+//! A channel made with [`bounded_keeping`] never drops the items its `keep` rule marks (for
+//! example a track's end travelling in order with the faces): when full, the drop policies
+//! evict the oldest item that may be dropped, refuse a droppable new item when every queued
+//! one must be kept, and make a kept item wait for room ([`Sender::send`]) rather than drop it.
+//!
 //! The channel is multi-producer, multi-consumer: both ends are `Clone`. It closes for receivers
 //! when every [`Sender`] is gone (they still drain what is queued), and for senders when every
 //! [`Receiver`] is gone (sends then fail with the item handed back).
@@ -76,6 +81,15 @@ impl QueueConfig {
     /// Creates a channel with these settings.
     pub fn channel<T>(&self, name: impl Into<String>) -> (Sender<T>, Receiver<T>) {
         bounded(name, self.capacity, self.policy)
+    }
+
+    /// Creates a channel with these settings that never drops items `keep` marks.
+    pub fn channel_keeping<T>(
+        &self,
+        name: impl Into<String>,
+        keep: fn(&T) -> bool,
+    ) -> (Sender<T>, Receiver<T>) {
+        bounded_keeping(name, self.capacity, self.policy, keep)
     }
 }
 
@@ -202,6 +216,8 @@ struct Shared<T> {
     name: String,
     capacity: usize,
     policy: FullPolicy,
+    /// Items this marks are never dropped (see [`bounded_keeping`]).
+    keep: Option<fn(&T) -> bool>,
     state: Mutex<State<T>>,
     /// Thread receivers wait here for items.
     not_empty: Condvar,
@@ -241,7 +257,12 @@ impl<T> Shared<T> {
         self.room_async.notify_waiters();
     }
 
-    /// One attempt that never waits. `Err(Full)` only under `Block`.
+    fn kept(&self, item: &T) -> bool {
+        self.keep.is_some_and(|keep| keep(item))
+    }
+
+    /// One attempt that never waits. `Err(Full)` under `Block`, and for an item that must be
+    /// kept when nothing queued may be dropped.
     fn try_push(&self, st: &mut State<T>, item: T) -> Result<Sent<T>, TrySendError<T>> {
         if st.receivers == 0 {
             return Err(TrySendError::Closed(item));
@@ -251,23 +272,33 @@ impl<T> Shared<T> {
             self.sent.fetch_add(1, Ordering::Relaxed);
             return Ok(Sent::Queued);
         }
+        let must_keep = self.kept(&item);
         match self.policy {
             FullPolicy::DropOldest => {
-                let old = st.queue.pop_front();
-                st.queue.push_back(item);
-                self.sent.fetch_add(1, Ordering::Relaxed);
-                self.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-                match old {
-                    Some(old) => Ok(Sent::DroppedOldest(old)),
-                    // Unreachable with capacity >= 1, but harmless.
-                    None => Ok(Sent::Queued),
+                let oldest_droppable = if self.keep.is_some() {
+                    st.queue.iter().position(|q| !self.kept(q))
+                } else {
+                    Some(0)
+                };
+                match oldest_droppable.and_then(|i| st.queue.remove(i)) {
+                    Some(old) => {
+                        st.queue.push_back(item);
+                        self.sent.fetch_add(1, Ordering::Relaxed);
+                        self.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                        Ok(Sent::DroppedOldest(old))
+                    }
+                    None if must_keep => Err(TrySendError::Full(item)),
+                    None => {
+                        self.dropped_newest.fetch_add(1, Ordering::Relaxed);
+                        Ok(Sent::DroppedNewest(item))
+                    }
                 }
             }
-            FullPolicy::DropNewest => {
+            FullPolicy::DropNewest if !must_keep => {
                 self.dropped_newest.fetch_add(1, Ordering::Relaxed);
                 Ok(Sent::DroppedNewest(item))
             }
-            FullPolicy::Block => Err(TrySendError::Full(item)),
+            FullPolicy::DropNewest | FullPolicy::Block => Err(TrySendError::Full(item)),
         }
     }
 
@@ -309,10 +340,34 @@ pub fn bounded<T>(
     capacity: NonZeroUsize,
     policy: FullPolicy,
 ) -> (Sender<T>, Receiver<T>) {
+    make(name.into(), capacity, policy, None)
+}
+
+/// [`bounded`] whose drop policies never drop an item `keep` marks: they evict the oldest
+/// droppable item instead, refuse a droppable new item when every queued one is kept, and a
+/// kept item finds no room it waits ([`Sender::send`]) or is reported `Full`
+/// ([`Sender::try_send`]). Use it where a few control items travel in order with many
+/// droppable ones.
+pub fn bounded_keeping<T>(
+    name: impl Into<String>,
+    capacity: NonZeroUsize,
+    policy: FullPolicy,
+    keep: fn(&T) -> bool,
+) -> (Sender<T>, Receiver<T>) {
+    make(name.into(), capacity, policy, Some(keep))
+}
+
+fn make<T>(
+    name: String,
+    capacity: NonZeroUsize,
+    policy: FullPolicy,
+    keep: Option<fn(&T) -> bool>,
+) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        name: name.into(),
+        name,
         capacity: capacity.get(),
         policy,
+        keep,
         state: Mutex::new(State {
             queue: VecDeque::with_capacity(capacity.get().min(1024)),
             senders: 1,
@@ -357,7 +412,8 @@ pub struct Sender<T> {
 
 impl<T> Sender<T> {
     /// Sends from a thread. Under `Block` it waits for room; under the drop policies it never
-    /// waits. Fails only when every receiver is gone.
+    /// waits, except for an item a [`bounded_keeping`] channel must keep when nothing queued
+    /// may be dropped. Fails only when every receiver is gone.
     pub fn send(&self, item: T) -> Result<Sent<T>, Closed<T>> {
         let mut st = self.shared.lock();
         let mut item = item;
@@ -554,6 +610,44 @@ mod tests {
 
     fn cap(n: usize) -> NonZeroUsize {
         NonZeroUsize::new(n).unwrap()
+    }
+
+    /// Odd numbers are control items that must never be dropped.
+    fn odd(v: &u32) -> bool {
+        v % 2 == 1
+    }
+
+    #[test]
+    fn a_keeping_channel_evicts_the_oldest_droppable_item_and_never_a_kept_one() {
+        let (tx, rx) = bounded_keeping("keep", cap(3), FullPolicy::DropOldest, odd);
+        for v in [1, 2, 4] {
+            assert_eq!(tx.send(v).unwrap(), Sent::Queued);
+        }
+        // Full: 1 must stay, so 2 goes; order is kept.
+        assert_eq!(tx.send(6).unwrap(), Sent::DroppedOldest(2));
+        assert_eq!(tx.send(3).unwrap(), Sent::DroppedOldest(4));
+        // Only kept items and 6: a droppable newcomer evicts 6.
+        assert_eq!(tx.send(8).unwrap(), Sent::DroppedOldest(6));
+        assert_eq!(tx.send(5).unwrap(), Sent::DroppedOldest(8));
+        // Nothing droppable left: a droppable newcomer is refused, a kept one must wait.
+        assert_eq!(tx.send(10).unwrap(), Sent::DroppedNewest(10));
+        assert!(matches!(tx.try_send(7), Err(TrySendError::Full(7))));
+        let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, vec![1, 3, 5]);
+        let st = rx.stats();
+        assert_eq!((st.dropped_oldest, st.dropped_newest), (4, 1));
+    }
+
+    #[test]
+    fn a_kept_item_waits_for_room_instead_of_being_dropped() {
+        let (tx, rx) = bounded_keeping("keep", cap(1), FullPolicy::DropNewest, odd);
+        tx.send(1).unwrap();
+        assert_eq!(tx.send(2).unwrap(), Sent::DroppedNewest(2));
+        let t = thread::spawn(move || tx.send(3).map(|s| s.was_queued()));
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(rx.recv(), Some(1));
+        assert_eq!(t.join().unwrap().ok(), Some(true));
+        assert_eq!(rx.recv(), Some(3));
     }
 
     #[test]

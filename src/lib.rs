@@ -7,18 +7,20 @@
 
 pub mod app;
 pub mod backoff;
-pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod crop;
+pub mod decide;
 pub mod detect;
 pub mod encode;
 pub mod evidence;
+pub mod faces;
 pub mod gpu;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod offline;
 pub mod onnx;
 pub mod progress;
 pub mod publish;

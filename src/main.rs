@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 use dfwatch::config::Config;
 
+mod bench;
+
 /// Watches live video for DeepFake faces and raises explained alerts over MQTT.
 #[derive(Parser)]
 #[command(name = "dfwatch", version, about, propagate_version = true)]
@@ -291,7 +293,7 @@ fn analyze(
     };
     let bar = dfwatch::progress::bar(frames as u64, "analyze");
     let result =
-        dfwatch::app::analyze::analyze(input, model, frames, &config, &mut |done, total| {
+        dfwatch::offline::analyze::analyze(input, model, frames, &config, &mut |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         });
@@ -384,16 +386,18 @@ fn score(
         threads,
         spin: false,
     };
-    match dfwatch::app::score_images::score_images(model, images, &onnx, embeddings) {
+    match dfwatch::offline::score_images::score_images(model, images, &onnx, embeddings) {
         Ok(report) => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&report).unwrap_or_default()
             );
-            let failed = report
-                .results
-                .iter()
-                .any(|r| matches!(r, dfwatch::app::score_images::ImageResult::Failed { .. }));
+            let failed = report.results.iter().any(|r| {
+                matches!(
+                    r,
+                    dfwatch::offline::score_images::ImageResult::Failed { .. }
+                )
+            });
             if failed {
                 eprintln!("error: some images could not be scored (see their \"error\")");
                 ExitCode::FAILURE
@@ -495,13 +499,13 @@ fn version(json: bool) -> ExitCode {
 fn bench(name: Option<String>, args: &[String]) -> ExitCode {
     let Some(name) = name else {
         println!("benchmarks:");
-        for b in dfwatch::bench::BENCHES {
+        for b in bench::BENCHES {
             println!("  {:<10} {}", b.name, b.about);
         }
         return ExitCode::SUCCESS;
     };
-    let Some(b) = dfwatch::bench::find(&name) else {
-        let names: Vec<_> = dfwatch::bench::BENCHES.iter().map(|b| b.name).collect();
+    let Some(b) = bench::find(&name) else {
+        let names: Vec<_> = bench::BENCHES.iter().map(|b| b.name).collect();
         eprintln!(
             "error: no benchmark {name:?}; available: {}",
             names.join(", ")

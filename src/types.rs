@@ -380,17 +380,49 @@ pub struct FaceQuality {
     pub alignment_residual: f32,
 }
 
-/// One face of one frame that the tracker scheduled for scoring.
+/// One face of one frame that the tracker scheduled for scoring, before any crop: the frame
+/// and the alignment a crop samples with. The CPU path crops it in the face stage; a GPU
+/// path takes it as it is (the frame is uploaded once for all its faces).
 #[derive(Debug, Clone)]
 pub struct FaceJob {
     pub frame: Arc<Frame>,
     pub track: TrackId,
     pub bbox: BBox,
     /// Image-left eye, image-right eye, nose tip, image-left and image-right mouth corner, in
-    /// frame pixels.
+    /// frame pixels (smoothed by the tracker).
     pub landmarks: [[f32; 2]; 5],
     pub det_score: f32,
-    pub quality: FaceQuality,
+    /// Frame pixels -> SJEDD's 317 px template: the least-squares similarity from the
+    /// landmarks, as a 2x3 matrix.
+    pub alignment: [[f64; 3]; 2],
+}
+
+/// What travels with each crop through the encoder to the decision stage.
+#[derive(Debug)]
+pub struct FaceMeta {
+    pub stream: StreamId,
+    pub track: TrackId,
+    /// Monotonic time of the frame.
+    pub mono: Instant,
+    pub capture_time: SystemTime,
+    pub pts: Option<Duration>,
+    pub bbox: BBox,
+    /// `crop::quality::weight` of the crop, 0..=1.
+    pub quality: f32,
+    /// The RGB crop, kept only for streams that publish face crops.
+    pub crop: Option<Vec<u8>>,
+    /// The stream's counters (the decision stage counts scored faces there).
+    pub metrics: Arc<crate::metrics::StreamMetrics>,
+}
+
+/// What a face stage tells the decision stage in order with its faces (through the encode
+/// queue, which never drops these): a track ended, or the stream's face stage stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaceEvent {
+    /// Unmatched for the tracker's patience: the face left or was lost.
+    TrackEnded { stream: StreamId, track: TrackId },
+    /// The stream was removed or restarted, or the daemon stops: its tracks are gone.
+    StreamEnded { stream: StreamId },
 }
 
 #[cfg(test)]

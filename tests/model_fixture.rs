@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use dfwatch::app::score_images::load_crop;
 use dfwatch::encode::CpuEncoder;
 use dfwatch::model::ModelBundle;
+use dfwatch::offline::score_images::load_crop;
 use dfwatch::onnx::{self, OnnxConfig};
 use dfwatch::score::{FaceScore, Scorer};
 use serde::Deserialize;
@@ -130,6 +130,7 @@ fn the_encoder_thread_batches_by_size_and_deadline_and_loses_nothing() {
     let cfg = EncoderConfig {
         max_batch: NonZeroUsize::new(4).unwrap(),
         max_wait: Duration::from_millis(100),
+        ..EncoderConfig::default()
     };
     let worker = std::thread::spawn(move || run_encoder(enc, &cfg, jobs_rx, out_tx));
     // Three crops: no batch fills, so the deadline sends them together.
@@ -173,4 +174,70 @@ fn the_encoder_thread_batches_by_size_and_deadline_and_loses_nothing() {
         let got: Vec<f64> = e.embedding.iter().map(|&v| f64::from(v)).collect();
         assert!(max_diff(&got, want) < 1e-4);
     }
+}
+
+/// A track's end travels through the encode queue behind its faces: the encoder sends the
+/// batch in hand before it, so the end can never overtake its track's last embedding (it
+/// used to travel on a side channel that raced the embeddings).
+#[test]
+fn a_track_end_leaves_the_encoder_after_its_faces_and_before_later_ones() {
+    use dfwatch::channel::{FullPolicy, bounded, bounded_keeping};
+    use dfwatch::encode::{EncodeJob, Encoded, EncoderConfig, Queued, run_encoder_until};
+    use std::num::NonZeroUsize;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    let (bundle, _) = bundle_and_scorer();
+    onnx::init(&OnnxConfig::default()).expect("ONNX Runtime (run ./tools/setup.sh)");
+    let enc = CpuEncoder::new(&bundle).unwrap();
+    let rgb = load_crop(&Path::new(DIR).join(&expected().crops[0].crop), 224).unwrap();
+    let mut px = vec![0.0f32; enc.crop_len()];
+    enc.normalise_into(&rgb, &mut px);
+    let cap = NonZeroUsize::new(16).unwrap();
+    let (jobs_tx, jobs_rx) =
+        bounded_keeping("encode", cap, FullPolicy::DropOldest, Queued::must_keep);
+    let (out_tx, out_rx) = bounded("embedded", cap, FullPolicy::Block);
+    // A long deadline: without the end in the queue, the two faces would wait for it.
+    let cfg = EncoderConfig {
+        max_batch: NonZeroUsize::new(8).unwrap(),
+        max_wait: Duration::from_secs(5),
+        ..EncoderConfig::default()
+    };
+    let face = |track: &'static str| {
+        Queued::Face(EncodeJob {
+            pixels: px.clone(),
+            meta: track,
+        })
+    };
+    let t0 = Instant::now();
+    for item in [face("a"), face("a"), Queued::Pass("end of a"), face("b")] {
+        jobs_tx.send(item).unwrap();
+    }
+    let worker = std::thread::spawn(move || {
+        run_encoder_until(
+            enc,
+            &cfg,
+            jobs_rx,
+            out_tx,
+            &AtomicBool::new(false),
+            &mut |_, _| {},
+        )
+    });
+    let first: Vec<String> = (0..3)
+        .map(
+            |_| match out_rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                Encoded::Face(e) => format!("{} (batch {})", e.meta, e.batch_size),
+                Encoded::Pass(p) => p.to_string(),
+            },
+        )
+        .collect();
+    assert_eq!(first, ["a (batch 2)", "a (batch 2)", "end of a"]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the end flushed the batch in hand instead of waiting for its deadline"
+    );
+    drop(jobs_tx);
+    let rest: Vec<_> = std::iter::from_fn(|| out_rx.recv()).collect();
+    assert!(matches!(&rest[..], [Encoded::Face(e)] if e.meta == "b"));
+    assert_eq!(worker.join().unwrap(), 0);
 }

@@ -10,9 +10,9 @@
 
 use std::path::PathBuf;
 
-use dfwatch::app::score_images::load_crop;
 use dfwatch::encode::CpuEncoder;
 use dfwatch::model::ModelBundle;
+use dfwatch::offline::score_images::load_crop;
 use dfwatch::onnx::{self, OnnxConfig};
 use dfwatch::score::Scorer;
 use serde::Deserialize;

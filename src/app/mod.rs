@@ -1,12 +1,20 @@
-//! The daemon: the only module that knows the whole graph. It creates the channels, spawns the
-//! stages (see [`analysis`] for the graph behind ingest), serves HTTP, owns shutdown and
-//! reload, and talks to systemd.
+//! The daemon: the only module that knows the whole graph. A [`Daemon`] is started (model,
+//! publisher, the shared stages, HTTP, streams), serves its supervisor loop (signals, API
+//! commands, watchdog), reloads, and stops.
+//!
+//! ```text
+//! ingest (per stream, drop oldest) -> faces::FaceStage (one OS thread per stream)
+//!   -> encode queue (shared, drop oldest; track ends never dropped)
+//!   -> encoder (one OS thread, batches on the shared ONNX pool)
+//!   -> embeddings (bounded, blocks the encoder)
+//!   -> decide::task (one tokio task around the Decider) -> publisher (back-pressure)
+//! ```
 //!
 //! Shutdown (SIGTERM or SIGINT), bounded by `node.shutdown_grace`: ingest stops, the face
-//! stages finish the frames they hold, the encoder its batch, the decision task ends every open
-//! alert (`stream_stopped`) and hands it to the publisher, which flushes what it can and
-//! publishes `stopped`; what the broker has not acknowledged stays in the spool for the next
-//! start.
+//! stages finish the frames they hold and send their streams' ends, the encoder its batch,
+//! the decision task ends every open alert (`stream_stopped`) and hands it to the publisher,
+//! which flushes what it can and publishes `stopped`; what the broker has not acknowledged
+//! stays in the spool for the next start.
 //!
 //! Reload (SIGHUP or `POST /api/reload`): the config file is read and validated again; on any
 //! error nothing changes. Streams that were added, removed or changed start, stop or restart;
@@ -15,10 +23,6 @@
 //! new model bundle is loaded and checked first, then swapped in: the encoder thread is
 //! replaced and every open evidence window ends (`model_swapped`).
 
-pub mod analysis;
-#[cfg(feature = "gstreamer")]
-pub mod analyze;
-pub mod score_images;
 pub mod state;
 pub mod systemd;
 
@@ -32,19 +36,21 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use analysis::{
-    AnalysisMetrics, Control, CropSpec, Decision, FaceMeta, FaceStage, Scoring, StreamMetrics,
-};
 use state::{AppState, Command, CommandError, ReloadReport, StreamView};
 
-use crate::channel::{FullPolicy, Receiver, Sender};
+use crate::channel::{Receiver, Sender};
 use crate::config::Config;
 use crate::crop::CropMethod;
+use crate::decide::task::{self as decision, Input};
+use crate::decide::{Decider, Scoring};
 use crate::detect::FaceDetector;
-use crate::encode::{CpuEncoder, Embedded, EncodeJob};
-use crate::evidence::Evidence;
+use crate::encode::CpuEncoder;
+use crate::evidence::UlidGenerator;
+use crate::faces::{CropSpec, EncodeItem, FaceStage};
 use crate::ingest::{self, StreamConfig, StreamHandle};
+use crate::metrics::{AnalysisMetrics, StreamMetrics};
 use crate::model::ModelBundle;
+use crate::publish::mqtt::PublisherHandle;
 use crate::publish::payload::ModelInfo;
 use crate::score::Scorer;
 use crate::types::{Frame, StreamId};
@@ -53,6 +59,11 @@ use crate::types::{Frame, StreamId};
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 /// How often an untrained model is announced again.
 const UNTRAINED_EVERY: Duration = Duration::from_secs(600);
+/// API requests waiting for the supervisor loop (callers wait for room; each is answered
+/// within one loop turn, so the size only bounds memory).
+const API_COMMANDS: usize = 16;
+/// Model swaps and threshold changes waiting for the decision task (each is awaited).
+const DECISION_COMMANDS: usize = 4;
 
 /// Where the bundle comes from when `model.bundle` is not set: an imported SJEDD checkpoint
 /// if one is installed, else the synthetic ViT-B/32 that tools/setup.sh makes.
@@ -148,8 +159,8 @@ struct EncoderThread {
 fn spawn_encoder(
     encoder: CpuEncoder,
     cfg: &crate::encode::EncoderConfig,
-    jobs: Receiver<EncodeJob<FaceMeta>>,
-    out: Sender<Embedded<FaceMeta>>,
+    jobs: Receiver<EncodeItem>,
+    out: Sender<Input>,
     metrics: Arc<AnalysisMetrics>,
 ) -> anyhow::Result<EncoderThread> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -182,18 +193,13 @@ struct RunningStream {
 struct StreamFactory {
     config: Config,
     crop: CropSpec,
-    encode: Sender<EncodeJob<FaceMeta>>,
+    encode: Sender<EncodeItem>,
     /// For the encoder of a swapped-in model.
-    encode_rx: Receiver<EncodeJob<FaceMeta>>,
-    control: mpsc::UnboundedSender<Control>,
-    publisher: Arc<crate::publish::mqtt::PublisherHandle>,
+    encode_rx: Receiver<EncodeItem>,
+    publisher: Arc<PublisherHandle>,
 }
 
 impl StreamFactory {
-    fn encode_receiver(&self) -> Receiver<EncodeJob<FaceMeta>> {
-        self.encode_rx.clone()
-    }
-
     fn start(
         &self,
         s: &StreamConfig,
@@ -224,7 +230,6 @@ impl StreamFactory {
             crop: self.crop.clone(),
             keep_crops: s.publish_face_crops,
             encode: self.encode.clone(),
-            control: self.control.clone(),
             metrics: metrics.clone(),
             stop: Arc::new(AtomicBool::new(false)),
         };
@@ -267,14 +272,15 @@ impl StreamFactory {
 }
 
 impl RunningStream {
-    /// Stops ingest and the face stage, then ends the stream's open alerts.
-    async fn stop(self, state: &AppState, control: &mpsc::UnboundedSender<Control>) {
+    /// Stops ingest and the face stage; the stage's last words (its tracks' ends and the
+    /// stream's end) go through the encode queue, so the decision stage ends the stream's
+    /// open alerts after its last faces.
+    async fn stop(self, state: &AppState) {
         let id = self.config.id.clone();
         self.handle.stop().await;
         self.face_stop.store(true, Ordering::Relaxed);
         let face = self.face_thread;
         let _ = tokio::task::spawn_blocking(move || face.join()).await;
-        let _ = control.send(Control::StreamStopped(id.clone()));
         let _ = self.forwarder.await;
         state.streams.write().expect("streams lock").remove(&id);
         tracing::info!(stream = %id, "Stream stopped.");
@@ -283,6 +289,29 @@ impl RunningStream {
 
 fn same_stream_config(a: &StreamConfig, b: &StreamConfig) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// The running daemon.
+pub struct Daemon {
+    config: Config,
+    config_path: PathBuf,
+    notifier: systemd::Notifier,
+    state: Arc<AppState>,
+    publisher: Arc<PublisherHandle>,
+    spool_dir: PathBuf,
+    metrics: Arc<AnalysisMetrics>,
+    factory: StreamFactory,
+    running: BTreeMap<StreamId, RunningStream>,
+    encoder: Option<EncoderThread>,
+    /// The encoder's output (kept to give a swapped-in encoder the same one).
+    embeddings: Sender<Input>,
+    decision: mpsc::Sender<decision::Command>,
+    decision_task: tokio::task::JoinHandle<()>,
+    commands: mpsc::Receiver<Command>,
+    http_cancel: CancellationToken,
+    http_task: Option<tokio::task::JoinHandle<()>>,
+    model_dir: PathBuf,
+    model_sha: String,
 }
 
 /// Runs the daemon on `config` (read from `config_path`, re-read on reload) until SIGINT or
@@ -297,30 +326,533 @@ pub async fn run_until(
     config_path: PathBuf,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let notifier = systemd::Notifier::from_env();
-    tracing::info!(node = %config.node.id, streams = config.streams.len(), config = %config_path.display(), "dfwatch starting.");
-    let state_dir = state_dir();
+    let mut daemon = Daemon::start(config, config_path).await?;
+    daemon.serve(stop).await?;
+    daemon.stop().await;
+    Ok(())
+}
 
-    // Model first: a bad bundle must stop the start with a clear error.
-    crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
-    let model_dir = bundle_dir(&config);
-    let LoadedModel {
-        bundle,
-        encoder,
-        scoring,
-        crop,
-    } = load_model(&model_dir)?;
-    tracing::info!(
-        model = %scoring.model.name,
-        version = %scoring.model.version,
-        sha256 = %scoring.model.manifest_sha256,
-        trained = scoring.model.trained,
-        dir = %model_dir.display(),
-        "Model loaded."
-    );
-    announce_untrained(&scoring.model);
+impl Daemon {
+    /// Starts everything in order: model (a bad bundle stops the start with a clear error),
+    /// publisher (and the embedded broker), the shared stages, HTTP, the face detector check,
+    /// then the streams (one that cannot start is logged and left out); READY=1 at the end.
+    pub async fn start(config: Config, config_path: PathBuf) -> anyhow::Result<Daemon> {
+        let notifier = systemd::Notifier::from_env();
+        tracing::info!(node = %config.node.id, streams = config.streams.len(), config = %config_path.display(), "dfwatch starting.");
+        let state_dir = state_dir();
 
-    // Publisher (and the embedded broker when configured).
+        crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
+        let model_dir = bundle_dir(&config);
+        let LoadedModel {
+            encoder,
+            scoring,
+            crop,
+            ..
+        } = load_model(&model_dir)?;
+        let model_info = scoring.model.clone();
+        tracing::info!(
+            model = %model_info.name,
+            version = %model_info.version,
+            sha256 = %model_info.manifest_sha256,
+            trained = model_info.trained,
+            dir = %model_dir.display(),
+            "Model loaded."
+        );
+        announce_untrained(&model_info);
+
+        let (publisher, spool_dir) = start_publisher(&config, &state_dir)?;
+
+        // The shared stages: encode queue -> encoder -> embeddings -> decision task.
+        let metrics = Arc::new(AnalysisMetrics::default());
+        let (encode_tx, encode_rx) = config
+            .encoder
+            .queue
+            .channel_keeping("encode", EncodeItem::must_keep);
+        let (emb_tx, emb_rx) = crate::channel::bounded::<Input>(
+            "embeddings",
+            config.encoder.output_capacity,
+            crate::channel::FullPolicy::Block,
+        );
+        let encoder_thread = spawn_encoder(
+            encoder,
+            &config.encoder,
+            encode_rx.clone(),
+            emb_tx.clone(),
+            metrics.clone(),
+        )?;
+        let (decision_tx, decision_rx) = mpsc::channel(DECISION_COMMANDS);
+        let decider = Decider::new(
+            config.node.id.clone(),
+            scoring,
+            config.evidence.clone(),
+            metrics.clone(),
+            UlidGenerator::new(),
+        );
+        let decision_task = tokio::spawn(decision::run(
+            decider,
+            emb_rx,
+            decision_rx,
+            publisher.clone(),
+            metrics.clone(),
+        ));
+
+        // HTTP and the shared state.
+        let (commands_tx, commands) = mpsc::channel::<Command>(API_COMMANDS);
+        let token = config
+            .http
+            .token(&config.base_dir, &state_dir)
+            .context("[http] API token")?;
+        // Counters through a receiver: a sender kept here would keep the encoder from seeing
+        // the end of its input at shutdown.
+        let encode_stats = {
+            let rx = encode_rx.clone();
+            Box::new(move || rx.stats()) as Box<dyn Fn() -> _ + Send + Sync>
+        };
+        let state = Arc::new(AppState {
+            started: Instant::now(),
+            heartbeat_ms: Default::default(),
+            ready: AtomicBool::new(false),
+            model: std::sync::RwLock::new(model_info.clone()),
+            publisher: publisher.clone(),
+            analysis: metrics.clone(),
+            streams: Default::default(),
+            commands: commands_tx,
+            token,
+            api_schemes: config.http.api_schemes.clone(),
+            encode_queue: encode_stats,
+        });
+        state.beat();
+        let http_cancel = CancellationToken::new();
+        let http_task = if config.http.enabled {
+            let (addr, task) =
+                crate::http::serve(config.http.listen, state.clone(), http_cancel.clone()).await?;
+            tracing::info!(listen = %addr, "HTTP API listening (/livez /readyz /metrics /api/streams /api/alerts).");
+            Some(task)
+        } else {
+            None
+        };
+
+        // The detector once up front: a missing model is a start-up error, not a silent stream.
+        drop(
+            FaceDetector::load(&config.detect, &config.base_dir).with_context(|| {
+                format!(
+                    "face detector ({}; run ./tools/setup.sh or set [detect] model_dir)",
+                    config.detect.model_dir(&config.base_dir).display()
+                )
+            })?,
+        );
+
+        let factory = StreamFactory {
+            config: config.clone(),
+            crop,
+            encode: encode_tx,
+            encode_rx,
+            publisher: publisher.clone(),
+        };
+        let mut daemon = Daemon {
+            config,
+            config_path,
+            notifier,
+            state,
+            publisher,
+            spool_dir,
+            metrics,
+            factory,
+            running: BTreeMap::new(),
+            encoder: Some(encoder_thread),
+            embeddings: emb_tx,
+            decision: decision_tx,
+            decision_task,
+            commands,
+            http_cancel,
+            http_task,
+            model_dir,
+            model_sha: model_info.manifest_sha256.clone(),
+        };
+        let streams: Vec<StreamConfig> = daemon
+            .config
+            .streams
+            .iter()
+            .filter(|s| s.enabled)
+            .cloned()
+            .collect();
+        for s in &streams {
+            daemon.start_stream(s, false);
+        }
+        daemon.state.ready.store(true, Ordering::Relaxed);
+        daemon.notifier.ready(&daemon.status_line());
+        tracing::info!("dfwatch ready.");
+        Ok(daemon)
+    }
+
+    /// Starts one stream; a failure is logged and the stream left out.
+    fn start_stream(&mut self, s: &StreamConfig, runtime_only: bool) -> bool {
+        match self.factory.start(s, &self.state, runtime_only) {
+            Ok(r) => {
+                self.running.insert(s.id.clone(), r);
+                true
+            }
+            Err(e) => {
+                tracing::error!(stream = %s.id, error = format!("{e:#}"), "Stream not started.");
+                false
+            }
+        }
+    }
+
+    fn status_line(&self) -> String {
+        let online = self
+            .running
+            .values()
+            .filter(|r| r.handle.status().state == ingest::StreamState::Online)
+            .count();
+        format!("{online}/{} streams online", self.running.len())
+    }
+
+    /// The supervisor loop: heartbeat and watchdog, periodic status, SIGHUP and API commands,
+    /// until SIGINT, SIGTERM or `stop`.
+    pub async fn serve(&mut self, stop: CancellationToken) -> anyhow::Result<()> {
+        let signal = shutdown_signal(stop);
+        tokio::pin!(signal);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listening for SIGHUP")?;
+        let watchdog_every = self.notifier.watchdog_interval();
+        let mut tick = tokio::time::interval(
+            watchdog_every
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        );
+        let mut last_watchdog = Instant::now();
+        let mut last_status = Instant::now();
+        let mut last_untrained = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut signal => return Ok(()),
+                _ = tick.tick() => {
+                    self.state.beat();
+                    if let Some(every) = watchdog_every
+                        && last_watchdog.elapsed() >= every
+                    {
+                        self.notifier.watchdog();
+                        last_watchdog = Instant::now();
+                    }
+                    if last_status.elapsed() >= STATUS_EVERY {
+                        last_status = Instant::now();
+                        self.notifier.status(&self.status_line());
+                        self.log_status();
+                    }
+                    let model = self.state.model.read().expect("model lock").clone();
+                    if !model.trained && last_untrained.elapsed() >= UNTRAINED_EVERY {
+                        last_untrained = Instant::now();
+                        announce_untrained(&model);
+                    }
+                }
+                _ = hup.recv() => {
+                    tracing::info!(config = %self.config_path.display(), "SIGHUP: reloading the config.");
+                    match self.reload().await {
+                        Ok(r) => tracing::info!(report = ?r, "Reload applied."),
+                        Err(e) => tracing::error!(error = %e, "Reload refused; nothing changed."),
+                    }
+                }
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { continue };
+                    match cmd {
+                        Command::AddStream { stream, reply } => {
+                            let _ = reply.send(self.add_stream(*stream));
+                        }
+                        Command::RemoveStream { id, reply } => {
+                            let r = match self.running.remove(&id) {
+                                Some(rs) => {
+                                    rs.stop(&self.state).await;
+                                    Ok(())
+                                }
+                                None => Err(CommandError::NotFound(id.to_string())),
+                            };
+                            let _ = reply.send(r);
+                        }
+                        Command::Reload { reply } => {
+                            let _ = reply.send(self.reload().await);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn log_status(&self) {
+        for r in self.state.stream_reports() {
+            tracing::info!(
+                stream = %r.id,
+                state = r.status.state.as_str(),
+                reconnects = r.status.reconnects,
+                frames_delivered = r.frames_delivered,
+                frames_dropped = r.frames_dropped,
+                faces_scored = r.faces_scored,
+                tracks = r.tracks,
+                coverage = format!("{:.2}", r.coverage),
+                "Stream status."
+            );
+        }
+    }
+
+    /// A runtime-only stream from the API, checked by the same rules as the file's streams.
+    fn add_stream(&mut self, stream: StreamConfig) -> Result<(), CommandError> {
+        if self.running.contains_key(&stream.id) {
+            return Err(CommandError::Exists(stream.id.to_string()));
+        }
+        let mut errors = Vec::new();
+        self.factory
+            .config
+            .validate_stream(&stream, "stream", &mut errors);
+        if !errors.is_empty() {
+            return Err(CommandError::Invalid(
+                errors.iter().map(|e| e.to_string()).collect(),
+            ));
+        }
+        let r = self
+            .factory
+            .start(&stream, &self.state, true)
+            .map_err(|e| CommandError::Failed(format!("{e:#}")))?;
+        self.running.insert(stream.id.clone(), r);
+        Ok(())
+    }
+
+    /// Re-reads the config file and applies what changed (see the module doc); on any error
+    /// nothing changes.
+    pub async fn reload(&mut self) -> Result<ReloadReport, CommandError> {
+        self.notifier.reloading();
+        let r = self.apply_reload().await;
+        self.notifier.reloaded(&self.status_line());
+        r
+    }
+
+    async fn apply_reload(&mut self) -> Result<ReloadReport, CommandError> {
+        let new = Config::load(&self.config_path)
+            .map_err(|e| CommandError::Invalid(e.0.iter().map(|x| x.to_string()).collect()))?;
+        let mut report = ReloadReport::default();
+        // Settings that need a restart: say so rather than pretend.
+        let current = &self.config;
+        let section = |a: &dyn erased::Json, b: &dyn erased::Json| a.json() != b.json();
+        for (name, changed) in [
+            ("node", section(&current.node, &new.node)),
+            ("ingest", section(&current.ingest, &new.ingest)),
+            ("encoder", section(&current.encoder, &new.encoder)),
+            ("onnx", section(&current.onnx, &new.onnx)),
+            ("detect", section(&current.detect, &new.detect)),
+            ("track", section(&current.track, &new.track)),
+            ("mqtt", section(&current.mqtt, &new.mqtt)),
+            ("http", section(&current.http, &new.http)),
+        ] {
+            if changed {
+                report.needs_restart.push(name.to_string());
+            }
+        }
+        // The model: load and check the new bundle before anything changes.
+        let new_dir = bundle_dir(&new);
+        let new_model = {
+            let manifest_sha = crate::model::sha256_file(&new_dir.join("manifest.toml")).ok();
+            if new_dir != self.model_dir || manifest_sha.as_deref() != Some(self.model_sha.as_str())
+            {
+                let loaded = load_model(&new_dir)
+                    .map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
+                let (a, b) = (&loaded.crop, &self.factory.crop);
+                if a.size != b.size || a.mean != b.mean || a.std != b.std {
+                    return Err(CommandError::Invalid(vec![format!(
+                        "model: {} takes {} px crops with other normalisation than the running \
+                         model; restart the daemon to change the input geometry",
+                        new_dir.display(),
+                        loaded.crop.size
+                    )]));
+                }
+                Some(loaded)
+            } else {
+                None
+            }
+        };
+        // Streams: the file's streams, plus runtime-only ones the file does not redefine.
+        let wanted: BTreeMap<StreamId, StreamConfig> = new
+            .streams
+            .iter()
+            .filter(|s| s.enabled)
+            .map(|s| (s.id.clone(), s.clone()))
+            .collect();
+        let runtime_only: Vec<StreamId> = self
+            .state
+            .streams
+            .read()
+            .expect("streams lock")
+            .iter()
+            .filter(|(id, v)| v.runtime_only && !wanted.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let ids: Vec<StreamId> = self.running.keys().cloned().collect();
+        for id in ids {
+            if runtime_only.contains(&id) {
+                report.unchanged.push(id.to_string());
+                continue;
+            }
+            match wanted.get(&id) {
+                Some(w) if same_stream_config(w, &self.running[&id].config) => {
+                    report.unchanged.push(id.to_string())
+                }
+                Some(_) => {
+                    let r = self.running.remove(&id).expect("listed");
+                    r.stop(&self.state).await;
+                    report.restarted.push(id.to_string());
+                }
+                None => {
+                    let r = self.running.remove(&id).expect("listed");
+                    r.stop(&self.state).await;
+                    report.removed.push(id.to_string());
+                }
+            }
+        }
+        // Apply the model swap before new streams start producing faces for it.
+        if let Some(m) = new_model {
+            self.swap_model(m, new_dir).await?;
+            report.model_swapped = true;
+        }
+        if self.config.evidence != new.evidence {
+            let _ = self
+                .decision
+                .send(decision::Command::Evidence(new.evidence.clone()))
+                .await;
+            report.evidence_changed = true;
+        }
+        self.config = Config {
+            streams: new.streams.clone(),
+            evidence: new.evidence.clone(),
+            model: new.model.clone(),
+            ..self.config.clone()
+        };
+        self.factory.config.streams = self.config.streams.clone();
+        for (id, s) in &wanted {
+            if self.running.contains_key(id) {
+                continue;
+            }
+            if self.start_stream(s, false) && !report.restarted.contains(&id.to_string()) {
+                report.added.push(id.to_string());
+            }
+        }
+        Ok(report)
+    }
+
+    /// Stops the old encoder (after its batch in hand; queued crops stay), lets the decision
+    /// stage decide what the old model left and swap its scorer, then starts the new encoder
+    /// on the same queue.
+    async fn swap_model(&mut self, m: LoadedModel, dir: PathBuf) -> Result<(), CommandError> {
+        let old = self.encoder.take().expect("an encoder runs");
+        old.stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || old.thread.join()).await;
+        let (done, swapped) = tokio::sync::oneshot::channel();
+        let info = m.scoring.model.clone();
+        let _ = self
+            .decision
+            .send(decision::Command::ModelSwapped {
+                scoring: Box::new(m.scoring),
+                done,
+            })
+            .await;
+        let _ = swapped.await;
+        self.encoder = Some(
+            spawn_encoder(
+                m.encoder,
+                &self.config.encoder,
+                self.factory.encode_rx.clone(),
+                self.embeddings.clone(),
+                self.metrics.clone(),
+            )
+            .map_err(|e| CommandError::Failed(format!("encoder thread: {e:#}")))?,
+        );
+        *self.state.model.write().expect("model lock") = info.clone();
+        self.model_dir = dir;
+        self.model_sha = info.manifest_sha256.clone();
+        announce_untrained(&info);
+        Ok(())
+    }
+
+    /// The bounded shutdown (see the module doc).
+    pub async fn stop(self) {
+        let Daemon {
+            config,
+            notifier,
+            state,
+            publisher,
+            spool_dir,
+            factory,
+            mut running,
+            mut encoder,
+            embeddings,
+            decision,
+            decision_task,
+            http_cancel,
+            http_task,
+            ..
+        } = self;
+        notifier.stopping();
+        state.ready.store(false, Ordering::Relaxed);
+        let grace = config.node.shutdown_grace;
+        let deadline = Instant::now() + grace;
+        tracing::info!(
+            grace_s = grace.as_secs_f64(),
+            "Stopping: ingest, then in-flight work, then the spool."
+        );
+        let drain = async {
+            for (_, r) in std::mem::take(&mut running) {
+                r.stop(&state).await;
+            }
+            // With every face stage gone, closing the encoder's input ends it after its batch.
+            drop(factory);
+            if let Some(enc) = encoder.take() {
+                let _ = tokio::task::spawn_blocking(move || enc.thread.join()).await;
+            }
+            drop(embeddings);
+            drop(decision);
+            let _ = decision_task.await;
+        };
+        if tokio::time::timeout(grace.mul_f64(0.6), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("In-flight work did not drain in time; continuing the stop.");
+        }
+        http_cancel.cancel();
+        if let Some(t) = http_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
+        drop(state);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(500));
+        match Arc::try_unwrap(publisher) {
+            Ok(p) => {
+                let mut stats = p.subscribe();
+                let _ = tokio::time::timeout(
+                    left.mul_f64(0.8),
+                    stats.wait_for(|s| s.pending == 0 || !s.connected),
+                )
+                .await;
+                let pending = p.stats().pending;
+                p.stop(left.mul_f64(0.2).max(Duration::from_millis(300)))
+                    .await;
+                if pending > 0 {
+                    tracing::warn!(pending, spool = %spool_dir.display(), "Alerts not yet acknowledged stay in the spool for the next start.");
+                }
+            }
+            Err(p) => {
+                tracing::warn!("MQTT publisher still in use at shutdown; stopping it anyway.");
+                drop(p);
+            }
+        }
+        tracing::info!("dfwatch stopped.");
+    }
+}
+
+/// The publisher, with the embedded broker when configured; returns it with its spool
+/// directory.
+fn start_publisher(
+    config: &Config,
+    state_dir: &Path,
+) -> anyhow::Result<(Arc<PublisherHandle>, PathBuf)> {
     let mut mqtt_cfg = config.mqtt.clone();
     if mqtt_cfg.embedded {
         let listen = mqtt_cfg.embedded_listen;
@@ -346,444 +878,7 @@ pub async fn run_until(
             .context("starting the MQTT publisher")?,
     );
     tracing::info!(url = %mqtt_cfg.url, prefix = %mqtt_cfg.prefix, spool = %spool_dir.display(), "MQTT publisher started.");
-
-    // The shared stages.
-    let analysis_metrics = Arc::new(AnalysisMetrics::default());
-    let encode_capacity =
-        std::num::NonZeroUsize::new(4 * config.encoder.max_batch.get()).expect("non-zero");
-    let (encode_tx, encode_rx) = crate::channel::bounded::<EncodeJob<FaceMeta>>(
-        "encode",
-        encode_capacity,
-        FullPolicy::DropOldest,
-    );
-    let (emb_tx, emb_rx) = crate::channel::bounded::<Embedded<FaceMeta>>(
-        "embeddings",
-        std::num::NonZeroUsize::new(256).expect("non-zero"),
-        FullPolicy::Block,
-    );
-    let mut encoder_thread = Some(spawn_encoder(
-        encoder,
-        &config.encoder,
-        encode_rx.clone(),
-        emb_tx.clone(),
-        analysis_metrics.clone(),
-    )?);
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let decision = Decision {
-        node: config.node.id.clone(),
-        evidence: Evidence::new(
-            config.evidence.clone(),
-            bundle.graph.nodes().iter().map(|n| n.level).collect(),
-        ),
-        scoring,
-        publisher: publisher.clone(),
-        metrics: analysis_metrics.clone(),
-    };
-    let model_info = decision.scoring.model.clone();
-    let decision_task = tokio::spawn(decision.run(emb_rx, control_rx));
-
-    // HTTP and the shared state.
-    let (commands_tx, mut commands_rx) = mpsc::channel::<Command>(16);
-    let token = config
-        .http
-        .token(&config.base_dir, &state_dir)
-        .context("[http] API token")?;
-    // Counters through a receiver: a sender kept here would keep the encoder from seeing
-    // the end of its input at shutdown.
-    let encode_stats = {
-        let rx = encode_rx.clone();
-        Box::new(move || rx.stats()) as Box<dyn Fn() -> _ + Send + Sync>
-    };
-    let state = Arc::new(AppState {
-        started: Instant::now(),
-        heartbeat_ms: Default::default(),
-        ready: AtomicBool::new(false),
-        model: std::sync::RwLock::new(model_info.clone()),
-        publisher: publisher.clone(),
-        analysis: analysis_metrics.clone(),
-        streams: Default::default(),
-        commands: commands_tx,
-        token,
-        api_schemes: config.http.api_schemes.clone(),
-        encode_queue: encode_stats,
-    });
-    state.beat();
-    let http_cancel = CancellationToken::new();
-    let http_task = if config.http.enabled {
-        let (addr, task) =
-            crate::http::serve(config.http.listen, state.clone(), http_cancel.clone()).await?;
-        tracing::info!(listen = %addr, "HTTP API listening (/livez /readyz /metrics /api/streams /api/alerts).");
-        Some(task)
-    } else {
-        None
-    };
-
-    // The detector once up front: a missing model is a start-up error, not a silent stream.
-    drop(
-        FaceDetector::load(&config.detect, &config.base_dir).with_context(|| {
-            format!(
-                "face detector ({}; run ./tools/setup.sh or set [detect] model_dir)",
-                config.detect.model_dir(&config.base_dir).display()
-            )
-        })?,
-    );
-
-    // Streams. One that cannot start (a detector that will not load, ingest unavailable) is
-    // logged and left out; the others run.
-    let mut factory = StreamFactory {
-        config: config.clone(),
-        crop,
-        encode: encode_tx,
-        encode_rx,
-        control: control_tx.clone(),
-        publisher: publisher.clone(),
-    };
-    let mut running: BTreeMap<StreamId, RunningStream> = BTreeMap::new();
-    for s in config.streams.iter().filter(|s| s.enabled) {
-        match factory.start(s, &state, false) {
-            Ok(r) => {
-                running.insert(s.id.clone(), r);
-            }
-            Err(e) => {
-                tracing::error!(stream = %s.id, error = format!("{e:#}"), "Stream not started.")
-            }
-        }
-    }
-    let mut current = config;
-    let mut current_model_dir = model_dir;
-    let mut current_sha = model_info.manifest_sha256.clone();
-
-    state.ready.store(true, Ordering::Relaxed);
-    let status_line = |running: &BTreeMap<StreamId, RunningStream>| {
-        let online = running
-            .values()
-            .filter(|r| r.handle.status().state == ingest::StreamState::Online)
-            .count();
-        format!("{online}/{} streams online", running.len())
-    };
-    notifier.ready(&status_line(&running));
-    tracing::info!("dfwatch ready.");
-
-    let signal = shutdown_signal(stop);
-    tokio::pin!(signal);
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("listening for SIGHUP")?;
-    let watchdog_every = notifier.watchdog_interval();
-    let mut tick = tokio::time::interval(
-        watchdog_every
-            .unwrap_or(Duration::from_secs(1))
-            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
-    );
-    let mut last_watchdog = Instant::now();
-    let mut last_status = Instant::now();
-    let mut last_untrained = Instant::now();
-    loop {
-        tokio::select! {
-            _ = &mut signal => break,
-            _ = tick.tick() => {
-                state.beat();
-                if let Some(every) = watchdog_every
-                    && last_watchdog.elapsed() >= every
-                {
-                    notifier.watchdog();
-                    last_watchdog = Instant::now();
-                }
-                if last_status.elapsed() >= STATUS_EVERY {
-                    last_status = Instant::now();
-                    notifier.status(&status_line(&running));
-                    for r in state.stream_reports() {
-                        tracing::info!(
-                            stream = %r.id,
-                            state = r.status.state.as_str(),
-                            reconnects = r.status.reconnects,
-                            frames_delivered = r.frames_delivered,
-                            frames_dropped = r.frames_dropped,
-                            faces_scored = r.faces_scored,
-                            tracks = r.tracks,
-                            coverage = format!("{:.2}", r.coverage),
-                            "Stream status."
-                        );
-                    }
-                }
-                let model = state.model.read().expect("model lock").clone();
-                if !model.trained && last_untrained.elapsed() >= UNTRAINED_EVERY {
-                    last_untrained = Instant::now();
-                    announce_untrained(&model);
-                }
-            }
-            _ = hup.recv() => {
-                tracing::info!(config = %config_path.display(), "SIGHUP: reloading the config.");
-                notifier.reloading();
-                let result = reload(&config_path, &mut current, &mut factory, &mut running, &state, &control_tx, &mut encoder_thread, &mut current_model_dir, &mut current_sha, &emb_tx, &analysis_metrics).await;
-                match result {
-                    Ok(r) => tracing::info!(report = ?r, "Reload applied."),
-                    Err(e) => tracing::error!(error = %e, "Reload refused; nothing changed."),
-                }
-                notifier.reloaded(&status_line(&running));
-            }
-            cmd = commands_rx.recv() => {
-                let Some(cmd) = cmd else { continue };
-                match cmd {
-                    Command::AddStream { stream, reply } => {
-                        let r = add_stream(*stream, &factory, &mut running, &state);
-                        let _ = reply.send(r);
-                    }
-                    Command::RemoveStream { id, reply } => {
-                        let r = match running.remove(&id) {
-                            Some(rs) => {
-                                rs.stop(&state, &control_tx).await;
-                                Ok(())
-                            }
-                            None => Err(CommandError::NotFound(id.to_string())),
-                        };
-                        let _ = reply.send(r);
-                    }
-                    Command::Reload { reply } => {
-                        notifier.reloading();
-                        let r = reload(&config_path, &mut current, &mut factory, &mut running, &state, &control_tx, &mut encoder_thread, &mut current_model_dir, &mut current_sha, &emb_tx, &analysis_metrics).await;
-                        notifier.reloaded(&status_line(&running));
-                        let _ = reply.send(r);
-                    }
-                }
-            }
-        }
-    }
-
-    // Shutdown, bounded.
-    notifier.stopping();
-    state.ready.store(false, Ordering::Relaxed);
-    let grace = current.node.shutdown_grace;
-    let deadline = Instant::now() + grace;
-    tracing::info!(
-        grace_s = grace.as_secs_f64(),
-        "Stopping: ingest, then in-flight work, then the spool."
-    );
-    let drain = async {
-        for (_, r) in std::mem::take(&mut running) {
-            r.stop(&state, &control_tx).await;
-        }
-        // With every face stage gone, closing the encoder's input ends it after its batch.
-        drop(factory);
-        if let Some(enc) = encoder_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || enc.thread.join()).await;
-        }
-        drop(emb_tx);
-        drop(control_tx);
-        let _ = decision_task.await;
-    };
-    if tokio::time::timeout(grace.mul_f64(0.6), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("In-flight work did not drain in time; continuing the stop.");
-    }
-    http_cancel.cancel();
-    if let Some(t) = http_task {
-        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
-    }
-    drop(state);
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(500));
-    match Arc::try_unwrap(publisher) {
-        Ok(p) => {
-            let mut stats = p.subscribe();
-            let _ = tokio::time::timeout(
-                left.mul_f64(0.8),
-                stats.wait_for(|s| s.pending == 0 || !s.connected),
-            )
-            .await;
-            let pending = p.stats().pending;
-            p.stop(left.mul_f64(0.2).max(Duration::from_millis(300)))
-                .await;
-            if pending > 0 {
-                tracing::warn!(pending, spool = %spool_dir.display(), "Alerts not yet acknowledged stay in the spool for the next start.");
-            }
-        }
-        Err(p) => {
-            tracing::warn!("MQTT publisher still in use at shutdown; stopping it anyway.");
-            drop(p);
-        }
-    }
-    tracing::info!("dfwatch stopped.");
-    Ok(())
-}
-
-fn add_stream(
-    stream: StreamConfig,
-    factory: &StreamFactory,
-    running: &mut BTreeMap<StreamId, RunningStream>,
-    state: &AppState,
-) -> Result<(), CommandError> {
-    if running.contains_key(&stream.id) {
-        return Err(CommandError::Exists(stream.id.to_string()));
-    }
-    let mut errors = Vec::new();
-    factory
-        .config
-        .validate_stream(&stream, "stream", &mut errors);
-    if !errors.is_empty() {
-        return Err(CommandError::Invalid(
-            errors.iter().map(|e| e.to_string()).collect(),
-        ));
-    }
-    let r = factory
-        .start(&stream, state, true)
-        .map_err(|e| CommandError::Failed(format!("{e:#}")))?;
-    running.insert(stream.id.clone(), r);
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn reload(
-    path: &Path,
-    current: &mut Config,
-    factory: &mut StreamFactory,
-    running: &mut BTreeMap<StreamId, RunningStream>,
-    state: &AppState,
-    control: &mpsc::UnboundedSender<Control>,
-    encoder_thread: &mut Option<EncoderThread>,
-    model_dir: &mut PathBuf,
-    model_sha: &mut String,
-    emb_tx: &Sender<Embedded<FaceMeta>>,
-    metrics: &Arc<AnalysisMetrics>,
-) -> Result<ReloadReport, CommandError> {
-    let new = Config::load(path)
-        .map_err(|e| CommandError::Invalid(e.0.iter().map(|x| x.to_string()).collect()))?;
-    let mut report = ReloadReport::default();
-    // Settings that need a restart: say so rather than pretend.
-    let section = |a: &dyn erased::Json, b: &dyn erased::Json| a.json() != b.json();
-    for (name, changed) in [
-        ("node", section(&current.node, &new.node)),
-        ("ingest", section(&current.ingest, &new.ingest)),
-        ("encoder", section(&current.encoder, &new.encoder)),
-        ("onnx", section(&current.onnx, &new.onnx)),
-        ("detect", section(&current.detect, &new.detect)),
-        ("track", section(&current.track, &new.track)),
-        ("mqtt", section(&current.mqtt, &new.mqtt)),
-        ("http", section(&current.http, &new.http)),
-    ] {
-        if changed {
-            report.needs_restart.push(name.to_string());
-        }
-    }
-    // The model: load and check the new bundle before anything changes.
-    let new_dir = bundle_dir(&new);
-    let new_model = {
-        let manifest_sha = crate::model::sha256_file(&new_dir.join("manifest.toml")).ok();
-        if new_dir != *model_dir || manifest_sha.as_deref() != Some(model_sha.as_str()) {
-            let loaded = load_model(&new_dir)
-                .map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
-            if loaded.crop.size != factory.crop.size
-                || loaded.crop.mean != factory.crop.mean
-                || loaded.crop.std != factory.crop.std
-            {
-                return Err(CommandError::Invalid(vec![format!(
-                    "model: {} takes {} px crops with other normalisation than the running model; \
-                     restart the daemon to change the input geometry",
-                    new_dir.display(),
-                    loaded.crop.size
-                )]));
-            }
-            Some(loaded)
-        } else {
-            None
-        }
-    };
-    // Streams: the file's streams, plus runtime-only ones the file does not redefine.
-    let wanted: BTreeMap<StreamId, StreamConfig> = new
-        .streams
-        .iter()
-        .filter(|s| s.enabled)
-        .map(|s| (s.id.clone(), s.clone()))
-        .collect();
-    let runtime_only: Vec<StreamId> = state
-        .streams
-        .read()
-        .expect("streams lock")
-        .iter()
-        .filter(|(id, v)| v.runtime_only && !wanted.contains_key(*id))
-        .map(|(id, _)| id.clone())
-        .collect();
-    let ids: Vec<StreamId> = running.keys().cloned().collect();
-    for id in ids {
-        if runtime_only.contains(&id) {
-            report.unchanged.push(id.to_string());
-            continue;
-        }
-        match wanted.get(&id) {
-            Some(w) if same_stream_config(w, &running[&id].config) => {
-                report.unchanged.push(id.to_string())
-            }
-            Some(_) => {
-                let r = running.remove(&id).expect("listed");
-                r.stop(state, control).await;
-                report.restarted.push(id.to_string());
-            }
-            None => {
-                let r = running.remove(&id).expect("listed");
-                r.stop(state, control).await;
-                report.removed.push(id.to_string());
-            }
-        }
-    }
-    // Apply the model swap before new streams start producing faces for it.
-    if let Some(m) = new_model {
-        let old = encoder_thread.take().expect("an encoder runs");
-        old.stop.store(true, Ordering::Relaxed);
-        let _ = tokio::task::spawn_blocking(move || old.thread.join()).await;
-        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
-        let info = m.scoring.model.clone();
-        let _ = control.send(Control::ModelSwapped {
-            scoring: Box::new(m.scoring),
-            levels: m.bundle.graph.nodes().iter().map(|n| n.level).collect(),
-            done: ack_tx,
-        });
-        let _ = ack_rx.await;
-        *encoder_thread = Some(
-            spawn_encoder(
-                m.encoder,
-                &current.encoder,
-                factory.encode_receiver(),
-                emb_tx.clone(),
-                metrics.clone(),
-            )
-            .map_err(|e| CommandError::Failed(format!("encoder thread: {e:#}")))?,
-        );
-        *state.model.write().expect("model lock") = info.clone();
-        *model_dir = new_dir;
-        *model_sha = info.manifest_sha256.clone();
-        announce_untrained(&info);
-        report.model_swapped = true;
-    }
-    if current.evidence != new.evidence {
-        let _ = control.send(Control::Evidence(new.evidence.clone()));
-        report.evidence_changed = true;
-    }
-    *current = Config {
-        streams: new.streams.clone(),
-        evidence: new.evidence.clone(),
-        model: new.model.clone(),
-        ..current.clone()
-    };
-    factory.config.streams = current.streams.clone();
-    for (id, s) in &wanted {
-        if running.contains_key(id) {
-            continue;
-        }
-        match factory.start(s, state, false) {
-            Ok(r) => {
-                running.insert(id.clone(), r);
-                if !report.restarted.contains(&id.to_string()) {
-                    report.added.push(id.to_string());
-                }
-            }
-            Err(e) => {
-                tracing::error!(stream = %id, error = format!("{e:#}"), "Stream not started.");
-            }
-        }
-    }
-    Ok(report)
+    Ok((publisher, spool_dir))
 }
 
 /// Comparing config sections by their JSON form (they need no PartialEq of their own).

@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
 use super::{CpuOf, cpu_seconds};
-use crate::config::Config;
+use dfwatch::config::Config;
 
 const W: u32 = 1280;
 const H: u32 = 720;
@@ -204,7 +204,7 @@ async fn measure(
     std::fs::write(&path, &text)?;
     let config = Config::parse(&text, &dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let stop = CancellationToken::new();
-    let task = tokio::spawn(crate::app::run_until(config, path, stop.clone()));
+    let task = tokio::spawn(dfwatch::app::run_until(config, path, stop.clone()));
     let t0 = Instant::now();
     while http_get(http, "/readyz").map(|r| r.0) != Some(200) {
         if t0.elapsed() > Duration::from_secs(60) || task.is_finished() {
@@ -281,32 +281,34 @@ fn decode_only(clip: &Path, n: usize, fps: f64) -> anyhow::Result<f64> {
     Ok((cpu_seconds(CpuOf::Children) - before) / (clip_seconds * n as f64))
 }
 
+/// `dfwatch bench e2e`: the largest number of 720p30 one-face streams analysed in real time.
+#[derive(clap::Parser)]
+struct Args {
+    /// Go up to this many streams (past the first N that fails).
+    #[arg(long, default_value_t = 6)]
+    max_streams: usize,
+    /// Seconds measured per N.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Seconds of warm-up per N before measuring.
+    #[arg(long, default_value_t = 6.0)]
+    warmup: f64,
+    /// Analysis rate per stream.
+    #[arg(long, default_value_t = 5.0)]
+    fps: f64,
+    /// Model bundle.
+    #[arg(long, default_value = dfwatch::app::DEFAULT_SYNTH_BUNDLE)]
+    model: PathBuf,
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let mut max = 6usize;
-    let mut seconds = 20.0f64;
-    let mut warmup = 6.0f64;
-    let mut fps = 5.0f64;
-    let mut model = PathBuf::from(crate::app::DEFAULT_SYNTH_BUNDLE);
-    let mut it = args.iter();
-    while let Some(k) = it.next() {
-        let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
-        match k.as_str() {
-            "--max-streams" => max = val("--max-streams")?.parse()?,
-            "--seconds" => seconds = val("--seconds")?.parse()?,
-            "--warmup" => warmup = val("--warmup")?.parse()?,
-            "--fps" => fps = val("--fps")?.parse()?,
-            "--model" => model = PathBuf::from(val("--model")?),
-            "-h" | "--help" => {
-                println!(
-                    "dfwatch bench e2e [--max-streams 6] [--seconds 20] [--warmup 6] [--fps 5] \
-                     [--model {}]",
-                    crate::app::DEFAULT_SYNTH_BUNDLE
-                );
-                return Ok(());
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
+    let Args {
+        max_streams: max,
+        seconds,
+        warmup,
+        fps,
+        model,
+    } = super::parse_args("e2e", args);
     let clip = clip()?;
     let model = std::fs::canonicalize(&model)
         .with_context(|| format!("model bundle {} (run ./tools/setup.sh)", model.display()))?;
@@ -339,7 +341,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
     let mut best = 0;
     let mut last_groups = BTreeMap::new();
-    let bar = crate::progress::bar(max as u64, "e2e");
+    let bar = dfwatch::progress::bar(max as u64, "e2e");
     for n in 1..=max {
         let row = rt.block_on(measure(
             n,

@@ -11,52 +11,40 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::encode::CpuEncoder;
-use crate::model::ModelBundle;
-use crate::onnx::{self, OnnxConfig};
-use crate::score::Scorer;
+use dfwatch::encode::CpuEncoder;
+use dfwatch::model::ModelBundle;
+use dfwatch::onnx::{self, OnnxConfig};
+use dfwatch::score::Scorer;
 
+/// `dfwatch bench encoder`: ViT-B/32 faces/s through dfwatch's CPU encoder beside
+/// onnxruntime's Python API on the same ONNX; int8 vs fp32.
+#[derive(clap::Parser)]
 struct Args {
+    /// Model bundle (the full-size synthetic one is made from its seed on first use).
+    #[arg(long, default_value = "var/models/vitb32-synth")]
     model: PathBuf,
+    /// Intra-op threads, both sides.
+    #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Seconds measured per case.
+    #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Batch sizes, comma-separated.
+    #[arg(long = "batch", value_delimiter = ',', default_values_t = [1usize, 8])]
     batches: Vec<usize>,
+    /// Crops of the check set (at least 2).
+    #[arg(long, default_value_t = 100)]
     crops: usize,
+    /// The Python with onnxruntime (tools/setup.sh's venv).
+    #[arg(long, default_value = ".venv/bin/python")]
     python: PathBuf,
+    /// Let ONNX Runtime's idle pool threads spin (its Python API's default).
+    #[arg(long)]
     spin: bool,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
-    let mut a = Args {
-        model: PathBuf::from("var/models/vitb32-synth"),
-        threads: 2,
-        seconds: 5.0,
-        batches: vec![1, 8],
-        crops: 100,
-        python: PathBuf::from(".venv/bin/python"),
-        spin: false,
-    };
-    let mut it = args.iter();
-    while let Some(k) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--model" => a.model = PathBuf::from(v()?),
-            "--threads" => a.threads = v()?.parse()?,
-            "--seconds" => a.seconds = v()?.parse()?,
-            "--batch" => a.batches = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
-            "--crops" => a.crops = v()?.parse()?,
-            "--python" => a.python = PathBuf::from(v()?),
-            "--spin" => a.spin = true,
-            "-h" | "--help" => {
-                println!(
-                    "dfwatch bench encoder [--model var/models/vitb32-synth] [--threads 2] \
-                     [--seconds 5] [--batch 1,8] [--crops 100] [--python .venv/bin/python] [--spin]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
+    let a: Args = super::parse_args("encoder", args);
     if a.batches.contains(&0) || a.crops < 2 {
         bail!("--batch values must be above 0 and --crops at least 2");
     }

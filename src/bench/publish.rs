@@ -8,11 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
-use crate::publish::mqtt::{self, MqttConfig};
-use crate::types::NodeId;
+use dfwatch::publish::mqtt::{self, MqttConfig};
+use dfwatch::types::NodeId;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -136,21 +136,23 @@ async fn bare(port: u16, n: usize) -> anyhow::Result<(f64, Vec<Duration>)> {
     Ok((n as f64 / t0.elapsed().as_secs_f64(), lat))
 }
 
+/// `dfwatch bench publish`: alerts/s and enqueue-to-PUBACK latency with the durable spool,
+/// beside plain QoS 1 publishes.
+#[derive(clap::Parser)]
+struct Args {
+    /// Alerts per run.
+    #[arg(long, default_value_t = 20_000)]
+    alerts: usize,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 64)]
+    producers: usize,
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let mut n = 20_000usize;
-    let mut producers = 64usize;
-    let mut it = args.iter();
-    while let Some(k) = it.next() {
-        match k.as_str() {
-            "--alerts" => n = it.next().context("--alerts needs a value")?.parse()?,
-            "--producers" => producers = it.next().context("--producers needs a value")?.parse()?,
-            "-h" | "--help" => {
-                println!("dfwatch bench publish [--alerts 20000] [--producers 64]");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
+    let Args {
+        alerts: n,
+        producers,
+    } = super::parse_args("publish", args);
     let dir = tempfile_dir()?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let conf = dir.join("mosquitto.conf");

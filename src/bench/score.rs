@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 
-use crate::score::{LabelGraph, Scorer, brute_force};
+use dfwatch::score::{LabelGraph, Scorer, brute_force};
 
 const DIM: usize = 512;
 
@@ -18,24 +18,16 @@ fn lcg(state: &mut u64) -> f32 {
     ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
+/// `dfwatch bench score`: label-graph scoring on the FFSC graph beside brute force.
+#[derive(clap::Parser)]
+struct Args {
+    /// Faces scored.
+    #[arg(long, default_value_t = 200_000)]
+    faces: usize,
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let mut faces = 200_000usize;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--faces" => {
-                faces = it
-                    .next()
-                    .ok_or_else(|| anyhow::anyhow!("--faces needs a value"))?
-                    .parse()?
-            }
-            "-h" | "--help" => {
-                println!("dfwatch bench score [--faces 200000]");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
+    let Args { faces } = super::parse_args("score", args);
     let graph = LabelGraph::ffsc();
     let n = graph.len();
     let mut seed = 7u64;

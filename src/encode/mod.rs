@@ -3,7 +3,9 @@
 //! Owns the `[encoder]` config section ([`EncoderConfig`]). Crops arrive one by one with
 //! metadata; a [`Batcher`] groups them by size or deadline; one dedicated thread runs the
 //! model on each batch and sends `(metadata, embedding)` on, never dropping one (the output
-//! channel applies back-pressure).
+//! channel applies back-pressure). The queue may also carry items that pass through in order
+//! with the faces ([`Queued::Pass`], e.g. a track's end): the batch in hand is encoded and
+//! sent first, then the item, so nothing overtakes a face queued before it.
 //!
 //! Model contract (engines/SCHEMA.md): input `pixels`, `N x 3 x S x S` f32, CLIP-normalised;
 //! output `embedding`, `N x D` f32, not normalised.
@@ -18,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use batcher::Batcher;
 
-use crate::channel::{Receiver, RecvTimeoutError, Sender};
+use crate::channel::{FullPolicy, QueueConfig, Receiver, RecvTimeoutError, Sender};
 use crate::model::ModelBundle;
 use crate::onnx::{self, OnnxError, Session};
 
@@ -26,7 +28,7 @@ use crate::onnx::{self, OnnxError, Session};
 pub const INPUT_NAME: &str = "pixels";
 pub const OUTPUT_NAME: &str = "embedding";
 
-/// `[encoder]`: batching of crops for the image encoder.
+/// `[encoder]`: batching of crops for the image encoder, and its queues.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncoderConfig {
@@ -35,6 +37,14 @@ pub struct EncoderConfig {
     /// Longest a crop waits for its batch to fill. Range 0s to 5s.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// Crops waiting for the encoder, from every stream. Default 32 with `drop_oldest`: when
+    /// the encoder falls behind, the oldest crop goes (counted per stream) and the tracker
+    /// schedules that face again. Track ends in this queue are never dropped. Capacity range
+    /// 1 to 4096.
+    pub queue: QueueConfig,
+    /// Embeddings waiting for the decision stage. Never dropped: when full, the encoder waits.
+    /// Range 1 to 65536.
+    pub output_capacity: NonZeroUsize,
 }
 
 impl Default for EncoderConfig {
@@ -42,6 +52,11 @@ impl Default for EncoderConfig {
         EncoderConfig {
             max_batch: NonZeroUsize::new(8).expect("non-zero literal"),
             max_wait: Duration::from_millis(20),
+            queue: QueueConfig {
+                capacity: NonZeroUsize::new(32).expect("non-zero literal"),
+                policy: FullPolicy::DropOldest,
+            },
+            output_capacity: NonZeroUsize::new(256).expect("non-zero literal"),
         }
     }
 }
@@ -54,6 +69,12 @@ impl EncoderConfig {
             "max_wait",
             self.max_wait,
             Duration::ZERO..=Duration::from_secs(5),
+        );
+        c.count("queue.capacity", self.queue.capacity.get() as u64, 1..=4096);
+        c.count(
+            "output_capacity",
+            self.output_capacity.get() as u64,
+            1..=65_536,
         );
     }
 }
@@ -244,6 +265,78 @@ pub struct Embedded<M> {
     pub batch_time: Duration,
 }
 
+/// An item of the encoder's queue: a crop to encode, or something that passes through to the
+/// output in order with the crops.
+#[derive(Debug)]
+pub enum Queued<M, E> {
+    Face(EncodeJob<M>),
+    Pass(E),
+}
+
+impl<M, E> Queued<M, E> {
+    /// Pass-through items are never dropped by the queue (see
+    /// [`crate::channel::bounded_keeping`]).
+    pub fn must_keep(&self) -> bool {
+        matches!(self, Queued::Pass(_))
+    }
+}
+
+/// An item of the encoder's output: an embedding, or a pass-through item in its place in the
+/// order.
+#[derive(Debug)]
+pub enum Encoded<M, E> {
+    Face(Embedded<M>),
+    Pass(E),
+}
+
+/// What the encoder loop reads: plain jobs, or [`Queued`] items.
+pub trait EncoderInput<M>: Send {
+    /// What passes through unencoded.
+    type Pass;
+    fn split(self) -> Result<EncodeJob<M>, Self::Pass>;
+}
+
+impl<M: Send> EncoderInput<M> for EncodeJob<M> {
+    type Pass = std::convert::Infallible;
+    fn split(self) -> Result<EncodeJob<M>, Self::Pass> {
+        Ok(self)
+    }
+}
+
+impl<M: Send, E: Send> EncoderInput<M> for Queued<M, E> {
+    type Pass = E;
+    fn split(self) -> Result<EncodeJob<M>, E> {
+        match self {
+            Queued::Face(j) => Ok(j),
+            Queued::Pass(e) => Err(e),
+        }
+    }
+}
+
+/// What the encoder loop writes: plain embeddings, or [`Encoded`] items.
+pub trait EncoderOutput<M, P>: Send {
+    fn face(e: Embedded<M>) -> Self;
+    fn pass(p: P) -> Self;
+}
+
+impl<M: Send> EncoderOutput<M, std::convert::Infallible> for Embedded<M> {
+    fn face(e: Embedded<M>) -> Self {
+        e
+    }
+    fn pass(p: std::convert::Infallible) -> Self {
+        match p {}
+    }
+}
+
+impl<M: Send, E: Send> EncoderOutput<M, E> for Encoded<M, E> {
+    fn face(e: Embedded<M>) -> Self {
+        Encoded::Face(e)
+    }
+    fn pass(p: E) -> Self {
+        Encoded::Pass(p)
+    }
+}
+
 /// Runs the encoder on this thread until `jobs` closes: batches by size or deadline, sends
 /// every embedding to `out` (waiting when `out` is full). A failed batch is logged with its
 /// size and its jobs are dropped with a count (returned at the end).
@@ -263,14 +356,15 @@ pub fn run_encoder<M: Send>(
     )
 }
 
-/// [`run_encoder`] that also ends when `stop` is set (within 100 ms, after the batch in
-/// hand; queued jobs stay for whoever reads `jobs` next, e.g. the encoder of a new model), and
-/// reports each batch's size and wall time to `on_batch`.
-pub fn run_encoder_until<M: Send>(
+/// [`run_encoder`] over any [`EncoderInput`] and [`EncoderOutput`] (pass-through items go
+/// out after the batch in hand), that also ends when `stop` is set (within 100 ms, after the
+/// batch in hand; queued jobs stay for whoever reads `jobs` next, e.g. the encoder of a new
+/// model), and reports each batch's size and wall time to `on_batch`.
+pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pass>>(
     mut encoder: CpuEncoder,
     cfg: &EncoderConfig,
-    jobs: Receiver<EncodeJob<M>>,
-    out: Sender<Embedded<M>>,
+    jobs: Receiver<I>,
+    out: Sender<O>,
     stop: &AtomicBool,
     on_batch: &mut dyn FnMut(usize, Duration),
 ) -> u64 {
@@ -296,7 +390,7 @@ pub fn run_encoder_until<M: Send>(
                         batch_size: n,
                         batch_time: dt,
                     };
-                    if out.send(item).is_err() {
+                    if out.send(O::face(item)).is_err() {
                         return false;
                     }
                 }
@@ -320,11 +414,22 @@ pub fn run_encoder_until<M: Send>(
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600))
             .min(Duration::from_millis(100));
-        match jobs.recv_timeout(wait) {
-            Ok(job) => {
+        match jobs.recv_timeout(wait).map(EncoderInput::split) {
+            Ok(Ok(job)) => {
                 if let Some(batch) = batcher.push(job, Instant::now())
                     && !run(batch, &mut pixels)
                 {
+                    break;
+                }
+            }
+            Ok(Err(pass)) => {
+                // Everything queued before it goes out first.
+                if let Some(batch) = batcher.flush()
+                    && !run(batch, &mut pixels)
+                {
+                    break;
+                }
+                if out.send(O::pass(pass)).is_err() {
                     break;
                 }
             }

@@ -49,7 +49,7 @@ use crate::validation::{Checker, ConfigError};
 #[serde(deny_unknown_fields, default)]
 pub struct EvidenceConfig {
     /// How far back scored faces count. Range 500ms to 10m; with the stream's cadence it
-    /// must hold `min_frames` faces (see [`crate::config`]'s cadence check).
+    /// must hold `min_frames` faces (config/cadence.rs checks it).
     #[serde(with = "humantime_serde")]
     pub window: Duration,
     /// Fraction of the weight trimmed from each end before averaging. Range 0 to 0.49.

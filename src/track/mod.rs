@@ -390,4 +390,4 @@ impl Tracker {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,7 +1,7 @@
 use super::*;
 
 /// A synthetic face of side `s` centred at (cx, cy), landmarks in the template's proportions.
-fn face(cx: f32, cy: f32, s: f32) -> Detection {
+pub(crate) fn face(cx: f32, cy: f32, s: f32) -> Detection {
     let rel = [
         [-0.2, -0.1],
         [0.2, -0.1],

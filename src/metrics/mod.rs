@@ -1,9 +1,15 @@
 //! Metric primitives and the Prometheus text format (exposition format 0.0.4).
 //!
-//! Counters and histograms are lock-free atomics that the stages update in place; the HTTP
-//! handler walks the application's state and writes every family with [`Exposition`]. Names
-//! follow Prometheus conventions: `dfwatch_` prefix, base units (seconds, bytes), `_total` on
-//! counters, no per-track labels.
+//! Counters and histograms are lock-free atomics that the stages update in place
+//! ([`stage`] holds the stages' counters); the HTTP handler takes a snapshot of the daemon
+//! and [`families`] writes every family with [`Exposition`]. Names follow Prometheus
+//! conventions: `dfwatch_` prefix, base units (seconds, bytes), `_total` on counters, no
+//! per-track labels.
+
+pub mod families;
+pub mod stage;
+
+pub use stage::{AnalysisMetrics, StreamMetrics};
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};

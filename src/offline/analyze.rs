@@ -4,27 +4,32 @@
 //! - the paper's protocol: `frames` evenly spaced frames (64 by default), the largest face of
 //!   each scored, the video's score is the mean q0 over the frames where a face was found, fake
 //!   at 0.5 and above; the explanation comes from the mean marginals of those faces;
-//! - the daemon's own rules: every face goes through the tracker and the per-track evidence
-//!   (`[track]`, `[evidence]` of `--config`, or their defaults) on the frames' real time line
+//! - the daemon's own rules: every face goes through the daemon's own chain (the tracker,
+//!   [`prepare_face`], the [`Decider`] with `[track]`, `[evidence]` of `--config`, or their
+//!   defaults) on the frames' real time line
 //!   (compressed to a third of `track.patience` per frame when the sampling is sparser, so a
 //!   face is not lost between two samples); each track's verdict and the alert events it would
 //!   have raised are listed. Sparse samples of a moving face can split it into several tracks.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use serde::Serialize;
 
 use super::score_images::ModelIdentity;
 use crate::config::Config;
-use crate::crop;
+use crate::decide::{Decider, Output};
 use crate::detect::FaceDetector;
-use crate::evidence::{AlertKind, Evidence, Observation, Verdict};
+use crate::encode::Embedded;
+use crate::evidence::{AlertKind, UlidGenerator, Verdict};
+use crate::faces::{prepare_face, quick_quality};
+use crate::metrics::{AnalysisMetrics, StreamMetrics};
 use crate::score::{Explanation, FaceScore};
 use crate::track::Tracker;
-use crate::types::BBox;
+use crate::types::{BBox, FaceMeta, NodeId, StreamId, TrackId};
 
 /// One sampled frame.
 #[derive(Debug, Clone, Serialize)]
@@ -82,103 +87,107 @@ pub fn analyze(
 ) -> anyhow::Result<AnalyzeReport> {
     anyhow::ensure!(frames > 0, "--frames must be at least 1");
     crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
-    let mut model = super::load_model(model_dir)?;
+    let mut model = crate::app::load_model(model_dir)?;
     let mut detector = FaceDetector::load(&config.detect, &config.base_dir)
         .context("face detector ([detect] model_dir; run ./tools/setup.sh)")?;
     let cwd = std::env::current_dir().context("the working directory")?;
     let video = crate::ingest::sample::sample_frames(input, &cwd, frames)
         .with_context(|| format!("reading {}", crate::ingest::source::redact_known(input)))?;
-    let graph = model.scoring.scorer.graph().clone();
+    // The paper's per-frame score uses the same scorer as the decider.
+    let scorer = model.scoring.scorer.clone();
+    let graph = scorer.graph().clone();
+    let identity = model.scoring.model.clone();
+    let spec = model.crop.clone();
     // The frames' real spacing, unless it is so sparse that every track would time out
     // between two frames: then the time line is compressed to a third of the patience.
     let spacing = video.duration.div_f64(frames as f64);
     let step = spacing.min(config.track.patience / 3);
     let mut tracker = Tracker::new(config.track.clone(), 1.0 / step.as_secs_f64().max(1e-3));
-    let mut evidence = Evidence::new(
+    let stream = StreamId::new("analyze").expect("literal id");
+    let mut decider = Decider::new(
+        NodeId::new("analyze").expect("literal id"),
+        model.scoring,
         config.evidence.clone(),
-        graph.nodes().iter().map(|n| n.level).collect(),
+        Arc::new(AnalysisMetrics::default()),
+        UlidGenerator::new(),
     );
+    let counters = Arc::new(StreamMetrics::default());
     let t0 = Instant::now();
     let wall0 = SystemTime::now();
-    let mut ids = crate::evidence::UlidGenerator::new();
     let mut per_frame = Vec::with_capacity(video.frames.len());
     let mut largest_scores: Vec<FaceScore> = Vec::new();
     let mut tracks: BTreeMap<u64, (usize, f64, Vec<String>)> = BTreeMap::new();
-    let c = model.crop.clone();
-    let mut pixels = vec![0.0f32; 3 * c.size * c.size];
     let total = video.frames.len();
+    let mut pixels = Vec::new();
     for (i, frame) in video.frames.iter().enumerate() {
         let at = t0 + step * i as u32;
         let dets = detector.detect_frame(frame)?;
-        let with_q: Vec<_> = dets
-            .iter()
-            .map(|d| (*d, super::analysis::quick_quality(d)))
-            .collect();
+        let with_q: Vec<_> = dets.iter().map(|d| (*d, quick_quality(d))).collect();
         let (faces, _) = tracker.update(&with_q, at);
-        let mut best: Option<(f32, f64, BBox, f32)> = None;
-        // Tracked faces (born tracks) feed the evidence; the largest detection is the paper's.
+        // One face through the daemon's chain: crop, quality, normalise, encode.
+        let mut embed = |bbox: &BBox, landmarks: &[[f32; 2]; 5]| -> Option<(Vec<f32>, f32)> {
+            let p =
+                prepare_face(frame, bbox, landmarks, &spec, std::mem::take(&mut pixels)).ok()?;
+            let emb = model.encoder.encode(&p.pixels, 1).ok()?;
+            pixels = p.pixels;
+            Some((emb, p.quality))
+        };
+        let mut best: Option<(f64, BBox, f32)> = None;
+        // Tracked faces (born tracks) go to the decider; the largest detection is the paper's.
         let largest = dets
             .iter()
             .max_by(|a, b| a.bbox.area().total_cmp(&b.bbox.area()));
-        let mut score_face = |landmarks: &[[f32; 2]; 5],
-                              bbox: &BBox|
-         -> anyhow::Result<(FaceScore, f32)> {
-            let cropped = crop::crop_face(frame, landmarks, c.size, c.method)?;
-            let q =
-                crop::quality::measure(bbox, landmarks, &cropped.alignment, &cropped.rgb, c.size);
-            crate::encode::normalise_rgb(&cropped.rgb, c.size, c.mean, c.std, &mut pixels);
-            let emb = model.encoder.encode(&pixels, 1)?;
-            Ok((model.scoring.scorer.score(&emb)?, crop::quality::weight(&q)))
-        };
         if let Some(d) = largest
-            && let Ok((s, quality)) = score_face(&d.landmarks, &d.bbox)
+            && let Some((emb, quality)) = embed(&d.bbox, &d.landmarks)
+            && let Ok(s) = scorer.score(&emb)
         {
-            best = Some((d.bbox.area(), s.q0, d.bbox, quality));
+            best = Some((s.q0, d.bbox, quality));
             largest_scores.push(s);
         }
         for f in &faces {
-            let Ok((s, quality)) = score_face(&f.landmarks, &f.bbox) else {
+            let Some((emb, quality)) = embed(&f.bbox, &f.landmarks) else {
+                continue;
+            };
+            let Ok(s) = scorer.score(&emb) else {
                 continue;
             };
             let entry = tracks.entry(f.track.0).or_default();
             entry.0 += 1;
             entry.1 += s.q0;
-            let obs = Observation {
-                stream: frame.stream.clone(),
-                track: f.track,
-                at,
-                capture_time: wall0 + step * i as u32,
-                pts: frame.pts,
-                bbox: f.bbox,
-                logit_q0: s.logit_q0,
-                marginals: s.marginals,
-                quality,
+            let item = Embedded {
+                meta: FaceMeta {
+                    stream: stream.clone(),
+                    track: f.track,
+                    mono: at,
+                    capture_time: wall0 + step * i as u32,
+                    pts: frame.pts,
+                    bbox: f.bbox,
+                    quality,
+                    crop: None,
+                    metrics: counters.clone(),
+                },
+                embedding: emb,
+                batch_size: 1,
+                batch_time: Duration::ZERO,
             };
-            if let Some(ev) = evidence.observe(obs, SystemTime::now(), &mut ids) {
-                entry.2.push(alert_kind(&ev.kind));
-            }
+            record(&mut tracks, decider.on_embedding(item, SystemTime::now()));
         }
         per_frame.push(FrameResult {
             index: i,
             pts_ms: frame.pts.map(|p| p.as_millis() as u64),
             faces: dets.len(),
-            q0: best.map(|b| b.1),
-            bbox: best.map(|b| b.2),
-            quality: best.map(|b| b.3),
+            q0: best.map(|b| b.0),
+            bbox: best.map(|b| b.1),
+            quality: best.map(|b| b.2),
         });
         progress(i + 1, total);
     }
-    let stream = crate::types::StreamId::new("analyze").expect("literal id");
     let verdicts: BTreeMap<u64, Option<Verdict>> = tracks
         .keys()
-        .map(|id| (*id, evidence.verdict(&stream, crate::types::TrackId(*id))))
+        .map(|id| (*id, decider.verdict(&stream, TrackId(*id))))
         .collect();
     // The video ends: open alerts end as they would when a stream stops.
-    for ev in evidence.end_all(None, crate::evidence::EndReason::StreamStopped) {
-        if let Some(t) = tracks.get_mut(&ev.track.0) {
-            t.2.push(alert_kind(&ev.kind));
-        }
-    }
+    record(&mut tracks, decider.finish(SystemTime::now()));
     let tracks: Vec<TrackResult> = tracks
         .into_iter()
         .map(|(id, (n, sum, events))| {
@@ -226,7 +235,7 @@ pub fn analyze(
         Some(q) if q >= 0.5 => "fake",
         Some(_) => "real",
     };
-    let m = &model.scoring.model;
+    let m = &identity;
     Ok(AnalyzeReport {
         input: crate::ingest::source::redact_known(input),
         duration_s: video.duration.as_secs_f64(),
@@ -249,6 +258,17 @@ pub fn analyze(
         frames: per_frame,
         tracks,
     })
+}
+
+/// Adds the decider's alert events to their tracks' lists.
+fn record(tracks: &mut BTreeMap<u64, (usize, f64, Vec<String>)>, outputs: Vec<Output>) {
+    for o in outputs {
+        if let Output::Alert { kind, track, .. } = o
+            && let Some(t) = tracks.get_mut(&track.0)
+        {
+            t.2.push(alert_kind(&kind));
+        }
+    }
 }
 
 fn alert_kind(k: &AlertKind) -> String {

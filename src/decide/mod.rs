@@ -1,0 +1,394 @@
+//! The decision stage: embeddings in, alert payloads and per-stream verdicts out.
+//!
+//! A stage runner: it drives `score` (label-graph scores of each embedding) and `evidence`
+//! (per-track verdicts and the alert lifecycle), and dresses alerts as MQTT payloads
+//! (`publish::payload`). [`Decider`] is sans-IO: it owns the per-track notes, the verdicts
+//! and the open alerts, and each `on_*` method returns what to publish ([`Output`]). The
+//! daemon's task ([`task::run`]) is a thin loop around it; `dfwatch analyze` drives it
+//! directly.
+//!
+//! Order: a track's end ([`FaceEvent::TrackEnded`]) travels through the encode queue behind
+//! the track's faces, so it can never overtake its last embedding, and an ended track is
+//! simply forgotten.
+
+pub mod task;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::encode::Embedded;
+use crate::evidence::{
+    AlertEvent, AlertKind, EndReason, Evidence, EvidenceConfig, Observation, UlidGenerator, Verdict,
+};
+use crate::metrics::AnalysisMetrics;
+use crate::publish::payload::{AlertPayload, ModelInfo};
+use crate::score::Scorer;
+use crate::types::{FaceEvent, FaceMeta, NodeId, StreamId, TrackId};
+
+/// The model as the decision stage uses it.
+#[derive(Debug)]
+pub struct Scoring {
+    pub scorer: Scorer,
+    pub model: ModelInfo,
+}
+
+impl Scoring {
+    /// Each label node's level, in the model's order (what the evidence needs).
+    fn levels(&self) -> Vec<crate::score::Level> {
+        self.scorer
+            .graph()
+            .nodes()
+            .iter()
+            .map(|n| n.level)
+            .collect()
+    }
+}
+
+/// Something to publish, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// An alert event: spooled, then published on `<prefix>/<node>/alerts`.
+    Alert {
+        alert_id: String,
+        /// `new`, `update` or `end` with its reason.
+        kind: AlertKind,
+        stream: StreamId,
+        track: TrackId,
+        /// Updates may be coalesced by the spool.
+        update: bool,
+        /// The payload JSON.
+        payload: Vec<u8>,
+        /// The face crop as a JPEG, with a `new` alert of a stream that opted in.
+        face_jpeg: Option<Vec<u8>>,
+    },
+    /// A retained message under `<prefix>/<node>/`, e.g. `streams/<id>/verdict`.
+    Retained { topic: String, payload: Vec<u8> },
+}
+
+/// The retained per-stream summary on `<prefix>/<node>/streams/<id>/verdict`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StreamVerdict {
+    pub stream: String,
+    /// `fake` when any live track is fake, else `uncertain` when any is, else `real` when
+    /// any track has a verdict, else `none`.
+    pub verdict: &'static str,
+    pub tracks: usize,
+    pub fake_tracks: usize,
+    pub open_alerts: Vec<String>,
+    pub model_trained: bool,
+}
+
+/// Per-track bookkeeping the payload needs beyond the evidence state.
+#[derive(Debug, Clone, Copy)]
+struct TrackNote {
+    last_capture: SystemTime,
+    mean_quality: f32,
+    seen: u32,
+}
+
+/// The sans-IO decision stage for any number of streams.
+pub struct Decider {
+    node: NodeId,
+    scoring: Scoring,
+    evidence: Evidence,
+    ids: UlidGenerator,
+    metrics: Arc<AnalysisMetrics>,
+    notes: HashMap<(StreamId, TrackId), TrackNote>,
+    verdicts: BTreeMap<StreamId, BTreeMap<TrackId, Verdict>>,
+    open: BTreeMap<StreamId, BTreeMap<TrackId, String>>,
+    /// The last summary published per stream (published again only when it changes).
+    published: HashMap<StreamId, StreamVerdict>,
+}
+
+fn verdict_str(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Fake => "fake",
+        Verdict::Real => "real",
+        Verdict::Uncertain => "uncertain",
+    }
+}
+
+fn kind_str(k: &AlertKind) -> &'static str {
+    match k {
+        AlertKind::New => "new",
+        AlertKind::Update => "update",
+        AlertKind::End { .. } => "end",
+    }
+}
+
+impl Decider {
+    /// `ids` makes alert ids (seed it in tests for reproducible ids).
+    pub fn new(
+        node: NodeId,
+        scoring: Scoring,
+        evidence: EvidenceConfig,
+        metrics: Arc<AnalysisMetrics>,
+        ids: UlidGenerator,
+    ) -> Self {
+        Decider {
+            node,
+            evidence: Evidence::new(evidence, scoring.levels()),
+            scoring,
+            ids,
+            metrics,
+            notes: HashMap::new(),
+            verdicts: BTreeMap::new(),
+            open: BTreeMap::new(),
+            published: HashMap::new(),
+        }
+    }
+
+    pub fn model(&self) -> &ModelInfo {
+        &self.scoring.model
+    }
+
+    /// The current verdict of a track, if it has one.
+    pub fn verdict(&self, stream: &StreamId, track: TrackId) -> Option<Verdict> {
+        self.evidence.verdict(stream, track)
+    }
+
+    /// One embedding: scored, added to its track's evidence; returns any alert event and the
+    /// stream's summary when it changed. `wall` is the clock for alert ids and payloads.
+    pub fn on_embedding(&mut self, item: Embedded<FaceMeta>, wall: SystemTime) -> Vec<Output> {
+        self.metrics.batch_size.observe(item.batch_size as f64);
+        let meta = item.meta;
+        let score = match self.scoring.scorer.score(&item.embedding) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.score_errors.inc();
+                tracing::warn!(stream = %meta.stream, error = %e, "A face could not be scored.");
+                return Vec::new();
+            }
+        };
+        meta.metrics.faces_scored.inc();
+        let key = (meta.stream.clone(), meta.track);
+        let note = self.notes.entry(key).or_insert(TrackNote {
+            last_capture: meta.capture_time,
+            mean_quality: meta.quality,
+            seen: 0,
+        });
+        note.seen += 1;
+        note.last_capture = meta.capture_time;
+        note.mean_quality += (meta.quality - note.mean_quality) / note.seen.min(32) as f32;
+        let obs = Observation {
+            stream: meta.stream.clone(),
+            track: meta.track,
+            at: meta.mono,
+            capture_time: meta.capture_time,
+            pts: meta.pts,
+            bbox: meta.bbox,
+            logit_q0: score.logit_q0,
+            marginals: score.marginals,
+            quality: meta.quality,
+        };
+        let mut out = Vec::new();
+        if let Some(ev) = self.evidence.observe(obs, wall, &mut self.ids) {
+            // Present only for streams that opted in (publish_face_crops).
+            let crop = if ev.kind == AlertKind::New {
+                meta.crop
+            } else {
+                None
+            };
+            self.dress(ev, crop, wall, &mut out);
+        }
+        if let Some(v) = self.evidence.verdict(&meta.stream, meta.track) {
+            self.verdicts
+                .entry(meta.stream.clone())
+                .or_default()
+                .insert(meta.track, v);
+        }
+        self.summarise(&meta.stream, &mut out);
+        out
+    }
+
+    /// A face stage's event, in order with its faces.
+    pub fn on_face_event(&mut self, ev: FaceEvent, wall: SystemTime) -> Vec<Output> {
+        match ev {
+            FaceEvent::TrackEnded { stream, track } => self.on_track_end(&stream, track, wall),
+            FaceEvent::StreamEnded { stream } => self.on_stream_removed(&stream, wall),
+        }
+    }
+
+    /// A track ended: its open alert ends (`track_lost`) and the track is forgotten.
+    pub fn on_track_end(
+        &mut self,
+        stream: &StreamId,
+        track: TrackId,
+        wall: SystemTime,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Some(ev) = self.evidence.track_lost(stream, track) {
+            self.dress(ev, None, wall, &mut out);
+        }
+        self.notes.remove(&(stream.clone(), track));
+        if let Some(v) = self.verdicts.get_mut(stream) {
+            v.remove(&track);
+        }
+        self.summarise(stream, &mut out);
+        out
+    }
+
+    /// A stream's face stage stopped (removed, restarted, shutdown): its open alerts end
+    /// (`stream_stopped`) and its tracks are forgotten.
+    pub fn on_stream_removed(&mut self, stream: &StreamId, wall: SystemTime) -> Vec<Output> {
+        let mut out = Vec::new();
+        for ev in self
+            .evidence
+            .end_all(Some(stream), EndReason::StreamStopped)
+        {
+            self.dress(ev, None, wall, &mut out);
+        }
+        self.notes.retain(|(s, _), _| s != stream);
+        self.verdicts.remove(stream);
+        self.open.remove(stream);
+        self.published.remove(stream);
+        out
+    }
+
+    /// A new model: every open alert ends (`model_swapped`), every track starts afresh under
+    /// the new scorer.
+    pub fn on_model_swap(&mut self, scoring: Scoring, wall: SystemTime) -> Vec<Output> {
+        let mut out = Vec::new();
+        for ev in self.evidence.end_all(None, EndReason::ModelSwapped) {
+            self.dress(ev, None, wall, &mut out);
+        }
+        self.notes.clear();
+        self.verdicts.clear();
+        self.evidence = Evidence::new(self.evidence.config().clone(), scoring.levels());
+        self.scoring = scoring;
+        out
+    }
+
+    /// New decision thresholds for every track from now on.
+    pub fn set_evidence(&mut self, cfg: EvidenceConfig) {
+        self.evidence.set_config(cfg);
+    }
+
+    /// The daemon stops: every open alert ends (`stream_stopped`).
+    pub fn finish(&mut self, wall: SystemTime) -> Vec<Output> {
+        let mut out = Vec::new();
+        for ev in self.evidence.end_all(None, EndReason::StreamStopped) {
+            self.dress(ev, None, wall, &mut out);
+        }
+        out
+    }
+
+    /// Dresses an evidence event as a payload, counts it and tracks the open alerts.
+    fn dress(
+        &mut self,
+        ev: AlertEvent,
+        crop: Option<Vec<u8>>,
+        wall: SystemTime,
+        out: &mut Vec<Output>,
+    ) {
+        let note = self.notes.get(&(ev.stream.clone(), ev.track));
+        let payload = AlertPayload::from_event(
+            &ev,
+            &self.node,
+            self.scoring.scorer.graph(),
+            &self.scoring.model,
+            note.map(|n| n.last_capture).unwrap_or(wall),
+            note.map(|n| n.mean_quality).unwrap_or(0.0),
+            wall,
+        );
+        let kind = kind_str(&ev.kind);
+        let verdict = verdict_str(ev.verdict);
+        self.metrics.count_alert(kind, verdict);
+        let id = ev.alert_id.to_string();
+        match ev.kind {
+            AlertKind::End { .. } => {
+                if let Some(m) = self.open.get_mut(&ev.stream) {
+                    m.remove(&ev.track);
+                }
+            }
+            _ => {
+                self.open
+                    .entry(ev.stream.clone())
+                    .or_default()
+                    .insert(ev.track, id.clone());
+            }
+        }
+        tracing::info!(
+            stream = %ev.stream,
+            track = ev.track.0,
+            alert_id = %id,
+            kind,
+            verdict,
+            score = format!("{:.3}", ev.score),
+            "{}",
+            payload.explanation.sentence
+        );
+        let json = match serde_json::to_vec(&payload) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "Alert payload could not be serialised.");
+                return;
+            }
+        };
+        let face_jpeg = crop.and_then(|rgb| {
+            let size = (rgb.len() as f64 / 3.0).sqrt() as usize;
+            match crate::crop::encode_jpeg(&rgb, size, 90) {
+                Ok(jpeg) => Some(jpeg),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Face crop not encoded.");
+                    None
+                }
+            }
+        });
+        out.push(Output::Alert {
+            alert_id: id,
+            kind: ev.kind,
+            stream: ev.stream,
+            track: ev.track,
+            update: ev.kind == AlertKind::Update,
+            payload: json,
+            face_jpeg,
+        });
+    }
+
+    /// The stream's summary, when it changed since it was last published.
+    fn summarise(&mut self, stream: &StreamId, out: &mut Vec<Output>) {
+        let v: Vec<Verdict> = self
+            .verdicts
+            .get(stream)
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default();
+        let fake = v.iter().filter(|x| **x == Verdict::Fake).count();
+        let verdict = if fake > 0 {
+            "fake"
+        } else if v.contains(&Verdict::Uncertain) {
+            "uncertain"
+        } else if v.is_empty() {
+            "none"
+        } else {
+            "real"
+        };
+        let summary = StreamVerdict {
+            stream: stream.to_string(),
+            verdict,
+            tracks: v.len(),
+            fake_tracks: fake,
+            open_alerts: self
+                .open
+                .get(stream)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default(),
+            model_trained: self.scoring.model.trained,
+        };
+        if self.published.get(stream) == Some(&summary) {
+            return;
+        }
+        match serde_json::to_vec(&summary) {
+            Ok(payload) => out.push(Output::Retained {
+                topic: format!("streams/{stream}/verdict"),
+                payload,
+            }),
+            Err(e) => tracing::error!(error = %e, "Verdict summary could not be serialised."),
+        }
+        self.published.insert(stream.clone(), summary);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! The decision stage's task: a thin loop that feeds the [`Decider`] and hands what it
+//! returns to the publisher, in order (waiting only for room in the publisher's queue, not
+//! for each fsync).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Decider, Output, Scoring};
+use crate::channel::Receiver;
+use crate::encode::Encoded;
+use crate::evidence::EvidenceConfig;
+use crate::metrics::AnalysisMetrics;
+use crate::publish::mqtt::PublisherHandle;
+use crate::types::{FaceEvent, FaceMeta};
+
+/// What the decision stage reads: embeddings and face-stage events, in queue order.
+pub type Input = Encoded<FaceMeta, FaceEvent>;
+
+/// Requests from the daemon beside the ordered input.
+#[derive(Debug)]
+pub enum Command {
+    /// A new model. The old encoder has stopped: what it left in the input is decided with
+    /// the old model first, then every open alert ends (`model_swapped`) and the scorer is
+    /// replaced; `done` is answered after, so the new encoder starts only then.
+    ModelSwapped {
+        scoring: Box<Scoring>,
+        done: oneshot::Sender<()>,
+    },
+    /// New decision thresholds.
+    Evidence(EvidenceConfig),
+}
+
+/// Runs until the input closes (every encoder and face stage gone); then ends every open
+/// alert (`stream_stopped`).
+pub async fn run(
+    mut decider: Decider,
+    input: Receiver<Input>,
+    mut commands: mpsc::Receiver<Command>,
+    publisher: Arc<PublisherHandle>,
+    metrics: Arc<AnalysisMetrics>,
+) {
+    let mut commands_open = true;
+    loop {
+        tokio::select! {
+            // The ordered input first: a model swap waits for what is already queued.
+            biased;
+            item = input.recv_async() => {
+                let Some(item) = item else { break };
+                decide(&mut decider, item, &publisher, &metrics).await;
+            }
+            cmd = commands.recv(), if commands_open => {
+                match cmd {
+                    None => commands_open = false,
+                    Some(Command::ModelSwapped { scoring, done }) => {
+                        while let Some(item) = input.try_recv() {
+                            decide(&mut decider, item, &publisher, &metrics).await;
+                        }
+                        let (name, sha) = (scoring.model.name.clone(), scoring.model.manifest_sha256.clone());
+                        hand_over(&publisher, decider.on_model_swap(*scoring, SystemTime::now())).await;
+                        tracing::info!(model = %name, sha256 = %sha, "Model swapped in; open evidence windows ended.");
+                        let _ = done.send(());
+                    }
+                    Some(Command::Evidence(cfg)) => {
+                        decider.set_evidence(cfg);
+                        tracing::info!("Evidence thresholds updated.");
+                    }
+                }
+            }
+        }
+    }
+    hand_over(&publisher, decider.finish(SystemTime::now())).await;
+}
+
+/// One input item through the decider; the latency of a face is measured once its outputs
+/// are handed over.
+async fn decide(
+    decider: &mut Decider,
+    item: Input,
+    publisher: &PublisherHandle,
+    metrics: &AnalysisMetrics,
+) {
+    match item {
+        Encoded::Face(e) => {
+            let mono = e.meta.mono;
+            let out = decider.on_embedding(e, SystemTime::now());
+            hand_over(publisher, out).await;
+            metrics
+                .decode_to_publish_seconds
+                .observe_duration(mono.elapsed());
+        }
+        Encoded::Pass(ev) => {
+            let out = decider.on_face_event(ev, SystemTime::now());
+            hand_over(publisher, out).await;
+        }
+    }
+}
+
+/// Hands outputs to the publisher in order.
+pub async fn hand_over(publisher: &PublisherHandle, outputs: Vec<Output>) {
+    for o in outputs {
+        match o {
+            Output::Alert {
+                alert_id,
+                update,
+                payload,
+                face_jpeg,
+                ..
+            } => {
+                if let Err(e) = publisher.enqueue_alert(&alert_id, update, payload).await {
+                    tracing::error!(alert_id = %alert_id, error = %e, "Alert not handed to the publisher.");
+                }
+                if let Some(jpeg) = face_jpeg {
+                    tracing::debug!(alert_id = %alert_id, bytes = jpeg.len(), "Face crop handed to the publisher.");
+                    let _ = publisher.publish_face_crop(&alert_id, jpeg).await;
+                }
+            }
+            Output::Retained { topic, payload } => {
+                let _ = publisher.publish_retained(&topic, payload).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The decision stage without threads, brokers or models: a scorer over the FF++ label
+//! graph with identity text embeddings, so an embedding's values are its label logits.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::*;
+use crate::score::LabelGraph;
+use crate::types::BBox;
+
+fn scoring() -> Scoring {
+    let g = LabelGraph::ffpp();
+    let n = g.len();
+    let mut text = vec![0.0f32; n * n];
+    for j in 0..n {
+        text[j * n + j] = 1.0;
+    }
+    Scoring {
+        scorer: Scorer::new(g, &text, n).unwrap(),
+        model: ModelInfo {
+            name: "test".into(),
+            version: "0".into(),
+            manifest_sha256: "0".repeat(64),
+            trained: false,
+            backend: "cpu-onnxruntime".into(),
+            precision: "fp32".into(),
+        },
+    }
+}
+
+fn decider() -> (Decider, Arc<AnalysisMetrics>) {
+    let metrics = Arc::new(AnalysisMetrics::default());
+    let d = Decider::new(
+        NodeId::new("node").unwrap(),
+        scoring(),
+        EvidenceConfig::default(),
+        metrics.clone(),
+        UlidGenerator::with_seed(5),
+    );
+    (d, metrics)
+}
+
+/// An embedding that scores `fake` (every label logit +6) or real (every one -6; the scorer
+/// divides by 10).
+fn embedding(fake: bool) -> Vec<f32> {
+    vec![if fake { 60.0 } else { -60.0 }; LabelGraph::ffpp().len()]
+}
+
+struct Face {
+    stream: &'static str,
+    track: u64,
+    at_ms: u64,
+    fake: bool,
+}
+
+fn embedded(
+    f: Face,
+    t0: Instant,
+    metrics: &Arc<crate::metrics::StreamMetrics>,
+) -> Embedded<FaceMeta> {
+    Embedded {
+        meta: FaceMeta {
+            stream: StreamId::new(f.stream).unwrap(),
+            track: TrackId(f.track),
+            mono: t0 + Duration::from_millis(f.at_ms),
+            capture_time: UNIX_EPOCH + Duration::from_millis(1_800_000_000_000 + f.at_ms),
+            pts: Some(Duration::from_millis(f.at_ms)),
+            bbox: BBox {
+                x0: 10.0,
+                y0: 10.0,
+                x1: 90.0,
+                y1: 90.0,
+            },
+            quality: 0.8,
+            crop: Some(vec![128; 3 * 16 * 16]),
+            metrics: metrics.clone(),
+        },
+        embedding: embedding(f.fake),
+        batch_size: 1,
+        batch_time: Duration::from_millis(5),
+    }
+}
+
+/// Feeds `n` faces of one track, 600 ms apart (the default cadence at 5 fps); returns every
+/// output.
+fn feed(d: &mut Decider, stream: &'static str, track: u64, n: u64, fake: bool) -> Vec<Output> {
+    let t0 = Instant::now();
+    let m = Arc::new(crate::metrics::StreamMetrics::default());
+    let wall = SystemTime::now();
+    (0..n)
+        .flat_map(|i| {
+            let f = Face {
+                stream,
+                track,
+                at_ms: 600 * i,
+                fake,
+            };
+            d.on_embedding(embedded(f, t0, &m), wall)
+        })
+        .collect()
+}
+
+/// Every alert's type (`new`, `update`, `end`) and payload.
+fn alerts(out: &[Output]) -> Vec<(&'static str, serde_json::Value)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Alert { kind, payload, .. } => {
+                Some((kind_str(kind), serde_json::from_slice(payload).unwrap()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn summaries(out: &[Output]) -> Vec<serde_json::Value> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Retained { topic, payload } => {
+                assert!(topic.starts_with("streams/") && topic.ends_with("/verdict"));
+                Some(serde_json::from_slice(payload).unwrap())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_test_embeddings_score_as_intended() {
+    let s = scoring();
+    assert!(s.scorer.score(&embedding(true)).unwrap().q0 > 0.99);
+    assert!(s.scorer.score(&embedding(false)).unwrap().q0 < 0.01);
+}
+
+#[test]
+fn a_fake_track_opens_one_alert_and_its_end_closes_it() {
+    let (mut d, metrics) = decider();
+    let out = feed(&mut d, "cam", 1, 8, true);
+    let a = alerts(&out);
+    // The fifth face (min_frames) decides; later faces only keep it open.
+    assert_eq!(a.len(), 1, "{a:?}");
+    let (kind, new) = &a[0];
+    assert_eq!(*kind, "new");
+    assert_eq!(new["verdict"], "fake");
+    assert_eq!(new["evidence"]["frames_scored"], 5);
+    assert_eq!(new["track_id"], 1);
+    let id = new["alert_id"].as_str().unwrap().to_string();
+    // The new alert carries the face crop as a JPEG (the stream opted in).
+    assert!(out.iter().any(
+        |o| matches!(o, Output::Alert { face_jpeg: Some(j), .. } if j.starts_with(&[0xFF, 0xD8]))
+    ));
+    // Summaries: uncertain while evidence gathers, then fake with the open alert.
+    let s = summaries(&out);
+    assert_eq!(s.first().unwrap()["verdict"], "uncertain");
+    assert_eq!(s.last().unwrap()["verdict"], "fake");
+    assert_eq!(s.last().unwrap()["open_alerts"][0], id.as_str());
+    assert_eq!(s.len(), 2, "published only when it changes: {s:?}");
+    // The track ends: its alert ends (track_lost), the stream has no track left.
+    let out = d.on_track_end(
+        &StreamId::new("cam").unwrap(),
+        TrackId(1),
+        SystemTime::now(),
+    );
+    let a = alerts(&out);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].0, "end");
+    assert_eq!(a[0].1["alert_id"], id.as_str());
+    assert_eq!(a[0].1["end_reason"], "track_lost");
+    assert_eq!(summaries(&out)[0]["verdict"], "none");
+    assert_eq!(d.verdict(&StreamId::new("cam").unwrap(), TrackId(1)), None);
+    let counted = metrics.alerts.lock().unwrap().clone();
+    assert_eq!(counted.get(&("new", "fake")), Some(&1));
+    assert_eq!(counted.get(&("end", "fake")), Some(&1));
+}
+
+#[test]
+fn a_real_track_stays_silent() {
+    let (mut d, _) = decider();
+    let out = feed(&mut d, "cam", 3, 10, false);
+    assert!(alerts(&out).is_empty());
+    assert_eq!(summaries(&out).last().unwrap()["verdict"], "real");
+    // Its end publishes no alert either.
+    let out = d.on_face_event(
+        FaceEvent::TrackEnded {
+            stream: StreamId::new("cam").unwrap(),
+            track: TrackId(3),
+        },
+        SystemTime::now(),
+    );
+    assert!(alerts(&out).is_empty());
+}
+
+#[test]
+fn removing_a_stream_ends_only_its_alerts() {
+    let (mut d, _) = decider();
+    feed(&mut d, "a", 1, 6, true);
+    feed(&mut d, "b", 1, 6, true);
+    let out = d.on_face_event(
+        FaceEvent::StreamEnded {
+            stream: StreamId::new("a").unwrap(),
+        },
+        SystemTime::now(),
+    );
+    let a = alerts(&out);
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].0, &a[0].1["stream"]), ("end", &"a".into()));
+    assert_eq!(a[0].1["end_reason"], "stream_stopped");
+    // The other stream's alert is still open and ends at shutdown.
+    let a = alerts(&d.finish(SystemTime::now()));
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].1["stream"], "b");
+}
+
+#[test]
+fn a_model_swap_ends_every_open_alert_and_scores_with_the_new_model() {
+    let (mut d, _) = decider();
+    feed(&mut d, "a", 1, 6, true);
+    feed(&mut d, "b", 2, 6, true);
+    let mut next = scoring();
+    next.model.manifest_sha256 = "1".repeat(64);
+    let out = d.on_model_swap(next, SystemTime::now());
+    let a = alerts(&out);
+    assert_eq!(a.len(), 2);
+    assert!(
+        a.iter()
+            .all(|(k, v)| *k == "end" && v["end_reason"] == "model_swapped")
+    );
+    assert_eq!(d.model().manifest_sha256, "1".repeat(64));
+    // The same track afterwards starts a new alert under the new model.
+    let a = alerts(&feed(&mut d, "a", 1, 6, true));
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].1["model"]["manifest_sha256"], "1".repeat(64));
+}
+
+#[test]
+fn an_embedding_the_scorer_refuses_is_counted_and_publishes_nothing() {
+    let (mut d, metrics) = decider();
+    let m = Arc::new(crate::metrics::StreamMetrics::default());
+    let mut e = embedded(
+        Face {
+            stream: "cam",
+            track: 1,
+            at_ms: 0,
+            fake: true,
+        },
+        Instant::now(),
+        &m,
+    );
+    e.embedding.truncate(3);
+    assert!(d.on_embedding(e, SystemTime::now()).is_empty());
+    assert_eq!(metrics.score_errors.get(), 1);
+    assert_eq!(m.faces_scored.get(), 0);
+}
+
+#[test]
+fn alert_ids_come_from_the_generator_in_order() {
+    let (mut d, _) = decider();
+    let ids: Vec<String> = (1..=3)
+        .flat_map(|t| alerts(&feed(&mut d, "cam", t, 5, true)))
+        .map(|(_, v)| v["alert_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}

@@ -1,0 +1,230 @@
+//! The per-stream face stage: detect, track, align, crop, measure, normalise.
+//!
+//! A stage runner: for one stream, on an OS thread of its own, it drives `detect`, `track`,
+//! `crop` and the encoder's normalisation (the modules it imports are exactly those), and
+//! hands each due face to the shared encode queue. Reads `[detect]` and `[track]`, and the
+//! stream's analysis rate (the tracker's cadence is in whole frames of it).
+//!
+//! Per analysed frame: the detector runs on every `detect_every`th frame (the tracker's
+//! prediction bridges the others); the tracker says which faces are due; each due face
+//! becomes a [`FaceJob`] (the frame and the alignment, before any crop: where a GPU backend
+//! takes over) and, on the CPU path, [`prepare_face`] crops, measures and normalises it into
+//! an encode job. Track ends and the stream's end go through the same queue behind the faces
+//! ([`FaceEvent`]); the queue never drops them, so the decision stage sees a track's end only
+//! after its last face.
+
+pub mod prepare;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+pub use prepare::{CropSpec, PreparedFace, face_job, prepare_face, quick_quality};
+
+use crate::channel::{Receiver, RecvTimeoutError, Sender, Sent};
+use crate::detect::FaceDetector;
+use crate::encode::{EncodeJob, Queued};
+use crate::metrics::StreamMetrics;
+use crate::track::{TrackConfig, TrackEvent, TrackedFace, Tracker};
+use crate::types::{FaceEvent, FaceJob, FaceMeta, Frame, StreamId};
+
+/// What the encode queue carries.
+pub type EncodeItem = Queued<FaceMeta, FaceEvent>;
+
+/// Per-thread CPU time (for the stage breakdown of `bench e2e`).
+fn thread_cpu_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything a face stage needs.
+pub struct FaceStage {
+    pub stream: StreamId,
+    pub frames: Receiver<Frame>,
+    pub detector: FaceDetector,
+    pub track: TrackConfig,
+    /// The stream's analysis rate.
+    pub fps: f64,
+    pub crop: CropSpec,
+    /// Keep each crop's RGB for the alert (streams that publish face crops).
+    pub keep_crops: bool,
+    pub encode: Sender<EncodeItem>,
+    pub metrics: Arc<StreamMetrics>,
+    /// Set when the stream is removed: the stage ends within 100 ms.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Why the stage stopped handing work on.
+enum Gone {
+    /// The encode queue has no reader: the daemon is shutting down.
+    Encoder,
+}
+
+impl FaceStage {
+    /// Runs on a thread of its own until the frame channel closes or `stop` is set; then
+    /// ends the stream's tracks.
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("faces-{}", self.stream))
+            .spawn(move || self.run())
+    }
+
+    /// The stage's loop on the calling thread.
+    pub fn run(mut self) {
+        let mut tracker = Tracker::new(self.track.clone(), self.fps);
+        let every = u64::from(self.track.detect_every.max(1));
+        let mut n = 0u64;
+        let mut pixels = Vec::new();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let frame = match self.frames.recv_timeout(Duration::from_millis(100)) {
+                Ok(f) => f,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let detect = n % every == 0;
+            n += 1;
+            if self
+                .frame(&mut tracker, frame, detect, &mut pixels)
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = self.report(tracker.clear());
+        self.metrics.tracks_live.store(0, Ordering::Relaxed);
+        let _ = self.send(Queued::Pass(FaceEvent::StreamEnded {
+            stream: self.stream.clone(),
+        }));
+    }
+
+    /// One analysed frame: detection (or prediction), tracking, and the due faces to the
+    /// encode queue.
+    fn frame(
+        &mut self,
+        tracker: &mut Tracker,
+        frame: Frame,
+        detect: bool,
+        pixels: &mut Vec<f32>,
+    ) -> Result<(), Gone> {
+        let m = self.metrics.clone();
+        m.frames_analysed.inc();
+        let now = frame.mono;
+        let (faces, events) = if detect {
+            let t0 = thread_cpu_ns();
+            let found = self.detector.detect_frame(&frame);
+            m.detect_ns.add(thread_cpu_ns().saturating_sub(t0));
+            m.detector_runs.inc();
+            match found {
+                Ok(dets) => {
+                    m.faces_detected.add(dets.len() as u64);
+                    let with_q: Vec<_> = dets.iter().map(|d| (*d, quick_quality(d))).collect();
+                    tracker.update(&with_q, now)
+                }
+                Err(e) => {
+                    let errors = m.detector_errors.get();
+                    m.detector_errors.inc();
+                    if errors.is_power_of_two() || errors == 0 {
+                        tracing::warn!(stream = %self.stream, error = %e, errors = errors + 1, "Face detection failed on a frame.");
+                    }
+                    tracker.predict(now)
+                }
+            }
+        } else {
+            tracker.predict(now)
+        };
+        self.report(events)?;
+        m.tracks_live.store(tracker.len() as u64, Ordering::Relaxed);
+        let frame = Arc::new(frame);
+        for face in faces.iter().filter(|f| f.due) {
+            m.faces_due.inc();
+            let t0 = thread_cpu_ns();
+            let job = self.crop_on_cpu(&frame, face, pixels);
+            m.crop_ns.add(thread_cpu_ns().saturating_sub(t0));
+            match job {
+                Some(job) => self.send(Queued::Face(job))?,
+                None => m.faces_crop_failed.inc(),
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the decision stage, in order, about every track that ended.
+    fn report(&self, events: Vec<TrackEvent>) -> Result<(), Gone> {
+        for ev in events {
+            if let TrackEvent::Lost(track) = ev {
+                self.send(Queued::Pass(FaceEvent::TrackEnded {
+                    stream: self.stream.clone(),
+                    track,
+                }))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, item: EncodeItem) -> Result<(), Gone> {
+        match self.encode.send(item) {
+            Ok(Sent::Queued) => Ok(()),
+            Ok(Sent::DroppedOldest(old)) | Ok(Sent::DroppedNewest(old)) => {
+                // Only faces are ever dropped; the tracker schedules that face again.
+                if let Queued::Face(job) = old {
+                    job.meta.metrics.faces_dropped_encode_queue.inc();
+                }
+                Ok(())
+            }
+            Err(_) => Err(Gone::Encoder),
+        }
+    }
+
+    /// The CPU path: the face leaves as a [`FaceJob`] (the seam), then is cropped, measured
+    /// and normalised here. `None` when it cannot be cropped.
+    fn crop_on_cpu(
+        &self,
+        frame: &Arc<Frame>,
+        face: &TrackedFace,
+        pixels: &mut Vec<f32>,
+    ) -> Option<EncodeJob<FaceMeta>> {
+        let Some(job) = face_job(frame.clone(), face) else {
+            tracing::debug!(stream = %self.stream, track = face.track.0, "Face not cropped: no alignment.");
+            return None;
+        };
+        self.prepare(&job, pixels)
+    }
+
+    fn prepare(&self, job: &FaceJob, pixels: &mut Vec<f32>) -> Option<EncodeJob<FaceMeta>> {
+        let frame = &job.frame;
+        let p = match prepare_face(
+            frame,
+            &job.bbox,
+            &job.landmarks,
+            &self.crop,
+            std::mem::take(pixels),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(stream = %self.stream, track = job.track.0, error = %e, "Face not cropped.");
+                return None;
+            }
+        };
+        Some(EncodeJob {
+            pixels: p.pixels,
+            meta: FaceMeta {
+                stream: self.stream.clone(),
+                track: job.track,
+                mono: frame.mono,
+                capture_time: frame.capture_time,
+                pts: frame.pts,
+                bbox: job.bbox,
+                quality: p.quality,
+                crop: self.keep_crops.then_some(p.rgb),
+                metrics: self.metrics.clone(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
