@@ -76,6 +76,7 @@ pub fn find(name: &str) -> Option<&'static Bench> {
 }
 
 /// Whose CPU time [`cpu_seconds`] reads.
+#[cfg(feature = "gstreamer")]
 #[derive(Debug, Clone, Copy)]
 pub enum CpuOf {
     /// This process, every thread.
@@ -85,6 +86,7 @@ pub enum CpuOf {
 }
 
 /// CPU time (user + system) in seconds, from getrusage.
+#[cfg(feature = "gstreamer")]
 pub fn cpu_seconds(of: CpuOf) -> f64 {
     use nix::sys::resource::{UsageWho, getrusage};
     let who = match of {
