@@ -140,6 +140,24 @@ pub fn load_model(dir: &Path) -> anyhow::Result<LoadedModel> {
     })
 }
 
+/// [`load_model`] on a blocking thread (it reads and hashes hundreds of MB), with a panic
+/// in the loading code (a crafted file ONNX Runtime trips on) reported as an error instead
+/// of taking the daemon down.
+async fn load_model_off_loop(dir: PathBuf) -> anyhow::Result<LoadedModel> {
+    let shown = dir.display().to_string();
+    match tokio::task::spawn_blocking(move || load_model(&dir)).await {
+        Ok(r) => r,
+        Err(e) => Err(anyhow::anyhow!(
+            "model bundle {shown}: loading it failed ({})",
+            if e.is_panic() {
+                "the loader panicked: a malformed file"
+            } else {
+                "cancelled"
+            }
+        )),
+    }
+}
+
 fn announce_untrained(model: &ModelInfo) {
     if !model.trained {
         tracing::warn!(
@@ -348,7 +366,7 @@ impl Daemon {
             scoring,
             crop,
             ..
-        } = load_model(&model_dir)?;
+        } = load_model_off_loop(model_dir.clone()).await?;
         let model_info = scoring.model.clone();
         tracing::info!(
             model = %model_info.name,
@@ -649,10 +667,11 @@ impl Daemon {
         // The model: load and check the new bundle before anything changes.
         let new_dir = bundle_dir(&new);
         let new_model = {
-            let manifest_sha = crate::model::sha256_file(&new_dir.join("manifest.toml")).ok();
+            let manifest_sha = crate::model::manifest_sha256(&new_dir).ok();
             if new_dir != self.model_dir || manifest_sha.as_deref() != Some(self.model_sha.as_str())
             {
-                let loaded = load_model(&new_dir)
+                let loaded = load_model_off_loop(new_dir.clone())
+                    .await
                     .map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
                 let (a, b) = (&loaded.crop, &self.factory.crop);
                 if a.size != b.size || a.mean != b.mean || a.std != b.std {

@@ -122,14 +122,25 @@ impl CpuEncoder {
     /// Loads `bundle`'s ONNX encoder on the shared runtime (call [`onnx::init`] first) and
     /// checks its inputs and outputs against the manifest.
     pub fn new(bundle: &ModelBundle) -> Result<Self, EncodeError> {
-        Self::from_onnx(bundle, &bundle.onnx_path)
+        // The bytes the bundle loader read and hashed, not the file opened again.
+        let name = bundle.onnx_path.display().to_string();
+        let session = onnx::session_from_memory(&name, &bundle.onnx_bytes)?;
+        Self::with_session(bundle, session, name)
     }
 
     /// Like [`CpuEncoder::new`] with another ONNX file of the same model (e.g. int8).
     pub fn from_onnx(bundle: &ModelBundle, path: &std::path::Path) -> Result<Self, EncodeError> {
-        let a = bundle.architecture();
         let session = onnx::session(path)?;
-        let model = path.display().to_string();
+        Self::with_session(bundle, session, path.display().to_string())
+    }
+
+    /// Checks `session` against the bundle's contract.
+    fn with_session(
+        bundle: &ModelBundle,
+        session: Session,
+        model: String,
+    ) -> Result<Self, EncodeError> {
+        let a = bundle.architecture();
         let contract = |what: String| EncodeError::Contract {
             model: model.clone(),
             what,

@@ -5,6 +5,11 @@
 //! wrong: a checksum, a shape, a non-finite value, a label level, an edge.
 //!
 //! The model's identity in alerts is the SHA-256 of `manifest.toml`, which pins every file.
+//!
+//! A bundle may come from anywhere, so every file is opened once ([`read_bundle_file`]): never
+//! through a symbolic link, never blocking on a FIFO or device, a regular file no larger than
+//! the cap of its kind; the bytes that are hashed are the bytes that are used (the ONNX
+//! encoder is handed to ONNX Runtime from memory, not opened again by path).
 
 pub mod safetensors;
 
@@ -169,6 +174,57 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
+/// Largest `manifest.toml`.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// Largest text-embeddings file (a few hundred labels of 768 floats is under 1 MB).
+pub const MAX_TEXT_EMBEDDINGS_BYTES: u64 = 64 << 20;
+/// Largest image encoder, ONNX or safetensors (ViT-L/14 in fp32 is 1.2 GB).
+pub const MAX_ENCODER_BYTES: u64 = 4 << 30;
+
+/// Reads a bundle file once: never through a symbolic link (`O_NOFOLLOW`), never blocking
+/// on a FIFO or device (`O_NONBLOCK`, then only regular files), at most `cap` bytes.
+pub fn read_bundle_file(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                std::io::Error::other(
+                    "is a symbolic link; a bundle's files must be regular files inside it",
+                )
+            } else {
+                e
+            }
+        })?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("is not a regular file"));
+    }
+    if meta.len() > cap {
+        return Err(std::io::Error::other(format!(
+            "is {} bytes, more than the {cap} bytes allowed for this file",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::other(format!(
+            "grew past the {cap} bytes allowed for this file while it was read"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// SHA-256 of `dir`'s `manifest.toml`, read as [`ModelBundle::load`] reads it: the identity
+/// of the bundle there now.
+pub fn manifest_sha256(dir: &Path) -> std::io::Result<String> {
+    read_bundle_file(&dir.join("manifest.toml"), MAX_MANIFEST_BYTES).map(|b| hex_sha256(&b))
+}
+
 /// A loaded, fully checked bundle.
 #[derive(Debug, Clone)]
 pub struct ModelBundle {
@@ -179,8 +235,11 @@ pub struct ModelBundle {
     pub graph: LabelGraph,
     /// Raw text embeddings, `labels x embed_dim`, row-major.
     pub text_embeddings: Vec<f32>,
-    /// Absolute path of the ONNX image encoder.
+    /// Absolute path of the ONNX image encoder (for reports; the encoder is built from
+    /// `onnx_bytes`).
     pub onnx_path: PathBuf,
+    /// The ONNX image encoder as read and hashed.
+    pub onnx_bytes: std::sync::Arc<[u8]>,
     /// Absolute path of the safetensors image encoder, when the bundle has one.
     pub safetensors_path: Option<PathBuf>,
 }
@@ -211,7 +270,7 @@ impl ModelBundle {
     pub fn load(dir: &Path) -> Result<Self, BundleError> {
         let mpath = dir.join("manifest.toml");
         let mfile = PathBuf::from("manifest.toml");
-        let text = match std::fs::read(&mpath) {
+        let text = match read_bundle_file(&mpath, MAX_MANIFEST_BYTES) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(BundleError::NoManifest {
@@ -250,53 +309,71 @@ impl ModelBundle {
         check_architecture(&manifest.architecture, &mfile)?;
         let graph = build_graph(&manifest, &mfile)?;
 
-        let file_of = |key: &str, entry: &FileEntry| -> Result<PathBuf, BundleError> {
-            let field = format!("files.{key}");
-            let rel = Path::new(&entry.path);
-            if entry.path.is_empty()
-                || rel.is_absolute()
-                || rel
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
-                return Err(invalid(
-                    &mfile,
-                    format!("{field}.path"),
-                    format!("{:?} must be a relative path inside the bundle", entry.path),
-                ));
-            }
-            let want = entry.sha256.to_ascii_lowercase();
-            if want.len() != 64 || !want.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(invalid(
-                    &mfile,
-                    format!("{field}.sha256"),
-                    "must be 64 hex digits",
-                ));
-            }
-            let full = dir.join(rel);
-            let actual = sha256_file(&full).map_err(|e| BundleError::Io {
-                file: rel.to_path_buf(),
-                reason: format!("{e} (listed as {field})"),
-            })?;
-            if actual != want {
-                return Err(BundleError::Checksum {
+        // Each listed file: a plain name in the bundle directory, read once, its bytes
+        // checked against the manifest.
+        let file_of =
+            |key: &str, entry: &FileEntry, cap: u64| -> Result<(PathBuf, Vec<u8>), BundleError> {
+                let field = format!("files.{key}");
+                let rel = Path::new(&entry.path);
+                let mut parts = rel.components();
+                if !matches!(
+                    (parts.next(), parts.next()),
+                    (Some(std::path::Component::Normal(_)), None)
+                ) {
+                    return Err(invalid(
+                        &mfile,
+                        format!("{field}.path"),
+                        format!(
+                            "{:?} must be a file name inside the bundle directory (no directories, \
+                         no ..)",
+                            entry.path
+                        ),
+                    ));
+                }
+                let want = entry.sha256.to_ascii_lowercase();
+                if want.len() != 64 || !want.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        &mfile,
+                        format!("{field}.sha256"),
+                        "must be 64 hex digits",
+                    ));
+                }
+                let full = dir.join(rel);
+                let bytes = read_bundle_file(&full, cap).map_err(|e| BundleError::Io {
                     file: rel.to_path_buf(),
-                    expected: want,
-                    actual,
-                });
-            }
-            Ok(std::fs::canonicalize(&full).unwrap_or(full))
-        };
+                    reason: format!("{e} (listed as {field})"),
+                })?;
+                let actual = hex_sha256(&bytes);
+                if actual != want {
+                    return Err(BundleError::Checksum {
+                        file: rel.to_path_buf(),
+                        expected: want,
+                        actual,
+                    });
+                }
+                let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+                Ok((abs.join(rel), bytes))
+            };
         let f = &manifest.files;
-        let onnx_path = file_of("image_encoder_onnx", &f.image_encoder_onnx)?;
+        let (onnx_path, onnx_bytes) = file_of(
+            "image_encoder_onnx",
+            &f.image_encoder_onnx,
+            MAX_ENCODER_BYTES,
+        )?;
+        // Checked completely now; the GPU engine reads it again through read_bundle_file
+        // and the same checksum when it loads.
         let safetensors_path = f
             .image_encoder_safetensors
             .as_ref()
-            .map(|e| file_of("image_encoder_safetensors", e))
+            .map(|e| file_of("image_encoder_safetensors", e, MAX_ENCODER_BYTES).map(|(p, _)| p))
             .transpose()?;
-        let text_path = file_of("text_embeddings", &f.text_embeddings)?;
+        let (_, text_bytes) = file_of(
+            "text_embeddings",
+            &f.text_embeddings,
+            MAX_TEXT_EMBEDDINGS_BYTES,
+        )?;
         let text_embeddings = read_text_embeddings(
-            &text_path,
+            text_bytes,
             Path::new(&f.text_embeddings.path),
             graph.len(),
             manifest.architecture.embed_dim as usize,
@@ -308,6 +385,7 @@ impl ModelBundle {
             graph,
             text_embeddings,
             onnx_path,
+            onnx_bytes: onnx_bytes.into(),
             safetensors_path,
         })
     }
@@ -429,15 +507,11 @@ fn build_graph(m: &Manifest, file: &Path) -> Result<LabelGraph, BundleError> {
 }
 
 fn read_text_embeddings(
-    path: &Path,
+    bytes: Vec<u8>,
     rel: &Path,
     nodes: usize,
     dim: usize,
 ) -> Result<Vec<f32>, BundleError> {
-    let bytes = std::fs::read(path).map_err(|e| BundleError::Io {
-        file: rel.to_path_buf(),
-        reason: e.to_string(),
-    })?;
     let st = safetensors::SafeTensors::parse(bytes).map_err(|e| invalid(rel, "header", e))?;
     let (shape, values) = st
         .f32("text_embeddings")

@@ -25,22 +25,28 @@ pub struct SafeTensors {
 const MAX_HEADER: usize = 100 << 20;
 
 impl SafeTensors {
-    /// Parses `data`; errors say which part of the layout is wrong.
+    /// Parses `data`; errors say which part of the layout is wrong. Every offset and size
+    /// from the file is checked with overflow-checked arithmetic before it is used.
     pub fn parse(data: Vec<u8>) -> Result<Self, String> {
         let len_bytes: [u8; 8] = data
             .get(..8)
             .and_then(|b| b.try_into().ok())
             .ok_or("file is shorter than the 8-byte header length")?;
-        let n = u64::from_le_bytes(len_bytes) as usize;
-        if n > MAX_HEADER || 8 + n > data.len() {
-            return Err(format!(
-                "header length {n} does not fit the file of {} bytes",
-                data.len()
-            ));
-        }
+        let n = u64::from_le_bytes(len_bytes);
+        let base = usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= MAX_HEADER)
+            .and_then(|n| n.checked_add(8))
+            .filter(|end| *end <= data.len())
+            .ok_or_else(|| {
+                format!(
+                    "header length {n} does not fit the file of {} bytes",
+                    data.len()
+                )
+            })?;
         let header: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&data[8..8 + n]).map_err(|e| format!("header: {e}"))?;
-        let base = 8 + n;
+            serde_json::from_slice(&data[8..base]).map_err(|e| format!("header: {e}"))?;
+        let room = data.len() - base;
         let mut tensors = BTreeMap::new();
         for (name, v) in header {
             if name == "__metadata__" {
@@ -49,11 +55,26 @@ impl SafeTensors {
             let info: TensorInfo =
                 serde_json::from_value(v).map_err(|e| format!("tensor {name:?}: {e}"))?;
             let [a, b] = info.data_offsets;
-            if a > b || base + b > data.len() {
+            if a > b || b > room {
                 return Err(format!(
-                    "tensor {name:?}: bytes {a}..{b} lie outside the data ({} bytes)",
-                    data.len() - base
+                    "tensor {name:?}: bytes {a}..{b} lie outside the data ({room} bytes)"
                 ));
+            }
+            let want = dtype_size(&info.dtype).map(|size| {
+                info.shape
+                    .iter()
+                    .try_fold(size, |acc, d| acc.checked_mul(*d))
+            });
+            match want {
+                // An unknown dtype is not size-checked here; readers refuse it by dtype.
+                None => {}
+                Some(Some(w)) if w == b - a => {}
+                _ => {
+                    return Err(format!(
+                        "tensor {name:?}: shape {:?} of {} does not fill bytes {a}..{b}",
+                        info.shape, info.dtype
+                    ));
+                }
             }
             tensors.insert(name, info);
         }
@@ -73,16 +94,8 @@ impl SafeTensors {
         if info.dtype != "F32" {
             return Err(format!("{name}: dtype {} (F32 expected)", info.dtype));
         }
+        // Checked by `parse`: a <= b <= room, and the shape fills b - a exactly.
         let [a, b] = info.data_offsets;
-        let count: usize = info.shape.iter().product();
-        if b - a != count * 4 {
-            return Err(format!(
-                "{name}: shape {:?} needs {} bytes, the entry holds {}",
-                info.shape,
-                count * 4,
-                b - a
-            ));
-        }
         let bytes = &self.data[self.base + a..self.base + b];
         let values = bytes
             .chunks_exact(4)
@@ -90,6 +103,17 @@ impl SafeTensors {
             .collect();
         Ok((info.shape.clone(), values))
     }
+}
+
+/// Bytes per element of the dtypes this reader knows (`None`: unknown, not size-checked).
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -127,10 +151,8 @@ mod tests {
         );
         assert!(
             SafeTensors::parse(shape)
-                .unwrap()
-                .f32("t")
                 .unwrap_err()
-                .contains("needs 24")
+                .contains("does not fill bytes 0..16")
         );
         let f16 = file(
             r#"{"t":{"dtype":"F16","shape":[8],"data_offsets":[0,16]}}"#,
@@ -144,6 +166,36 @@ mod tests {
                 .contains("F16")
         );
         assert!(SafeTensors::parse(vec![1, 2, 3]).is_err());
+        // Crafted sizes that used to wrap or panic: a header length near 2^64, offsets near
+        // usize::MAX, a shape whose product overflows.
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(
+            SafeTensors::parse(huge)
+                .unwrap_err()
+                .contains("does not fit")
+        );
+        let wrap = file(
+            &format!(
+                r#"{{"t":{{"dtype":"F32","shape":[4],"data_offsets":[0,{}]}}}}"#,
+                usize::MAX
+            ),
+            &data,
+        );
+        assert!(SafeTensors::parse(wrap).unwrap_err().contains("outside"));
+        let product = file(
+            &format!(
+                r#"{{"t":{{"dtype":"F32","shape":[{},{}],"data_offsets":[0,16]}}}}"#,
+                usize::MAX / 2,
+                8
+            ),
+            &data,
+        );
+        assert!(
+            SafeTensors::parse(product)
+                .unwrap_err()
+                .contains("does not fill")
+        );
         assert!(
             SafeTensors::parse(file("{nope", &[]))
                 .unwrap_err()

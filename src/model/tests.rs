@@ -168,3 +168,108 @@ fn paths_leaving_the_bundle_are_refused() {
     });
     assert!(err(d.path()).contains("files.image_encoder_onnx.path"));
 }
+
+#[test]
+fn files_in_sub_directories_are_refused() {
+    let d = copy();
+    std::fs::create_dir(d.path().join("sub")).unwrap();
+    std::fs::copy(
+        d.path().join("image_encoder.onnx"),
+        d.path().join("sub/image_encoder.onnx"),
+    )
+    .unwrap();
+    edit_manifest(d.path(), |t| {
+        t.replace(
+            "path = \"image_encoder.onnx\"",
+            "path = \"sub/image_encoder.onnx\"",
+        )
+    });
+    let e = err(d.path());
+    assert!(
+        e.contains("files.image_encoder_onnx.path") && e.contains("file name inside the bundle"),
+        "{e}"
+    );
+}
+
+#[test]
+fn symbolic_links_are_never_followed_out_of_the_bundle() {
+    // A file of the bundle swapped for a link to a file outside it, with the same content
+    // (so its checksum would pass): refused without being read.
+    let outside = tempfile::tempdir().unwrap();
+    let d = copy();
+    let target = outside.path().join("text.safetensors");
+    std::fs::rename(d.path().join("text_embeddings.safetensors"), &target).unwrap();
+    std::os::unix::fs::symlink(&target, d.path().join("text_embeddings.safetensors")).unwrap();
+    let e = err(d.path());
+    assert!(
+        e.contains("text_embeddings.safetensors") && e.contains("symbolic link"),
+        "{e}"
+    );
+    // The manifest itself as a link (to a secret file, say): refused too.
+    let d = copy();
+    std::fs::rename(
+        d.path().join("manifest.toml"),
+        outside.path().join("m.toml"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("m.toml"),
+        d.path().join("manifest.toml"),
+    )
+    .unwrap();
+    assert!(err(d.path()).contains("symbolic link"));
+}
+
+#[test]
+fn a_fifo_or_a_device_is_refused_without_blocking() {
+    let d = copy();
+    let fifo = d.path().join("image_encoder.onnx");
+    std::fs::remove_file(&fifo).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // With no writer, a plain open would block forever: the loader must return at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = d.path().to_path_buf();
+    std::thread::spawn(move || tx.send(err(&dir)).unwrap());
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the loader returned instead of blocking on the FIFO");
+    assert!(e.contains("not a regular file"), "{e}");
+    let e = read_bundle_file(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn files_over_their_cap_are_refused_before_they_are_read() {
+    let d = copy();
+    let p = d.path().join("manifest.toml");
+    let e = read_bundle_file(&p, 16).unwrap_err().to_string();
+    assert!(e.contains("more than the 16 bytes allowed"), "{e}");
+    // A sparse manifest past the 1 MiB cap: refused by its size, not read into memory.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(MAX_MANIFEST_BYTES + 1).unwrap();
+    let e = err(d.path());
+    assert!(e.contains("manifest.toml") && e.contains("allowed"), "{e}");
+}
+
+#[test]
+fn a_crafted_safetensors_header_is_an_error_not_a_panic() {
+    // data_offsets near usize::MAX used to wrap `base + b` and panic on the slice.
+    let d = copy();
+    let header = format!(
+        r#"{{"text_embeddings":{{"dtype":"F32","shape":[10,64],"data_offsets":[{},{}]}}}}"#,
+        usize::MAX - 7,
+        usize::MAX
+    );
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(&[0u8; 64]);
+    replace_file(d.path(), "text_embeddings.safetensors", &v);
+    let e = err(d.path());
+    assert!(e.contains("outside the data"), "{e}");
+}

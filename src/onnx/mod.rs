@@ -170,8 +170,21 @@ fn load(cfg: &OnnxConfig) -> Result<Runtime, OnnxError> {
 /// optimisation on. Call [`init`] first.
 pub fn session(path: &Path) -> Result<Session, OnnxError> {
     let model = path.display().to_string();
+    build(&model, |b| b.commit_from_file(path))
+}
+
+/// [`session`] for a model already in memory (read and checked by its caller); `name` is
+/// what errors call it.
+pub fn session_from_memory(name: &str, bytes: &[u8]) -> Result<Session, OnnxError> {
+    build(name, |b| b.commit_from_memory(bytes))
+}
+
+fn build(
+    model: &str,
+    commit: impl FnOnce(&mut ort::session::builder::SessionBuilder) -> ort::Result<Session>,
+) -> Result<Session, OnnxError> {
     let fail = |e: ort::Error| OnnxError::Session {
-        model: model.clone(),
+        model: model.to_string(),
         reason: e.to_string(),
     };
     let env = match RUNTIME.get() {
@@ -183,12 +196,11 @@ pub fn session(path: &Path) -> Result<Session, OnnxError> {
             ));
         }
     };
-    Session::builder(env)
+    let mut builder = Session::builder(env)
         .map_err(fail)?
         .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
         .map_err(|e| fail(e.into()))?
         .with_memory_pattern(true)
-        .map_err(|e| fail(e.into()))?
-        .commit_from_file(path)
-        .map_err(fail)
+        .map_err(|e| fail(e.into()))?;
+    commit(&mut builder).map_err(fail)
 }
