@@ -25,6 +25,7 @@ pub mod onnx;
 pub mod progress;
 pub mod publish;
 pub mod score;
+pub mod secret;
 pub mod telemetry;
 pub mod track;
 pub mod types;

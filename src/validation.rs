@@ -90,6 +90,11 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// The collected errors, for a nested value whose own `validate` takes them.
+    pub fn errors(&mut self) -> &mut Vec<ConfigError> {
+        self.errors
+    }
+
     /// A nested table, e.g. `backoff` under `mqtt`.
     pub fn table(&mut self, key: &str) -> Checker<'_> {
         Checker {

@@ -218,9 +218,27 @@ struct StreamFactory {
 }
 
 impl StreamFactory {
+    /// The face detector for a new stream (a few ONNX sessions: not on the async runtime's
+    /// hot path for API calls, see [`Daemon::begin_add_stream`]).
+    fn detector(&self, id: &StreamId) -> anyhow::Result<FaceDetector> {
+        FaceDetector::load(&self.config.detect, &self.config.base_dir)
+            .with_context(|| format!("stream {id}: face detector"))
+    }
+
     fn start(
         &self,
         s: &StreamConfig,
+        state: &AppState,
+        runtime_only: bool,
+    ) -> anyhow::Result<RunningStream> {
+        let detector = self.detector(&s.id)?;
+        self.start_with(s, detector, state, runtime_only)
+    }
+
+    fn start_with(
+        &self,
+        s: &StreamConfig,
+        detector: FaceDetector,
         state: &AppState,
         runtime_only: bool,
     ) -> anyhow::Result<RunningStream> {
@@ -234,8 +252,6 @@ impl StreamFactory {
             let rx = rx.clone();
             Box::new(move || rx.stats()) as Box<dyn Fn() -> _ + Send + Sync>
         };
-        let detector = FaceDetector::load(&self.config.detect, &self.config.base_dir)
-            .with_context(|| format!("stream {}: face detector", s.id))?;
         let handle = ingest::spawn_stream(s, &self.config.ingest, &self.config.base_dir, tx)
             .with_context(|| format!("stream {}", s.id))?;
         let metrics = Arc::new(StreamMetrics::default());
@@ -309,6 +325,13 @@ fn same_stream_config(a: &StreamConfig, b: &StreamConfig) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
+/// An API stream whose detector was loaded off the supervisor loop.
+struct PreparedStream {
+    stream: StreamConfig,
+    detector: anyhow::Result<FaceDetector>,
+    reply: tokio::sync::oneshot::Sender<Result<(), CommandError>>,
+}
+
 /// The running daemon.
 pub struct Daemon {
     config: Config,
@@ -326,6 +349,10 @@ pub struct Daemon {
     decision: mpsc::Sender<decision::Command>,
     decision_task: tokio::task::JoinHandle<()>,
     commands: mpsc::Receiver<Command>,
+    /// API streams whose detector is being loaded off the loop, and where they report back.
+    adding: std::collections::BTreeSet<StreamId>,
+    added_tx: mpsc::Sender<PreparedStream>,
+    added_rx: mpsc::Receiver<PreparedStream>,
     http_cancel: CancellationToken,
     http_task: Option<tokio::task::JoinHandle<()>>,
     model_dir: PathBuf,
@@ -435,8 +462,14 @@ impl Daemon {
             analysis: metrics.clone(),
             streams: Default::default(),
             commands: commands_tx,
-            token,
-            api_schemes: config.http.api_schemes.clone(),
+            api: crate::http::ApiPolicy {
+                token,
+                schemes: config.http.api_schemes.clone(),
+                credentials: config.http.api_credentials.clone(),
+                max_streams: config.http.api_max_streams,
+                reads_need_token: config.http.reads_need_token(),
+            },
+            guard: Default::default(),
             encode_queue: encode_stats,
         });
         state.beat();
@@ -467,7 +500,11 @@ impl Daemon {
             encode_rx,
             publisher: publisher.clone(),
         };
+        let (added_tx, added_rx) = mpsc::channel(API_COMMANDS);
         let mut daemon = Daemon {
+            adding: Default::default(),
+            added_tx,
+            added_rx,
             config,
             config_path,
             notifier,
@@ -571,12 +608,11 @@ impl Daemon {
                         Err(e) => tracing::error!(error = %e, "Reload refused; nothing changed."),
                     }
                 }
+                Some(p) = self.added_rx.recv() => self.finish_add_stream(p),
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { continue };
                     match cmd {
-                        Command::AddStream { stream, reply } => {
-                            let _ = reply.send(self.add_stream(*stream));
-                        }
+                        Command::AddStream { stream, reply } => self.begin_add_stream(*stream, reply),
                         Command::RemoveStream { id, reply } => {
                             let r = match self.running.remove(&id) {
                                 Some(rs) => {
@@ -612,26 +648,92 @@ impl Daemon {
         }
     }
 
-    /// A runtime-only stream from the API, checked by the same rules as the file's streams.
-    fn add_stream(&mut self, stream: StreamConfig) -> Result<(), CommandError> {
-        if self.running.contains_key(&stream.id) {
+    /// A runtime-only stream from the API, checked by the same rules as the file's streams
+    /// and capped by `http.api_max_streams`. Its detector loads on a blocking thread; the
+    /// loop goes on meanwhile and [`Daemon::finish_add_stream`] completes it.
+    fn begin_add_stream(
+        &mut self,
+        stream: StreamConfig,
+        reply: tokio::sync::oneshot::Sender<Result<(), CommandError>>,
+    ) {
+        if let Err(e) = self.check_api_stream(&stream) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        self.adding.insert(stream.id.clone());
+        let factory_cfg = (
+            self.factory.config.detect.clone(),
+            self.factory.config.base_dir.clone(),
+        );
+        let done = self.added_tx.clone();
+        tokio::spawn(async move {
+            let id = stream.id.clone();
+            let detector = tokio::task::spawn_blocking(move || {
+                FaceDetector::load(&factory_cfg.0, &factory_cfg.1)
+                    .with_context(|| format!("stream {id}: face detector"))
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("loading the face detector failed: {e}")));
+            let _ = done
+                .send(PreparedStream {
+                    stream,
+                    detector,
+                    reply,
+                })
+                .await;
+        });
+    }
+
+    fn check_api_stream(&self, stream: &StreamConfig) -> Result<(), CommandError> {
+        if self.running.contains_key(&stream.id) || self.adding.contains(&stream.id) {
             return Err(CommandError::Exists(stream.id.to_string()));
+        }
+        let api_streams = self
+            .state
+            .streams
+            .read()
+            .expect("streams lock")
+            .values()
+            .filter(|v| v.runtime_only)
+            .count()
+            + self.adding.len();
+        let max = self.state.api.max_streams;
+        if api_streams >= max {
+            return Err(CommandError::Limit(format!(
+                "{api_streams} streams added through the API already (http.api_max_streams = \
+                 {max}); remove one first"
+            )));
         }
         let mut errors = Vec::new();
         self.factory
             .config
-            .validate_stream(&stream, "stream", &mut errors);
-        if !errors.is_empty() {
-            return Err(CommandError::Invalid(
+            .validate_stream(stream, "stream", &mut errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(CommandError::Invalid(
                 errors.iter().map(|e| e.to_string()).collect(),
-            ));
+            ))
         }
-        let r = self
-            .factory
-            .start(&stream, &self.state, true)
-            .map_err(|e| CommandError::Failed(format!("{e:#}")))?;
-        self.running.insert(stream.id.clone(), r);
-        Ok(())
+    }
+
+    fn finish_add_stream(&mut self, p: PreparedStream) {
+        self.adding.remove(&p.stream.id);
+        // A reload may have started a stream of that id meanwhile.
+        if self.running.contains_key(&p.stream.id) {
+            let _ = p
+                .reply
+                .send(Err(CommandError::Exists(p.stream.id.to_string())));
+            return;
+        }
+        let r = p
+            .detector
+            .and_then(|d| self.factory.start_with(&p.stream, d, &self.state, true))
+            .map(|r| {
+                self.running.insert(p.stream.id.clone(), r);
+            })
+            .map_err(|e| CommandError::Failed(format!("{e:#}")));
+        let _ = p.reply.send(r);
     }
 
     /// Re-reads the config file and applies what changed (see the module doc); on any error

@@ -45,8 +45,24 @@ pub enum CommandError {
     Exists(String),
     #[error("no stream {0:?}")]
     NotFound(String),
+    /// A configured limit was reached (e.g. `http.api_max_streams`).
+    #[error("limit: {0}")]
+    Limit(String),
     #[error("{0}")]
     Failed(String),
+}
+
+impl CommandError {
+    /// A one-word name, for audit lines.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CommandError::Invalid(_) => "invalid",
+            CommandError::Exists(_) => "exists",
+            CommandError::NotFound(_) => "not_found",
+            CommandError::Limit(_) => "limit",
+            CommandError::Failed(_) => "failed",
+        }
+    }
 }
 
 /// What a reload changed.
@@ -102,10 +118,10 @@ pub struct AppState {
     pub analysis: Arc<AnalysisMetrics>,
     pub streams: RwLock<BTreeMap<StreamId, StreamView>>,
     pub commands: mpsc::Sender<Command>,
-    /// Bearer token of mutating API calls.
-    pub token: String,
-    /// URI schemes accepted for streams added through the API.
-    pub api_schemes: Vec<String>,
+    /// What API callers may do (token, schemes, credential sets, limits).
+    pub api: crate::http::ApiPolicy,
+    /// Failed-attempt throttle and its counters.
+    pub guard: crate::http::Guard,
     pub encode_queue: Box<dyn Fn() -> ChannelStats + Send + Sync>,
 }
 
@@ -166,6 +182,9 @@ impl AppState {
             analysis: &self.analysis,
             encode_queue_len: (self.encode_queue)().len,
             publisher: self.publisher.stats(),
+            api_auth_failures: self.guard.auth_failures.get(),
+            api_throttled: self.guard.throttled.get(),
+            api_clients_forgotten: self.guard.forgotten.get(),
         };
         crate::metrics::families::render(&sample)
     }

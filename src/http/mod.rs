@@ -5,171 +5,51 @@
 //! | `/livez` | GET | - | 200 while the supervisor loop ticks |
 //! | `/readyz` | GET | - | 200 once config, model, spool, publisher and HTTP are up; body: states |
 //! | `/metrics` | GET | - | Prometheus text format |
-//! | `/api/streams` | GET | - | every stream with status and counters |
+//! | `/api/streams` | GET | read | every stream with status and counters (errors by kind only) |
 //! | `/api/streams` | POST | bearer | add a runtime-only stream (JSON of a `[[streams]]` entry) |
 //! | `/api/streams/{id}` | DELETE | bearer | remove a stream |
-//! | `/api/alerts` | GET | - | recent alert payloads, newest last (`?limit=N`) |
+//! | `/api/alerts` | GET | read | recent alert payloads, newest last (`?limit=N`) |
 //! | `/api/reload` | POST | bearer | re-read the config file (as SIGHUP) |
 //!
-//! Mutating calls need `Authorization: Bearer <token>`, loopback included.
+//! Mutating calls need `Authorization: Bearer <token>`, loopback included; reads need it
+//! when `http.listen` is not loopback (`http.read_auth`). The token is checked before a body
+//! is read; bodies are capped at 64 KiB; a client that keeps failing is throttled
+//! ([`guard`]). API callers never name files or environment variables: a stream's
+//! credentials are a set the operator defined in `[http.api_credentials]`.
+
+pub mod config;
+pub mod guard;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use serde::{Deserialize, Serialize};
+use axum::routing::{MethodRouter, delete, get, post};
+use serde::Deserialize;
 use tokio::sync::oneshot;
+
+pub use config::{HttpConfig, ReadAuth};
+pub use guard::{ApiPolicy, Guard};
 
 use crate::app::state::{AppState, Command, CommandError};
 use crate::ingest::StreamConfig;
 
-/// `[http]`: the health, metrics and API listener.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    pub enabled: bool,
-    /// Listen address; keep it on loopback unless a reverse proxy guards it.
-    pub listen: SocketAddr,
-    /// Environment variable holding the API token.
-    pub token_env: Option<String>,
-    /// File holding the API token. With neither set, a token is generated at first start
-    /// into the state directory (`$STATE_DIRECTORY`, else `var/state`) as `api-token`.
-    pub token_file: Option<PathBuf>,
-    /// URI schemes accepted for streams added through the API (local files are not, unless
-    /// listed: an API caller should not read the daemon's disk).
-    pub api_schemes: Vec<String>,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            enabled: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
-            token_env: None,
-            token_file: None,
-            api_schemes: ["rtsp", "rtsps", "srt", "http", "https"]
-                .map(String::from)
-                .to_vec(),
-        }
-    }
-}
-
-const KNOWN_SCHEMES: &[&str] = &["rtsp", "rtsps", "srt", "http", "https", "file", "v4l2"];
-
-impl HttpConfig {
-    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
-        let mut c = crate::validation::Checker::new(path, errors);
-        for (i, s) in self.api_schemes.iter().enumerate() {
-            if !KNOWN_SCHEMES.contains(&s.as_str()) {
-                c.error(
-                    &format!("api_schemes[{i}]"),
-                    format!("unknown scheme {s:?}; known: {}", KNOWN_SCHEMES.join(", ")),
-                );
-            }
-        }
-        if self.token_env.is_some() && self.token_file.is_some() {
-            c.error("", "set one of token_env and token_file, not both");
-        }
-        c.env_name("token_env", self.token_env.as_deref());
-    }
-
-    /// The API token: from the environment, the file, or generated into `state_dir`.
-    pub fn token(&self, base_dir: &Path, state_dir: &Path) -> anyhow::Result<String> {
-        use anyhow::Context;
-        if let Some(var) = &self.token_env {
-            let t = std::env::var(var).with_context(|| {
-                format!("http.token_env: environment variable {var} is not set")
-            })?;
-            return check_token(t.trim(), &format!("environment variable {var}"));
-        }
-        if let Some(p) = &self.token_file {
-            let p = if p.is_absolute() {
-                p.clone()
-            } else {
-                base_dir.join(p)
-            };
-            let t = std::fs::read_to_string(&p)
-                .with_context(|| format!("http.token_file: cannot read {}", p.display()))?;
-            return check_token(t.trim(), &p.display().to_string());
-        }
-        let p = state_dir.join("api-token");
-        if let Ok(t) = std::fs::read_to_string(&p) {
-            return check_token(t.trim(), &p.display().to_string());
-        }
-        std::fs::create_dir_all(state_dir).with_context(|| {
-            format!("cannot create the state directory {}", state_dir.display())
-        })?;
-        let mut bytes = [0u8; 24];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-            .context("reading /dev/urandom for the API token")?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        write_private(&p, token.as_bytes())
-            .with_context(|| format!("writing the API token to {}", p.display()))?;
-        tracing::info!(path = %p.display(), "Generated the API token (mode 0600).");
-        Ok(token)
-    }
-}
-
-fn check_token(t: &str, from: &str) -> anyhow::Result<String> {
-    if t.len() < 16 {
-        anyhow::bail!("the API token in {from} is shorter than 16 characters");
-    }
-    Ok(t.to_string())
-}
-
-fn write_private(p: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(p)?;
-    f.write_all(data)?;
-    f.sync_all()
-}
-
-/// Constant-time comparison of the presented bearer token.
-fn authorised(headers: &HeaderMap, token: &str) -> bool {
-    let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some(given) = v.strip_prefix("Bearer ") else {
-        return false;
-    };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn unauthorised() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer")],
-        Json(serde_json::json!({"error": "unauthorised", "detail": "send Authorization: Bearer <token> (see http.token_file or the state directory's api-token)"})),
-    )
-        .into_response()
-}
+/// Largest request body read.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 fn command_error(e: CommandError) -> Response {
     let code = match e {
         CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
         CommandError::Exists(_) => StatusCode::CONFLICT,
         CommandError::NotFound(_) => StatusCode::NOT_FOUND,
+        CommandError::Limit(_) => StatusCode::FORBIDDEN,
         CommandError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (code, Json(e)).into_response()
@@ -191,6 +71,25 @@ async fn ask<T>(
     let (tx, rx) = oneshot::channel();
     state.commands.send(make(tx)).await.ok()?;
     rx.await.ok()
+}
+
+/// The token check, before the handler reads anything of the request.
+async fn require_token(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match s
+        .guard
+        .check(addr.ip(), req.headers(), &s.api.token, Instant::now())
+    {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            tracing::debug!(caller = %addr, path = %req.uri().path(), ?refusal, "API request refused.");
+            refusal.into_response()
+        }
+    }
 }
 
 async fn livez(State(s): State<Arc<AppState>>) -> Response {
@@ -232,7 +131,7 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (
         [(
-            header::CONTENT_TYPE,
+            axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         s.render_metrics(),
@@ -240,83 +139,156 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// Every stream; a stream's last error by its kind only (its message can name hosts, ports
+/// and reasons an API caller could use to probe the daemon's network with streams of its
+/// own).
 async fn list_streams(State(s): State<Arc<AppState>>) -> Response {
-    Json(s.stream_reports()).into_response()
+    let mut reports = s.stream_reports();
+    for r in &mut reports {
+        if let Some(e) = &mut r.status.last_error {
+            e.message = e.kind.to_string();
+        }
+    }
+    Json(reports).into_response()
 }
 
-async fn add_stream(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if !authorised(&headers, &s.token) {
-        return unauthorised();
-    }
-    let mut de = serde_json::Deserializer::from_slice(&body);
-    let stream: StreamConfig = match serde_path_to_error::deserialize(&mut de) {
-        Ok(c) => c,
-        Err(e) => {
-            let at = e.path().to_string();
-            return command_error(CommandError::Invalid(vec![format!(
-                "{}: {}",
-                if at == "." { "body".to_string() } else { at },
-                e.into_inner()
-            )]));
+/// The stream a POST /api/streams body describes. `credentials` may only name a set from
+/// `[http.api_credentials]`; the scheme must be one of `http.api_schemes`.
+pub fn api_stream(body: &[u8], api: &ApiPolicy) -> Result<StreamConfig, CommandError> {
+    let invalid = |m: String| CommandError::Invalid(vec![m]);
+    let mut value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("body: {e}")))?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| invalid("body: expected a JSON object (one [[streams]] entry)".into()))?;
+    let credentials = match obj.remove("credentials") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(name)) => match api.credentials.get(&name) {
+            Some(set) => Some(set.clone()),
+            None => {
+                let shown = if crate::types::check_id(&name).is_ok() {
+                    format!("{name:?}")
+                } else {
+                    "(not a set name)".into()
+                };
+                return Err(invalid(format!(
+                    "credentials: no set {shown} in http.api_credentials"
+                )));
+            }
+        },
+        Some(_) => {
+            return Err(invalid(
+                "credentials: through the API, name a set the operator defined in \
+                 http.api_credentials (\"credentials\": \"<name>\"); files and environment \
+                 variables cannot be named here"
+                    .into(),
+            ));
         }
     };
+    let mut stream: StreamConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let at = e.path().to_string();
+        invalid(format!(
+            "{}: {}",
+            if at == "." { "body".to_string() } else { at },
+            e.into_inner()
+        ))
+    })?;
+    stream.credentials = credentials;
     let scheme = stream
         .uri
         .split_once("://")
         .map(|(s, _)| s.to_ascii_lowercase())
         .unwrap_or_else(|| "file".into());
-    if !s.api_schemes.contains(&scheme) {
-        return command_error(CommandError::Invalid(vec![format!(
+    if !api.schemes.contains(&scheme) {
+        return Err(invalid(format!(
             "uri: scheme {scheme:?} is not allowed through the API (http.api_schemes: {})",
-            s.api_schemes.join(", ")
-        )]));
+            api.schemes.join(", ")
+        )));
     }
+    Ok(stream)
+}
+
+async fn add_stream(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
+    body: axum::body::Bytes,
+) -> Response {
+    let stream = match api_stream(&body, &s.api) {
+        Ok(st) => st,
+        Err(e) => {
+            guard::audit(caller, "add_stream", "-", "refused: invalid");
+            return command_error(e);
+        }
+    };
     let id = stream.id.to_string();
-    match ask(&s, |reply| Command::AddStream {
+    let r = ask(&s, |reply| Command::AddStream {
         stream: Box::new(stream),
         reply,
     })
-    .await
-    {
-        Some(Ok(())) => (
-            StatusCode::CREATED,
-            Json(serde_json::json!({"added": id, "runtime_only": true})),
-        )
-            .into_response(),
-        Some(Err(e)) => command_error(e),
+    .await;
+    match r {
+        Some(Ok(())) => {
+            guard::audit(caller, "add_stream", &id, "added");
+            (
+                StatusCode::CREATED,
+                Json(serde_json::json!({"added": id, "runtime_only": true})),
+            )
+                .into_response()
+        }
+        Some(Err(e)) => {
+            guard::audit(caller, "add_stream", &id, &format!("refused: {}", e.kind()));
+            command_error(e)
+        }
         None => unavailable(),
     }
 }
 
 async fn remove_stream(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
-    if !authorised(&headers, &s.token) {
-        return unauthorised();
-    }
     let Ok(id) = crate::types::StreamId::new(&id) else {
-        return command_error(CommandError::NotFound(id));
+        guard::audit(caller, "remove_stream", "-", "refused: not a stream id");
+        return command_error(CommandError::NotFound("(not a stream id)".into()));
     };
+    let shown = id.to_string();
     match ask(&s, |reply| Command::RemoveStream { id, reply }).await {
-        Some(Ok(())) => StatusCode::NO_CONTENT.into_response(),
-        Some(Err(e)) => command_error(e),
+        Some(Ok(())) => {
+            guard::audit(caller, "remove_stream", &shown, "removed");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Some(Err(e)) => {
+            guard::audit(
+                caller,
+                "remove_stream",
+                &shown,
+                &format!("refused: {}", e.kind()),
+            );
+            command_error(e)
+        }
         None => unavailable(),
     }
 }
 
-async fn reload(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if !authorised(&headers, &s.token) {
-        return unauthorised();
-    }
+async fn reload(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
+) -> Response {
     match ask(&s, |reply| Command::Reload { reply }).await {
-        Some(Ok(report)) => Json(report).into_response(),
-        Some(Err(e)) => command_error(e),
+        Some(Ok(report)) => {
+            guard::audit(caller, "reload", "config", "applied");
+            Json(report).into_response()
+        }
+        Some(Err(e)) => {
+            guard::audit(
+                caller,
+                "reload",
+                "config",
+                &format!("refused: {}", e.kind()),
+            );
+            command_error(e)
+        }
         None => unavailable(),
     }
 }
@@ -336,16 +308,33 @@ async fn alerts(State(s): State<Arc<AppState>>, Query(q): Query<AlertsQuery>) ->
     Json(items).into_response()
 }
 
-/// The router over `state`.
+/// The router over `state`; serve it with the callers' addresses
+/// (`into_make_service_with_connect_info::<SocketAddr>()`, as [`serve`] does).
 pub fn router(state: Arc<AppState>) -> Router {
+    let token = from_fn_with_state(state.clone(), require_token);
+    let reads_need_token = state.api.reads_need_token;
+    let read = |r: MethodRouter<Arc<AppState>>| {
+        if reads_need_token {
+            r.route_layer(token.clone())
+        } else {
+            r
+        }
+    };
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/streams", get(list_streams).post(add_stream))
-        .route("/api/streams/{id}", delete(remove_stream))
-        .route("/api/alerts", get(alerts))
-        .route("/api/reload", post(reload))
+        .route(
+            "/api/streams",
+            read(get(list_streams)).merge(post(add_stream).route_layer(token.clone())),
+        )
+        .route(
+            "/api/streams/{id}",
+            delete(remove_stream).route_layer(token.clone()),
+        )
+        .route("/api/alerts", read(get(alerts)))
+        .route("/api/reload", post(reload).route_layer(token))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -360,7 +349,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("http.listen: cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let app = router(state);
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -374,7 +363,9 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use super::guard::authorised;
     use super::*;
+    use axum::http::{HeaderMap, header};
 
     #[test]
     fn bearer_tokens_must_match_exactly() {

@@ -135,7 +135,7 @@ pub enum RtspTransport {
 /// Where a stream's login comes from. Secrets are never written in the config file itself:
 /// they come from an environment variable or a file (e.g. a systemd credential), read each
 /// time the stream connects, so a rotated secret is picked up on the next reconnect.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsConfig {
     /// User name written here (not secret by itself).
@@ -152,7 +152,7 @@ pub struct CredentialsConfig {
 }
 
 impl CredentialsConfig {
-    fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
         if self.password.is_some() {
             errors.push(ConfigError::new(
                 format!("{path}.password"),

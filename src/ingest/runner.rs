@@ -117,7 +117,15 @@ async fn attempt(
     publish: &impl Fn(&Supervisor),
     cancel: &CancellationToken,
 ) -> Result<Ended, IngestError> {
-    let login = Login::resolve(spec.config.credentials.as_ref())?;
+    let credentials = spec.config.credentials.clone();
+    let login = tokio::task::spawn_blocking(move || Login::resolve(credentials.as_ref()))
+        .await
+        .map_err(|e| {
+            IngestError::Credentials(crate::ingest::source::LoginError::File {
+                path: "credentials".into(),
+                reason: format!("the reader failed: {e}"),
+            })
+        })??;
     register_secrets(&login);
     let pspec = PipelineSpec {
         stream: spec.config.id.clone(),

@@ -16,7 +16,8 @@ use super::config::CredentialsConfig;
 /// Schemes a stream URI may use.
 pub const SUPPORTED_SCHEMES: &[&str] = &["rtsp", "rtsps", "srt", "http", "https", "file", "v4l2"];
 
-/// Query parameters whose values are secrets wherever they appear.
+/// Query parameters that carry secrets: refused in SRT URIs (they belong in credentials).
+/// Wherever a URI is shown, every query value is masked, whatever its key.
 const SECRET_PARAMS: &[&str] = &[
     "passphrase",
     "password",
@@ -203,18 +204,13 @@ fn redact_uri(mut u: Url) -> String {
     if u.password().is_some() {
         let _ = u.set_password(None);
     }
+    // Every query value: which keys carry secrets is not ours to guess (access_token,
+    // apikey, X-Amz-Signature, ...). The keys stay, so the shape of the URI is still seen.
     if u.query().is_some() {
-        let pairs: Vec<(String, String)> = u
-            .query_pairs()
-            .map(|(k, v)| {
-                let secret = SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str());
-                (
-                    k.into_owned(),
-                    if secret { "***".into() } else { v.into_owned() },
-                )
-            })
-            .collect();
-        u.query_pairs_mut().clear().extend_pairs(pairs);
+        let keys: Vec<String> = u.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        u.query_pairs_mut()
+            .clear()
+            .extend_pairs(keys.iter().map(|k| (k.as_str(), "***")));
     }
     u.to_string()
 }
@@ -258,7 +254,8 @@ pub enum LoginError {
 }
 
 impl Login {
-    /// Reads the login named by `cfg`, now (called at every connection attempt).
+    /// Reads the login named by `cfg`, now (called at every connection attempt, off the
+    /// async runtime: a password file is read from disk).
     pub fn resolve(cfg: Option<&CredentialsConfig>) -> Result<Login, LoginError> {
         let Some(cfg) = cfg else {
             return Ok(Login::default());
@@ -274,11 +271,12 @@ impl Login {
         let password = match (&cfg.password_env, &cfg.password_file) {
             (Some(var), _) => Some(env(var, "password_env")?),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| LoginError::File {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                Some(text.trim_end_matches(['\r', '\n']).to_string())
+                Some(
+                    crate::secret::read_secret_file(path).map_err(|e| LoginError::File {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?,
+                )
             }
             (None, None) => None,
         };
@@ -396,51 +394,59 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// Removes `user:pass@` from every `scheme://user:pass@host` in free text, and secret-looking
-/// query values from every URI.
+/// In free text, every `scheme://...` URI loses its `user:pass@` and its query values (the
+/// keys stay): `rtsp://u:p@cam/x?token=a&b=c` becomes `rtsp://cam/x?token=***&b=***`.
 fn strip_userinfo(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        // The authority ends at the first '/', whitespace, quote or end of text.
+        // The URI ends at whitespace, a quote or an angle bracket.
         let end = tail
-            .find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'' || c == '>')
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
             .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => out.push_str(&authority[at + 1..]),
-            None => out.push_str(authority),
-        }
+        scrub_uri_rest(&tail[..end], &mut out);
         rest = &tail[end..];
     }
     out.push_str(rest);
-    // Query parameters: key=value pairs with a secret key.
-    let mut result = String::with_capacity(out.len());
-    let mut chars = out.as_str();
-    while let Some(pos) = chars.find(['?', '&']) {
-        result.push_str(&chars[..=pos]);
-        chars = &chars[pos + 1..];
-        if let Some(eq) = chars.find('=') {
-            let key = &chars[..eq];
-            if !key.is_empty()
-                && key.len() <= 32
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                && SECRET_PARAMS.contains(&key.to_ascii_lowercase().as_str())
-            {
-                let vend = chars[eq + 1..]
-                    .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'')
-                    .map(|v| eq + 1 + v)
-                    .unwrap_or(chars.len());
-                result.push_str(key);
-                result.push_str("=***");
-                chars = &chars[vend..];
+    out
+}
+
+/// The part of a URI after `scheme://`, without user info and with its query values masked.
+fn scrub_uri_rest(uri: &str, out: &mut String) {
+    let authority_end = uri.find(['/', '?', '#']).unwrap_or(uri.len());
+    let authority = &uri[..authority_end];
+    out.push_str(
+        authority
+            .rfind('@')
+            .map_or(authority, |at| &authority[at + 1..]),
+    );
+    let after = &uri[authority_end..];
+    let (before_query, query) = match after.find('?') {
+        Some(q) => (&after[..q], Some(&after[q + 1..])),
+        None => (after, None),
+    };
+    out.push_str(before_query);
+    let Some(query) = query else { return };
+    let (query, fragment) = match query.find('#') {
+        Some(h) => (&query[..h], &query[h..]),
+        None => (query, ""),
+    };
+    out.push('?');
+    for (n, pair) in query.split(['&', ';']).enumerate() {
+        if n > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((key, _)) => {
+                out.push_str(key);
+                out.push_str("=***");
             }
+            None => out.push_str(pair),
         }
     }
-    result.push_str(chars);
-    result
+    out.push_str(fragment);
 }
 
 #[cfg(test)]
@@ -525,9 +531,37 @@ mod tests {
         assert!(!out.contains("s3cr3t-pw"), "{out}");
         assert!(!out.contains("operator"), "{out}");
         assert!(!out.contains("abc"), "{out}");
-        assert!(out.contains("rtsp://10.0.0.1:554/x?token=***&x=1"), "{out}");
+        assert!(
+            out.contains("rtsp://10.0.0.1:554/x?token=***&x=***"),
+            "{out}"
+        );
         let u = Source::parse("https://h/p.m3u8?token=zzz&a=1", Path::new("/")).unwrap();
-        assert_eq!(u.redacted(), "https://h/p.m3u8?token=***&a=1");
+        assert_eq!(u.redacted(), "https://h/p.m3u8?token=***&a=***");
+    }
+
+    #[test]
+    fn every_query_value_is_masked_whatever_its_key() {
+        // Keys nobody could list in advance leaked before: access_token, apikey, AWS signing.
+        let canary = "CANARY-q7Zx";
+        let uri = format!(
+            "https://cdn.example/live.m3u8?access_token={canary}&apikey={canary}&\
+             X-Amz-Signature={canary}&X-Amz-Credential=AKIA%2F{canary}&plain"
+        );
+        let shown = Source::parse(&uri, Path::new("/")).unwrap().redacted();
+        assert!(!shown.contains(canary), "{shown}");
+        assert!(shown.contains("access_token=***") && shown.contains("X-Amz-Signature=***"));
+        let text = format!("GET failed for {uri} (404); retrying srt://h:1?passphrase={canary}");
+        let out = Redactor::default().redact(&text);
+        assert!(!out.contains(canary), "{out}");
+        assert!(
+            out.contains("apikey=***&X-Amz-Signature=***&X-Amz-Credential=***&plain"),
+            "{out}"
+        );
+        assert!(out.ends_with("srt://h:1?passphrase=***"), "{out}");
+        // Text without URIs, and URIs without queries, are left alone.
+        let plain = "what? a=b & c=d";
+        assert_eq!(Redactor::default().redact(plain), plain);
+        assert_eq!(redact_known("rtsp://cam:554/x#y"), "rtsp://cam:554/x#y");
     }
 
     #[test]

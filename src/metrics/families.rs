@@ -27,6 +27,11 @@ pub struct NodeSample<'a> {
     pub analysis: &'a AnalysisMetrics,
     pub encode_queue_len: usize,
     pub publisher: PublisherStats,
+    /// API requests refused for their token, refused by the throttle, and failing clients
+    /// forgotten because the throttle's book was full.
+    pub api_auth_failures: u64,
+    pub api_throttled: u64,
+    pub api_clients_forgotten: u64,
 }
 
 /// Every family, in the Prometheus text format.
@@ -267,5 +272,24 @@ pub fn render(n: &NodeSample<'_>) -> String {
         "Broker connection losses followed by a retry.",
     )
     .sample("dfwatch_mqtt_reconnects_total", &[], p.reconnects as f64);
+    for (name, help, v) in [
+        (
+            "dfwatch_api_auth_failures_total",
+            "API requests refused for a missing or wrong token.",
+            n.api_auth_failures,
+        ),
+        (
+            "dfwatch_api_throttled_total",
+            "API requests refused because their client failed the token too often.",
+            n.api_throttled,
+        ),
+        (
+            "dfwatch_api_clients_forgotten_total",
+            "Failing API clients forgotten because the throttle's book was full.",
+            n.api_clients_forgotten,
+        ),
+    ] {
+        e.family(name, "counter", help).sample(name, &[], v as f64);
+    }
     e.finish()
 }

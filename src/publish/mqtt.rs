@@ -300,11 +300,15 @@ fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
         (Some(var), _) => {
             Some(std::env::var(var).map_err(|_| PublishError::MissingEnv(var.clone()))?)
         }
-        (None, Some(p)) => Some(
-            String::from_utf8_lossy(&read_file("password_file", p)?)
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
-        ),
+        (None, Some(p)) => {
+            Some(
+                crate::secret::read_secret_file(p).map_err(|e| PublishError::File {
+                    field: "password_file",
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+            )
+        }
         (None, None) => None,
     };
     if let Some(user) = &cfg.username {

@@ -1,0 +1,155 @@
+//! `[http]`: the listener, the API token, and what API callers may do.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::CredentialsConfig;
+
+/// `[http]`: the health, metrics and API listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Listen address; keep it on loopback unless a reverse proxy guards it.
+    pub listen: SocketAddr,
+    /// Environment variable holding the API token.
+    pub token_env: Option<String>,
+    /// File holding the API token. With neither set, a token is generated at first start
+    /// into the state directory (`$STATE_DIRECTORY`, else `var/state`) as `api-token`.
+    pub token_file: Option<PathBuf>,
+    /// URI schemes accepted for streams added through the API (local files are not, unless
+    /// listed: an API caller should not read the daemon's disk). Sources a stream opens
+    /// itself (an HLS playlist's segments, say) are held to the same list.
+    pub api_schemes: Vec<String>,
+    /// Credential sets API callers may name (`"credentials": "lobby"` in a POST
+    /// /api/streams body). A caller never names files or environment variables itself.
+    pub api_credentials: BTreeMap<String, CredentialsConfig>,
+    /// Streams the API may add (runtime-only streams at once). Range 0 to 1024.
+    pub api_max_streams: usize,
+    /// Whether GET /api/streams and /api/alerts need the token: `auto` (only when `listen`
+    /// is not a loopback address), `token` (always), `open` (never). `/livez`, `/readyz`
+    /// and `/metrics` are always open.
+    pub read_auth: ReadAuth,
+}
+
+/// See [`HttpConfig::read_auth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadAuth {
+    Auto,
+    Token,
+    Open,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            token_env: None,
+            token_file: None,
+            api_schemes: ["rtsp", "rtsps", "srt", "http", "https"]
+                .map(String::from)
+                .to_vec(),
+            api_credentials: BTreeMap::new(),
+            api_max_streams: 16,
+            read_auth: ReadAuth::Auto,
+        }
+    }
+}
+
+const KNOWN_SCHEMES: &[&str] = &["rtsp", "rtsps", "srt", "http", "https", "file", "v4l2"];
+
+impl HttpConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
+        let mut c = crate::validation::Checker::new(path, errors);
+        for (i, s) in self.api_schemes.iter().enumerate() {
+            if !KNOWN_SCHEMES.contains(&s.as_str()) {
+                c.error(
+                    &format!("api_schemes[{i}]"),
+                    format!("unknown scheme {s:?}; known: {}", KNOWN_SCHEMES.join(", ")),
+                );
+            }
+        }
+        if self.token_env.is_some() && self.token_file.is_some() {
+            c.error("", "set one of token_env and token_file, not both");
+        }
+        c.env_name("token_env", self.token_env.as_deref());
+        c.count("api_max_streams", self.api_max_streams as u64, 0..=1024);
+        for (name, set) in &self.api_credentials {
+            let path = format!("api_credentials.{name}");
+            if crate::types::check_id(name).is_err() {
+                c.error(&path, "a set's name must match [A-Za-z0-9_-]{1,64}");
+            }
+            set.validate(&c.path(&path), c.errors());
+        }
+    }
+
+    /// Whether reads need the token under this config.
+    pub fn reads_need_token(&self) -> bool {
+        match self.read_auth {
+            ReadAuth::Token => true,
+            ReadAuth::Open => false,
+            ReadAuth::Auto => !self.listen.ip().is_loopback(),
+        }
+    }
+
+    /// The API token: from the environment, the file, or generated into `state_dir`.
+    pub fn token(&self, base_dir: &Path, state_dir: &Path) -> anyhow::Result<String> {
+        use anyhow::Context;
+        if let Some(var) = &self.token_env {
+            let t = std::env::var(var).with_context(|| {
+                format!("http.token_env: environment variable {var} is not set")
+            })?;
+            return check_token(t.trim(), &format!("environment variable {var}"));
+        }
+        if let Some(p) = &self.token_file {
+            let p = if p.is_absolute() {
+                p.clone()
+            } else {
+                base_dir.join(p)
+            };
+            let t = crate::secret::read_secret_file(&p)
+                .with_context(|| format!("http.token_file: cannot read {}", p.display()))?;
+            return check_token(t.trim(), &p.display().to_string());
+        }
+        let p = state_dir.join("api-token");
+        if let Ok(t) = crate::secret::read_secret_file(&p) {
+            return check_token(t.trim(), &p.display().to_string());
+        }
+        std::fs::create_dir_all(state_dir).with_context(|| {
+            format!("cannot create the state directory {}", state_dir.display())
+        })?;
+        let mut bytes = [0u8; 24];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+            .context("reading /dev/urandom for the API token")?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&p, token.as_bytes())
+            .with_context(|| format!("writing the API token to {}", p.display()))?;
+        tracing::info!(path = %p.display(), "Generated the API token (mode 0600).");
+        Ok(token)
+    }
+}
+
+fn check_token(t: &str, from: &str) -> anyhow::Result<String> {
+    if t.len() < 16 {
+        anyhow::bail!("the API token in {from} is shorter than 16 characters");
+    }
+    Ok(t.to_string())
+}
+
+fn write_private(p: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)?;
+    f.write_all(data)?;
+    f.sync_all()
+}

@@ -1,0 +1,234 @@
+//! Who may call what. The bearer token is checked in a middleware, before any request body is
+//! read (the `bearer` scheme case-insensitively, the token in constant time); a client that
+//! keeps failing is refused for a while without its token being looked at; every change made
+//! through the API leaves an audit line with the caller's address.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::ingest::CredentialsConfig;
+use crate::metrics::Counter;
+
+/// What API callers may do, resolved from `[http]` at start.
+#[derive(Debug, Clone)]
+pub struct ApiPolicy {
+    /// Bearer token of every call that needs one.
+    pub token: String,
+    /// URI schemes of streams added through the API (their child sources included).
+    pub schemes: Vec<String>,
+    /// Credential sets a caller may name.
+    pub credentials: BTreeMap<String, CredentialsConfig>,
+    /// Runtime-only streams at once.
+    pub max_streams: usize,
+    /// GET /api/streams and /api/alerts need the token too.
+    pub reads_need_token: bool,
+}
+
+/// Failed attempts before a client is throttled ...
+pub const FAILURES_BEFORE_THROTTLE: u32 = 5;
+/// ... within this window, and how long it then waits.
+pub const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+/// Clients whose failures are remembered at once.
+pub const MAX_CLIENTS: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    first: Instant,
+    last: Instant,
+}
+
+/// The failed-attempt book and its counters.
+#[derive(Debug, Default)]
+pub struct Guard {
+    clients: Mutex<HashMap<IpAddr, Failures>>,
+    /// Requests refused for a missing or wrong token.
+    pub auth_failures: Counter,
+    /// Requests refused because their client failed too often.
+    pub throttled: Counter,
+    /// Clients forgotten because the book was full (the bound's cost).
+    pub forgotten: Counter,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Unauthorised,
+    Throttled { retry_after: Duration },
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Unauthorised => (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(serde_json::json!({"error": "unauthorised", "detail": "send Authorization: Bearer <token> (see http.token_file or the state directory's api-token)"})),
+            )
+                .into_response(),
+            Refusal::Throttled { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry_after.as_secs().max(1).to_string())],
+                Json(serde_json::json!({"error": "throttled", "detail": "too many failed attempts from this address"})),
+            )
+                .into_response(),
+        }
+    }
+}
+
+impl Guard {
+    /// Checks `headers` against `token` for a request from `ip` at `now`.
+    pub fn check(
+        &self,
+        ip: IpAddr,
+        headers: &HeaderMap,
+        token: &str,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = clients.get(&ip) {
+            let until = f.last + THROTTLE_WINDOW;
+            if f.count >= FAILURES_BEFORE_THROTTLE && now < until {
+                self.throttled.inc();
+                return Err(Refusal::Throttled {
+                    retry_after: until - now,
+                });
+            }
+        }
+        if authorised(headers, token) {
+            clients.remove(&ip);
+            return Ok(());
+        }
+        self.auth_failures.inc();
+        if !clients.contains_key(&ip) && clients.len() >= MAX_CLIENTS {
+            clients.retain(|_, f| now.saturating_duration_since(f.last) < THROTTLE_WINDOW);
+            if clients.len() >= MAX_CLIENTS
+                && let Some(oldest) = clients.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| *k)
+            {
+                clients.remove(&oldest);
+                self.forgotten.inc();
+            }
+        }
+        let f = clients.entry(ip).or_insert(Failures {
+            count: 0,
+            first: now,
+            last: now,
+        });
+        if now.saturating_duration_since(f.first) >= THROTTLE_WINDOW {
+            *f = Failures {
+                count: 0,
+                first: now,
+                last: now,
+            };
+        }
+        f.count += 1;
+        f.last = now;
+        Err(Refusal::Unauthorised)
+    }
+
+    /// Clients in the book now.
+    pub fn clients(&self) -> usize {
+        self.clients.lock().map(|c| c.len()).unwrap_or(0)
+    }
+}
+
+/// `Authorization: Bearer <token>`, the scheme in any case, the token compared in constant
+/// time.
+pub fn authorised(headers: &HeaderMap, token: &str) -> bool {
+    let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, given)) = v.trim_start().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One audit line per change made through the API.
+pub fn audit(caller: SocketAddr, action: &str, target: &str, outcome: &str) {
+    tracing::info!(target: "dfwatch::audit", caller = %caller, action, target, outcome, "API change.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, v.parse().unwrap());
+        h
+    }
+
+    const TOKEN: &str = "secret-token-0123456789";
+
+    #[test]
+    fn bearer_tokens_must_match_exactly_in_any_scheme_case() {
+        assert!(!authorised(&HeaderMap::new(), TOKEN));
+        assert!(authorised(&bearer("Bearer secret-token-0123456789"), TOKEN));
+        assert!(authorised(&bearer("bearer secret-token-0123456789"), TOKEN));
+        assert!(authorised(&bearer("BEARER secret-token-0123456789"), TOKEN));
+        assert!(!authorised(
+            &bearer("Bearer secret-token-0123456788"),
+            TOKEN
+        ));
+        assert!(!authorised(&bearer("Bearer secret-token-012345678"), TOKEN));
+        assert!(!authorised(&bearer("Basic secret-token-0123456789"), TOKEN));
+        assert!(!authorised(&bearer("Bearersecret-token-0123456789"), TOKEN));
+    }
+
+    #[test]
+    fn a_client_that_keeps_failing_is_throttled_then_let_back() {
+        let g = Guard::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        let t = Instant::now();
+        let wrong = bearer("Bearer nope");
+        for i in 0..FAILURES_BEFORE_THROTTLE {
+            let at = t + Duration::from_secs(i.into());
+            assert_eq!(g.check(ip, &wrong, TOKEN, at), Err(Refusal::Unauthorised));
+        }
+        // Now even the right token is refused for a while, without being looked at.
+        let right = bearer("Bearer secret-token-0123456789");
+        let at = t + Duration::from_secs(10);
+        assert!(matches!(
+            g.check(ip, &right, TOKEN, at),
+            Err(Refusal::Throttled { .. })
+        ));
+        // Another client is not affected.
+        assert_eq!(g.check(other, &right, TOKEN, at), Ok(()));
+        // After the window from its last failure, it may try again.
+        let later = t + Duration::from_secs(4) + THROTTLE_WINDOW;
+        assert_eq!(g.check(ip, &right, TOKEN, later), Ok(()));
+        assert_eq!(g.auth_failures.get(), 5);
+        assert_eq!(g.throttled.get(), 1);
+    }
+
+    #[test]
+    fn the_book_of_failing_clients_is_bounded() {
+        let g = Guard::default();
+        let t = Instant::now();
+        let wrong = bearer("Bearer nope");
+        for i in 0..(MAX_CLIENTS as u32 + 10) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let _ = g.check(ip, &wrong, TOKEN, t);
+        }
+        assert_eq!(g.clients(), MAX_CLIENTS);
+        assert_eq!(g.forgotten.get(), 10);
+    }
+}
