@@ -405,3 +405,35 @@ async fn a_disabled_stream_is_listed_and_never_opened() {
     assert_eq!(h.status().attempts, 0);
     h.stop().await;
 }
+
+/// A stream above `ingest.max_pixels` is scaled down in GStreamer before any conversion, its
+/// aspect kept (an 8K stream used to be converted to floats at full size); below the cap a
+/// stream passes through at its own size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_above_max_pixels_arrive_scaled_down_with_their_aspect() {
+    tokio::time::timeout(SECS(60), async {
+        let server = RtspServer::start(H264_LIVE, "rtph264pay", 0, None);
+        let mut cfg = stream("big", &server.url());
+        cfg.analysis_fps = Some(5.0);
+        // The source is 320 x 240 (76,800 pixels); cap it at a quarter.
+        let ingest = dfwatch::ingest::IngestConfig {
+            max_pixels: 160 * 120,
+            ..fast_ingest()
+        };
+        let (h, rx) = spawn(&cfg, &ingest, 64);
+        let frames = collect_frames(&rx, SECS(20), SECS(2)).await;
+        assert!(!frames.is_empty());
+        for f in &frames {
+            assert_eq!((f.width, f.height, f.format), (160, 120, PixelFormat::Rgb8));
+            assert!(f.data.len() >= 160 * 120 * 3);
+        }
+        h.stop().await;
+        // At the default cap the same source keeps its size.
+        let (h, rx) = spawn(&stream("small", &server.url()), &fast_ingest(), 64);
+        let frames = collect_frames(&rx, SECS(20), SECS(1)).await;
+        assert!(frames.iter().all(|f| (f.width, f.height) == (320, 240)));
+        h.stop().await;
+    })
+    .await
+    .expect("in time");
+}

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::crop::warp::RgbView;
 use crate::types::{BBox, Frame, PixelFormat};
 
-use image::{RgbF32, resize_area};
+use image::{RgbF32, resize_area_u8};
 
 /// One face found in an image.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -194,15 +194,15 @@ impl FaceDetector {
                 "buffer shorter than its size and stride".into(),
             ));
         }
-        let full = RgbF32::from_view(view);
         let longer = view.width.max(view.height) as f32;
         let s = (self.cfg.max_side as f32 / longer).min(1.0);
+        // Downscaled from the 8-bit pixels: no full-size float copy of a large frame.
         let img = if s < 1.0 {
             let w = (view.width as f32 * s).round().max(12.0) as usize;
             let h = (view.height as f32 * s).round().max(12.0) as usize;
-            resize_area(&full, w, h)
+            resize_area_u8(view, w, h)
         } else {
-            full
+            RgbF32::from_view(view)
         };
         let (sx, sy) = (
             view.width as f32 / img.width as f32,

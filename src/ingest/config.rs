@@ -47,6 +47,10 @@ pub struct IngestConfig {
     /// RTSP: jitter-buffer latency.
     #[serde(with = "humantime_serde")]
     pub rtsp_latency: Duration,
+    /// Decoded frames larger than this many pixels are scaled down in GStreamer (aspect
+    /// kept) before conversion and analysis: an 8K stream costs a 4K frame's memory. Default
+    /// 3840 x 2160. Range 4096 (64 x 64) to 67108864 (8192 x 8192).
+    pub max_pixels: u64,
 }
 
 impl Default for IngestConfig {
@@ -63,6 +67,7 @@ impl Default for IngestConfig {
             connect_timeout: Duration::from_secs(20),
             backoff: BackoffConfig::default(),
             rtsp_latency: Duration::from_millis(200),
+            max_pixels: 3840 * 2160,
         }
     }
 }
@@ -92,9 +97,13 @@ impl IngestConfig {
             self.rtsp_latency,
             Duration::ZERO..=Duration::from_secs(10),
         );
+        c.count("max_pixels", self.max_pixels, MAX_PIXELS_RANGE);
         self.backoff.validate(&mut c.table("backoff"));
     }
 }
+
+/// `ingest.max_pixels`.
+pub const MAX_PIXELS_RANGE: std::ops::RangeInclusive<u64> = 4096..=8192 * 8192;
 
 /// The analysis rate of `[ingest]` or of one stream.
 fn check_fps(c: &mut Checker<'_>, key: &str, fps: f64) {

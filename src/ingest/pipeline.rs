@@ -3,7 +3,8 @@
 //! ```text
 //! uridecodebin (source + demux + decoder, chosen by GStreamer)
 //!   -> [rate gate: pad probe drops frames above the analysis rate, before any conversion]
-//!   -> videoconvert -> capsfilter (exactly RGB or NV12) -> appsink (callback try_sends)
+//!   -> videoscale -> capsfilter (at most `ingest.max_pixels`, aspect kept; passthrough below)
+//!   -> videoconvert -> appsink (exactly RGB or NV12; callback try_sends)
 //! ```
 //!
 //! Credentials reach the source element as properties in `source-setup`, never in the URI.
@@ -41,6 +42,8 @@ pub(crate) struct PipelineSpec {
     pub rtsp_latency: Duration,
     pub rtsp_transport: RtspTransport,
     pub login: Login,
+    /// Larger decoded frames are scaled down (aspect kept) before conversion.
+    pub max_pixels: u64,
 }
 
 /// What the bus reported, already classified and redacted.
@@ -78,6 +81,13 @@ impl Pipeline {
             .property("uri", spec.source.uri())
             .build()
             .map_err(|e| err("uridecodebin", e))?;
+        let scale = gst::ElementFactory::make("videoscale")
+            .build()
+            .map_err(|e| err("videoscale", e))?;
+        let limit = gst::ElementFactory::make("capsfilter")
+            .property("caps", gst::Caps::new_empty_simple("video/x-raw"))
+            .build()
+            .map_err(|e| err("capsfilter", e))?;
         let convert = gst::ElementFactory::make("videoconvert")
             .build()
             .map_err(|e| err("videoconvert", e))?;
@@ -97,11 +107,10 @@ impl Pipeline {
             .sync(spec.sync)
             .build();
         pipeline
-            .add_many([&decodebin, &convert, appsink.upcast_ref()])
+            .add_many([&decodebin, &scale, &limit, &convert, appsink.upcast_ref()])
             .map_err(|e| err("add", e))?;
-        convert
-            .link(&appsink)
-            .map_err(|e| err("link videoconvert ! appsink", e))?;
+        gst::Element::link_many([&scale, &limit, &convert, appsink.upcast_ref()])
+            .map_err(|e| err("link videoscale ! capsfilter ! videoconvert ! appsink", e))?;
 
         install_source_setup(&decodebin, &spec);
         if spec.decoder != DecoderPreference::Auto {
@@ -109,8 +118,9 @@ impl Pipeline {
         }
         let decoder = Arc::new(Mutex::new(None));
         watch_decoder(&pipeline, decoder.clone());
-        install_rate_gate(&convert, spec.fps, counters.clone())?;
-        link_video_pad(&decodebin, &convert);
+        install_rate_gate(&scale, spec.fps, counters.clone())?;
+        install_size_limit(&scale, &limit, spec.max_pixels, &spec.stream)?;
+        link_video_pad(&decodebin, &scale);
         let delivered = Arc::new(AtomicU64::new(0));
         install_appsink(&appsink, &spec, frames, counters, seq, delivered.clone());
 
@@ -361,16 +371,16 @@ fn watch_decoder(pipeline: &gst::Pipeline, slot: Arc<Mutex<Option<String>>>) {
     });
 }
 
-/// Drops frames above the analysis rate on videoconvert's sink pad, before any conversion or
-/// copy, counting decoded and skipped frames.
+/// Drops frames above the analysis rate on the first element's sink pad, before any scaling,
+/// conversion or copy, counting decoded and skipped frames.
 fn install_rate_gate(
-    convert: &gst::Element,
+    first: &gst::Element,
     fps: f64,
     counters: Arc<StreamCounters>,
 ) -> Result<(), IngestError> {
-    let pad = convert
+    let pad = first
         .static_pad("sink")
-        .ok_or_else(|| IngestError::Pipeline("videoconvert has no sink pad".into()))?;
+        .ok_or_else(|| IngestError::Pipeline("videoscale has no sink pad".into()))?;
     let gate = Mutex::new(RateGate::new(fps));
     let started = Instant::now();
     pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
@@ -395,12 +405,75 @@ fn install_rate_gate(
     Ok(())
 }
 
-/// Links uridecodebin's video pad (the first one) to videoconvert; other pads (audio) are
-/// left unlinked, which uridecodebin tolerates once one pad is linked.
-fn link_video_pad(decodebin: &gst::Element, convert: &gst::Element) {
-    let convert = convert.downgrade();
+/// The largest size of `max_pixels` or fewer with the aspect of `w x h` (even sides, at
+/// least 2), or `None` when `w x h` is within the limit.
+pub(crate) fn limited_size(w: u32, h: u32, max_pixels: u64) -> Option<(u32, u32)> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels <= max_pixels || w == 0 || h == 0 {
+        return None;
+    }
+    let s = (max_pixels as f64 / pixels as f64).sqrt();
+    let even = |v: u32| ((f64::from(v) * s) as u32 & !1).max(2);
+    let (mut nw, mut nh) = (even(w), even(h));
+    while u64::from(nw) * u64::from(nh) > max_pixels && nw > 2 && nh > 2 {
+        nw -= 2;
+        nh = ((u64::from(nw) * u64::from(h) / u64::from(w)) as u32 & !1).max(2);
+    }
+    Some((nw, nh))
+}
+
+/// Caps the decoded size at `max_pixels`: when the decoder announces its caps, the capsfilter
+/// after videoscale is set to the largest size within the limit (aspect kept), before the
+/// caps reach it; below the limit it passes frames through untouched.
+fn install_size_limit(
+    scale: &gst::Element,
+    limit: &gst::Element,
+    max_pixels: u64,
+    stream: &StreamId,
+) -> Result<(), IngestError> {
+    let pad = scale
+        .static_pad("sink")
+        .ok_or_else(|| IngestError::Pipeline("videoscale has no sink pad".into()))?;
+    let limit = limit.downgrade();
+    let stream = stream.clone();
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+        let Some(gst::PadProbeData::Event(ev)) = &info.data else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let gst::EventView::Caps(c) = ev.view() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let Some(s) = c.caps().structure(0) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let (Ok(w), Ok(h)) = (s.get::<i32>("width"), s.get::<i32>("height")) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let (w, h) = (w.max(0) as u32, h.max(0) as u32);
+        let caps = match limited_size(w, h, max_pixels) {
+            Some((nw, nh)) => {
+                tracing::info!(stream = %stream, from = format!("{w}x{h}"), to = format!("{nw}x{nh}"), max_pixels, "Decoded frames are above ingest.max_pixels; scaling them down before analysis.");
+                gst::Caps::builder("video/x-raw")
+                    .field("width", nw as i32)
+                    .field("height", nh as i32)
+                    .build()
+            }
+            None => gst::Caps::new_empty_simple("video/x-raw"),
+        };
+        if let Some(limit) = limit.upgrade() {
+            limit.set_property("caps", &caps);
+        }
+        gst::PadProbeReturn::Ok
+    });
+    Ok(())
+}
+
+/// Links uridecodebin's video pad (the first one) to the first element; other pads (audio)
+/// are left unlinked, which uridecodebin tolerates once one pad is linked.
+fn link_video_pad(decodebin: &gst::Element, first: &gst::Element) {
+    let first = first.downgrade();
     decodebin.connect_pad_added(move |_, pad| {
-        let Some(convert) = convert.upgrade() else {
+        let Some(first) = first.upgrade() else {
             return;
         };
         let is_video = pad
@@ -411,7 +484,7 @@ fn link_video_pad(decodebin: &gst::Element, convert: &gst::Element) {
         if !is_video {
             return;
         }
-        let Some(sink) = convert.static_pad("sink") else {
+        let Some(sink) = first.static_pad("sink") else {
             return;
         };
         if sink.is_linked() {
@@ -586,4 +659,27 @@ fn sender_ntp_time(buffer: &gst::BufferRef) -> Option<SystemTime> {
                 .checked_sub(NTP_UNIX_OFFSET_S * 1_000_000_000)
         })
         .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limited_size;
+
+    #[test]
+    fn frames_over_the_pixel_cap_shrink_to_it_with_their_aspect() {
+        let cap = 3840 * 2160;
+        assert_eq!(limited_size(1920, 1080, cap), None);
+        assert_eq!(limited_size(3840, 2160, cap), None);
+        assert_eq!(limited_size(7680, 4320, cap), Some((3840, 2160)));
+        let (w, h) = limited_size(8192, 8192, cap).unwrap();
+        assert!(
+            u64::from(w) * u64::from(h) <= cap && w == h && w % 2 == 0,
+            "{w}x{h}"
+        );
+        let (w, h) = limited_size(10_000, 31, 4096).unwrap();
+        assert!(u64::from(w) * u64::from(h) <= 4096 && h >= 2, "{w}x{h}");
+        let (w, h) = limited_size(641, 481, 64 * 64).unwrap();
+        assert!(u64::from(w) * u64::from(h) <= 4096, "{w}x{h}");
+        assert!((f64::from(w) / f64::from(h) - 641.0 / 481.0).abs() < 0.1);
+    }
 }

@@ -137,6 +137,7 @@ async fn attempt(
         rtsp_latency: spec.rtsp_latency,
         rtsp_transport: spec.config.rtsp_transport,
         login,
+        max_pixels: spec.ingest.max_pixels,
     };
     let pipeline = Pipeline::start(pspec, frames.clone(), counters.clone(), seq.clone())?;
     let result = watch_pipeline(spec, &pipeline, sup, publish, cancel).await;
