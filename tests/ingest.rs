@@ -437,3 +437,79 @@ async fn frames_above_max_pixels_arrive_scaled_down_with_their_aspect() {
     .await
     .expect("in time");
 }
+
+/// An HLS playlist over HTTP that lists `file://` segments (here a FIFO, which blocked a
+/// streaming thread forever, and a readable file) made GStreamer open local files: sources
+/// inside a stream are held to `ingest.child_schemes` (network schemes by default). The
+/// stream fails typed, and the FIFO is never opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hls_playlist_cannot_make_the_daemon_open_local_files() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        std::fs::write(
+            dir.path().join("evil.m3u8"),
+            format!(
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n\
+                 #EXTINF:2.0,\nfile://{}\n#EXTINF:2.0,\nfile:///etc/hostname\n#EXT-X-ENDLIST\n",
+                fifo.display()
+            ),
+        )
+        .unwrap();
+        let port = serve_dir(dir.path().to_path_buf());
+        let cfg = stream("hls-evil", &format!("http://127.0.0.1:{port}/evil.m3u8"));
+        let (h, _rx) = spawn(&cfg, &fast_ingest(), 16);
+        // Meanwhile, nobody may ever hold the FIFO open for reading: a non-blocking writer
+        // open fails with ENXIO exactly while there is no reader.
+        let opened = {
+            let fifo = fifo.clone();
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::OpenOptionsExt;
+                let t0 = std::time::Instant::now();
+                while t0.elapsed() < SECS(8) {
+                    let r = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(nix::libc::O_NONBLOCK)
+                        .open(&fifo);
+                    if r.is_ok() {
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                false
+            })
+        };
+        let mut status = h.subscribe();
+        // The watch guard is dropped at once: holding it would block the stream's status.
+        let got = tokio::time::timeout(
+            SECS(30),
+            status.wait_for(|s| {
+                s.last_error
+                    .as_ref()
+                    .is_some_and(|e| e.kind == "source_not_allowed")
+            }),
+        )
+        .await
+        .map(|r| r.map(|_| ()));
+        assert!(got.is_ok(), "no source_not_allowed error: {:?}", h.status());
+        let message = h.status().last_error.unwrap().message;
+        assert!(
+            message.contains("file://") && message.contains("may not open"),
+            "{message}"
+        );
+        assert!(
+            !opened.await.unwrap(),
+            "the FIFO was opened by the pipeline"
+        );
+        h.stop().await;
+    })
+    .await
+    .expect("test finished in time");
+}

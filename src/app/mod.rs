@@ -252,7 +252,16 @@ impl StreamFactory {
             let rx = rx.clone();
             Box::new(move || rx.stats()) as Box<dyn Fn() -> _ + Send + Sync>
         };
-        let handle = ingest::spawn_stream(s, &self.config.ingest, &self.config.base_dir, tx)
+        // An API stream's inner sources are held to the API's schemes, not the operator's.
+        let ingest_cfg = if runtime_only {
+            ingest::IngestConfig {
+                child_schemes: self.config.http.api_schemes.clone(),
+                ..self.config.ingest.clone()
+            }
+        } else {
+            self.config.ingest.clone()
+        };
+        let handle = ingest::spawn_stream(s, &ingest_cfg, &self.config.base_dir, tx)
             .with_context(|| format!("stream {}", s.id))?;
         let metrics = Arc::new(StreamMetrics::default());
         let stage = FaceStage {

@@ -51,6 +51,11 @@ pub struct IngestConfig {
     /// kept) before conversion and analysis: an 8K stream costs a 4K frame's memory. Default
     /// 3840 x 2160. Range 4096 (64 x 64) to 67108864 (8192 x 8192).
     pub max_pixels: u64,
+    /// URI schemes the sources inside a stream may use (an HLS playlist's segments, say):
+    /// a network stream must not make GStreamer open local files or devices. RTSP's own RTP
+    /// receivers (`udp`) are always allowed. Streams added through the API are held to
+    /// `http.api_schemes` instead.
+    pub child_schemes: Vec<String>,
 }
 
 impl Default for IngestConfig {
@@ -68,6 +73,9 @@ impl Default for IngestConfig {
             backoff: BackoffConfig::default(),
             rtsp_latency: Duration::from_millis(200),
             max_pixels: 3840 * 2160,
+            child_schemes: ["rtsp", "rtsps", "srt", "http", "https"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -98,6 +106,17 @@ impl IngestConfig {
             Duration::ZERO..=Duration::from_secs(10),
         );
         c.count("max_pixels", self.max_pixels, MAX_PIXELS_RANGE);
+        for (i, s) in self.child_schemes.iter().enumerate() {
+            if !super::source::SUPPORTED_SCHEMES.contains(&s.as_str()) {
+                c.error(
+                    &format!("child_schemes[{i}]"),
+                    format!(
+                        "unknown scheme {s:?}; known: {}",
+                        super::source::SUPPORTED_SCHEMES.join(", ")
+                    ),
+                );
+            }
+        }
         self.backoff.validate(&mut c.table("backoff"));
     }
 }

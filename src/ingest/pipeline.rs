@@ -44,6 +44,8 @@ pub(crate) struct PipelineSpec {
     pub login: Login,
     /// Larger decoded frames are scaled down (aspect kept) before conversion.
     pub max_pixels: u64,
+    /// Schemes the sources inside the stream may use (besides the stream's own URI).
+    pub child_schemes: Vec<String>,
 }
 
 /// What the bus reported, already classified and redacted.
@@ -61,6 +63,8 @@ pub(crate) struct Pipeline {
     /// Frames this attempt handed to the queue (the stream's counters span all attempts).
     delivered: Arc<AtomicU64>,
     redactor: Redactor,
+    /// Why a source inside the stream was refused, once one was.
+    refused: Arc<Mutex<Option<String>>>,
 }
 
 impl Pipeline {
@@ -118,6 +122,8 @@ impl Pipeline {
         }
         let decoder = Arc::new(Mutex::new(None));
         watch_decoder(&pipeline, decoder.clone());
+        let refused = Arc::new(Mutex::new(None));
+        guard_child_sources(&pipeline, &spec, redactor.clone(), refused.clone());
         install_rate_gate(&scale, spec.fps, counters.clone())?;
         install_size_limit(&scale, &limit, spec.max_pixels, &spec.stream)?;
         link_video_pad(&decodebin, &scale);
@@ -133,6 +139,7 @@ impl Pipeline {
             decoder,
             delivered,
             redactor,
+            refused,
         };
         if let Err(e) = p.pipeline.set_state(gst::State::Playing) {
             // The reason is posted on the bus, possibly a moment later from a streaming
@@ -156,6 +163,9 @@ impl Pipeline {
         use gst::MessageView;
         match msg.view() {
             MessageView::Error(e) => {
+                if let Some(why) = self.refused.lock().ok().and_then(|r| r.clone()) {
+                    return Some(BusEvent::Error(IngestError::SourceNotAllowed(why)));
+                }
                 let debug = e.debug().map(|d| d.to_string());
                 Some(BusEvent::Error(classify_error(
                     &e.error(),
@@ -268,6 +278,70 @@ pub(crate) fn classify_error(
         };
     }
     IngestError::Pipeline(text)
+}
+
+/// Refuses every source element created inside the pipeline (by uridecodebin, an HLS or DASH
+/// demuxer, ...) whose URI scheme the stream may not use: the element is locked in the NULL
+/// state, so it never opens its file or device, and an error on the bus ends the attempt.
+/// The stream's own source and RTSP's RTP receivers (`udp`) are allowed.
+fn guard_child_sources(
+    pipeline: &gst::Pipeline,
+    spec: &PipelineSpec,
+    redactor: Redactor,
+    refused: Arc<Mutex<Option<String>>>,
+) {
+    let own = spec.source.uri().to_string();
+    let allowed = spec.child_schemes.clone();
+    let rtsp = spec.source.kind == SourceKind::Rtsp;
+    let stream = spec.stream.clone();
+    // Straight to the pipeline's bus: a demuxer catches its sources' own errors (and
+    // retries the download), so an error posted by the element might never arrive.
+    let bus = pipeline.bus();
+    let check = move |element: &gst::Element| {
+        let Some(handler) = element.dynamic_cast_ref::<gst::URIHandler>() else {
+            return;
+        };
+        if handler.uri_type() != gst::URIType::Src {
+            return;
+        }
+        let uri = handler.uri().map(|u| u.to_string()).unwrap_or_default();
+        if uri == own {
+            return;
+        }
+        let scheme = uri
+            .split_once(':')
+            .map(|(s, _)| s.to_ascii_lowercase())
+            .unwrap_or_default();
+        if allowed.contains(&scheme) || (rtsp && scheme == "udp") {
+            return;
+        }
+        let _ = element.set_locked_state(true);
+        let why = redactor.redact(&format!(
+            "a source inside the stream wanted {uri:?} ({scheme}://), which this stream may \
+             not open (allowed: {})",
+            allowed.join(", ")
+        ));
+        tracing::warn!(stream = %stream, reason = %why, "Source refused.");
+        if let Ok(mut r) = refused.lock() {
+            r.get_or_insert(why.clone());
+        }
+        let msg = gst::message::Error::builder(gst::ResourceError::OpenRead, &why)
+            .src(element)
+            .build();
+        if let Some(bus) = &bus {
+            let _ = bus.post(msg);
+        }
+    };
+    pipeline.connect_deep_element_added(move |_, _, element| {
+        check(element);
+        // A demuxer may fill a bin of its own and add the bin whole: its children arrive
+        // without an element-added of their own.
+        if let Some(bin) = element.downcast_ref::<gst::Bin>() {
+            for child in bin.iterate_recurse().into_iter().flatten() {
+                check(&child);
+            }
+        }
+    });
 }
 
 /// Sets credentials and transport options on the source element uridecodebin creates.

@@ -138,6 +138,7 @@ async fn attempt(
         rtsp_transport: spec.config.rtsp_transport,
         login,
         max_pixels: spec.ingest.max_pixels,
+        child_schemes: spec.ingest.child_schemes.clone(),
     };
     let pipeline = Pipeline::start(pspec, frames.clone(), counters.clone(), seq.clone())?;
     let result = watch_pipeline(spec, &pipeline, sup, publish, cancel).await;

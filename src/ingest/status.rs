@@ -64,6 +64,10 @@ pub enum IngestError {
     Credentials(#[from] LoginError),
     #[error("pipeline: {0}")]
     Pipeline(String),
+    /// A source inside the stream (an HLS segment, say) used a scheme the stream may not
+    /// open (`ingest.child_schemes`, or `http.api_schemes` for API streams).
+    #[error("source not allowed: {0}")]
+    SourceNotAllowed(String),
     #[error(
         "ingest is unavailable: dfwatch was built without the `gstreamer` feature \
          (rebuild with default features)"
@@ -86,6 +90,7 @@ impl IngestError {
             IngestError::EndOfStream => "end_of_stream",
             IngestError::Credentials(_) => "credentials",
             IngestError::Pipeline(_) => "pipeline",
+            IngestError::SourceNotAllowed(_) => "source_not_allowed",
             IngestError::Unavailable => "unavailable",
         }
     }
