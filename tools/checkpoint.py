@@ -113,6 +113,21 @@ class RefusedPickle(Exception):
     """The checkpoint references something that could run code when unpickled."""
 
 
+class BadCheckpoint(ValueError):
+    """The checkpoint's layout is inconsistent (a tensor reading past its storage, a
+    negative stride) or larger than the caps below."""
+
+
+# What a checkpoint zip may expand to: a crafted 300 KB zip once expanded a 300 MB member.
+# SJEDD's ViT-B/32 checkpoints are about 600 MB, their largest tensor about 100 MB.
+MAX_PICKLE_BYTES = 64 << 20
+MAX_STORAGE_BYTES = 2 << 30
+MAX_TOTAL_BYTES = 8 << 30
+MAX_MEMBERS = 100_000
+MAX_TENSOR_DIMS = 8
+MAX_TENSOR_ELEMENTS = 1 << 31
+
+
 # Modules whose globals can run code or touch the system: a pickle naming them is refused.
 _DANGEROUS = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib",
               "runpy", "pty", "code", "codeop", "pickle", "_pickle", "marshal", "ctypes",
@@ -150,11 +165,41 @@ class _Stub(dict):
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_rest):
-    arr = storage
+    """torch's _rebuild_tensor_v2, checked: every element the size and stride address must
+    lie inside the storage (as_strided itself would read whatever memory is there)."""
+    if not isinstance(storage, np.ndarray):
+        raise BadCheckpoint("a tensor's storage is not a storage")
+
+    def ints(xs):
+        return all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+
+    try:
+        size, stride = tuple(size), tuple(stride)
+    except TypeError:
+        raise BadCheckpoint("a tensor's size or stride is not a sequence") from None
+    if not (isinstance(offset, int) and ints(size) and ints(stride)
+            and len(size) == len(stride) and len(size) <= MAX_TENSOR_DIMS):
+        raise BadCheckpoint(f"tensor layout offset={offset!r} size={size!r} stride={stride!r} "
+                            "is not a list of integers of one length (at most "
+                            f"{MAX_TENSOR_DIMS})")
+    if offset < 0 or any(d < 0 for d in size) or any(s < 0 for s in stride):
+        raise BadCheckpoint(f"tensor layout offset={offset} size={size} stride={stride} has a "
+                            "negative value")
+    n = storage.size
+    if any(d == 0 for d in size):
+        return np.zeros(size, storage.dtype)
+    count = math.prod(size)
+    if count > MAX_TENSOR_ELEMENTS:
+        raise BadCheckpoint(f"tensor of size {size} has {count} elements, more than "
+                            f"{MAX_TENSOR_ELEMENTS}")
+    last = offset + sum((d - 1) * s for d, s in zip(size, stride))
+    if last >= n:
+        raise BadCheckpoint(f"tensor of size {size}, stride {stride} at offset {offset} reads "
+                            f"element {last} of a storage of {n}")
     if not size:
-        return arr[offset:offset + 1].reshape(()).copy()
-    item = arr.itemsize
-    view = np.lib.stride_tricks.as_strided(arr[offset:], shape=tuple(size),
+        return storage[offset:offset + 1].reshape(()).copy()
+    item = storage.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
                                            strides=tuple(s * item for s in stride))
     return np.array(view)
 
@@ -169,18 +214,42 @@ def _rebuild_from_type(func, _new_type, args, _state):
 
 def load_torch_zip(path: Path) -> dict:
     """Reads a torch.save zip without torch and without running any code from the file."""
+    import io
     import pickle
     import zipfile
 
     zf = zipfile.ZipFile(path)
-    names = zf.namelist()
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise BadCheckpoint(f"{path}: {len(infos)} zip members, more than {MAX_MEMBERS}")
+    names = [i.filename for i in infos]
+    budget = [MAX_TOTAL_BYTES]
+
+    def read(name: str, cap: int) -> bytes:
+        """A member, refused by its declared size before it is expanded (zipfile then reads
+        no more than that size, and checks the CRC)."""
+        info = zf.getinfo(name)
+        if info.file_size > cap:
+            raise BadCheckpoint(f"{path}: member {name} expands to {info.file_size} bytes, "
+                                f"more than {cap}")
+        budget[0] -= info.file_size
+        if budget[0] < 0:
+            raise BadCheckpoint(f"{path}: the members read expand to more than "
+                                f"{MAX_TOTAL_BYTES} bytes")
+        data = zf.read(name)
+        if len(data) != info.file_size:
+            raise BadCheckpoint(f"{path}: member {name} is not the size its header says")
+        return data
+
     pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
     if pkl is None:
         raise ValueError(f"{path}: not a torch zip checkpoint (no data.pkl)")
     prefix = pkl[:-len("data.pkl")]
-    order = zf.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
+    order = (read(prefix + "byteorder", 64).decode(errors="replace").strip()
+             if prefix + "byteorder" in names else "little")
     if order != "little":
         raise ValueError(f"{path}: byte order {order!r} is not supported")
+    storages: dict[str, np.ndarray] = {}
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
@@ -209,20 +278,37 @@ def load_torch_zip(path: Path) -> dict:
             return stub
 
         def persistent_load(self, pid):
-            if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
                 raise RefusedPickle(f"{path}: unexpected persistent id {pid!r}")
             kind, key = pid[1], pid[2]
-            if not (isinstance(kind, tuple) and kind[0] == "storage-type"):
+            if not (isinstance(kind, tuple) and len(kind) == 2 and kind[0] == "storage-type"
+                    and kind[1] in _STORAGE_DTYPES):
                 raise RefusedPickle(f"{path}: unexpected storage type {kind!r}")
+            if not (isinstance(key, str) and 0 < len(key) <= 64
+                    and all(c.isascii() and (c.isalnum() or c in "_.-") for c in key)):
+                raise BadCheckpoint(f"{path}: storage key {key!r} is not a plain name")
+            # Many tensors may share one storage: it is read (and counted) once.
+            if key in storages:
+                return storages[key]
             dtype = _STORAGE_DTYPES[kind[1]]
-            raw = zf.read(f"{prefix}data/{key}")
+            name = f"{prefix}data/{key}"
+            if name not in names:
+                raise BadCheckpoint(f"{path}: storage {key} has no member {name}")
+            raw = read(name, MAX_STORAGE_BYTES)
             if dtype == "bfloat16":
+                if len(raw) % 2:
+                    raise BadCheckpoint(f"{path}: storage {key} is not whole bfloat16 values")
                 u16 = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
-                return u16.view(np.float32)
-            return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
+                arr = u16.view(np.float32)
+            else:
+                dt = np.dtype(dtype).newbyteorder("<")
+                if len(raw) % dt.itemsize:
+                    raise BadCheckpoint(f"{path}: storage {key} is not whole {dt} values")
+                arr = np.frombuffer(raw, dt)
+            storages[key] = arr
+            return arr
 
-    with zf.open(pkl) as f:
-        return Unpickler(f).load()
+    return Unpickler(io.BytesIO(read(pkl, MAX_PICKLE_BYTES))).load()
 
 
 def infer_visual(sd: dict) -> dict:

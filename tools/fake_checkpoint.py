@@ -65,8 +65,10 @@ class _Storage:
         self.key, self.data, self.numel = key, data, numel
 
 
-def save_torch_zip(obj_factory, path: Path, name: str = "archive") -> None:
-    """obj_factory(tensor, CfgNode) builds the object to save; tensor(np.ndarray) wraps one."""
+def save_torch_zip(obj_factory, path: Path, name: str = "archive", layout=None) -> None:
+    """obj_factory(tensor, CfgNode) builds the object to save; tensor(np.ndarray) wraps one.
+    `layout`, for crafted files, gives every tensor's (offset, size, stride) instead of its
+    own."""
     storages: list[_Storage] = []
     with _fake_modules() as (FloatStorage, rebuild, CfgNode):
         class _Tensor:
@@ -78,7 +80,8 @@ def save_torch_zip(obj_factory, path: Path, name: str = "archive") -> None:
                 self.stride = tuple(s // 4 for s in arr.strides)
 
             def __reduce__(self):
-                return (rebuild, (self.storage, 0, self.shape, self.stride, False,
+                offset, shape, stride = layout or (0, self.shape, self.stride)
+                return (rebuild, (self.storage, offset, shape, stride, False,
                                   collections.OrderedDict()))
 
         class _Pickler(pickle.Pickler):
@@ -161,3 +164,21 @@ def write_malicious_checkpoint(path: Path, marker: Path) -> None:
             return (os.system, (f"touch {marker}",))
 
     save_torch_zip(lambda tensor, CfgNode: {"model": {}, "payload": Exploit()}, path)
+
+
+def write_crafted_tensor_checkpoint(path: Path, offset: int, size, stride) -> None:
+    """A checkpoint whose one tensor (16 floats of storage) claims the given layout."""
+    save_torch_zip(lambda tensor, CfgNode: {"model": {"w": tensor(np.arange(16, dtype="<f4"))}},
+                   path, layout=(offset, tuple(size), tuple(stride)))
+
+
+def write_zip_bomb_checkpoint(path: Path, member_bytes: int) -> None:
+    """A valid checkpoint plus a storage member of `member_bytes` zeros, deflated to almost
+    nothing, that its pickle references."""
+    save_torch_zip(lambda tensor, CfgNode: {"model": {"w": tensor(np.zeros(4, "<f4"))}}, path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["archive/data/0"] = bytes(member_bytes)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for n, data in members.items():
+            z.writestr(n, data)

@@ -81,3 +81,35 @@ def test_the_committed_fixture_is_what_the_script_makes(tmp_path):
         np.testing.assert_allclose(a["marginals"], b["marginals"], atol=1e-12)
     assert ((root / "bundle/manifest.toml").read_text()
             == (tmp_path / "bundle/manifest.toml").read_text())
+
+
+@pytest.mark.parametrize("offset,size,stride,why", [
+    (0, (4, 4), (4, 1), None),  # the honest layout reads back
+    (12, (2, 3), (3, 1), "reads element 17 of a storage of 16"),  # past the end: heap memory
+    (0, (4, 4), (1_000_000, 1), "reads element"),  # a huge stride
+    (0, (4, 4), (-4, 1), "negative"),  # a negative stride walks backwards out of it
+    (-8, (4,), (1,), "negative"),
+    (0, (1 << 20, 1 << 20), (0, 0), "elements"),  # a broadcast of 2^40 elements
+])
+def test_crafted_tensor_layouts_are_refused_not_read(tmp_path, offset, size, stride, why):
+    ckpt = tmp_path / "crafted.pth"
+    fake_checkpoint.write_crafted_tensor_checkpoint(ckpt, offset, size, stride)
+    if why is None:
+        got = checkpoint.load_torch_zip(ckpt)["model"]["w"]
+        np.testing.assert_array_equal(got, np.arange(16, dtype=np.float32).reshape(4, 4))
+        return
+    with pytest.raises(checkpoint.BadCheckpoint, match=why):
+        checkpoint.load_torch_zip(ckpt)
+
+
+def test_a_zip_bomb_is_refused_by_its_declared_size(tmp_path, monkeypatch):
+    ckpt = tmp_path / "bomb.pth"
+    fake_checkpoint.write_zip_bomb_checkpoint(ckpt, 8 << 20)
+    assert ckpt.stat().st_size < 100_000  # 8 MB of zeros deflate to a few KB
+    monkeypatch.setattr(checkpoint, "MAX_STORAGE_BYTES", 4 << 20)
+    with pytest.raises(checkpoint.BadCheckpoint, match="expands to 8388608 bytes"):
+        checkpoint.load_torch_zip(ckpt)
+    monkeypatch.setattr(checkpoint, "MAX_STORAGE_BYTES", 16 << 20)
+    monkeypatch.setattr(checkpoint, "MAX_TOTAL_BYTES", 1 << 20)
+    with pytest.raises(checkpoint.BadCheckpoint, match="more than 1048576 bytes"):
+        checkpoint.load_torch_zip(ckpt)
