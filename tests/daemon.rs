@@ -7,19 +7,18 @@
 #![cfg(feature = "gstreamer")]
 
 mod common;
+mod daemon_support;
 mod mqtt_support;
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::RtspServer;
+use daemon_support::{Daemon, SECS, bundle, http, metric, metrics, on_topic};
 use mqtt_support::{Broker, free_port, subscriber, wait_until};
-
-const SECS: fn(u64) -> Duration = Duration::from_secs;
 const TOKEN: &str = "e2e-test-token-0123456789";
 
 /// A clip of `seconds` with the astronaut's face panned and zoomed, H.264 in MP4.
@@ -35,27 +34,6 @@ fn face_clip(dir: &Path, seconds: u32) -> PathBuf {
     );
     let st = Command::new("sh").arg("-c").arg(&cmd).status().expect("sh");
     assert!(st.success(), "making the face clip failed: {cmd}");
-    out
-}
-
-/// A tiny synthetic bundle whose median logit(q0) is `shift`.
-fn bundle(dir: &Path, shift: f64) -> PathBuf {
-    let out = dir.join(format!("bundle{shift}"));
-    let st = Command::new(".venv/bin/python")
-        .args([
-            "tools/model.py",
-            "synth",
-            "--arch",
-            "tiny",
-            "--labels",
-            "ffpp",
-        ])
-        .args(["--seed", "3", "--shift", &shift.to_string(), "--out"])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("python (run ./tools/setup.sh)");
-    assert!(st.success(), "tools/model.py synth failed");
     out
 }
 
@@ -148,123 +126,6 @@ api_schemes = ["rtsp", "file"]
 
 fn stream_toml(id: &str, uri: &str) -> String {
     format!("[[streams]]\nid = \"{id}\"\nuri = \"{uri}\"\non_eos = \"loop\"\n")
-}
-
-/// The daemon as a child process; killed if the test ends early.
-struct Daemon {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, dir: &Path, env: &[(&str, String)]) -> Daemon {
-        let log = dir.join("daemon.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfwatch"));
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .env("STATE_DIRECTORY", dir.join("state"))
-            .env("DFWATCH_LOG", "info,dfwatch=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Daemon {
-            child: Some(cmd.spawn().expect("dfwatch binary")),
-            log,
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        assert!(
-            Command::new("kill")
-                .args([&format!("-{sig}"), &pid.to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-
-    /// Waits for the exit; returns its code and how long it took.
-    fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
-        let t0 = Instant::now();
-        let child = self.child.as_mut().expect("running");
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                self.child = None;
-                return (st.code(), t0.elapsed());
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "dfwatch did not exit within {timeout:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            eprintln!("--- dfwatch log ---\n{}", self.log());
-        }
-    }
-}
-
-/// A minimal HTTP/1.1 request: returns status and body.
-fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = match std::net::TcpStream::connect(("127.0.0.1", port)) {
-        Ok(s) => s,
-        Err(_) => return (0, String::new()),
-    };
-    s.set_read_timeout(Some(SECS(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_string())
-}
-
-/// The value of one sample in a Prometheus text body (`name{labels}` exactly as written).
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-fn metrics(port: u16) -> String {
-    http(port, "GET", "/metrics", None, "").1
-}
-
-type Got = Arc<Mutex<Vec<(String, String)>>>;
-
-fn on_topic(got: &Got, suffix: &str) -> Vec<serde_json::Value> {
-    got.lock()
-        .unwrap()
-        .iter()
-        .filter(|(t, _)| t.ends_with(suffix))
-        .filter_map(|(_, p)| serde_json::from_str(p).ok())
-        .collect()
 }
 
 /// A config in a temp dir; `{clip}` in `streams` becomes a face clip of `clip_seconds`.

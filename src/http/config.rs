@@ -153,3 +153,46 @@ fn write_private(p: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)?;
     f.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_need_the_token_off_loopback_unless_told_otherwise() {
+        let at = |listen: &str, read_auth| HttpConfig {
+            listen: listen.parse().unwrap(),
+            read_auth,
+            ..HttpConfig::default()
+        };
+        assert!(!at("127.0.0.1:8787", ReadAuth::Auto).reads_need_token());
+        assert!(!at("[::1]:8787", ReadAuth::Auto).reads_need_token());
+        assert!(at("0.0.0.0:8787", ReadAuth::Auto).reads_need_token());
+        assert!(at("192.0.2.4:8787", ReadAuth::Auto).reads_need_token());
+        assert!(at("127.0.0.1:8787", ReadAuth::Token).reads_need_token());
+        assert!(!at("0.0.0.0:8787", ReadAuth::Open).reads_need_token());
+    }
+
+    #[test]
+    fn credential_sets_are_checked_like_stream_credentials() {
+        let mut errors = Vec::new();
+        let mut cfg = HttpConfig::default();
+        cfg.api_credentials.insert(
+            "bad name".into(),
+            CredentialsConfig {
+                password: Some("inline".into()),
+                ..Default::default()
+            },
+        );
+        cfg.validate("http", &mut errors);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"http.api_credentials.bad name"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"http.api_credentials.bad name.password"),
+            "{paths:?}"
+        );
+    }
+}
