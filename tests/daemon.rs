@@ -17,9 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::RtspServer;
-use daemon_support::{Daemon, SECS, bundle, http, metric, metrics, on_topic};
+use daemon_support::{
+    Daemon, SECS, TOKEN, bundle, http, metric, metrics, on_topic, write_config_with,
+};
 use mqtt_support::{Broker, free_port, subscriber, wait_until};
-const TOKEN: &str = "e2e-test-token-0123456789";
 
 /// A clip of `seconds` with the astronaut's face panned and zoomed, H.264 in MP4.
 fn face_clip(dir: &Path, seconds: u32) -> PathBuf {
@@ -77,51 +78,6 @@ fn write_config(
     streams: &str,
 ) -> PathBuf {
     write_config_with(dir, http_port, mqtt_url, model, streams, TUNED_CADENCE)
-}
-
-/// A config whose `[track]` and `[evidence]` sections are `cadence` (empty: the defaults).
-fn write_config_with(
-    dir: &Path,
-    http_port: u16,
-    mqtt_url: &str,
-    model: &Path,
-    streams: &str,
-    cadence: &str,
-) -> PathBuf {
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let text = format!(
-        r#"
-[node]
-id = "e2e"
-shutdown_grace = "4s"
-
-[ingest]
-analysis_fps = 5.0
-
-{streams}
-
-[model]
-bundle = "{model}"
-
-[onnx]
-threads = 1
-{cadence}
-[mqtt]
-url = "{mqtt_url}"
-spool_dir = "{spool}"
-backoff = {{ base = "100ms", cap = "500ms", reset_after = "5s" }}
-
-[http]
-listen = "127.0.0.1:{http_port}"
-token_file = "token"
-api_schemes = ["rtsp", "file"]
-"#,
-        model = model.display(),
-        spool = dir.join("spool").display(),
-    );
-    let path = dir.join("dfwatch.toml");
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 fn stream_toml(id: &str, uri: &str) -> String {
@@ -535,131 +491,4 @@ async fn a_model_swap_on_reload_ends_open_alerts_and_changes_the_identity() {
     .await;
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(SECS(15)).0, Some(0));
-}
-
-/// What the shipped defaults did with the sample clip the README's first command runs.
-struct DefaultsRun {
-    alerts: Vec<serde_json::Value>,
-    /// The worst-case alert delay `dfwatch validate` states for the config.
-    stated: Duration,
-    faces_scored: f64,
-    verdicts: Vec<serde_json::Value>,
-    /// From the stream coming online to each alert's arrival.
-    arrivals: Vec<Duration>,
-}
-
-/// The sample clip (var/sample/face.mp4, 10 s, looping at its own frame rate) through the
-/// daemon with the shipped `[track]` and `[evidence]` (no overrides) and a tiny bundle
-/// shifted towards fake or real, watched for 9 s from the stream coming online: less than
-/// one loop of the clip.
-async fn watch_the_sample_with_the_shipped_defaults(shift: f64, name: &str) -> DefaultsRun {
-    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("var/sample/face.mp4");
-    assert!(sample.exists(), "run ./tools/setup.sh first");
-    let tmp = tempfile::tempdir().unwrap();
-    let mut broker = Broker::new(tmp.path());
-    broker.start().await;
-    let got = subscriber(broker.port, name);
-    let model = bundle(tmp.path(), shift);
-    let http_port = free_port();
-    let stream = stream_toml("sample", &sample.display().to_string());
-    let config = write_config_with(tmp.path(), http_port, &broker.url(), &model, &stream, "");
-    let text = std::fs::read_to_string(&config).unwrap();
-    assert!(!text.contains("[track]") && !text.contains("[evidence]"));
-    // The delay the config promises, as `validate` states it.
-    let out = Command::new(env!("CARGO_BIN_EXE_dfwatch"))
-        .arg("validate")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{said}");
-    let stated = said
-        .split_once("alerts within ")
-        .and_then(|(_, rest)| rest.split_once(" plus"))
-        .and_then(|(d, _)| humantime::parse_duration(d).ok())
-        .unwrap_or_else(|| panic!("no stated delay in {said:?}"));
-    let _daemon = Daemon::start(&config, tmp.path(), &[]);
-    wait_until("the sample stream online", SECS(60), || {
-        on_topic(&got, "/streams/sample/status")
-            .last()
-            .is_some_and(|s| s["state"] == "online")
-    })
-    .await;
-    let online = Instant::now();
-    let mut arrivals = Vec::new();
-    while online.elapsed() < SECS(9) {
-        let n = on_topic(&got, "/alerts").len();
-        while arrivals.len() < n {
-            arrivals.push(online.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let alerts = on_topic(&got, "/alerts");
-    let faces_scored = metric(
-        &metrics(http_port),
-        "dfwatch_faces_scored_total{stream=\"sample\"}",
-    )
-    .unwrap_or(0.0);
-    DefaultsRun {
-        alerts,
-        stated,
-        faces_scored,
-        verdicts: on_topic(&got, "/streams/sample/verdict"),
-        arrivals,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shipped_defaults_alert_on_a_steady_fake_face_within_the_stated_delay() {
-    let run = watch_the_sample_with_the_shipped_defaults(9.0, "e2e-defaults-fake").await;
-    let news: Vec<_> = run.alerts.iter().filter(|a| a["type"] == "new").collect();
-    assert_eq!(
-        news.len(),
-        1,
-        "exactly one new alert for the one face: {:?}",
-        run.alerts
-    );
-    let a = news[0];
-    assert_eq!(a["stream"], "sample");
-    assert_eq!(a["verdict"], "fake");
-    // The defaults' own evidence rule decided it: at least min_frames = 5 faces.
-    assert!(a["evidence"]["frames_scored"].as_u64().unwrap() >= 5, "{a}");
-    // In the clip's own time line (the face is on screen from its first frame, pts 0), the
-    // alert came from a frame no later than the stated worst case; the pipeline's latency
-    // (encode, score, publish) comes on top, in wall time.
-    let last_pts = a["times"]["last_pts_ms"].as_u64().unwrap();
-    eprintln!(
-        "shipped defaults: new alert on the frame at {last_pts} ms of the clip (stated worst \
-         case {:?}), arrived {:?} after the stream came online, latency {} ms",
-        run.stated, run.arrivals, a["latency_ms"]
-    );
-    assert!(
-        Duration::from_millis(last_pts) <= run.stated,
-        "alerted on the frame at {last_pts} ms, stated worst case {:?}; arrived {:?} after \
-         the stream came online, latency {} ms",
-        run.stated,
-        run.arrivals,
-        a["latency_ms"]
-    );
-    assert_eq!(
-        run.stated,
-        Duration::from_secs(3),
-        "README and example.toml say 3.0 s"
-    );
-    assert_eq!(run.verdicts.last().unwrap()["verdict"], "fake");
-    assert!(run.faces_scored >= 5.0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shipped_defaults_stay_silent_on_a_real_face() {
-    let run = watch_the_sample_with_the_shipped_defaults(-9.0, "e2e-defaults-real").await;
-    assert!(run.alerts.is_empty(), "{:?}", run.alerts);
-    // Not silent for want of evidence: the faces were scored and judged real.
-    assert!(run.faces_scored >= 5.0, "{}", run.faces_scored);
-    assert_eq!(
-        run.verdicts.last().expect("a retained verdict")["verdict"],
-        "real",
-        "{:?}",
-        run.verdicts
-    );
 }

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
+/// The API token the generated configs name (through `http.token_file`).
+pub const TOKEN: &str = "e2e-test-token-0123456789";
 
 /// A tiny synthetic bundle whose median logit(q0) is `shift`.
 pub fn bundle(dir: &Path, shift: f64) -> PathBuf {
@@ -146,4 +148,49 @@ pub fn on_topic(got: &Got, suffix: &str) -> Vec<serde_json::Value> {
         .filter(|(t, _)| t.ends_with(suffix))
         .filter_map(|(_, p)| serde_json::from_str(p).ok())
         .collect()
+}
+
+/// A config whose `[track]` and `[evidence]` sections are `cadence` (empty: the defaults).
+pub fn write_config_with(
+    dir: &Path,
+    http_port: u16,
+    mqtt_url: &str,
+    model: &Path,
+    streams: &str,
+    cadence: &str,
+) -> PathBuf {
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let text = format!(
+        r#"
+[node]
+id = "e2e"
+shutdown_grace = "4s"
+
+[ingest]
+analysis_fps = 5.0
+
+{streams}
+
+[model]
+bundle = "{model}"
+
+[onnx]
+threads = 1
+{cadence}
+[mqtt]
+url = "{mqtt_url}"
+spool_dir = "{spool}"
+backoff = {{ base = "100ms", cap = "500ms", reset_after = "5s" }}
+
+[http]
+listen = "127.0.0.1:{http_port}"
+token_file = "token"
+api_schemes = ["rtsp", "file"]
+"#,
+        model = model.display(),
+        spool = dir.join("spool").display(),
+    );
+    let path = dir.join("dfwatch.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }
