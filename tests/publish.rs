@@ -569,3 +569,118 @@ async fn mqtts_with_a_ca_file_reaches_a_tls_broker() {
     .await
     .expect("in time");
 }
+
+/// Child process for the full-disk test: its files may not grow past 12 KiB (RLIMIT_FSIZE,
+/// SIGXFSZ ignored, so writes past it fail as on a full disk). With the broker still down it
+/// spools 40 alerts of about 1 KiB, most of which the disk refuses: it must say it is not
+/// durable. Once the parent starts the broker, every alert must reach it, and the emptied
+/// spool must be durable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by alerts_flow_while_the_disk_refuses_writes as a child process"]
+async fn child_publishes_while_its_disk_is_full() {
+    let Some(spool) = std::env::var_os("DFWATCH_CHILD_SPOOL") else {
+        return;
+    };
+    use nix::sys::resource::{Resource, setrlimit};
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    use std::io::Write;
+    // SAFETY: SIG_IGN installs no handler code; it only makes the kernel fail the write
+    // (EFBIG) instead of killing the process when a file would pass its size limit.
+    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.unwrap();
+    setrlimit(Resource::RLIMIT_FSIZE, 12 * 1024, 12 * 1024).unwrap();
+    let url = std::env::var("DFWATCH_CHILD_URL").unwrap();
+    let p = mqtt::spawn(&config(&url), &node(), Path::new(&spool)).unwrap();
+    let mut refused = 0;
+    for i in 0..40 {
+        let id = format!("01FULLDISK{i:016}");
+        let payload = format!("{{\"alert_id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(1000));
+        if p.publish_alert(&id, false, payload.into_bytes())
+            .await
+            .is_err()
+        {
+            refused += 1;
+        }
+    }
+    let st = p.stats();
+    assert!(refused > 0, "the file size limit never bit");
+    assert!(!st.durable && st.spool_write_errors > 0, "{st:?}");
+    assert_eq!(st.pending, 40, "every alert is still held, durable or not");
+    println!("NOT DURABLE ({refused} refused by the disk)");
+    std::io::stdout().flush().unwrap();
+    let mut stats = p.subscribe();
+    tokio::time::timeout(SECS(30), stats.wait_for(|s| s.acked == 40))
+        .await
+        .expect("every alert acknowledged by the broker")
+        .unwrap();
+    // Emptied, the spool fits the disk again: durable once the rewrite lands.
+    tokio::time::timeout(SECS(20), stats.wait_for(|s| s.durable))
+        .await
+        .expect("durable again")
+        .unwrap();
+    println!("DELIVERED {} AND DURABLE AGAIN", p.stats().acked);
+    p.stop(SECS(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_flow_while_the_disk_refuses_writes() {
+    tokio::time::timeout(SECS(90), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        // The subscriber's persistent session first, then the broker goes down: what the
+        // child publishes after the restart is queued for it however fast it reconnects.
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-full-disk");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        broker.stop();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_publishes_while_its_disk_is_full",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("DFWATCH_CHILD_SPOOL", dir.path().join("spool"))
+            .env("DFWATCH_CHILD_URL", broker.url())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let out = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut buf = Vec::new();
+            let mut byte = [0u8; 1];
+            while out.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+                buf.push(byte[0]);
+                if String::from_utf8_lossy(&buf).contains("NOT DURABLE") {
+                    return out;
+                }
+            }
+            panic!("the child never said so: {}", String::from_utf8_lossy(&buf));
+        })
+        .await
+        .unwrap();
+        broker.start().await;
+        let rest = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut out = out;
+            let mut rest = String::new();
+            let _ = out.read_to_string(&mut rest);
+            rest
+        })
+        .await
+        .unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{rest}");
+        assert!(rest.contains("DELIVERED 40 AND DURABLE AGAIN"), "{rest}");
+        wait_until("all 40 alerts at the subscriber", SECS(20), || {
+            alert_ids(&got)
+                .iter()
+                .filter(|p| p.contains("01FULLDISK"))
+                .count()
+                == 40
+        })
+        .await;
+    })
+    .await
+    .expect("in time");
+}

@@ -55,8 +55,6 @@ pub enum Output {
         kind: AlertKind,
         stream: StreamId,
         track: TrackId,
-        /// Updates may be coalesced by the spool.
-        update: bool,
         /// The payload JSON.
         payload: Vec<u8>,
         /// The face crop as a JPEG, with a `new` alert of a stream that opted in.
@@ -341,7 +339,6 @@ impl Decider {
             kind: ev.kind,
             stream: ev.stream,
             track: ev.track,
-            update: ev.kind == AlertKind::Update,
             payload: json,
             face_jpeg,
         });

@@ -10,9 +10,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Decider, Output, Scoring};
 use crate::channel::Receiver;
 use crate::encode::Encoded;
-use crate::evidence::EvidenceConfig;
+use crate::evidence::{AlertKind, EvidenceConfig};
 use crate::metrics::AnalysisMetrics;
 use crate::publish::mqtt::PublisherHandle;
+use crate::publish::spool::EntryKind;
 use crate::types::{FaceEvent, FaceMeta};
 
 /// What the decision stage reads: embeddings and face-stage events, in queue order.
@@ -103,12 +104,17 @@ pub async fn hand_over(publisher: &PublisherHandle, outputs: Vec<Output>) {
         match o {
             Output::Alert {
                 alert_id,
-                update,
+                kind,
                 payload,
                 face_jpeg,
                 ..
             } => {
-                if let Err(e) = publisher.enqueue_alert(&alert_id, update, payload).await {
+                let kind = match kind {
+                    AlertKind::New => EntryKind::New,
+                    AlertKind::Update => EntryKind::Update,
+                    AlertKind::End { .. } => EntryKind::End,
+                };
+                if let Err(e) = publisher.enqueue_alert(&alert_id, kind, payload).await {
                     tracing::error!(alert_id = %alert_id, error = %e, "Alert not handed to the publisher.");
                 }
                 if let Some(jpeg) = face_jpeg {

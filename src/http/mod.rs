@@ -114,10 +114,17 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
         .into_iter()
         .map(|r| serde_json::json!({"id": r.id, "state": r.status.state.as_str()}))
         .collect();
+    // Degraded, still serving: what an operator should look at.
+    let mut degraded = Vec::new();
+    if !p.durable {
+        degraded
+            .push("spool not durable: the disk refuses its writes (alerts still go to the broker)");
+    }
     let body = serde_json::json!({
         "ready": ready,
+        "degraded": degraded,
         "model": {"name": model.name, "version": model.version, "manifest_sha256": model.manifest_sha256, "trained": model.trained, "backend": model.backend},
-        "publisher": {"connected": p.connected, "spool_pending": p.pending},
+        "publisher": {"connected": p.connected, "spool_pending": p.pending, "spool_durable": p.durable},
         "streams": streams,
     });
     let code = if ready {

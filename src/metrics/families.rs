@@ -272,7 +272,51 @@ pub fn render(n: &NodeSample<'_>) -> String {
         "Broker connection losses followed by a retry.",
     )
     .sample("dfwatch_mqtt_reconnects_total", &[], p.reconnects as f64);
+    let sp = &p.spool;
+    e.family(
+        "dfwatch_spool_durable",
+        "gauge",
+        "1 while the spool's writes reach the disk; 0 while the disk refuses them (alerts still go to the broker).",
+    )
+    .sample(
+        "dfwatch_spool_durable",
+        &[],
+        if p.durable { 1.0 } else { 0.0 },
+    );
+    e.family(
+        "dfwatch_spool_bytes",
+        "gauge",
+        "Bytes held by alerts awaiting the broker (capped by mqtt.spool_max_bytes).",
+    )
+    .sample("dfwatch_spool_bytes", &[], sp.bytes as f64);
+    e.family(
+        "dfwatch_spool_dropped_total",
+        "counter",
+        "Alert events dropped from the spool before the broker took them, by reason (update, ended_alert, open_new: over the byte cap, in that order; age).",
+    );
+    for (reason, n) in sp.dropped() {
+        e.sample(
+            "dfwatch_spool_dropped_total",
+            &[("reason", reason.as_str())],
+            n as f64,
+        );
+    }
     for (name, help, v) in [
+        (
+            "dfwatch_spool_write_errors_total",
+            "Spool writes and compactions the disk refused.",
+            p.spool_write_errors,
+        ),
+        (
+            "dfwatch_spool_coalesced_total",
+            "Updates that replaced an older pending update of the same alert.",
+            sp.coalesced,
+        ),
+        (
+            "dfwatch_spool_damaged_bytes_total",
+            "Damaged bytes skipped when the spool was replayed at start (intact records around them were recovered).",
+            sp.damaged_bytes_skipped,
+        ),
         (
             "dfwatch_api_auth_failures_total",
             "API requests refused for a missing or wrong token.",

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::spool::Spool;
+use super::spool::{EntryKind, LogDone, Spool, SpoolLimits, SpoolStats};
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::types::NodeId;
 use crate::validation::{Checker, ConfigError, ConfigErrors};
@@ -40,6 +40,11 @@ pub const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
 /// `spool_max_pending`.
 pub const MAX_PENDING_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+/// `spool_max_bytes`: 1 MiB to 64 GiB.
+pub const MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 30);
+/// `spool_max_age`: 1 minute to a year.
+pub const MAX_AGE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(60)..=Duration::from_secs(365 * 24 * 3600);
 
 /// `[mqtt]`: where alerts go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +72,12 @@ pub struct MqttConfig {
     pub spool_dir: Option<PathBuf>,
     /// Pending alerts past which updates are coalesced.
     pub spool_max_pending: usize,
+    /// Bytes the spool may hold while the broker is away; past it, updates are dropped
+    /// first, then ended alerts, the `new` of open alerts last (counted by reason).
+    pub spool_max_bytes: u64,
+    /// Alerts older than this leave the spool unpublished (counted).
+    #[serde(with = "humantime_serde")]
+    pub spool_max_age: Duration,
     /// Run an in-process broker (rumqttd, in memory) on `embedded_listen` and publish to it
     /// instead of `url`: zero set-up for a first run; use a real broker in production.
     pub embedded: bool,
@@ -94,6 +105,8 @@ impl Default for MqttConfig {
             },
             spool_dir: None,
             spool_max_pending: 10_000,
+            spool_max_bytes: 256 << 20,
+            spool_max_age: Duration::from_secs(7 * 24 * 3600),
             embedded: false,
             embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
         }
@@ -133,6 +146,8 @@ impl MqttConfig {
             self.spool_max_pending as u64,
             MAX_PENDING_RANGE,
         );
+        c.count("spool_max_bytes", self.spool_max_bytes, MAX_BYTES_RANGE);
+        c.duration("spool_max_age", self.spool_max_age, MAX_AGE_RANGE);
         self.backoff.validate(&mut c.table("backoff"));
         if self.embedded && !self.embedded_listen.ip().is_loopback() {
             c.error(
@@ -342,7 +357,7 @@ fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
 enum Request {
     Alert {
         alert_id: String,
-        update: bool,
+        kind: EntryKind,
         payload: Vec<u8>,
         done: oneshot::Sender<std::io::Result<u64>>,
     },
@@ -362,6 +377,11 @@ pub struct PublisherStats {
     pub published: u64,
     pub acked: u64,
     pub reconnects: u64,
+    /// `false` while the disk refuses the spool's writes (alerts still go to the broker).
+    pub durable: bool,
+    /// Failed spool writes and compactions.
+    pub spool_write_errors: u64,
+    pub spool: SpoolStats,
 }
 
 /// Recent alert payloads, oldest first (for `/api/alerts`); replayed from the spool at start.
@@ -381,15 +401,21 @@ pub struct PublisherHandle {
 }
 
 impl PublisherHandle {
-    /// Spools `payload` (an alert event of `alert_id`; `update` marks coalescible updates) and
-    /// returns once it is fsynced. Publishing and acknowledgement follow in the background.
+    /// Spools `payload` (an alert event of `alert_id`; `update` marks coalescible updates,
+    /// anything else counts as a `new`) and returns once it is fsynced. Publishing and
+    /// acknowledgement follow in the background.
     pub async fn publish_alert(
         &self,
         alert_id: &str,
         update: bool,
         payload: Vec<u8>,
     ) -> Result<u64, PublishError> {
-        let rx = self.enqueue_alert(alert_id, update, payload).await?;
+        let kind = if update {
+            EntryKind::Update
+        } else {
+            EntryKind::New
+        };
+        let rx = self.enqueue_alert(alert_id, kind, payload).await?;
         match rx.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(e)) => Err(PublishError::Spool {
@@ -400,20 +426,20 @@ impl PublisherHandle {
         }
     }
 
-    /// Hands an alert to the publisher without waiting for its fsync (waiting only for room
-    /// in the publisher's queue, which is the back-pressure). Events of one caller stay in
-    /// order. The receiver says when the alert is durable (or why not); dropping it is fine:
-    /// a failed write is logged by the spool.
+    /// Hands an alert event of `kind` to the publisher without waiting for its fsync
+    /// (waiting only for room in the publisher's queue, which is the back-pressure). Events
+    /// of one caller stay in order. The receiver says when the alert is durable (or why
+    /// not: it is published anyway); dropping it is fine: a failed write is logged.
     pub async fn enqueue_alert(
         &self,
         alert_id: &str,
-        update: bool,
+        kind: EntryKind,
         payload: Vec<u8>,
     ) -> Result<oneshot::Receiver<std::io::Result<u64>>, PublishError> {
         let (done, rx) = oneshot::channel();
         self.send(Request::Alert {
             alert_id: alert_id.to_string(),
-            update,
+            kind,
             payload,
             done,
         })
@@ -503,11 +529,14 @@ pub fn spawn(
     spool_dir: &Path,
 ) -> Result<PublisherHandle, PublishError> {
     let prepared = prepare(cfg, node)?;
-    let spool = Spool::open(spool_dir, cfg.spool_max_pending, HISTORY_LEN).map_err(|e| {
-        PublishError::Spool {
-            path: spool_dir.display().to_string(),
-            reason: e.to_string(),
-        }
+    let limits = SpoolLimits {
+        max_pending: cfg.spool_max_pending,
+        max_bytes: cfg.spool_max_bytes,
+        max_age: cfg.spool_max_age,
+    };
+    let spool = Spool::open(spool_dir, limits, HISTORY_LEN).map_err(|e| PublishError::Spool {
+        path: spool_dir.display().to_string(),
+        reason: e.to_string(),
     })?;
     let history: History = Arc::new(std::sync::Mutex::new(
         spool.history().map(Arc::from).collect(),
@@ -515,6 +544,8 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(1024);
     let (stats_tx, stats_rx) = tokio::sync::watch::channel(PublisherStats {
         pending: spool.len(),
+        durable: true,
+        spool: spool.stats(),
         ..Default::default()
     });
     let cancel = CancellationToken::new();
@@ -604,10 +635,20 @@ impl Session {
     }
 }
 
+/// What the publisher task counts.
+#[derive(Debug, Default)]
+struct Tally {
+    published: u64,
+    acked: u64,
+    reconnects: u64,
+    durable: bool,
+    write_errors: u64,
+}
+
 /// The spool's writer thread, seen from the publisher task.
 struct Writer {
     commands: std::sync::mpsc::Sender<super::spool::LogCommand>,
-    done: mpsc::UnboundedReceiver<super::spool::LogDone>,
+    done: mpsc::UnboundedReceiver<LogDone>,
     thread: std::thread::JoinHandle<()>,
     next_batch: u64,
     awaiting: Awaiting,
@@ -620,8 +661,15 @@ impl Writer {
         spool: &mut Spool,
         alerts: Vec<(u64, oneshot::Sender<std::io::Result<u64>>)>,
     ) {
+        spool.enforce_limits(super::spool::now_ms());
         let bytes = spool.take_buffer();
         if bytes.is_empty() && alerts.is_empty() {
+            // Nothing new, but a rewrite may be due (a failed write or compaction).
+            if let Some(snapshot) = spool.compaction_snapshot() {
+                let _ = self
+                    .commands
+                    .send(super::spool::LogCommand::Compact(snapshot));
+            }
             return;
         }
         self.next_batch += 1;
@@ -656,7 +704,9 @@ impl Writer {
         let thread = self.thread;
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         while let Ok(d) = self.done.try_recv() {
-            settle(&mut self.awaiting, d);
+            if let LogDone::Written { through, result } = d {
+                settle(&mut self.awaiting, through, &result);
+            }
         }
     }
 }
@@ -664,26 +714,22 @@ impl Writer {
 /// Alerts waiting for the fsync of their batch, in batch order.
 type Awaiting = VecDeque<(u64, Vec<(u64, oneshot::Sender<std::io::Result<u64>>)>)>;
 
-/// Answers the alerts of every batch through `done.through`; returns the sequence numbers now
-/// durable (to be published).
-fn settle(awaiting: &mut Awaiting, done: super::spool::LogDone) -> Vec<u64> {
-    let mut durable = Vec::new();
-    while awaiting
-        .front()
-        .is_some_and(|(batch, _)| *batch <= done.through)
-    {
+/// Answers the alerts of every batch through `through` with `result`; returns their sequence
+/// numbers, to be published (durable or not: while the disk refuses writes, alerts still go
+/// to the broker).
+fn settle(awaiting: &mut Awaiting, through: u64, result: &std::io::Result<()>) -> Vec<u64> {
+    let mut settled = Vec::new();
+    while awaiting.front().is_some_and(|(batch, _)| *batch <= through) {
         let (_, alerts) = awaiting.pop_front().expect("front exists");
         for (seq, tx) in alerts {
-            let _ = tx.send(match &done.result {
+            let _ = tx.send(match result {
                 Ok(()) => Ok(seq),
                 Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
             });
-            if done.result.is_ok() {
-                durable.push(seq);
-            }
+            settled.push(seq);
         }
     }
-    durable
+    settled
 }
 
 async fn run(
@@ -718,21 +764,27 @@ async fn run(
     // While set, the next connection attempt waits (backoff after a loss or failure).
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last_failure: Option<String> = None;
-    let mut published = 0u64;
-    let mut acked = 0u64;
-    let mut reconnects = 0u64;
+    let mut tally = Tally {
+        durable: true,
+        ..Tally::default()
+    };
     let mut retained: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
     let mut rng = fastrand::Rng::new();
-    let publish_stats =
-        |s: &Session, spool: &Spool, published: u64, acked: u64, reconnects: u64| {
-            stats.send_replace(PublisherStats {
-                connected: s.connected,
-                pending: spool.len(),
-                published,
-                acked,
-                reconnects,
-            });
-        };
+    let publish_stats = |s: &Session, spool: &Spool, t: &Tally| {
+        stats.send_replace(PublisherStats {
+            connected: s.connected,
+            pending: spool.len(),
+            published: t.published,
+            acked: t.acked,
+            reconnects: t.reconnects,
+            durable: t.durable,
+            spool_write_errors: t.write_errors,
+            spool: spool.stats(),
+        });
+    };
+    // A rewrite after a failed write, and the age cap, also run when nothing else happens.
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -778,17 +830,16 @@ async fn run(
                             let topic = format!("{}/{alert_id}/face", p.alerts);
                             session.send_unspooled(&topic, false, jpeg);
                         }
-                        Request::Alert { alert_id, update, payload, done } => {
+                        Request::Alert { alert_id, kind, payload, done } => {
                             if let Ok(mut h) = history.lock() {
                                 h.push_back(Arc::from(payload.as_slice()));
                                 while h.len() > HISTORY_LEN {
                                     h.pop_front();
                                 }
                             }
-                            let seq = match spool.append(&alert_id, update, payload) {
-                                super::spool::Appended::Stored(s) => s,
-                                super::spool::Appended::Coalesced { seq, .. } => seq,
-                            };
+                            let seq = spool
+                                .append(&alert_id, kind, super::spool::now_ms(), payload)
+                                .seq();
                             alerts.push((seq, done));
                         }
                     }
@@ -796,15 +847,44 @@ async fn run(
                 if !alerts.is_empty() {
                     writer.flush(&mut spool, alerts);
                 }
-                publish_stats(&session, &spool, published, acked, reconnects);
+                publish_stats(&session, &spool, &tally);
             }
             Some(done) = writer.done.recv() => {
-                // Published only once durable: a crash can lose an alert nobody saw, never
-                // one the broker delivered without a spool record.
-                for seq in settle(&mut writer.awaiting, done) {
-                    session.to_send.push_back(seq);
+                match done {
+                    LogDone::Written { through, result } => {
+                        // Published once written: a crash can lose an alert nobody saw, never
+                        // one the broker delivered without a spool record. While the disk
+                        // refuses writes they go out anyway, and the spool says it is not
+                        // durable until everything pending is rewritten.
+                        if result.is_err() {
+                            tally.write_errors += 1;
+                            if tally.durable {
+                                tracing::error!("Spool: not durable; alerts still go to the broker while the disk refuses writes.");
+                            }
+                            tally.durable = false;
+                            spool.rewrite_all();
+                        }
+                        for seq in settle(&mut writer.awaiting, through, &result) {
+                            session.to_send.push_back(seq);
+                        }
+                        session.pump(&p, &spool, &mut tally.published);
+                    }
+                    LogDone::Compacted { result: Ok(()) } => {
+                        if !tally.durable {
+                            tracing::info!("Spool: durable again (everything pending rewritten).");
+                        }
+                        tally.durable = true;
+                    }
+                    LogDone::Compacted { result: Err(_) } => {
+                        tally.write_errors += 1;
+                        spool.compaction_failed();
+                    }
                 }
-                session.pump(&p, &spool, &mut published);
+                publish_stats(&session, &spool, &tally);
+            }
+            _ = tick.tick() => {
+                writer.flush(&mut spool, Vec::new());
+                publish_stats(&session, &spool, &tally);
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                 retry_at = None;
@@ -834,7 +914,7 @@ async fn run(
                             .map(|e| e.seq)
                             .filter(|s| !not_yet.contains(s))
                             .collect();
-                        session.pump(&p, &spool, &mut published);
+                        session.pump(&p, &spool, &mut tally.published);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(Some(seq)) = session.handed.pop_front() {
@@ -845,20 +925,20 @@ async fn run(
                         if let Some(seq) = session.inflight.remove(&ack.pkid)
                             && spool.ack(seq)
                         {
-                            acked += 1;
+                            tally.acked += 1;
                             let _ = acks.send(seq);
                         }
                         // Acks are made durable in batches: a lost ack only means a duplicate.
-                        if session.inflight.is_empty() || acked % 1024 == 0 {
+                        if session.inflight.is_empty() || tally.acked % 1024 == 0 {
                             writer.flush(&mut spool, Vec::new());
                         }
-                        session.pump(&p, &spool, &mut published);
+                        session.pump(&p, &spool, &mut tally.published);
                     }
                     Ok(_) => {}
                     Err(e) => {
                         let wait = backoff.on_failure(std::time::Instant::now(), rng.f64());
                         if session.connected {
-                            reconnects += 1;
+                            tally.reconnects += 1;
                             tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connection lost.");
                         } else {
                             // Said once per distinct reason (a wrong CA or a refused login
@@ -875,12 +955,12 @@ async fn run(
                         session = Session::new(&p);
                         // Durable answers and new alerts go on while it waits.
                         retry_at = Some(tokio::time::Instant::now() + wait);
-                        publish_stats(&session, &spool, published, acked, reconnects);
+                        publish_stats(&session, &spool, &tally);
                     }
                 }
                 // Counters are cheap to read but waking watchers on every packet is not.
-                if !session.connected || session.inflight.is_empty() || acked % 256 == 0 {
-                    publish_stats(&session, &spool, published, acked, reconnects);
+                if !session.connected || session.inflight.is_empty() || tally.acked % 256 == 0 {
+                    publish_stats(&session, &spool, &tally);
                 }
             }
         }
