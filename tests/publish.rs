@@ -684,3 +684,93 @@ async fn alerts_flow_while_the_disk_refuses_writes() {
     .await
     .expect("in time");
 }
+
+/// A removed stream's retained status and verdict are cleared on the broker (an empty
+/// retained message), are not published again after a reconnect, and a late status for it
+/// is dropped; a stream of that id added again publishes normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_streams_retained_messages_are_cleared_and_stay_cleared() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-clear");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let status = "dfwatch/test-node/streams/gone/status";
+        let verdict = "dfwatch/test-node/streams/gone/verdict";
+        let kept = "dfwatch/test-node/streams/kept/status";
+        for topic in [
+            "streams/gone/status",
+            "streams/gone/verdict",
+            "streams/kept/status",
+        ] {
+            p.publish_retained(topic, b"{\"state\":\"online\"}".to_vec())
+                .await
+                .unwrap();
+        }
+        let seen = |topic: &str, empty: bool| {
+            got.lock()
+                .unwrap()
+                .iter()
+                .any(|(t, v)| t == topic && v.is_empty() == empty)
+        };
+        wait_until("three retained messages", SECS(10), || {
+            seen(status, false) && seen(verdict, false) && seen(kept, false)
+        })
+        .await;
+        p.clear_retained("streams/gone/").await.unwrap();
+        wait_until(
+            "empty retained messages for the removed stream",
+            SECS(10),
+            || seen(status, true) && seen(verdict, true),
+        )
+        .await;
+        // A late status for the removed stream (a task that had not stopped yet) is dropped.
+        p.publish_retained("streams/gone/status", b"{\"state\":\"late\"}".to_vec())
+            .await
+            .unwrap();
+        // After a reconnect only the kept stream's status is published again.
+        broker.stop();
+        broker.start().await;
+        let mut stats = p.subscribe();
+        tokio::time::timeout(SECS(20), stats.wait_for(|s| s.connected))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(SECS(1)).await;
+        let fresh = subscriber(broker.port, "sub-fresh");
+        wait_until("the kept stream's retained status", SECS(10), || {
+            fresh.lock().unwrap().iter().any(|(t, _)| t == kept)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stale: Vec<_> = fresh
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, v)| t.contains("/streams/gone/") && !v.is_empty())
+            .cloned()
+            .collect();
+        assert!(stale.is_empty(), "{stale:?}");
+        assert!(
+            !got.lock().unwrap().iter().any(|(_, v)| v.contains("late")),
+            "the late status went out"
+        );
+        // The id comes back: its status is published again.
+        p.allow_retained("streams/gone/").await.unwrap();
+        p.publish_retained("streams/gone/status", b"{\"state\":\"again\"}".to_vec())
+            .await
+            .unwrap();
+        wait_until("the re-added stream's status", SECS(10), || {
+            got.lock()
+                .unwrap()
+                .iter()
+                .any(|(t, v)| t == status && v.contains("again"))
+        })
+        .await;
+        p.stop(SECS(2)).await;
+    })
+    .await
+    .expect("in time");
+}

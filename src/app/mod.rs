@@ -278,11 +278,15 @@ impl StreamFactory {
         };
         let face_stop = stage.stop.clone();
         let face_thread = stage.spawn()?;
+
         // Each status change goes out retained on <prefix>/<node>/streams/<id>/status.
         let mut status = handle.subscribe();
         let publisher = self.publisher.clone();
         let topic = format!("streams/{}/status", s.id);
+        let scope = format!("streams/{}/", s.id);
         let forwarder = tokio::spawn(async move {
+            // A stream of this id may have been removed before: its topics are ours again.
+            let _ = publisher.allow_retained(&scope).await;
             loop {
                 let json = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
                 if publisher.publish_retained(&topic, json).await.is_err()
@@ -315,6 +319,14 @@ impl StreamFactory {
 }
 
 impl RunningStream {
+    /// Stops the stream for good: as [`RunningStream::stop`], then its retained status and
+    /// verdict are cleared on the broker and never published again.
+    async fn remove(self, state: &AppState, publisher: &PublisherHandle) {
+        let scope = format!("streams/{}/", self.config.id);
+        self.stop(state).await;
+        let _ = publisher.clear_retained(&scope).await;
+    }
+
     /// Stops ingest and the face stage; the stage's last words (its tracks' ends and the
     /// stream's end) go through the encode queue, so the decision stage ends the stream's
     /// open alerts after its last faces.
@@ -625,7 +637,7 @@ impl Daemon {
                         Command::RemoveStream { id, reply } => {
                             let r = match self.running.remove(&id) {
                                 Some(rs) => {
-                                    rs.stop(&self.state).await;
+                                    rs.remove(&self.state, &self.publisher).await;
                                     Ok(())
                                 }
                                 None => Err(CommandError::NotFound(id.to_string())),
@@ -831,7 +843,7 @@ impl Daemon {
                 }
                 None => {
                     let r = self.running.remove(&id).expect("listed");
-                    r.stop(&self.state).await;
+                    r.remove(&self.state, &self.publisher).await;
                     report.removed.push(id.to_string());
                 }
             }

@@ -367,7 +367,16 @@ enum Request {
     /// A face-crop JPEG: biometric data, so never retained and never spooled (sent when
     /// connected, dropped otherwise).
     FaceCrop { alert_id: String, jpeg: Vec<u8> },
+    /// Clears every retained message under `<prefix>/<node>/<scope>` on the broker (an empty
+    /// retained message each) and refuses later ones under it until [`Request::AllowRetained`].
+    ClearRetained { scope: String },
+    /// Retained messages under the scope may be published again.
+    AllowRetained { scope: String },
 }
+
+/// Scopes cleared at once (removed streams); past it the oldest is forgotten (its late
+/// retained messages, if any, are published again).
+const MAX_CLEARED_SCOPES: usize = 1024;
 
 /// Counters of the publisher, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -465,6 +474,25 @@ impl PublisherHandle {
         self.send(Request::Retained {
             topic: suffix.to_string(),
             payload,
+        })
+        .await
+    }
+
+    /// Clears the retained messages under `<prefix>/<node>/<scope>` (e.g. `streams/lobby/`
+    /// when that stream is removed): each gets an empty retained message (now, or after the
+    /// next connect), and later retained messages under the scope are dropped, never
+    /// re-published after a reconnect, until [`PublisherHandle::allow_retained`].
+    pub async fn clear_retained(&self, scope: &str) -> Result<(), PublishError> {
+        self.send(Request::ClearRetained {
+            scope: scope.to_string(),
+        })
+        .await
+    }
+
+    /// Retained messages under `scope` may be published again (a stream of that id starts).
+    pub async fn allow_retained(&self, scope: &str) -> Result<(), PublishError> {
+        self.send(Request::AllowRetained {
+            scope: scope.to_string(),
         })
         .await
     }
@@ -769,6 +797,10 @@ async fn run(
         ..Tally::default()
     };
     let mut retained: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    // Cleared scopes (full topic prefixes), oldest first, and topics whose clearing waits
+    // for a connection.
+    let mut cleared: VecDeque<String> = VecDeque::new();
+    let mut to_clear: std::collections::BTreeSet<String> = Default::default();
     let mut rng = fastrand::Rng::new();
     let publish_stats = |s: &Session, spool: &Spool, t: &Tally| {
         stats.send_replace(PublisherStats {
@@ -823,8 +855,38 @@ async fn run(
                     match r {
                         Request::Retained { topic, payload } => {
                             let topic = format!("{}{topic}", p.node_prefix);
+                            if cleared.iter().any(|c| topic.starts_with(c.as_str())) {
+                                continue;
+                            }
                             session.send_unspooled(&topic, true, payload.clone());
                             retained.insert(topic, payload);
+                        }
+                        Request::ClearRetained { scope } => {
+                            let scope = format!("{}{scope}", p.node_prefix);
+                            let gone: Vec<String> = retained
+                                .range(scope.clone()..)
+                                .take_while(|(t, _)| t.starts_with(scope.as_str()))
+                                .map(|(t, _)| t.clone())
+                                .collect();
+                            for topic in gone {
+                                retained.remove(&topic);
+                                if session.connected {
+                                    session.send_unspooled(&topic, true, Vec::new());
+                                } else {
+                                    to_clear.insert(topic);
+                                }
+                            }
+                            if !cleared.contains(&scope) {
+                                cleared.push_back(scope);
+                                if cleared.len() > MAX_CLEARED_SCOPES {
+                                    cleared.pop_front();
+                                }
+                            }
+                        }
+                        Request::AllowRetained { scope } => {
+                            let scope = format!("{}{scope}", p.node_prefix);
+                            cleared.retain(|c| *c != scope);
+                            to_clear.retain(|t| !t.starts_with(scope.as_str()));
                         }
                         Request::FaceCrop { alert_id, jpeg } => {
                             let topic = format!("{}/{alert_id}/face", p.alerts);
@@ -902,6 +964,9 @@ async fn run(
                         session.send_unspooled(&p.status, true, b"online".to_vec());
                         for (topic, payload) in &retained {
                             session.send_unspooled(topic, true, payload.clone());
+                        }
+                        for topic in std::mem::take(&mut to_clear) {
+                            session.send_unspooled(&topic, true, Vec::new());
                         }
                         // Entries whose fsync is still running join when it completes.
                         let not_yet: std::collections::HashSet<u64> = writer
