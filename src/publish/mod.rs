@@ -1,10 +1,12 @@
 //! Publish: alerts and statuses out over MQTT, through a durable spool.
 //!
 //! Owns the `[mqtt]` config section. Parts: the alert payload (schema version 1,
-//! [`payload`]), the durable spool ([`spool`]), the MQTT publisher ([`mqtt`]) and the
-//! embedded broker ([`broker`]). Not built yet: face-crop JPEGs on a sibling topic.
+//! [`payload`]), the durable spool ([`spool`]), the sans-IO outbox that says what each sink
+//! owes and when an alert may leave the spool ([`outbox`]), the MQTT publisher ([`mqtt`]:
+//! its config, its handle, its I/O task) and the embedded broker ([`broker`]).
 
 pub mod broker;
 pub mod mqtt;
+pub mod outbox;
 pub mod payload;
 pub mod spool;

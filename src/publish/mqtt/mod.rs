@@ -1,0 +1,305 @@
+//! The MQTT publisher: alerts from the spool to the broker, QoS 1, with a last will.
+//!
+//! [`config`] holds `[mqtt]` and every rule about it; this module the handle the daemon
+//! talks to; `task` the one tokio task that owns the spool, the outbox, the rumqttc client
+//! and its event loop.
+//!
+//! - [`PublisherHandle::publish_alert`] hands a payload to the task, which records it in the
+//!   spool and passes the encoded records to the spool's writer thread; once written the
+//!   alert joins the outbox ([`crate::publish::outbox`]) and goes to rumqttc. The task never
+//!   blocks on the disk: alerts arriving during one fsync are written together by the next
+//!   (group commit), and PUBACKs keep flowing meanwhile.
+//! - PUBACK matching is the outbox's: rumqttc does not say which publish a PUBACK answers,
+//!   only the packet id it gave each outgoing publish (`Outgoing::Publish(pkid)`, in
+//!   hand-over order); the outbox matches them and says when an alert may leave the spool.
+//! - Connection loss: the client and event loop are dropped (with them rumqttc's own queue of
+//!   in-flight messages, whose re-sends could not be matched), and after a backoff with full
+//!   jitter a fresh client connects and the outbox sends again everything the broker has not
+//!   acknowledged. An alert whose PUBACK was lost is therefore sent twice: delivery to the
+//!   broker is at least once, and consumers deduplicate by `alert_id`.
+//! - Node status `<prefix>/<node>/status` is retained: `online` on connect, last will
+//!   `offline`, `stopped` on a clean stop. A removed stream's retained messages are cleared.
+
+pub mod config;
+mod task;
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{
+    BrokerUrl, KEEP_ALIVE_RANGE, MAX_AGE_RANGE, MAX_BYTES_RANGE, MAX_PENDING_RANGE, MqttConfig,
+    alerts_topic, status_topic,
+};
+
+use super::spool::{EntryKind, Spool, SpoolLimits, SpoolStats};
+use crate::types::NodeId;
+use crate::validation::ConfigErrors;
+
+/// Why the publisher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Config(ConfigErrors),
+    #[error("mqtt.url: {0}")]
+    Url(String),
+    #[error("mqtt.{field}: cannot read {path}: {reason}")]
+    File {
+        field: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("mqtt.password_env: environment variable {0} is not set")]
+    MissingEnv(String),
+    #[error("spool {path}: {reason}")]
+    Spool { path: String, reason: String },
+    #[error("the publisher has stopped")]
+    Stopped,
+}
+
+enum Request {
+    Alert {
+        alert_id: String,
+        kind: EntryKind,
+        payload: Vec<u8>,
+        done: oneshot::Sender<std::io::Result<u64>>,
+    },
+    /// A retained message (stream status, verdict): not spooled, the latest per topic is
+    /// kept and published again after every reconnect.
+    Retained { topic: String, payload: Vec<u8> },
+    /// A face-crop JPEG: biometric data, so never retained and never spooled (sent when
+    /// connected, dropped otherwise).
+    FaceCrop { alert_id: String, jpeg: Vec<u8> },
+    /// Clears every retained message under `<prefix>/<node>/<scope>` on the broker (an empty
+    /// retained message each) and refuses later ones under it until [`Request::AllowRetained`].
+    ClearRetained { scope: String },
+    /// Retained messages under the scope may be published again.
+    AllowRetained { scope: String },
+}
+
+/// Scopes cleared at once (removed streams); past it the oldest is forgotten (its late
+/// retained messages, if any, are published again).
+pub(super) const MAX_CLEARED_SCOPES: usize = 1024;
+
+/// Counters of the publisher, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublisherStats {
+    pub connected: bool,
+    pub pending: usize,
+    pub published: u64,
+    pub acked: u64,
+    pub reconnects: u64,
+    /// `false` while the disk refuses the spool's writes (alerts still go to the broker).
+    pub durable: bool,
+    /// Failed spool writes and compactions.
+    pub spool_write_errors: u64,
+    pub spool: SpoolStats,
+}
+
+/// Recent alert payloads, oldest first (for `/api/alerts`); replayed from the spool at start.
+type History = Arc<std::sync::Mutex<VecDeque<Arc<[u8]>>>>;
+
+/// Alert payloads kept for `/api/alerts`.
+pub const HISTORY_LEN: usize = 200;
+
+/// The running publisher.
+pub struct PublisherHandle {
+    tx: mpsc::Sender<Request>,
+    history: History,
+    acks: tokio::sync::broadcast::Sender<u64>,
+    stats: tokio::sync::watch::Receiver<PublisherStats>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PublisherHandle {
+    /// Spools `payload` (an alert event of `alert_id`; `update` marks coalescible updates,
+    /// anything else counts as a `new`) and returns once it is fsynced. Publishing and
+    /// acknowledgement follow in the background.
+    pub async fn publish_alert(
+        &self,
+        alert_id: &str,
+        update: bool,
+        payload: Vec<u8>,
+    ) -> Result<u64, PublishError> {
+        let kind = if update {
+            EntryKind::Update
+        } else {
+            EntryKind::New
+        };
+        let rx = self.enqueue_alert(alert_id, kind, payload).await?;
+        match rx.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => Err(PublishError::Spool {
+                path: "spool".into(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(PublishError::Stopped),
+        }
+    }
+
+    /// Hands an alert event of `kind` to the publisher without waiting for its fsync
+    /// (waiting only for room in the publisher's queue, which is the back-pressure). Events
+    /// of one caller stay in order. The receiver says when the alert is durable (or why
+    /// not: it is published anyway); dropping it is fine: a failed write is logged.
+    pub async fn enqueue_alert(
+        &self,
+        alert_id: &str,
+        kind: EntryKind,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<std::io::Result<u64>>, PublishError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Request::Alert {
+            alert_id: alert_id.to_string(),
+            kind,
+            payload,
+            done,
+        })
+        .await?;
+        Ok(rx)
+    }
+
+    /// Hands a request to the task, waiting for room in its queue.
+    async fn send(&self, request: Request) -> Result<(), PublishError> {
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| PublishError::Stopped)
+    }
+
+    /// Publishes a retained message under `<prefix>/<node>/<suffix>` (e.g.
+    /// `streams/lobby/status`); the latest per topic is re-published after reconnects.
+    pub async fn publish_retained(
+        &self,
+        suffix: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        self.send(Request::Retained {
+            topic: suffix.to_string(),
+            payload,
+        })
+        .await
+    }
+
+    /// Clears the retained messages under `<prefix>/<node>/<scope>` (e.g. `streams/lobby/`
+    /// when that stream is removed): each gets an empty retained message (now, or after the
+    /// next connect), and later retained messages under the scope are dropped, never
+    /// re-published after a reconnect, until [`PublisherHandle::allow_retained`].
+    pub async fn clear_retained(&self, scope: &str) -> Result<(), PublishError> {
+        self.send(Request::ClearRetained {
+            scope: scope.to_string(),
+        })
+        .await
+    }
+
+    /// Retained messages under `scope` may be published again (a stream of that id starts).
+    pub async fn allow_retained(&self, scope: &str) -> Result<(), PublishError> {
+        self.send(Request::AllowRetained {
+            scope: scope.to_string(),
+        })
+        .await
+    }
+
+    /// Publishes a face-crop JPEG of an alert on `<prefix>/<node>/alerts/<alert_id>/face`
+    /// (QoS 1, never retained, never written to disk; dropped while disconnected). Only for
+    /// streams that opted in (`publish_face_crops`): face crops are biometric data.
+    pub async fn publish_face_crop(
+        &self,
+        alert_id: &str,
+        jpeg: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        self.send(Request::FaceCrop {
+            alert_id: alert_id.to_string(),
+            jpeg,
+        })
+        .await
+    }
+
+    pub fn stats(&self) -> PublisherStats {
+        *self.stats.borrow()
+    }
+
+    /// The most recent alert payloads (JSON), newest last, at most [`HISTORY_LEN`].
+    pub fn recent_alerts(&self) -> Vec<Arc<[u8]>> {
+        self.history
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Spool sequence numbers as the broker acknowledges them (for latency measurements;
+    /// a slow receiver loses the oldest).
+    pub fn acks(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.acks.subscribe()
+    }
+
+    /// A receiver of the counters, e.g. to wait until the spool is empty.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<PublisherStats> {
+        self.stats.clone()
+    }
+
+    /// Publishes `stopped` (when connected) and ends the task, within `grace`; what is not
+    /// acknowledged by then stays in the spool for the next start.
+    pub async fn stop(self, grace: Duration) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(grace, self.task).await;
+    }
+
+    /// Ends the task at once without a clean disconnect, as a crash would (the broker then
+    /// publishes the last will).
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the publisher. Fails at once on configuration mistakes (URL, unreadable files,
+/// missing environment) and on a spool that cannot be opened.
+pub fn spawn(
+    cfg: &MqttConfig,
+    node: &NodeId,
+    spool_dir: &Path,
+) -> Result<PublisherHandle, PublishError> {
+    let prepared = config::prepare(cfg, node)?;
+    let limits = SpoolLimits {
+        max_pending: cfg.spool_max_pending,
+        max_bytes: cfg.spool_max_bytes,
+        max_age: cfg.spool_max_age,
+    };
+    let spool = Spool::open(spool_dir, limits, HISTORY_LEN).map_err(|e| PublishError::Spool {
+        path: spool_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let history: History = Arc::new(std::sync::Mutex::new(
+        spool.history().map(Arc::from).collect(),
+    ));
+    let (tx, rx) = mpsc::channel(1024);
+    let (stats_tx, stats_rx) = tokio::sync::watch::channel(PublisherStats {
+        pending: spool.len(),
+        durable: true,
+        spool: spool.stats(),
+        ..Default::default()
+    });
+    let cancel = CancellationToken::new();
+    let (acks, _) = tokio::sync::broadcast::channel(65_536);
+    let task = tokio::spawn(task::run(
+        prepared,
+        spool,
+        rx,
+        stats_tx,
+        acks.clone(),
+        history.clone(),
+        cancel.clone(),
+    ));
+    Ok(PublisherHandle {
+        tx,
+        history,
+        acks,
+        stats: stats_rx,
+        cancel,
+        task,
+    })
+}

@@ -1,0 +1,454 @@
+//! The publisher's task: the I/O around the spool ([`crate::publish::spool`]) and the
+//! outbox ([`crate::publish::outbox`]). It owns the rumqttc client and event loop, hands the
+//! spool's bytes to its writer thread, and tells the outbox what the broker did.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::MAX_CLEARED_SCOPES;
+use super::config::{MAX_IN_FLIGHT, Prepared};
+use super::{HISTORY_LEN, History, PublisherStats, Request};
+use crate::backoff::Backoff;
+use crate::publish::outbox::{Outbox, SinkConfig, SinkId};
+use crate::publish::spool::{LogDone, Spool};
+
+/// The MQTT sink's index in the outbox (the only sink so far).
+const MQTT: SinkId = 0;
+
+/// The connection-scoped state: dropped whole on a loss (with rumqttc's own queue of in-flight
+/// messages, whose re-sends the outbox could not match).
+struct Session {
+    client: AsyncClient,
+    events: EventLoop,
+    connected: bool,
+}
+
+impl Session {
+    fn new(p: &Prepared) -> Session {
+        let (client, events) = AsyncClient::new(p.options.clone(), 256);
+        Session {
+            client,
+            events,
+            connected: false,
+        }
+    }
+
+    /// Hands a message that is not in the spool (statuses, retained messages, face crops) to
+    /// rumqttc when connected. It takes a packet id too, so the outbox records its place in
+    /// the hand-over order, only if rumqttc took it.
+    fn send_unspooled(&mut self, outbox: &mut Outbox, topic: &str, retain: bool, payload: Vec<u8>) {
+        if self.connected
+            && self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+                .is_ok()
+        {
+            outbox.handed(MQTT, None);
+        }
+    }
+
+    /// Hands the alerts the outbox says are next to rumqttc while its request queue has room.
+    fn pump(&mut self, outbox: &mut Outbox, p: &Prepared, spool: &Spool, published: &mut u64) {
+        if !self.connected {
+            return;
+        }
+        while let Some(seq) = outbox.next(MQTT) {
+            let Some(entry) = spool.get(seq) else {
+                outbox.forget(seq); // coalesced or dropped by a cap meanwhile
+                continue;
+            };
+            match self
+                .client
+                .try_publish(&p.alerts, QoS::AtLeastOnce, false, entry.payload.clone())
+            {
+                Ok(()) => {
+                    outbox.handed(MQTT, Some(seq));
+                    *published += 1;
+                }
+                Err(_) => {
+                    outbox.refused(MQTT, seq);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// What the publisher task counts.
+#[derive(Debug, Default)]
+struct Tally {
+    published: u64,
+    acked: u64,
+    reconnects: u64,
+    durable: bool,
+    write_errors: u64,
+}
+
+/// The spool's writer thread, seen from the publisher task.
+struct Writer {
+    commands: std::sync::mpsc::Sender<crate::publish::spool::LogCommand>,
+    done: mpsc::UnboundedReceiver<LogDone>,
+    thread: std::thread::JoinHandle<()>,
+    next_batch: u64,
+    awaiting: Awaiting,
+}
+
+impl Writer {
+    /// Sends what the spool buffered since the last call; `alerts` are answered once durable.
+    fn flush(
+        &mut self,
+        spool: &mut Spool,
+        alerts: Vec<(u64, oneshot::Sender<std::io::Result<u64>>)>,
+    ) {
+        spool.enforce_limits(crate::publish::spool::now_ms());
+        let bytes = spool.take_buffer();
+        if bytes.is_empty() && alerts.is_empty() {
+            // Nothing new, but a rewrite may be due (a failed write or compaction).
+            if let Some(snapshot) = spool.compaction_snapshot() {
+                let _ = self
+                    .commands
+                    .send(crate::publish::spool::LogCommand::Compact(snapshot));
+            }
+            return;
+        }
+        self.next_batch += 1;
+        let batch = self.next_batch;
+        if self
+            .commands
+            .send(crate::publish::spool::LogCommand::Write { batch, bytes })
+            .is_err()
+        {
+            tracing::error!("Spool writer thread is gone; alerts are not durable.");
+            for (_, tx) in alerts {
+                let _ = tx.send(Err(std::io::Error::other(
+                    "the spool writer thread is gone",
+                )));
+            }
+            return;
+        }
+        if !alerts.is_empty() {
+            self.awaiting.push_back((batch, alerts));
+        }
+        if let Some(snapshot) = spool.compaction_snapshot() {
+            let _ = self
+                .commands
+                .send(crate::publish::spool::LogCommand::Compact(snapshot));
+        }
+    }
+
+    /// Writes what is left, waits for the thread and answers everyone.
+    async fn finish(mut self, spool: &mut Spool) {
+        self.flush(spool, Vec::new());
+        drop(self.commands);
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        while let Ok(d) = self.done.try_recv() {
+            if let LogDone::Written { through, result } = d {
+                settle(&mut self.awaiting, through, &result);
+            }
+        }
+    }
+}
+
+/// Alerts waiting for the fsync of their batch, in batch order.
+type Awaiting = VecDeque<(u64, Vec<(u64, oneshot::Sender<std::io::Result<u64>>)>)>;
+
+/// Answers the alerts of every batch through `through` with `result`; returns their sequence
+/// numbers, to be published (durable or not: while the disk refuses writes, alerts still go
+/// to the broker).
+fn settle(awaiting: &mut Awaiting, through: u64, result: &std::io::Result<()>) -> Vec<u64> {
+    let mut settled = Vec::new();
+    while awaiting.front().is_some_and(|(batch, _)| *batch <= through) {
+        let (_, alerts) = awaiting.pop_front().expect("front exists");
+        for (seq, tx) in alerts {
+            let _ = tx.send(match result {
+                Ok(()) => Ok(seq),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+            settled.push(seq);
+        }
+    }
+    settled
+}
+
+pub(super) async fn run(
+    p: Prepared,
+    mut spool: Spool,
+    mut rx: mpsc::Receiver<Request>,
+    stats: tokio::sync::watch::Sender<PublisherStats>,
+    acks: tokio::sync::broadcast::Sender<u64>,
+    history: History,
+    cancel: CancellationToken,
+) {
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let log = spool
+        .detach_log()
+        .expect("a freshly opened spool has its log");
+    let (commands, thread) = match crate::publish::spool::spawn_writer(log, done_tx) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the spool writer thread; the publisher stops.");
+            return;
+        }
+    };
+    let mut writer = Writer {
+        commands,
+        done: done_rx,
+        thread,
+        next_batch: 0,
+        awaiting: VecDeque::new(),
+    };
+    let mut backoff = Backoff::new(p.backoff);
+    let mut session = Session::new(&p);
+    // What survived the last run is durable already: the broker owes an ack for each.
+    let mut outbox = Outbox::new(vec![SinkConfig {
+        name: "mqtt".into(),
+        max_in_flight: MAX_IN_FLIGHT,
+        // The spool's own bounds (bytes, age) govern; MQTT never gives alerts up itself.
+        max_owed: usize::MAX,
+    }]);
+    for e in spool.pending() {
+        outbox.add(e.seq);
+    }
+    // While set, the next connection attempt waits (backoff after a loss or failure).
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut last_failure: Option<String> = None;
+    let mut tally = Tally {
+        durable: true,
+        ..Tally::default()
+    };
+    let mut retained: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    // Cleared scopes (full topic prefixes), oldest first, and topics whose clearing waits
+    // for a connection.
+    let mut cleared: VecDeque<String> = VecDeque::new();
+    let mut to_clear: std::collections::BTreeSet<String> = Default::default();
+    let mut rng = fastrand::Rng::new();
+    let publish_stats = |s: &Session, spool: &Spool, t: &Tally| {
+        stats.send_replace(PublisherStats {
+            connected: s.connected,
+            pending: spool.len(),
+            published: t.published,
+            acked: t.acked,
+            reconnects: t.reconnects,
+            durable: t.durable,
+            spool_write_errors: t.write_errors,
+            spool: spool.stats(),
+        });
+    };
+    // A rewrite after a failed write, and the age cap, also run when nothing else happens.
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                if session.connected {
+                    let _ = session.client.try_publish(&p.status, QoS::AtLeastOnce, true, "stopped");
+                    let _ = session.client.try_disconnect();
+                    // Let the event loop send them.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                        while let Ok(ev) = session.events.poll().await {
+                            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                }
+                writer.finish(&mut spool).await;
+                return;
+            }
+            first = rx.recv() => {
+                let Some(first) = first else {
+                    cancel.cancel();
+                    continue;
+                };
+                // Everything waiting now goes to the writer as one batch; batches queued
+                // during an fsync share the next one.
+                let mut batch = vec![first];
+                while let Ok(r) = rx.try_recv() {
+                    batch.push(r);
+                    if batch.len() >= 1024 {
+                        break;
+                    }
+                }
+                let mut alerts = Vec::new();
+                for r in batch {
+                    match r {
+                        Request::Retained { topic, payload } => {
+                            let topic = format!("{}{topic}", p.node_prefix);
+                            if cleared.iter().any(|c| topic.starts_with(c.as_str())) {
+                                continue;
+                            }
+                            session.send_unspooled(&mut outbox, &topic, true, payload.clone());
+                            retained.insert(topic, payload);
+                        }
+                        Request::ClearRetained { scope } => {
+                            let scope = format!("{}{scope}", p.node_prefix);
+                            let gone: Vec<String> = retained
+                                .range(scope.clone()..)
+                                .take_while(|(t, _)| t.starts_with(scope.as_str()))
+                                .map(|(t, _)| t.clone())
+                                .collect();
+                            for topic in gone {
+                                retained.remove(&topic);
+                                if session.connected {
+                                    session.send_unspooled(&mut outbox, &topic, true, Vec::new());
+                                } else {
+                                    to_clear.insert(topic);
+                                }
+                            }
+                            if !cleared.contains(&scope) {
+                                cleared.push_back(scope);
+                                if cleared.len() > MAX_CLEARED_SCOPES {
+                                    cleared.pop_front();
+                                }
+                            }
+                        }
+                        Request::AllowRetained { scope } => {
+                            let scope = format!("{}{scope}", p.node_prefix);
+                            cleared.retain(|c| *c != scope);
+                            to_clear.retain(|t| !t.starts_with(scope.as_str()));
+                        }
+                        Request::FaceCrop { alert_id, jpeg } => {
+                            let topic = format!("{}/{alert_id}/face", p.alerts);
+                            session.send_unspooled(&mut outbox, &topic, false, jpeg);
+                        }
+                        Request::Alert { alert_id, kind, payload, done } => {
+                            if let Ok(mut h) = history.lock() {
+                                h.push_back(Arc::from(payload.as_slice()));
+                                while h.len() > HISTORY_LEN {
+                                    h.pop_front();
+                                }
+                            }
+                            let seq = spool
+                                .append(&alert_id, kind, crate::publish::spool::now_ms(), payload)
+                                .seq();
+                            alerts.push((seq, done));
+                        }
+                    }
+                }
+                if !alerts.is_empty() {
+                    writer.flush(&mut spool, alerts);
+                }
+                publish_stats(&session, &spool, &tally);
+            }
+            Some(done) = writer.done.recv() => {
+                match done {
+                    LogDone::Written { through, result } => {
+                        // Published once written: a crash can lose an alert nobody saw, never
+                        // one the broker delivered without a spool record. While the disk
+                        // refuses writes they go out anyway, and the spool says it is not
+                        // durable until everything pending is rewritten.
+                        if result.is_err() {
+                            tally.write_errors += 1;
+                            if tally.durable {
+                                tracing::error!("Spool: not durable; alerts still go to the broker while the disk refuses writes.");
+                            }
+                            tally.durable = false;
+                            spool.rewrite_all();
+                        }
+                        for seq in settle(&mut writer.awaiting, through, &result) {
+                            for gone in outbox.add(seq) {
+                                spool.ack(gone);
+                            }
+                        }
+                        session.pump(&mut outbox, &p, &spool, &mut tally.published);
+                    }
+                    LogDone::Compacted { result: Ok(()) } => {
+                        if !tally.durable {
+                            tracing::info!("Spool: durable again (everything pending rewritten).");
+                        }
+                        tally.durable = true;
+                    }
+                    LogDone::Compacted { result: Err(_) } => {
+                        tally.write_errors += 1;
+                        spool.compaction_failed();
+                    }
+                }
+                publish_stats(&session, &spool, &tally);
+            }
+            _ = tick.tick() => {
+                writer.flush(&mut spool, Vec::new());
+                publish_stats(&session, &spool, &tally);
+            }
+            _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                retry_at = None;
+            }
+            ev = session.events.poll(), if retry_at.is_none() => {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if session.connected {
+                            continue;
+                        }
+                        session.connected = true;
+                        outbox.connected(MQTT);
+                        backoff.on_up(std::time::Instant::now());
+                        last_failure = None;
+                        tracing::info!("MQTT connected.");
+                        session.send_unspooled(&mut outbox, &p.status, true, b"online".to_vec());
+                        for (topic, payload) in &retained {
+                            session.send_unspooled(&mut outbox, topic, true, payload.clone());
+                        }
+                        for topic in std::mem::take(&mut to_clear) {
+                            session.send_unspooled(&mut outbox, &topic, true, Vec::new());
+                        }
+                        // Entries whose write is still running join the outbox when it settles.
+                        session.pump(&mut outbox, &p, &spool, &mut tally.published);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        outbox.tagged(MQTT, u64::from(pkid));
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(seq) = outbox.acked(MQTT, u64::from(ack.pkid))
+                            && spool.ack(seq)
+                        {
+                            tally.acked += 1;
+                            let _ = acks.send(seq);
+                        }
+                        // Acks are made durable in batches: a lost ack only means a duplicate.
+                        if outbox.stats(MQTT).in_flight == 0 || tally.acked % 1024 == 0 {
+                            writer.flush(&mut spool, Vec::new());
+                        }
+                        session.pump(&mut outbox, &p, &spool, &mut tally.published);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let wait = backoff.on_failure(std::time::Instant::now(), rng.f64());
+                        if session.connected {
+                            tally.reconnects += 1;
+                            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connection lost.");
+                        } else {
+                            // Said once per distinct reason (a wrong CA or a refused login
+                            // must be visible), then quietly while it keeps failing the same way.
+                            let reason = e.to_string();
+                            if last_failure.as_deref() != Some(reason.as_str()) {
+                                tracing::warn!(error = %reason, retry_in_ms = wait.as_millis() as u64, "MQTT connect failed; retrying with backoff.");
+                                last_failure = Some(reason);
+                            } else {
+                                tracing::debug!(error = %reason, retry_in_ms = wait.as_millis() as u64, "MQTT connect failed.");
+                            }
+                        }
+                        writer.flush(&mut spool, Vec::new());
+                        session = Session::new(&p);
+                        outbox.disconnected(MQTT);
+                        // Durable answers and new alerts go on while it waits.
+                        retry_at = Some(tokio::time::Instant::now() + wait);
+                        publish_stats(&session, &spool, &tally);
+                    }
+                }
+                // Counters are cheap to read but waking watchers on every packet is not.
+                if !session.connected
+                    || outbox.stats(MQTT).in_flight == 0
+                    || tally.acked % 256 == 0
+                {
+                    publish_stats(&session, &spool, &tally);
+                }
+            }
+        }
+    }
+}
