@@ -15,6 +15,7 @@ pub mod detect;
 pub mod encode;
 pub mod evidence;
 pub mod faces;
+pub mod fault;
 pub mod gpu;
 pub mod http;
 pub mod ingest;

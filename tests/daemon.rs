@@ -492,3 +492,77 @@ async fn a_model_swap_on_reload_ends_open_alerts_and_changes_the_identity() {
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(SECS(15)).0, Some(0));
 }
+
+/// A panic injected into each stage (a face stage, the encoder, the decision stage, the
+/// publisher; `DFWATCH_FAULT_INJECT`) is caught where the stage loops: the daemon goes on
+/// analysing and alerting, counts each restart, and says so in `/readyz`, `/api/streams` and
+/// `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_any_stage_is_survived_counted_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = Broker::new(tmp.path());
+    broker.start().await;
+    let got = subscriber(broker.port, "e2e-faults");
+    let (s, _) = setup(&stream_toml("cam", "{clip}"), &broker.url(), 8.0, 20);
+    let mut daemon = Daemon::start(
+        &s.config,
+        s.dir.path(),
+        &[(
+            "DFWATCH_FAULT_INJECT",
+            "faces=4,encoder=3,decide=5,publisher=7".to_string(),
+        )],
+    );
+    let port = s.http_port;
+    let restarts = |stage: &str, text: &str| {
+        let series = if stage == "faces" {
+            "dfwatch_stage_restarts_total{stage=\"faces\",stream=\"cam\"}".to_string()
+        } else {
+            format!("dfwatch_stage_restarts_total{{stage=\"{stage}\"}}")
+        };
+        metric(text, &series).unwrap_or(0.0)
+    };
+    wait_until("a restart of every stage", SECS(90), || {
+        let text = metrics(port);
+        ["faces", "encoder", "decide", "publisher"]
+            .iter()
+            .all(|st| restarts(st, &text) >= 1.0)
+    })
+    .await;
+    // Reported where an operator looks.
+    let (code, body) = http(port, "GET", "/readyz", None, "");
+    assert_eq!(code, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let degraded = ready["degraded"].to_string();
+    for what in ["publisher", "encoder", "decision stage", "stream cam"] {
+        assert!(degraded.contains(what), "{what} missing in {degraded}");
+    }
+    assert!(degraded.contains("fault injected"), "{degraded}");
+    let (_, body) = http(port, "GET", "/api/streams", None, "");
+    let streams: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cam = &streams[0];
+    assert!(cam["analysis_restarts"].as_u64().unwrap() >= 1, "{cam}");
+    assert!(
+        cam["analysis_error"]
+            .as_str()
+            .unwrap()
+            .contains("fault injected at faces"),
+        "{cam}"
+    );
+    // And it goes on: faces are scored and alerts published after the last restart.
+    let scored = metric(&metrics(port), "dfwatch_faces_scored_total{stream=\"cam\"}").unwrap();
+    let alerts_before = on_topic(&got, "/alerts").len();
+    wait_until("more faces scored", SECS(30), || {
+        metric(&metrics(port), "dfwatch_faces_scored_total{stream=\"cam\"}").unwrap_or(0.0)
+            >= scored + 5.0
+    })
+    .await;
+    wait_until(
+        "an alert event published after the restarts",
+        SECS(60),
+        || on_topic(&got, "/alerts").len() > alerts_before,
+    )
+    .await;
+    daemon.signal("TERM");
+    let (code, _) = daemon.wait_exit(SECS(20));
+    assert_eq!(code, Some(0), "{}", daemon.log());
+}

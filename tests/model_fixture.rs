@@ -220,6 +220,7 @@ fn a_track_end_leaves_the_encoder_after_its_faces_and_before_later_ones() {
             jobs_rx,
             out_tx,
             &AtomicBool::new(false),
+            &dfwatch::fault::Restarts::default(),
             &mut |_, _| {},
         )
     });

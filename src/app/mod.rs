@@ -187,10 +187,15 @@ fn spawn_encoder(
     let thread = std::thread::Builder::new()
         .name("encoder".into())
         .spawn(move || {
-            let failed =
-                crate::encode::run_encoder_until(encoder, &cfg, jobs, out, &flag, &mut |_, dt| {
-                    metrics.inference_seconds.observe_duration(dt)
-                });
+            let failed = crate::encode::run_encoder_until(
+                encoder,
+                &cfg,
+                jobs,
+                out,
+                &flag,
+                &metrics.encoder_restarts,
+                &mut |_, dt| metrics.inference_seconds.observe_duration(dt),
+            );
             if failed > 0 {
                 tracing::warn!(faces = failed, "Encoder batches failed during this run.");
             }

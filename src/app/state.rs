@@ -105,6 +105,9 @@ pub struct StreamReport {
     pub faces_scored: u64,
     pub tracks: u64,
     pub coverage: f64,
+    /// Panics the stream's face stage caught and went on from, and the last one's reason.
+    pub analysis_restarts: u64,
+    pub analysis_error: Option<String>,
 }
 
 /// Shared by the supervisor loop, the stages and the HTTP handlers.
@@ -157,9 +160,41 @@ impl AppState {
                     faces_scored: v.analysis.faces_scored.get(),
                     tracks: v.analysis.tracks_live.load(Ordering::Relaxed),
                     coverage: v.analysis.coverage(),
+                    analysis_restarts: v.analysis.restarts.count(),
+                    analysis_error: v.analysis.restarts.last_reason(),
                 }
             })
             .collect()
+    }
+
+    /// What an operator should look at while the daemon still serves: a spool that is not
+    /// durable, stages that panicked and went on in the last few minutes.
+    pub fn degraded(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.publisher.stats().durable {
+            out.push(
+                "spool not durable: the disk refuses its writes (alerts still go to the broker)"
+                    .to_string(),
+            );
+        }
+        let stages = [
+            ("publisher", self.publisher.restarts()),
+            ("encoder", &self.analysis.encoder_restarts),
+            ("decision stage", &self.analysis.decide_restarts),
+        ];
+        for (stage, r) in stages {
+            if let Some(why) = r.recent() {
+                out.push(format!("{stage} restarted after a panic: {why}"));
+            }
+        }
+        for (id, v) in self.streams.read().expect("streams lock").iter() {
+            if let Some(why) = v.analysis.restarts.recent() {
+                out.push(format!(
+                    "stream {id}: face stage restarted after a panic: {why}"
+                ));
+            }
+        }
+        out
     }
 
     /// `/metrics` in the Prometheus text format.
@@ -185,6 +220,7 @@ impl AppState {
             api_auth_failures: self.guard.auth_failures.get(),
             api_throttled: self.guard.throttled.get(),
             api_clients_forgotten: self.guard.forgotten.get(),
+            publisher_restarts: self.publisher.restarts().count(),
         };
         crate::metrics::families::render(&sample)
     }

@@ -82,19 +82,31 @@ async fn decide(
     publisher: &PublisherHandle,
     metrics: &AnalysisMetrics,
 ) {
-    match item {
-        Encoded::Face(e) => {
-            let mono = e.meta.mono;
-            let out = decider.on_embedding(e, SystemTime::now());
-            hand_over(publisher, out).await;
-            metrics
-                .decode_to_publish_seconds
-                .observe_duration(mono.elapsed());
+    // Supervised per item: a panic costs that item (counted, reported) and the stage goes on
+    // with its state.
+    let mono = match &item {
+        Encoded::Face(e) => Some(e.meta.mono),
+        Encoded::Pass(_) => None,
+    };
+    let out = crate::fault::catch(|| {
+        crate::fault::inject("decide");
+        match item {
+            Encoded::Face(e) => decider.on_embedding(e, SystemTime::now()),
+            Encoded::Pass(ev) => decider.on_face_event(ev, SystemTime::now()),
         }
-        Encoded::Pass(ev) => {
-            let out = decider.on_face_event(ev, SystemTime::now());
-            hand_over(publisher, out).await;
+    });
+    match out {
+        Ok(out) => hand_over(publisher, out).await,
+        Err(why) => {
+            let wait = metrics.decide_restarts.record("decide", &why);
+            tokio::time::sleep(wait).await;
+            return;
         }
+    }
+    if let Some(mono) = mono {
+        metrics
+            .decode_to_publish_seconds
+            .observe_duration(mono.elapsed());
     }
 }
 

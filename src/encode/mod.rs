@@ -363,6 +363,7 @@ pub fn run_encoder<M: Send>(
         jobs,
         out,
         &AtomicBool::new(false),
+        &crate::fault::Restarts::default(),
         &mut |_, _| {},
     )
 }
@@ -370,13 +371,16 @@ pub fn run_encoder<M: Send>(
 /// [`run_encoder`] over any [`EncoderInput`] and [`EncoderOutput`] (pass-through items go
 /// out after the batch in hand), that also ends when `stop` is set (within 100 ms, after the
 /// batch in hand; queued jobs stay for whoever reads `jobs` next, e.g. the encoder of a new
-/// model), and reports each batch's size and wall time to `on_batch`.
+/// model), and reports each batch's size and wall time to `on_batch`. A panic while a batch
+/// runs is caught and recorded in `restarts`: that batch's faces are lost (counted with the
+/// failed ones; their tracks schedule them again) and the loop goes on after a backoff.
 pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pass>>(
     mut encoder: CpuEncoder,
     cfg: &EncoderConfig,
     jobs: Receiver<I>,
     out: Sender<O>,
     stop: &AtomicBool,
+    restarts: &crate::fault::Restarts,
     on_batch: &mut dyn FnMut(usize, Duration),
 ) -> u64 {
     let mut batcher = Batcher::new(cfg.max_batch.get(), cfg.max_wait);
@@ -389,7 +393,19 @@ pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pas
             pixels.extend_from_slice(&j.pixels);
         }
         let t0 = Instant::now();
-        match encoder.encode(pixels, n) {
+        let encoded = crate::fault::catch(|| {
+            crate::fault::inject("encoder");
+            encoder.encode(pixels, n)
+        });
+        let encoded = match encoded {
+            Ok(r) => r,
+            Err(why) => {
+                failed += n as u64;
+                std::thread::sleep(restarts.record("encoder", &why));
+                return true;
+            }
+        };
+        match encoded {
             Ok(emb) => {
                 let dt = t0.elapsed();
                 on_batch(n, dt);

@@ -87,11 +87,32 @@ impl FaceStage {
             };
             let detect = n % every == 0;
             n += 1;
-            if self
-                .frame(&mut tracker, frame, detect, &mut pixels)
-                .is_err()
-            {
-                return;
+            let done = crate::fault::catch(|| {
+                crate::fault::inject("faces");
+                self.frame(&mut tracker, frame, detect, &mut pixels)
+            });
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(Gone::Encoder)) => return,
+                Err(why) => {
+                    // Supervised: the stage goes on with a fresh tracker; the tracks it had
+                    // are gone, so the decision stage ends their alerts (stream_stopped).
+                    let wait = self
+                        .metrics
+                        .restarts
+                        .record(&format!("faces-{}", self.stream), &why);
+                    if self
+                        .send(Queued::Pass(FaceEvent::StreamEnded {
+                            stream: self.stream.clone(),
+                        }))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tracker = Tracker::new(self.track.clone(), self.fps);
+                    self.metrics.tracks_live.store(0, Ordering::Relaxed);
+                    std::thread::sleep(wait);
+                }
             }
         }
         let _ = self.report(tracker.clear());

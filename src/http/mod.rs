@@ -115,11 +115,7 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
         .map(|r| serde_json::json!({"id": r.id, "state": r.status.state.as_str()}))
         .collect();
     // Degraded, still serving: what an operator should look at.
-    let mut degraded = Vec::new();
-    if !p.durable {
-        degraded
-            .push("spool not durable: the disk refuses its writes (alerts still go to the broker)");
-    }
+    let degraded = s.degraded();
     let body = serde_json::json!({
         "ready": ready,
         "degraded": degraded,

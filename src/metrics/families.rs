@@ -32,6 +32,7 @@ pub struct NodeSample<'a> {
     pub api_auth_failures: u64,
     pub api_throttled: u64,
     pub api_clients_forgotten: u64,
+    pub publisher_restarts: u64,
 }
 
 /// Every family, in the Prometheus text format.
@@ -272,6 +273,29 @@ pub fn render(n: &NodeSample<'_>) -> String {
         "Broker connection losses followed by a retry.",
     )
     .sample("dfwatch_mqtt_reconnects_total", &[], p.reconnects as f64);
+    e.family(
+        "dfwatch_stage_restarts_total",
+        "counter",
+        "Panics a stage caught and went on from (after a backoff), by stage.",
+    );
+    for (stage, count) in [
+        ("publisher", n.publisher_restarts),
+        ("encoder", a.encoder_restarts.count()),
+        ("decide", a.decide_restarts.count()),
+    ] {
+        e.sample(
+            "dfwatch_stage_restarts_total",
+            &[("stage", stage)],
+            count as f64,
+        );
+    }
+    for r in rows {
+        e.sample(
+            "dfwatch_stage_restarts_total",
+            &[("stage", "faces"), ("stream", &r.id)],
+            r.analysis.restarts.count() as f64,
+        );
+    }
     let sp = &p.spool;
     e.family(
         "dfwatch_spool_durable",

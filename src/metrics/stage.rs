@@ -25,6 +25,8 @@ pub struct StreamMetrics {
     /// (thread CPU time of the face stage).
     pub detect_ns: Counter,
     pub crop_ns: Counter,
+    /// Panics the face stage caught and went on from.
+    pub restarts: crate::fault::Restarts,
 }
 
 impl StreamMetrics {
@@ -50,6 +52,9 @@ pub struct AnalysisMetrics {
     pub score_errors: Counter,
     /// Alerts by (type, verdict).
     pub alerts: std::sync::Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Panics the encoder and the decision stage caught and went on from.
+    pub encoder_restarts: crate::fault::Restarts,
+    pub decide_restarts: crate::fault::Restarts,
 }
 
 impl Default for AnalysisMetrics {
@@ -60,6 +65,8 @@ impl Default for AnalysisMetrics {
             decode_to_publish_seconds: Histogram::new(LATENCY_BUCKETS),
             score_errors: Counter::default(),
             alerts: Default::default(),
+            encoder_restarts: Default::default(),
+            decide_restarts: Default::default(),
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct PublisherHandle {
     stats: tokio::sync::watch::Receiver<PublisherStats>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Panics the publisher's task caught and went on from.
+    restarts: Arc<crate::fault::Restarts>,
 }
 
 impl PublisherHandle {
@@ -219,6 +221,11 @@ impl PublisherHandle {
         .await
     }
 
+    /// The publisher's restarts after panics.
+    pub fn restarts(&self) -> &crate::fault::Restarts {
+        &self.restarts
+    }
+
     pub fn stats(&self) -> PublisherStats {
         *self.stats.borrow()
     }
@@ -285,7 +292,8 @@ pub fn spawn(
     });
     let cancel = CancellationToken::new();
     let (acks, _) = tokio::sync::broadcast::channel(65_536);
-    let task = tokio::spawn(task::run(
+    let restarts = Arc::new(crate::fault::Restarts::default());
+    let task = tokio::spawn(task::supervise(
         prepared,
         spool,
         rx,
@@ -293,6 +301,7 @@ pub fn spawn(
         acks.clone(),
         history.clone(),
         cancel.clone(),
+        restarts.clone(),
     ));
     Ok(PublisherHandle {
         tx,
@@ -301,5 +310,6 @@ pub fn spawn(
         stats: stats_rx,
         cancel,
         task,
+        restarts,
     })
 }

@@ -176,15 +176,37 @@ fn settle(awaiting: &mut Awaiting, through: u64, result: &std::io::Result<()>) -
     settled
 }
 
-pub(super) async fn run(
+/// What the publisher keeps across a restart of its task after a panic: the spool and its
+/// writer, the request queue, the counters, the retained messages.
+pub(super) struct Kept {
+    spool: Spool,
+    writer: Writer,
+    rx: mpsc::Receiver<Request>,
+    tally: Tally,
+    retained: std::collections::BTreeMap<String, Vec<u8>>,
+    /// Cleared scopes (full topic prefixes), oldest first.
+    cleared: VecDeque<String>,
+    /// Topics whose clearing waits for a connection.
+    to_clear: std::collections::BTreeSet<String>,
+}
+
+/// Runs the publisher until `cancel` (or every handle is gone), supervised: a panic in the
+/// task is caught, counted in `restarts` and reported, and the task starts again after a
+/// backoff with a fresh connection, keeping the spool (everything pending is sent again),
+/// the counters and the retained messages. The alerts of the request batch in hand when it
+/// panicked are lost if their write had not been started.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn supervise(
     p: Prepared,
     mut spool: Spool,
-    mut rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Request>,
     stats: tokio::sync::watch::Sender<PublisherStats>,
     acks: tokio::sync::broadcast::Sender<u64>,
     history: History,
     cancel: CancellationToken,
+    restarts: Arc<crate::fault::Restarts>,
 ) {
+    use futures_util::FutureExt;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let log = spool
         .detach_log()
@@ -196,15 +218,63 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut writer = Writer {
-        commands,
-        done: done_rx,
-        thread,
-        next_batch: 0,
-        awaiting: VecDeque::new(),
+    let mut kept = Kept {
+        spool,
+        writer: Writer {
+            commands,
+            done: done_rx,
+            thread,
+            next_batch: 0,
+            awaiting: VecDeque::new(),
+        },
+        rx,
+        tally: Tally {
+            durable: true,
+            ..Tally::default()
+        },
+        retained: Default::default(),
+        cleared: VecDeque::new(),
+        to_clear: Default::default(),
     };
+    loop {
+        let run =
+            std::panic::AssertUnwindSafe(run(&p, &mut kept, &stats, &acks, &history, &cancel));
+        match run.catch_unwind().await {
+            Ok(()) => break,
+            Err(panic) => {
+                let why = crate::fault::panic_message(&*panic);
+                let wait = restarts.record("publisher", &why);
+                tokio::time::sleep(wait).await;
+                if cancel.is_cancelled() {
+                    break;
+                }
+            }
+        }
+    }
+    kept.writer.finish(&mut kept.spool).await;
+}
+
+/// The task's loop over one connection's life and the ones after it, until `cancel` or every
+/// handle is gone.
+async fn run(
+    p: &Prepared,
+    kept: &mut Kept,
+    stats: &tokio::sync::watch::Sender<PublisherStats>,
+    acks: &tokio::sync::broadcast::Sender<u64>,
+    history: &History,
+    cancel: &CancellationToken,
+) {
+    let Kept {
+        spool,
+        writer,
+        rx,
+        tally,
+        retained,
+        cleared,
+        to_clear,
+    } = kept;
     let mut backoff = Backoff::new(p.backoff);
-    let mut session = Session::new(&p);
+    let mut session = Session::new(p);
     // What survived the last run is durable already: the broker owes an ack for each.
     let mut outbox = Outbox::new(vec![SinkConfig {
         name: "mqtt".into(),
@@ -218,15 +288,6 @@ pub(super) async fn run(
     // While set, the next connection attempt waits (backoff after a loss or failure).
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last_failure: Option<String> = None;
-    let mut tally = Tally {
-        durable: true,
-        ..Tally::default()
-    };
-    let mut retained: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
-    // Cleared scopes (full topic prefixes), oldest first, and topics whose clearing waits
-    // for a connection.
-    let mut cleared: VecDeque<String> = VecDeque::new();
-    let mut to_clear: std::collections::BTreeSet<String> = Default::default();
     let mut rng = fastrand::Rng::new();
     let publish_stats = |s: &Session, spool: &Spool, t: &Tally| {
         stats.send_replace(PublisherStats {
@@ -259,7 +320,6 @@ pub(super) async fn run(
                     })
                     .await;
                 }
-                writer.finish(&mut spool).await;
                 return;
             }
             first = rx.recv() => {
@@ -267,6 +327,7 @@ pub(super) async fn run(
                     cancel.cancel();
                     continue;
                 };
+                crate::fault::inject("publisher");
                 // Everything waiting now goes to the writer as one batch; batches queued
                 // during an fsync share the next one.
                 let mut batch = vec![first];
@@ -333,9 +394,9 @@ pub(super) async fn run(
                     }
                 }
                 if !alerts.is_empty() {
-                    writer.flush(&mut spool, alerts);
+                    writer.flush(spool, alerts);
                 }
-                publish_stats(&session, &spool, &tally);
+                publish_stats(&session, spool, tally);
             }
             Some(done) = writer.done.recv() => {
                 match done {
@@ -357,7 +418,7 @@ pub(super) async fn run(
                                 spool.ack(gone);
                             }
                         }
-                        session.pump(&mut outbox, &p, &spool, &mut tally.published);
+                        session.pump(&mut outbox, p, spool, &mut tally.published);
                     }
                     LogDone::Compacted { result: Ok(()) } => {
                         if !tally.durable {
@@ -370,11 +431,11 @@ pub(super) async fn run(
                         spool.compaction_failed();
                     }
                 }
-                publish_stats(&session, &spool, &tally);
+                publish_stats(&session, spool, tally);
             }
             _ = tick.tick() => {
-                writer.flush(&mut spool, Vec::new());
-                publish_stats(&session, &spool, &tally);
+                writer.flush(spool, Vec::new());
+                publish_stats(&session, spool, tally);
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                 retry_at = None;
@@ -391,14 +452,14 @@ pub(super) async fn run(
                         last_failure = None;
                         tracing::info!("MQTT connected.");
                         session.send_unspooled(&mut outbox, &p.status, true, b"online".to_vec());
-                        for (topic, payload) in &retained {
+                        for (topic, payload) in retained.iter() {
                             session.send_unspooled(&mut outbox, topic, true, payload.clone());
                         }
-                        for topic in std::mem::take(&mut to_clear) {
+                        for topic in std::mem::take(to_clear) {
                             session.send_unspooled(&mut outbox, &topic, true, Vec::new());
                         }
                         // Entries whose write is still running join the outbox when it settles.
-                        session.pump(&mut outbox, &p, &spool, &mut tally.published);
+                        session.pump(&mut outbox, p, spool, &mut tally.published);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         outbox.tagged(MQTT, u64::from(pkid));
@@ -412,9 +473,9 @@ pub(super) async fn run(
                         }
                         // Acks are made durable in batches: a lost ack only means a duplicate.
                         if outbox.stats(MQTT).in_flight == 0 || tally.acked % 1024 == 0 {
-                            writer.flush(&mut spool, Vec::new());
+                            writer.flush(spool, Vec::new());
                         }
-                        session.pump(&mut outbox, &p, &spool, &mut tally.published);
+                        session.pump(&mut outbox, p, spool, &mut tally.published);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -433,12 +494,12 @@ pub(super) async fn run(
                                 tracing::debug!(error = %reason, retry_in_ms = wait.as_millis() as u64, "MQTT connect failed.");
                             }
                         }
-                        writer.flush(&mut spool, Vec::new());
-                        session = Session::new(&p);
+                        writer.flush(spool, Vec::new());
+                        session = Session::new(p);
                         outbox.disconnected(MQTT);
                         // Durable answers and new alerts go on while it waits.
                         retry_at = Some(tokio::time::Instant::now() + wait);
-                        publish_stats(&session, &spool, &tally);
+                        publish_stats(&session, spool, tally);
                     }
                 }
                 // Counters are cheap to read but waking watchers on every packet is not.
@@ -446,7 +507,7 @@ pub(super) async fn run(
                     || outbox.stats(MQTT).in_flight == 0
                     || tally.acked % 256 == 0
                 {
-                    publish_stats(&session, &spool, &tally);
+                    publish_stats(&session, spool, tally);
                 }
             }
         }
