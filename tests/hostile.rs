@@ -98,6 +98,17 @@ fn request(port: u16, method: &str, path: &str, auth: Option<&str>, body: &[u8])
     (status, body.to_string())
 }
 
+/// POST /api/streams with the token.
+fn add_stream(port: u16, body: &str) -> (u16, String) {
+    request(
+        port,
+        "POST",
+        "/api/streams",
+        Some(&bearer(TOKEN)),
+        body.as_bytes(),
+    )
+}
+
 fn stream_report(port: u16, id: &str) -> Option<serde_json::Value> {
     let (_, body) = http(port, "GET", "/api/streams", Some(TOKEN), "");
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
@@ -266,13 +277,7 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
             "not allowed through the API",
         ),
     ] {
-        let (code, resp) = request(
-            port,
-            "POST",
-            "/api/streams",
-            Some(&bearer(TOKEN)),
-            body.as_bytes(),
-        );
+        let (code, resp) = add_stream(port, &body);
         assert_eq!(code, 400, "{body} -> {resp}");
         assert!(resp.contains(why), "{body} -> {resp}");
         tried += 1;
@@ -300,13 +305,7 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
         r#"{{"id":"apiquery","uri":"rtsp://127.0.0.1:1/y?access_token={q}&X-Amz-Signature={q}"}}"#,
         q = CANARY_QUERY
     );
-    let (code, resp) = request(
-        port,
-        "POST",
-        "/api/streams",
-        Some(&bearer(TOKEN)),
-        body.as_bytes(),
-    );
+    let (code, resp) = add_stream(port, &body);
     assert_eq!(code, 201, "{resp}");
     wait_until("apiquery fails", SECS(30), || {
         last_error_kind(port, "apiquery").is_some()
@@ -344,13 +343,7 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     .unwrap();
     let hls_port = serve_dir(hls.path().to_path_buf());
     let body = format!(r#"{{"id":"evilhls","uri":"http://127.0.0.1:{hls_port}/evil.m3u8"}}"#);
-    let (code, resp) = request(
-        port,
-        "POST",
-        "/api/streams",
-        Some(&bearer(TOKEN)),
-        body.as_bytes(),
-    );
+    let (code, resp) = add_stream(port, &body);
     assert_eq!(code, 201, "{resp}");
     wait_until("evilhls refused its file:// segment", SECS(30), || {
         last_error_kind(port, "evilhls").as_deref() == Some("source_not_allowed")
@@ -373,13 +366,7 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
 
     // The API's stream cap (3 here).
     let body = format!(r#"{{"id":"onetoomany","uri":"{}"}}"#, cam.url());
-    let (code, resp) = request(
-        port,
-        "POST",
-        "/api/streams",
-        Some(&bearer(TOKEN)),
-        body.as_bytes(),
-    );
+    let (code, resp) = add_stream(port, &body);
     assert_eq!(code, 403, "{resp}");
     assert!(resp.contains("api_max_streams"), "{resp}");
     tried += 1;

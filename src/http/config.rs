@@ -112,12 +112,12 @@ impl HttpConfig {
             } else {
                 base_dir.join(p)
             };
-            let t = crate::secret::read_secret_file(&p)
+            let t = crate::files::read_secret_file(&p)
                 .with_context(|| format!("http.token_file: cannot read {}", p.display()))?;
             return check_token(t.trim(), &p.display().to_string());
         }
         let p = state_dir.join("api-token");
-        if let Ok(t) = crate::secret::read_secret_file(&p) {
+        if let Ok(t) = crate::files::read_secret_file(&p) {
             return check_token(t.trim(), &p.display().to_string());
         }
         std::fs::create_dir_all(state_dir).with_context(|| {

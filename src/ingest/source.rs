@@ -272,7 +272,7 @@ impl Login {
             (Some(var), _) => Some(env(var, "password_env")?),
             (None, Some(path)) => {
                 Some(
-                    crate::secret::read_secret_file(path).map_err(|e| LoginError::File {
+                    crate::files::read_secret_file(path).map_err(|e| LoginError::File {
                         path: path.display().to_string(),
                         reason: e.to_string(),
                     })?,

@@ -184,39 +184,7 @@ pub const MAX_ENCODER_BYTES: u64 = 4 << 30;
 /// Reads a bundle file once: never through a symbolic link (`O_NOFOLLOW`), never blocking
 /// on a FIFO or device (`O_NONBLOCK`, then only regular files), at most `cap` bytes.
 pub fn read_bundle_file(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(nix::libc::ELOOP) {
-                std::io::Error::other(
-                    "is a symbolic link; a bundle's files must be regular files inside it",
-                )
-            } else {
-                e
-            }
-        })?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other("is not a regular file"));
-    }
-    if meta.len() > cap {
-        return Err(std::io::Error::other(format!(
-            "is {} bytes, more than the {cap} bytes allowed for this file",
-            meta.len()
-        )));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    f.take(cap + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > cap {
-        return Err(std::io::Error::other(format!(
-            "grew past the {cap} bytes allowed for this file while it was read"
-        )));
-    }
-    Ok(bytes)
+    crate::files::read_capped(path, cap, crate::files::Links::Refuse)
 }
 
 /// SHA-256 of `dir`'s `manifest.toml`, read as [`ModelBundle::load`] reads it: the identity

@@ -274,7 +274,7 @@ pub(super) fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, Publi
         }
         (None, Some(p)) => {
             Some(
-                crate::secret::read_secret_file(p).map_err(|e| PublishError::File {
+                crate::files::read_secret_file(p).map_err(|e| PublishError::File {
                     field: "password_file",
                     path: p.display().to_string(),
                     reason: e.to_string(),
