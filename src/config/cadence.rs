@@ -33,7 +33,13 @@ pub struct Cadence {
 
 impl Cadence {
     pub fn new(fps: f64, track: &TrackConfig, evidence: &EvidenceConfig) -> Cadence {
-        let frame = Duration::from_secs_f64(1.0 / fps.clamp(1e-3, 1e6));
+        // Any rate, even one validation refuses (NaN, 0, infinite), gives a finite frame.
+        let rate = if fps.is_finite() {
+            fps.clamp(1e-3, 1e6)
+        } else {
+            1e6
+        };
+        let frame = Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::from_secs(1000));
         let frames_per_score = track.frames_per_score(fps).min(u64::from(u32::MAX));
         let scoring_period = frame.saturating_mul(frames_per_score as u32);
         let by_count = scoring_period.saturating_mul(evidence.min_frames.saturating_sub(1) as u32);
@@ -188,5 +194,27 @@ mod tests {
         // Below 1.5 fps the shipped defaults need a longer window.
         let defaults = (TrackConfig::default(), EvidenceConfig::default());
         assert!(!Cadence::new(1.0, &defaults.0, &defaults.1).fits());
+    }
+
+    #[test]
+    fn any_rate_gives_a_finite_cadence_without_panicking() {
+        // Found by tests/properties.rs: a NaN rate used to panic in Duration::from_secs_f64.
+        let (t, e) = (TrackConfig::default(), EvidenceConfig::default());
+        for fps in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            0.0,
+            -5.0,
+            1e300,
+            1e-300,
+        ] {
+            let c = Cadence::new(fps, &t, &e);
+            assert!(
+                !c.frame.is_zero() && c.frame <= Duration::from_secs(1000),
+                "{fps}: {c:?}"
+            );
+            let _ = (c.fits(), c.alert_delay(&t), c.explain("x", &t, &e));
+        }
     }
 }

@@ -222,12 +222,14 @@ impl Config {
             ));
         }
         // The default rate applies to every stream without its own (API streams included).
-        let defaults = self.cadence(self.ingest.analysis_fps);
-        if self.cadence_checkable(self.ingest.analysis_fps) && !defaults.fits() {
-            errors.push(ConfigError::new(
-                "evidence.window",
-                defaults.explain("ingest.analysis_fps", &self.track, &self.evidence),
-            ));
+        if self.cadence_checkable(self.ingest.analysis_fps) {
+            let defaults = self.cadence(self.ingest.analysis_fps);
+            if !defaults.fits() {
+                errors.push(ConfigError::new(
+                    "evidence.window",
+                    defaults.explain("ingest.analysis_fps", &self.track, &self.evidence),
+                ));
+            }
         }
         let mut seen = std::collections::HashMap::new();
         for (&i, s) in stream_index.iter().zip(&self.streams) {
