@@ -18,25 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::RtspServer;
 use daemon_support::{
-    Daemon, SECS, TOKEN, bundle, http, metric, metrics, on_topic, write_config_with,
+    Daemon, SECS, TOKEN, bundle, face_clip, http, metric, metrics, on_topic, write_config_with,
 };
 use mqtt_support::{Broker, free_port, subscriber, wait_until};
-
-/// A clip of `seconds` with the astronaut's face panned and zoomed, H.264 in MP4.
-fn face_clip(dir: &Path, seconds: u32) -> PathBuf {
-    let out = dir.join("face.mp4");
-    let cmd = format!(
-        ".venv/bin/python tools/make_sample.py --width 480 --height 270 --frames {} | \
-         gst-launch-1.0 -q fdsrc ! rawvideoparse format=rgb width=480 height=270 \
-         framerate=30/1 ! videoconvert ! x264enc speed-preset=ultrafast key-int-max=30 ! \
-         h264parse ! mp4mux ! filesink location={}",
-        seconds * 30,
-        out.display()
-    );
-    let st = Command::new("sh").arg("-c").arg(&cmd).status().expect("sh");
-    assert!(st.success(), "making the face clip failed: {cmd}");
-    out
-}
 
 /// An RTSP server streaming `clip` in real time at `/test`.
 fn serve_clip(clip: &Path, port: u16) -> RtspServer {

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{H264_LIVE, RtspAuth, RtspServer, serve_dir};
-use daemon_support::{Daemon, SECS, http, metric, metrics};
+use daemon_support::{Daemon, SECS, http, last_error_kind, metric, metrics, stream_report};
 use mqtt_support::{Broker, free_port, subscriber, wait_until};
 
 const TOKEN: &str = "hostile-test-token-0123456789";
@@ -107,18 +107,6 @@ fn add_stream(port: u16, body: &str) -> (u16, String) {
         Some(&bearer(TOKEN)),
         body.as_bytes(),
     )
-}
-
-fn stream_report(port: u16, id: &str) -> Option<serde_json::Value> {
-    let (_, body) = http(port, "GET", "/api/streams", Some(TOKEN), "");
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    v.as_array()?.iter().find(|s| s["id"] == id).cloned()
-}
-
-fn last_error_kind(port: u16, id: &str) -> Option<String> {
-    stream_report(port, id)?["status"]["last_error"]["kind"]
-        .as_str()
-        .map(str::to_string)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,17 +210,17 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     // Credentials from the environment work; the wrong one from a file fails typed; a
     // password "file" that is /dev/zero is refused (it grew the daemon to 2 GB).
     wait_until("authcam online with its env password", SECS(30), || {
-        stream_report(port, "authcam").is_some_and(|s| s["status"]["state"] == "online")
+        stream_report(port, TOKEN, "authcam").is_some_and(|s| s["status"]["state"] == "online")
     })
     .await;
     wait_until("filecam fails authentication", SECS(30), || {
-        last_error_kind(port, "filecam").as_deref() == Some("auth_failed")
+        last_error_kind(port, TOKEN, "filecam").as_deref() == Some("auth_failed")
     })
     .await;
     wait_until(
         "zerocam refuses /dev/zero as a password file",
         SECS(30),
-        || last_error_kind(port, "zerocam").as_deref() == Some("credentials"),
+        || last_error_kind(port, TOKEN, "zerocam").as_deref() == Some("credentials"),
     )
     .await;
     tried += 3;
@@ -296,7 +284,7 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     );
     assert_eq!(code, 201, "{resp}");
     wait_until("apicam online with the operator's set", SECS(30), || {
-        stream_report(port, "apicam").is_some_and(|s| s["status"]["state"] == "online")
+        stream_report(port, TOKEN, "apicam").is_some_and(|s| s["status"]["state"] == "online")
     })
     .await;
 
@@ -308,10 +296,10 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     let (code, resp) = add_stream(port, &body);
     assert_eq!(code, 201, "{resp}");
     wait_until("apiquery fails", SECS(30), || {
-        last_error_kind(port, "apiquery").is_some()
+        last_error_kind(port, TOKEN, "apiquery").is_some()
     })
     .await;
-    let report = stream_report(port, "apiquery").unwrap();
+    let report = stream_report(port, TOKEN, "apiquery").unwrap();
     let e = &report["status"]["last_error"];
     assert_eq!(e["message"], e["kind"], "{report}");
     assert!(
@@ -346,7 +334,7 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     let (code, resp) = add_stream(port, &body);
     assert_eq!(code, 201, "{resp}");
     wait_until("evilhls refused its file:// segment", SECS(30), || {
-        last_error_kind(port, "evilhls").as_deref() == Some("source_not_allowed")
+        last_error_kind(port, TOKEN, "evilhls").as_deref() == Some("source_not_allowed")
     })
     .await;
     {

@@ -389,3 +389,41 @@ fn the_reference_manifest_still_loads() {
     dfwatch::model::ModelBundle::load(dir.path()).unwrap();
     let _ = SystemTime::now();
 }
+
+#[path = "../fuzz/src/lib.rs"]
+mod fuzz_targets;
+
+/// The fuzz targets' seeds and every input a fuzzer once broke a parser with, through the
+/// same target bodies `cargo fuzz` runs: fixed bugs stay fixed without a nightly toolchain.
+#[test]
+fn fuzz_seeds_and_regressions_replay() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    for (name, target) in fuzz_targets::TARGETS {
+        assert!(
+            manifest.contains(&format!("path = \"fuzz_targets/{name}.rs\"")),
+            "fuzz/Cargo.toml has no binary for target {name}"
+        );
+        let mut inputs = 0;
+        for kind in ["seeds", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(kind).join(name)) else {
+                continue;
+            };
+            for e in entries {
+                let path = e.unwrap().path();
+                let data = std::fs::read(&path).unwrap();
+                let outcome = std::panic::catch_unwind(|| target(&data));
+                assert!(
+                    outcome.is_ok(),
+                    "fuzz target {name} panicked on {}",
+                    path.display()
+                );
+                inputs += 1;
+            }
+        }
+        assert!(
+            inputs > 0,
+            "fuzz target {name} has no seeds in fuzz/seeds/{name}"
+        );
+    }
+}

@@ -496,6 +496,7 @@ impl Daemon {
                 reads_need_token: config.http.reads_need_token(),
             },
             guard: Default::default(),
+            connections: crate::http::Connections::new(crate::http::Limits::of(&config.http)),
             encode_queue: encode_stats,
         });
         state.beat();

@@ -125,6 +125,8 @@ pub struct AppState {
     pub api: crate::http::ApiPolicy,
     /// Failed-attempt throttle and its counters.
     pub guard: crate::http::Guard,
+    /// The HTTP listener's bounds and their counters.
+    pub connections: crate::http::Connections,
     pub encode_queue: Box<dyn Fn() -> ChannelStats + Send + Sync>,
 }
 
@@ -220,6 +222,7 @@ impl AppState {
             api_auth_failures: self.guard.auth_failures.get(),
             api_throttled: self.guard.throttled.get(),
             api_clients_forgotten: self.guard.forgotten.get(),
+            http: &self.connections,
             publisher_restarts: self.publisher.restarts().count(),
         };
         crate::metrics::families::render(&sample)

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,18 @@ pub struct HttpConfig {
     /// is not a loopback address), `token` (always), `open` (never). `/livez`, `/readyz`
     /// and `/metrics` are always open.
     pub read_auth: ReadAuth,
+    /// Connections open at once (range 1 to 4096). At the bound the oldest connection is
+    /// closed to admit the new one, so a flood of slow clients cannot lock a health probe
+    /// out; the cost is counted in `dfwatch_http_connections_evicted_total`.
+    pub max_connections: usize,
+    /// Time a client has to send a request's head, and the most a kept-alive connection
+    /// may sit idle (range 1s to 5m).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time a whole request may take once its head arrived, body included (range 1s to
+    /// 10m); past it the answer is 408.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 /// See [`HttpConfig::read_auth`].
@@ -57,6 +70,9 @@ impl Default for HttpConfig {
             api_credentials: BTreeMap::new(),
             api_max_streams: 16,
             read_auth: ReadAuth::Auto,
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -79,6 +95,17 @@ impl HttpConfig {
         }
         c.env_name("token_env", self.token_env.as_deref());
         c.count("api_max_streams", self.api_max_streams as u64, 0..=1024);
+        c.count("max_connections", self.max_connections as u64, 1..=4096);
+        c.duration(
+            "header_timeout",
+            self.header_timeout,
+            Duration::from_secs(1)..=Duration::from_secs(300),
+        );
+        c.duration(
+            "request_timeout",
+            self.request_timeout,
+            Duration::from_secs(1)..=Duration::from_secs(600),
+        );
         for (name, set) in &self.api_credentials {
             let path = format!("api_credentials.{name}");
             if crate::types::check_id(name).is_err() {

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod guard;
+pub mod listener;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use tokio::sync::oneshot;
 
 pub use config::{HttpConfig, ReadAuth};
 pub use guard::{ApiPolicy, Guard};
+pub use listener::{Connections, Limits};
 
 use crate::app::state::{AppState, Command, CommandError};
 use crate::ingest::StreamConfig;
@@ -338,10 +340,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/alerts", read(get(alerts)))
         .route("/api/reload", post(reload).route_layer(token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(from_fn_with_state(
+            state.clone(),
+            listener::request_deadline,
+        ))
         .with_state(state)
 }
 
-/// Binds `listen` (failing at once if it cannot) and serves until `cancel`.
+/// Binds `listen` (failing at once if it cannot) and serves until `cancel`, under the
+/// bounds of [`listener`].
 pub async fn serve(
     listen: SocketAddr,
     state: Arc<AppState>,
@@ -352,15 +359,8 @@ pub async fn serve(
         .await
         .with_context(|| format!("http.listen: cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed.");
-        }
-    });
+    let app = router(state.clone());
+    let task = tokio::spawn(listener::accept_loop(listener, app, state, cancel));
     Ok((addr, task))
 }
 

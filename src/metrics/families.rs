@@ -32,6 +32,8 @@ pub struct NodeSample<'a> {
     pub api_auth_failures: u64,
     pub api_throttled: u64,
     pub api_clients_forgotten: u64,
+    /// The HTTP listener's connections and what its bounds cost.
+    pub http: &'a crate::http::Connections,
     pub publisher_restarts: u64,
 }
 
@@ -274,6 +276,16 @@ pub fn render(n: &NodeSample<'_>) -> String {
     )
     .sample("dfwatch_mqtt_reconnects_total", &[], p.reconnects as f64);
     e.family(
+        "dfwatch_mqtt_connect_failures_total",
+        "counter",
+        "Broker connection attempts that failed before the CONNACK (refused, timed out, malformed answers).",
+    )
+    .sample(
+        "dfwatch_mqtt_connect_failures_total",
+        &[],
+        p.connect_failures as f64,
+    );
+    e.family(
         "dfwatch_stage_restarts_total",
         "counter",
         "Panics a stage caught and went on from (after a backoff), by stage.",
@@ -356,8 +368,43 @@ pub fn render(n: &NodeSample<'_>) -> String {
             "Failing API clients forgotten because the throttle's book was full.",
             n.api_clients_forgotten,
         ),
+        (
+            "dfwatch_http_connections_accepted_total",
+            "HTTP connections accepted.",
+            n.http.accepted.get(),
+        ),
+        (
+            "dfwatch_http_connections_evicted_total",
+            "HTTP connections closed to make room at http.max_connections (the oldest first).",
+            n.http.evicted.get(),
+        ),
+        (
+            "dfwatch_http_header_timeouts_total",
+            "HTTP connections closed because a request head took longer than http.header_timeout (or the connection sat idle that long).",
+            n.http.header_timeouts.get(),
+        ),
+        (
+            "dfwatch_http_request_timeouts_total",
+            "HTTP requests answered 408 for taking longer than http.request_timeout.",
+            n.http.request_timeouts.get(),
+        ),
+        (
+            "dfwatch_http_accept_errors_total",
+            "Failed accepts on the HTTP listener (out of file descriptors, say).",
+            n.http.accept_errors.get(),
+        ),
     ] {
         e.family(name, "counter", help).sample(name, &[], v as f64);
     }
+    e.family(
+        "dfwatch_http_connections",
+        "gauge",
+        "HTTP connections open now (at most http.max_connections).",
+    )
+    .sample(
+        "dfwatch_http_connections",
+        &[],
+        n.http.open.load(Ordering::Relaxed) as f64,
+    );
     e.finish()
 }

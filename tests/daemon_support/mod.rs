@@ -33,6 +33,22 @@ pub fn bundle(dir: &Path, shift: f64) -> PathBuf {
     out
 }
 
+/// A clip of `seconds` with the astronaut's face panned and zoomed, H.264 in MP4.
+pub fn face_clip(dir: &Path, seconds: u32) -> PathBuf {
+    let out = dir.join("face.mp4");
+    let cmd = format!(
+        ".venv/bin/python tools/make_sample.py --width 480 --height 270 --frames {} | \
+         gst-launch-1.0 -q fdsrc ! rawvideoparse format=rgb width=480 height=270 \
+         framerate=30/1 ! videoconvert ! x264enc speed-preset=ultrafast key-int-max=30 ! \
+         h264parse ! mp4mux ! filesink location={}",
+        seconds * 30,
+        out.display()
+    );
+    let st = Command::new("sh").arg("-c").arg(&cmd).status().expect("sh");
+    assert!(st.success(), "making the face clip failed: {cmd}");
+    out
+}
+
 /// The daemon as a child process; killed if the test ends early.
 pub struct Daemon {
     child: Option<Child>,
@@ -41,6 +57,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, dir: &Path, env: &[(&str, String)]) -> Daemon {
+        Self::start_with_nofile(config, dir, env, None)
+    }
+
+    /// Like [`Daemon::start`], with the open-file limit (`RLIMIT_NOFILE`) set to `nofile` as
+    /// a service manager would (systemd's soft default is 1024).
+    pub fn start_with_nofile(
+        config: &Path,
+        dir: &Path,
+        env: &[(&str, String)],
+        nofile: Option<u64>,
+    ) -> Daemon {
         let log = dir.join("daemon.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfwatch"));
         cmd.args(["run", "--config"])
@@ -51,6 +78,16 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         Daemon {
             child: Some(cmd.spawn().expect("dfwatch binary")),
@@ -133,6 +170,20 @@ pub fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// One stream's entry in GET /api/streams.
+pub fn stream_report(port: u16, token: &str, id: &str) -> Option<serde_json::Value> {
+    let (_, body) = http(port, "GET", "/api/streams", Some(token), "");
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v.as_array()?.iter().find(|s| s["id"] == id).cloned()
+}
+
+/// The `last_error.kind` of one stream, if it has one.
+pub fn last_error_kind(port: u16, token: &str, id: &str) -> Option<String> {
+    stream_report(port, token, id)?["status"]["last_error"]["kind"]
+        .as_str()
+        .map(str::to_string)
 }
 
 pub fn metrics(port: u16) -> String {

@@ -93,6 +93,9 @@ pub struct PublisherStats {
     pub published: u64,
     pub acked: u64,
     pub reconnects: u64,
+    /// Connection attempts that ended before the broker's CONNACK (refused, timed out,
+    /// malformed answers).
+    pub connect_failures: u64,
     /// `false` while the disk refuses the spool's writes (alerts still go to the broker).
     pub durable: bool,
     /// Failed spool writes and compactions.

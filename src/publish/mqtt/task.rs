@@ -24,8 +24,43 @@ const MQTT: SinkId = 0;
 /// messages, whose re-sends the outbox could not match).
 struct Session {
     client: AsyncClient,
-    events: EventLoop,
+    /// rumqttc's event loop until the session starts (it waits out its backoff first).
+    idle: Option<Box<EventLoop>>,
+    /// Then its events, from a task of its own that drives it. rumqttc's `poll` is not
+    /// cancel-safe while it connects: polled in the publisher's `select!`, every other event
+    /// (a request, a written batch, the tick) dropped the connect in progress, so a broker
+    /// slower to answer than the gap between two events was never reached, and a silent one
+    /// was retried at once, for ever, without its connect timeout running out.
+    running: Option<(EventRx, AbortOnDrop)>,
     connected: bool,
+}
+
+type EventRx = mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>;
+
+/// Aborts the task when dropped (a session dropped on a loss takes its driver with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Events a driver may read ahead of the publisher task.
+const EVENTS_AHEAD: usize = 64;
+
+/// Polls the event loop until it fails or nobody listens; the error is the last event.
+async fn drive(
+    mut events: Box<EventLoop>,
+    tx: mpsc::Sender<Result<Event, rumqttc::ConnectionError>>,
+) {
+    loop {
+        let ev = events.poll().await;
+        let failed = ev.is_err();
+        if tx.send(ev).await.is_err() || failed {
+            return;
+        }
+    }
 }
 
 impl Session {
@@ -33,8 +68,26 @@ impl Session {
         let (client, events) = AsyncClient::new(p.options.clone(), 256);
         Session {
             client,
-            events,
+            idle: Some(Box::new(events)),
+            running: None,
             connected: false,
+        }
+    }
+
+    /// The next event of this connection, starting its driver (and so the connect) on the
+    /// first call. Cancel-safe: the connect goes on whatever else the caller does meanwhile.
+    async fn next_event(&mut self) -> Result<Event, rumqttc::ConnectionError> {
+        if let Some(events) = self.idle.take() {
+            let (tx, rx) = mpsc::channel(EVENTS_AHEAD);
+            self.running = Some((rx, AbortOnDrop(tokio::spawn(drive(events, tx)))));
+        }
+        match &mut self.running {
+            Some((rx, _)) => match rx.recv().await {
+                Some(ev) => ev,
+                // The driver ended after its error was taken: nothing more will come.
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
         }
     }
 
@@ -85,6 +138,7 @@ struct Tally {
     published: u64,
     acked: u64,
     reconnects: u64,
+    connect_failures: u64,
     durable: bool,
     write_errors: u64,
 }
@@ -296,6 +350,7 @@ async fn run(
             published: t.published,
             acked: t.acked,
             reconnects: t.reconnects,
+            connect_failures: t.connect_failures,
             durable: t.durable,
             spool_write_errors: t.write_errors,
             spool: spool.stats(),
@@ -312,7 +367,7 @@ async fn run(
                     let _ = session.client.try_disconnect();
                     // Let the event loop send them.
                     let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                        while let Ok(ev) = session.events.poll().await {
+                        while let Ok(ev) = session.next_event().await {
                             if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
                                 break;
                             }
@@ -440,7 +495,7 @@ async fn run(
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                 retry_at = None;
             }
-            ev = session.events.poll(), if retry_at.is_none() => {
+            ev = session.next_event(), if retry_at.is_none() => {
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         if session.connected {
@@ -484,6 +539,7 @@ async fn run(
                             tally.reconnects += 1;
                             tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT connection lost.");
                         } else {
+                            tally.connect_failures += 1;
                             // Said once per distinct reason (a wrong CA or a refused login
                             // must be visible), then quietly while it keeps failing the same way.
                             let reason = e.to_string();
