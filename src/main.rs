@@ -88,6 +88,25 @@ enum Cmd {
         #[arg(long, value_name = "IMAGE")]
         check_crop: Option<PathBuf>,
     },
+    /// Check the native GPU engine on this machine's GPU: every kernel against its CPU twin,
+    /// the engine against its fp16 CPU emulation, and its speed per batch bucket; writes
+    /// DIR/report.json (tools/gpu-check.sh runs it beside the PyTorch baselines).
+    GpuCheck {
+        /// Model bundle (with image_encoder.safetensors).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Directory for report.json and the raw embeddings.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Crops compared end to end.
+        #[arg(long, default_value_t = 8)]
+        crops: usize,
+        /// Timed forwards per bucket and mode.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// Run a benchmark that prints its baseline measured in the same run.
     Bench {
         /// Benchmark name; leave out to list them.
@@ -127,6 +146,13 @@ fn main() -> ExitCode {
             compile,
             check_crop,
         } => gpu_info(json, compile, check_crop),
+        Cmd::GpuCheck {
+            model,
+            out,
+            crops,
+            iters,
+            seed,
+        } => gpu_check(&model, &out, crops, iters, seed),
         Cmd::Analyze {
             input,
             model,
@@ -228,6 +254,58 @@ fn gpu_check_crop(image: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    crops: usize,
+    iters: usize,
+    seed: u64,
+) -> ExitCode {
+    let args = dfwatch::gpu::vit::check::CheckArgs {
+        model,
+        out,
+        crops,
+        seed,
+        iters,
+    };
+    match dfwatch::gpu::vit::check::run(&args) {
+        Ok(report) => {
+            let pass = report["pass"] == serde_json::json!(true);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            println!(
+                "gpu-check: {} (report: {})",
+                if pass { "PASS" } else { "FAIL" },
+                out.join("report.json").display()
+            );
+            if pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: gpu-check: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(
+    _model: &std::path::Path,
+    _out: &std::path::Path,
+    _crops: usize,
+    _iters: usize,
+    _seed: u64,
+) -> ExitCode {
+    eprintln!("error: {}", dfwatch::gpu::GpuError::FeatureDisabled);
+    ExitCode::FAILURE
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -135,6 +135,11 @@ pub fn check_crop(image: &std::path::Path) -> Result<(usize, f64, f32), GpuError
     let img = image::open(image)
         .map_err(|e| GpuError::Driver(format!("{}: {e}", image.display())))?
         .to_rgb8();
+    check_crop_image(&img)
+}
+
+/// [`check_crop`] on an image in memory.
+pub fn check_crop_image(img: &image::RgbImage) -> Result<(usize, f64, f32), GpuError> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let size = 224;
     let (mean, std) = (

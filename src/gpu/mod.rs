@@ -1,11 +1,12 @@
-//! GPU path (feature `cuda`, cudarc with every CUDA library loaded at run time): the home of
-//! the fused crop kernels and, later, the native ViT-B/32 engine.
+//! GPU path (feature `cuda`, cudarc with every CUDA library loaded at run time): the fused
+//! crop kernels and the native ViT-B/32 engine ([`vit`]).
 //!
-//! Built so far: [`probe`] (what `dfwatch gpu-info` prints: each CUDA library present or not,
-//! the devices and their compute capability) and the NVRTC compilation of `kernels/*.cu`
-//! ([`compile_kernels`]), which CI runs on a machine without a GPU. Not built yet: the engine
-//! (uploads, crop launches, cuBLASLt GEMMs, CUDA graphs); `model.backend = "cuda"` is refused
-//! with [`GpuError::NotImplemented`] until it is.
+//! [`probe`] is what `dfwatch gpu-info` prints (each CUDA library present or not, the devices
+//! and their compute capability); [`compile_kernels`] compiles `kernels/*.cu` with NVRTC, which
+//! CI runs on a machine without a GPU. [`vit`] is the engine: its model code and CPU twins are
+//! always built (and checked against ONNX Runtime in CI), its device side with `cuda`. The
+//! daemon does not use it yet: `model.backend = "cuda"` is refused with
+//! [`GpuError::NotImplemented`] until it does.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,7 @@ use serde::Serialize;
 
 #[cfg(feature = "cuda")]
 pub mod crop;
+pub mod vit;
 
 /// The CUDA C++ kernels, compiled at run time by NVRTC (no CUDA toolkit needed to build).
 pub const KERNELS: &[(&str, &str)] = &[
@@ -26,9 +28,9 @@ pub enum GpuError {
     #[error("the GPU path is not available: dfwatch was built without the `cuda` feature")]
     FeatureDisabled,
     #[error(
-        "the native GPU engine is not implemented yet in this version of dfwatch (its \
-         kernels compile; the ViT-B/32 engine that runs them does not exist yet): use \
-         model.backend = \"cpu\""
+        "model.backend = \"cuda\" is not wired into the daemon in this version of dfwatch \
+         (the native ViT-B/32 engine is built and checked on the CPU, and `dfwatch gpu-check` \
+         tests it on a GPU, but the daemon does not run it yet): use model.backend = \"cpu\""
     )]
     NotImplemented,
     #[error("CUDA library {0} not found (searched the loader path; set LD_LIBRARY_PATH)")]
@@ -270,9 +272,11 @@ mod tests {
             "patchify",
             "embed_tokens",
             "add_layernorm",
+            "layernorm_f32",
             "bias_quick_gelu",
             "add_bias",
             "attention",
+            "take_rows",
         ] {
             assert!(
                 vit.contains(&format!(".entry {entry}")),
