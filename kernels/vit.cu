@@ -32,16 +32,16 @@ extern "C" __global__ void patchify(const __half* __restrict__ crops, int batch,
                                     int patch, __half* __restrict__ out) {
     const int grid = size / patch;
     const int per_patch = 3 * patch * patch;
-    const long total = (long)batch * grid * grid * per_patch;
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total = (long long)batch * grid * grid * per_patch;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     const int k = (int)(i % per_patch);
-    const long row = i / per_patch;
+    const long long row = i / per_patch;
     const int p = (int)(row % (grid * grid));
     const int b = (int)(row / (grid * grid));
     const int c = k / (patch * patch), r = k % (patch * patch);
     const int y = (p / grid) * patch + r / patch, x = (p % grid) * patch + r % patch;
-    out[i] = crops[(((long)b * 3 + c) * size + y) * size + x];
+    out[i] = crops[(((long long)b * 3 + c) * size + y) * size + x];
 }
 
 // Tokens [batch * (1 + n_patches), width] of the fp32 residual stream: the class embedding
@@ -52,16 +52,16 @@ extern "C" __global__ void embed_tokens(const __half* __restrict__ patches,  // 
                                         int batch, int n_patches, int width,
                                         float* __restrict__ out) {
     const int tokens = n_patches + 1;
-    const long total = (long)batch * tokens * width;
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total = (long long)batch * tokens * width;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     const int w = (int)(i % width);
-    const long row = i / width;
+    const long long row = i / width;
     const int t = (int)(row % tokens);
-    const long b = row / tokens;
+    const long long b = row / tokens;
     const float v = t == 0 ? __half2float(class_embedding[w])
                            : __half2float(patches[(b * n_patches + t - 1) * width + w]);
-    out[i] = v + __half2float(positional[(long)t * width + w]);
+    out[i] = v + __half2float(positional[(long long)t * width + w]);
 }
 
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
@@ -77,7 +77,7 @@ __device__ void add_layernorm_row(const float* x, const __half* residual, float*
                                   int width, float eps) {
     extern __shared__ float row[];  // width floats, then 32 for the reduction
     float* scratch = row + width;
-    const long base = (long)blockIdx.x * width;
+    const long long base = (long long)blockIdx.x * width;
     float local = 0.0f;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = x[base + i];
@@ -116,8 +116,8 @@ extern "C" __global__ void layernorm_f32(const float* x, float* out,
 
 // x = QuickGELU(x + bias) = y * sigmoid(1.702 y), in place, x [rows, cols].
 extern "C" __global__ void bias_quick_gelu(__half* __restrict__ x, const __half* __restrict__ bias,
-                                           int cols, long total) {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+                                           int cols, long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     const float y = __half2float(x[i]) + __half2float(bias[i % cols]);
     x[i] = __float2half(y / (1.0f + __expf(-1.702f * y)));
@@ -125,8 +125,8 @@ extern "C" __global__ void bias_quick_gelu(__half* __restrict__ x, const __half*
 
 // x += bias, in place (GEMM outputs without a fused epilogue).
 extern "C" __global__ void add_bias(__half* __restrict__ x, const __half* __restrict__ bias,
-                                    int cols, long total) {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+                                    int cols, long long total) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     x[i] = __float2half(__half2float(x[i]) + __half2float(bias[i % cols]));
 }
@@ -144,7 +144,7 @@ extern "C" __global__ void attention(const __half* __restrict__ qkv, int tokens,
     __shared__ float s[MAX_TOKENS][MAX_TOKENS + 1];
     const int h = blockIdx.x, b = blockIdx.y;
     if (tokens > MAX_TOKENS || head_dim > MAX_HEAD_DIM) return;
-    const long row0 = (long)b * tokens;
+    const long long row0 = (long long)b * tokens;
     const int stride = 3 * width;
     for (int i = threadIdx.x; i < tokens * head_dim; i += blockDim.x) {
         const int t = i / head_dim, d = i % head_dim;
@@ -190,8 +190,8 @@ extern "C" __global__ void attention(const __half* __restrict__ qkv, int tokens,
 // value.
 extern "C" __global__ void take_rows(const __half* __restrict__ src, int count, int stride,
                                      int width, __half* __restrict__ dst) {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)count * width) return;
-    const long r = i / width;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)count * width) return;
+    const long long r = i / width;
     dst[i] = src[r * stride * width + i % width];
 }

@@ -30,7 +30,7 @@ macro_rules! launch {
         $( b.arg($arg); )*
         // SAFETY: every caller passes the kernel's parameters in order with the C types of
         // kernels/vit.cu (pointers as u64 device addresses inside the arena or a weight, int
-        // as i32, long as i64, float as f32), and sized its grid to the buffers it checked.
+        // as i32, long long as i64, float as f32), and sized its grid to the buffers it checked.
         unsafe { b.launch($cfg) }.map(|_| ()).map_err(dev)
     }};
 }
@@ -86,12 +86,16 @@ struct LtGemm {
 
 impl Drop for LtGemm {
     fn drop(&mut self) {
-        // SAFETY: each was created once by this module.
+        // SAFETY: each non-null handle was created once by `make_gemm` and is owned here alone.
         unsafe {
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.c);
-            let _ = lt::destroy_matmul_desc(self.desc);
+            for l in [self.a, self.b, self.c] {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
         }
     }
 }
@@ -209,20 +213,23 @@ impl CudaOps {
             Dtype::F16 => CUDA_R_16F,
             Dtype::F32 => CUDA_R_32F,
         };
-        let desc =
-            lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
-                .map_err(dev)?;
-        let layout = |t, r: usize, c: usize, ld: usize| {
-            lt::create_matrix_layout(t, r as u64, c as u64, ld as i64).map_err(dev)
-        };
-        let g = LtGemm {
-            desc,
-            a: layout(CUDA_R_16F, ar, ac, spec.lda)?,
-            b: layout(CUDA_R_16F, br, bc, spec.ldb)?,
-            c: layout(c_type, cr, cc, spec.ldc)?,
+        // Owned from the first handle on, so that an error part-way destroys what was made.
+        let mut g = LtGemm {
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
             // SAFETY: plain C struct, filled by the heuristic below before use.
             algo: unsafe { std::mem::zeroed() },
         };
+        g.desc = lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
+            .map_err(dev)?;
+        let layout = |t, r: usize, c: usize, ld: usize| {
+            lt::create_matrix_layout(t, r as u64, c as u64, ld as i64).map_err(dev)
+        };
+        g.a = layout(CUDA_R_16F, ar, ac, spec.lda)?;
+        g.b = layout(CUDA_R_16F, br, bc, spec.ldb)?;
+        g.c = layout(c_type, cr, cc, spec.ldc)?;
         for (attr, t) in [
             (
                 ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
@@ -265,10 +272,10 @@ impl CudaOps {
         let heuristic = heuristic.map_err(|e| {
             EngineError::Device(format!("cuBLASLt has no algorithm for {spec:?}: {e:?}"))
         })?;
-        Ok(LtGemm {
-            algo: heuristic.algo,
-            ..g
-        })
+        // Not `LtGemm { algo, ..g }`: the handles are Copy, so that would copy them out of a
+        // `g` whose drop then destroys them.
+        g.algo = heuristic.algo;
+        Ok(g)
     }
 
     /// Copies `values` into a planned buffer, in the buffer's dtype.
@@ -334,6 +341,7 @@ impl CudaOps {
     ) -> Result<(), EngineError> {
         let total = rows * cols;
         self.check(&[(x, total)])?;
+        self.check_weight(bias, cols)?;
         let (p, b) = (self.ptr(x)?, self.wptr(bias));
         let (c, t) = (int(cols, "cols")?, total as i64);
         let f = match k {
@@ -341,6 +349,18 @@ impl CudaOps {
             Kernel::BiasQuickGelu => &self.k.bias_quick_gelu,
         };
         launch!(self, f, cfg1d(total)?; &p, &b, &c, &t)
+    }
+
+    /// A weight handle holds at least `n` values (a kernel reads that many).
+    fn check_weight(&self, w: usize, n: usize) -> Result<(), EngineError> {
+        match self.weights.get(w) {
+            Some(x) if x.2 >= n => Ok(()),
+            Some(x) => Err(EngineError::Layout(format!(
+                "weight {w} holds {} values, the kernel reads {n}",
+                x.2
+            ))),
+            None => Err(EngineError::Layout(format!("no weight {w}"))),
+        }
     }
 
     fn check(&self, bufs: &[(Buf, usize)]) -> Result<(), EngineError> {
@@ -458,6 +478,8 @@ impl Ops for CudaOps {
     ) -> Result<(), EngineError> {
         let total = batch * (n_patches + 1) * width;
         self.check(&[(patches, batch * n_patches * width), (out, total)])?;
+        self.check_weight(class, width)?;
+        self.check_weight(positional, (n_patches + 1) * width)?;
         let (p, o) = (self.ptr(patches)?, self.ptr(out)?);
         let (c, pos) = (self.wptr(class), self.wptr(positional));
         let (b, n, w) = (
@@ -481,6 +503,8 @@ impl Ops for CudaOps {
     ) -> Result<(), EngineError> {
         let n = rows * width;
         self.check(&[(x, n), (norm_out, n)])?;
+        self.check_weight(gamma, width)?;
+        self.check_weight(beta, width)?;
         let cfg = LaunchConfig {
             grid_dim: (int(rows, "rows")? as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -600,12 +624,13 @@ impl Ops for CudaOps {
 /// The native engine on a GPU: weights uploaded once, one arena for every bucket, a CUDA graph
 /// per bucket.
 pub struct CudaEngine {
+    // Fields drop in order: the graphs before the memory and the module they refer to.
+    graphs: HashMap<usize, CudaGraph>,
+    arena: CudaSlice<u8>,
     pub ops: CudaOps,
     weights: VitWeights<usize>,
     shape: VitShape,
     plans: Vec<Plan>,
-    arena: CudaSlice<u8>,
-    graphs: HashMap<usize, CudaGraph>,
 }
 
 impl CudaEngine {
@@ -674,52 +699,53 @@ impl CudaEngine {
         Ok(plan)
     }
 
-    /// Runs the bucket's forward: eagerly, or through its CUDA graph (captured on first use).
+    fn eager(&mut self, plan: &Plan) -> Result<(), EngineError> {
+        forward(
+            &mut self.ops,
+            &self.weights,
+            &self.shape,
+            plan,
+            plan.batch,
+            None,
+        )
+    }
+
+    /// Runs the bucket's forward: eagerly, or through its CUDA graph. The first graph call of a
+    /// bucket runs eagerly (leaving the outputs in the arena) and then captures the graph
+    /// without launching it: the eager pass has overwritten the input (the crops share memory
+    /// with later activations), so a launch right after would compute from garbage.
     pub fn run(&mut self, plan: &Plan, graph: bool) -> Result<(), EngineError> {
         if !graph {
-            return forward(
-                &mut self.ops,
-                &self.weights,
-                &self.shape,
-                plan,
-                plan.batch,
-                None,
-            );
+            return self.eager(plan);
         }
-        if !self.graphs.contains_key(&plan.batch) {
-            // Descriptors and algorithms are chosen outside the capture.
-            forward(
-                &mut self.ops,
-                &self.weights,
-                &self.shape,
-                plan,
-                plan.batch,
-                None,
-            )?;
-            self.ops.stream.synchronize().map_err(dev)?;
-            self.ops
-                .stream
-                .begin_capture(dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(dev)?;
-            let r = forward(
-                &mut self.ops,
-                &self.weights,
-                &self.shape,
-                plan,
-                plan.batch,
-                None,
-            );
-            let g = self
-                .ops
-                .stream
-                .end_capture(dsys::CUgraphInstantiate_flags(0))
-                .map_err(dev)?;
-            r?;
-            let g = g.ok_or_else(|| EngineError::Device("the capture made no graph".into()))?;
-            g.upload().map_err(dev)?;
-            self.graphs.insert(plan.batch, g);
+        if let Some(g) = self.graphs.get(&plan.batch) {
+            return g.launch().map_err(dev);
         }
-        self.graphs[&plan.batch].launch().map_err(dev)
+        // Descriptors and algorithms are chosen outside the capture, by this eager pass.
+        self.eager(plan)?;
+        self.ops.stream.synchronize().map_err(dev)?;
+        self.ops
+            .stream
+            .begin_capture(dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(dev)?;
+        let recorded = self.eager(plan);
+        let captured = self
+            .ops
+            .stream
+            .end_capture(dsys::CUgraphInstantiate_flags(0));
+        // The forward's own error is the cause; a capture error follows from it.
+        recorded?;
+        let g = captured
+            .map_err(dev)?
+            .ok_or_else(|| EngineError::Device("the capture made no graph".into()))?;
+        g.upload().map_err(dev)?;
+        self.graphs.insert(plan.batch, g);
+        Ok(())
+    }
+
+    /// Whether the bucket's graph is captured (its next graph run replays it).
+    pub fn captured(&self, batch: usize) -> bool {
+        self.graphs.contains_key(&batch)
     }
 
     /// Embeddings of `n` crops.
