@@ -168,12 +168,14 @@ fn gpu_info(json: bool, compile: bool, check_crop: Option<PathBuf>) -> ExitCode 
         return gpu_check_crop(&image);
     }
     let info = dfwatch::gpu::probe();
+    let ort = onnxruntime_json();
     let compiled = compile.then(|| {
         let arch = dfwatch::gpu::arch_for(info.devices.first().map(|d| d.compute_capability));
         (arch, dfwatch::gpu::compile_kernels(arch))
     });
     if json {
         let mut v = serde_json::to_value(&info).expect("serialisable");
+        v["onnxruntime"] = ort;
         if let Some((arch, r)) = &compiled {
             v["kernels"] = match r {
                 Ok(k) => {
@@ -210,6 +212,23 @@ fn gpu_info(json: bool, compile: bool, check_crop: Option<PathBuf>) -> ExitCode 
         match &info.include_dir {
             Some(p) => println!("  CUDA headers: {}", p.display()),
             None => println!("  CUDA headers: not found (DFWATCH_CUDA_INCLUDE, CUDA_PATH)"),
+        }
+        match (
+            ort["version"].as_str(),
+            ort["available_providers"].as_array(),
+        ) {
+            (Some(v), Some(p)) => println!(
+                "ONNX Runtime {v} ({}): providers {}",
+                ort["library"].as_str().unwrap_or(""),
+                p.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => println!(
+                "ONNX Runtime: {}",
+                ort["error"].as_str().unwrap_or("unknown")
+            ),
         }
         if let Some((arch, r)) = &compiled {
             match r {
@@ -316,13 +335,15 @@ fn gpu_check_crop(_image: &std::path::Path) -> ExitCode {
 
 /// Loads a config, printing every problem (exit code 2) when it is invalid.
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
-        eprintln!("{}: invalid config:", path.display());
-        for e in &errors.0 {
-            eprintln!("  {e}");
-        }
-        ExitCode::from(2)
-    })
+    Config::load(path)
+        .and_then(|c| check_providers(&c).map(|_| c))
+        .map_err(|errors| {
+            eprintln!("{}: invalid config:", path.display());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::from(2)
+        })
 }
 
 fn run(path: PathBuf) -> ExitCode {
@@ -425,8 +446,12 @@ fn analyze(
 fn validate(files: &[PathBuf]) -> ExitCode {
     let mut bad = false;
     for f in files {
-        match Config::load(f) {
-            Ok(c) => {
+        let checked = Config::load(f).and_then(|c| {
+            let providers = check_providers(&c)?;
+            Ok((c, providers))
+        });
+        match checked {
+            Ok((c, providers)) => {
                 let fps = c.ingest.analysis_fps;
                 println!(
                     "{}: ok ({} streams); a steady fake face at {fps} fps alerts within {} plus \
@@ -434,7 +459,10 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                     f.display(),
                     c.streams.len(),
                     dfwatch::validation::human(c.cadence(fps).alert_delay(&c.track))
-                )
+                );
+                if let Some(line) = providers {
+                    println!("{}: onnx.providers: {line}", f.display());
+                }
             }
             Err(errors) => {
                 bad = true;
@@ -452,6 +480,23 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     }
 }
 
+/// `onnx.providers` against the ONNX Runtime library the config names (loaded here): the
+/// check `validate` and `run` share. `Ok(Some(line))` says what will run, or why it could not
+/// be checked.
+fn check_providers(c: &Config) -> Result<Option<String>, dfwatch::validation::ConfigErrors> {
+    use dfwatch::onnx::ProviderCheck;
+    match dfwatch::onnx::check_providers(&c.onnx) {
+        Ok(ProviderCheck::CpuOnly) => Ok(None),
+        Ok(ProviderCheck::Met(line)) => Ok(Some(line)),
+        Ok(ProviderCheck::NotChecked(why)) => Ok(Some(format!(
+            "not checked: the ONNX Runtime library could not be loaded here ({why})"
+        ))),
+        Err(e) => Err(dfwatch::validation::ConfigErrors::one(
+            dfwatch::validation::ConfigError::new("onnx.providers", e),
+        )),
+    }
+}
+
 fn score(
     model: &std::path::Path,
     library: Option<PathBuf>,
@@ -462,7 +507,7 @@ fn score(
     let onnx = dfwatch::onnx::OnnxConfig {
         library,
         threads,
-        spin: false,
+        ..Default::default()
     };
     match dfwatch::offline::score_images::score_images(model, images, &onnx, embeddings) {
         Ok(report) => {
@@ -501,6 +546,19 @@ fn features() -> Vec<&'static str> {
     f
 }
 
+/// The ONNX Runtime library found by default (`$ORT_DYLIB_PATH`, `var/lib`): its path,
+/// version and the execution providers it was built with, or why it could not be loaded.
+fn onnxruntime_json() -> serde_json::Value {
+    match dfwatch::onnx::init(&dfwatch::onnx::OnnxConfig::default()) {
+        Ok(i) => serde_json::json!({
+            "library": i.library,
+            "version": i.version,
+            "available_providers": i.available_providers,
+        }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
+}
+
 fn version(json: bool) -> ExitCode {
     #[cfg(feature = "gstreamer")]
     let gst = dfwatch::ingest::info();
@@ -517,6 +575,7 @@ fn version(json: bool) -> ExitCode {
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             },
             "gpu": gpu,
+            "onnxruntime": onnxruntime_json(),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return ExitCode::SUCCESS;

@@ -12,6 +12,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The directory for state (spool, API token, TensorRT engines): systemd's
+/// `$STATE_DIRECTORY`, else `var/state` under the working directory.
+pub fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| {
+            v.to_string_lossy()
+                .split(':')
+                .next()
+                .map(std::path::PathBuf::from)
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("var/state"))
+}
+
 /// Longest id accepted for nodes and streams.
 pub const MAX_ID_LEN: usize = 64;
 

@@ -106,6 +106,17 @@ fn version_reports_features_and_gstreamer() {
             "no H.264 decoder listed: {v}"
         );
     }
+    // The ONNX Runtime library found by default (tools/setup.sh's CPU build): its own version
+    // string and the providers it was built with.
+    let ort = &v["onnxruntime"];
+    let version = ort["version"].as_str().unwrap_or_default();
+    assert!(
+        version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
+        "{v}"
+    );
+    let providers = ort["available_providers"].to_string();
+    assert!(providers.contains("CPUExecutionProvider"), "{v}");
+    assert!(!providers.contains("CUDAExecutionProvider"), "{v}");
 }
 
 /// The configs of tests/fixtures/configs named `{prefix}*.toml`, with their text.
@@ -214,6 +225,25 @@ fn configs_that_crashed_or_hung_the_daemon_are_refused_by_validate_and_run_alike
         );
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// `onnx.providers` with fall-backs on the CPU build of ONNX Runtime: `validate` accepts it
+/// and says which providers the library lacks and what runs instead (the daemon logs the same
+/// line at start; edge-17 runs it).
+#[test]
+fn validate_says_where_onnx_providers_fall_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tests/fixtures/configs/edge-17.toml")).unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, runnable(&text, dir.path(), 1)).unwrap();
+    let v = dfwatch().arg("validate").arg(&path).output().unwrap();
+    let said = String::from_utf8_lossy(&v.stdout);
+    assert!(v.status.success(), "{said}");
+    assert!(said.contains("onnx.providers: ONNX Runtime"), "{said}");
+    assert!(said.contains("sessions use cpu"), "{said}");
+    assert!(said.contains("tensorrt is not in this library"), "{said}");
+    assert!(said.contains("cuda is not in this library"), "{said}");
 }
 
 /// Every range edge that `validate` accepts, run by the daemon: it becomes ready, analyses

@@ -86,13 +86,7 @@ pub fn bundle_dir(config: &Config) -> PathBuf {
     }
 }
 
-/// The directory for state (spool, API token): systemd's `$STATE_DIRECTORY`, else
-/// `var/state` under the working directory.
-pub fn state_dir() -> PathBuf {
-    std::env::var_os("STATE_DIRECTORY")
-        .and_then(|v| v.to_string_lossy().split(':').next().map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("var/state"))
-}
+pub use crate::types::state_dir;
 
 /// A loaded model: bundle, encoder, scorer and the identity that goes into alerts.
 pub struct LoadedModel {
@@ -123,7 +117,7 @@ pub fn load_model(dir: &Path) -> anyhow::Result<LoadedModel> {
         version: bundle.manifest.model.version.clone(),
         manifest_sha256: bundle.manifest_sha256.clone(),
         trained: bundle.trained(),
-        backend: "cpu-onnxruntime".into(),
+        backend: crate::onnx::backend_name(),
         precision: "fp32".into(),
     };
     let crop = CropSpec {

@@ -181,9 +181,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         )?;
     }
     let info = onnx::init(&OnnxConfig {
-        library: None,
         threads: Some(a.threads),
         spin: a.spin,
+        ..OnnxConfig::default()
     })?;
     let mut fp32 = CpuEncoder::new(&bundle)?;
     let mut int8 = CpuEncoder::from_onnx(&bundle, Path::new(&int8_path))?;

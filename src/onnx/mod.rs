@@ -1,7 +1,8 @@
 //! ONNX Runtime, shared by every model in the process (the CPU image encoder, the face
 //! detector): loading the library, one global thread budget, building sessions.
 //!
-//! Owns the `[onnx]` config section ([`OnnxConfig`]).
+//! Owns the `[onnx]` config section ([`OnnxConfig`]); [`providers`] decides which execution
+//! providers (TensorRT, CUDA, CPU) every session uses.
 //!
 //! The library is loaded at run time (`ort`'s `load-dynamic`), so the build needs no ONNX
 //! Runtime; `tools/setup.sh` installs the `onnxruntime` wheel into `.venv` and links its
@@ -9,15 +10,18 @@
 //! pool of `onnx.threads` threads (ONNX Runtime's global pool), so two models never
 //! oversubscribe the cores GStreamer also needs; spinning is off for the same reason.
 
+pub mod providers;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
 pub use ort::session::Session;
+pub use providers::{Provider, ProviderPlan};
 
-/// `[onnx]`: where ONNX Runtime is and how many threads it may use.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `[onnx]`: where ONNX Runtime is, how many threads it may use, which providers run models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OnnxConfig {
     /// Path of `libonnxruntime.so`. Default: `$ORT_DYLIB_PATH`, then
@@ -30,12 +34,31 @@ pub struct OnnxConfig {
     /// Let idle pool threads spin for work: a few percent lower latency at batch 1, at the
     /// cost of CPU that decoders may need. Off by default; turn on for dedicated cores.
     pub spin: bool,
+    /// Execution providers of the encoder and detector sessions, in order of preference:
+    /// `"tensorrt"`, `"cuda"`, `"cpu"`. A provider the library lacks falls back to the next
+    /// entry; without one it is an error. Default `["cpu"]`.
+    pub providers: Vec<Provider>,
+}
+
+impl Default for OnnxConfig {
+    fn default() -> Self {
+        OnnxConfig {
+            library: None,
+            threads: None,
+            spin: false,
+            providers: providers::default_providers(),
+        }
+    }
 }
 
 impl OnnxConfig {
     pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
+        let mut c = crate::validation::Checker::new(path, errors);
         if let Some(t) = self.threads {
-            crate::validation::Checker::new(path, errors).count("threads", t as u64, 1..=256);
+            c.count("threads", t as u64, 1..=256);
+        }
+        if let Err(e) = providers::check_list(&self.providers) {
+            c.error("providers", e);
         }
     }
 
@@ -63,18 +86,78 @@ pub enum OnnxError {
     Init(String),
     #[error("{model}: {reason}")]
     Session { model: String, reason: String },
+    /// `onnx.providers` cannot be met by the loaded library.
+    #[error("{0}")]
+    Providers(String),
 }
 
 /// The library in use and the thread budget, once initialised.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OnnxRuntimeInfo {
     pub library: String,
+    /// The library's version (from its build information).
+    pub version: String,
     pub threads: usize,
+    /// Every execution provider the library was built with (ONNX Runtime's names).
+    pub available_providers: Vec<String>,
+    /// The providers sessions register, in order.
+    pub providers: Vec<Provider>,
 }
 
 struct Runtime {
     env: ort::environment::Environment,
     info: OnnxRuntimeInfo,
+}
+
+/// The execution providers the loaded library was built with (`OrtGetAvailableProviders`).
+fn library_providers() -> Result<Vec<String>, OnnxError> {
+    let api = ort::api();
+    let mut list: *mut *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: the library is loaded (ort::init_from succeeded before this is called); both
+    // out-pointers are valid; a non-null status is released once.
+    let status = unsafe { (api.GetAvailableProviders)(&mut list, &mut n) };
+    if !status.0.is_null() {
+        unsafe { (api.ReleaseStatus)(status.0) };
+        return Err(OnnxError::Init("OrtGetAvailableProviders failed".into()));
+    }
+    let mut out = Vec::new();
+    if !list.is_null() {
+        for i in 0..n.max(0) as usize {
+            // SAFETY: the library returned `n` NUL-terminated strings.
+            let name = unsafe { std::ffi::CStr::from_ptr(*list.add(i)) };
+            out.push(name.to_string_lossy().into_owned());
+        }
+        // SAFETY: releases what GetAvailableProviders allocated, once.
+        let st = unsafe { (api.ReleaseAvailableProviders)(list, n) };
+        if !st.0.is_null() {
+            unsafe { (api.ReleaseStatus)(st.0) };
+        }
+    }
+    Ok(out)
+}
+
+/// The loaded library's version (`OrtGetApiBase()->GetVersionString()`, e.g. "1.31.1"); the
+/// build information string when the symbol cannot be read.
+fn library_version(path: &Path) -> String {
+    // SAFETY: opens the library ort::init_from already loaded (the loader returns the same
+    // handle and bumps its count); OrtGetApiBase takes nothing and returns a static table whose
+    // GetVersionString returns a static NUL-terminated string, copied before the handle drops.
+    let v = unsafe {
+        libloading::Library::new(path).ok().and_then(|lib| {
+            let base: libloading::Symbol<
+                '_,
+                unsafe extern "C" fn() -> *const ort::sys::OrtApiBase,
+            > = lib.get(b"OrtGetApiBase").ok()?;
+            let b = base();
+            if b.is_null() {
+                return None;
+            }
+            let s = ((*b).GetVersionString)();
+            (!s.is_null()).then(|| std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned())
+        })
+    };
+    v.unwrap_or_else(|| ort::info().trim().to_string())
 }
 
 static RUNTIME: OnceLock<Result<Runtime, OnnxError>> = OnceLock::new();
@@ -156,13 +239,88 @@ fn load(cfg: &OnnxConfig) -> Result<Runtime, OnnxError> {
         .with_global_thread_pool(pool)
         .build()
         .map_err(|e| OnnxError::Init(e.to_string()))?;
+    let available = library_providers()?;
+    let version = library_version(&path);
+    let plan = providers::resolve(&cfg.providers, &available).map_err(OnnxError::Providers)?;
     tracing::info!(library = %path.display(), threads, "ONNX Runtime loaded.");
+    if cfg.providers != providers::default_providers() {
+        let line = plan.describe(&version);
+        if plan.skipped.is_empty() {
+            tracing::info!("{line}");
+        } else {
+            tracing::warn!("{line}");
+        }
+    }
     Ok(Runtime {
         env,
         info: OnnxRuntimeInfo {
             library: path.display().to_string(),
+            version,
             threads,
+            available_providers: available,
+            providers: plan.active,
         },
+    })
+}
+
+/// What `dfwatch validate` and the start found for `onnx.providers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderCheck {
+    /// The default (CPU only): nothing to check.
+    CpuOnly,
+    /// The library offers what the list needs; the plan says what runs.
+    Met(String),
+    /// The library could not be loaded here, so the list could not be checked.
+    NotChecked(String),
+}
+
+/// Checks `onnx.providers` against the library `cfg` names (loading it): the one check that
+/// `validate` and `run` share. `Err` is the reason the daemon would refuse to start.
+pub fn check_providers(cfg: &OnnxConfig) -> Result<ProviderCheck, String> {
+    if cfg.providers == providers::default_providers() {
+        return Ok(ProviderCheck::CpuOnly);
+    }
+    match init(cfg) {
+        Ok(info) => {
+            let plan = providers::resolve(&cfg.providers, &info.available_providers)?;
+            Ok(ProviderCheck::Met(plan.describe(&info.version)))
+        }
+        Err(OnnxError::Providers(e)) => Err(e),
+        Err(e) => Ok(ProviderCheck::NotChecked(e.to_string())),
+    }
+}
+
+/// Where TensorRT engines for a model are cached: `$STATE_DIRECTORY/tensorrt` (else
+/// `var/state/tensorrt`), one directory per model (SHA-256 of its ONNX), ONNX Runtime version
+/// and TensorRT version; ONNX Runtime names each engine file by the GPU's architecture itself.
+fn tensorrt_cache_dir(model_sha256: &str, ort_version: &str) -> PathBuf {
+    let trt = tensorrt_version().unwrap_or_else(|| "unknown".into());
+    crate::types::state_dir().join("tensorrt").join(format!(
+        "{}-ort{ort_version}-trt{trt}",
+        &model_sha256[..16.min(model_sha256.len())]
+    ))
+}
+
+/// TensorRT's version from the file name of `libnvinfer.so.X.Y.Z` on the loader path.
+fn tensorrt_version() -> Option<String> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    dirs.extend(
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/local/cuda/lib64",
+            "/usr/local/tensorrt/lib",
+        ]
+        .map(PathBuf::from),
+    );
+    dirs.iter().find_map(|d| {
+        std::fs::read_dir(d).ok()?.flatten().find_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let v = n.strip_prefix("libnvinfer.so.")?;
+            (v.split('.').count() >= 2).then(|| v.to_string())
+        })
     })
 }
 
@@ -170,25 +328,96 @@ fn load(cfg: &OnnxConfig) -> Result<Runtime, OnnxError> {
 /// optimisation on. Call [`init`] first.
 pub fn session(path: &Path) -> Result<Session, OnnxError> {
     let model = path.display().to_string();
-    build(&model, |b| b.commit_from_file(path))
+    let sha = || crate::model::sha256_file(path).unwrap_or_default();
+    build(&model, sha, |b| b.commit_from_file(path))
 }
 
 /// [`session`] for a model already in memory (read and checked by its caller); `name` is
 /// what errors call it.
 pub fn session_from_memory(name: &str, bytes: &[u8]) -> Result<Session, OnnxError> {
-    build(name, |b| b.commit_from_memory(bytes))
+    let sha = || {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    build(name, sha, |b| b.commit_from_memory(bytes))
+}
+
+/// Registers the providers of the plan on `builder`, in order. One that fails to register
+/// (its own libraries missing although the library was built with it) falls back to the next
+/// when there is one, logged; the last failing is an error.
+fn register_providers(
+    builder: &mut ort::session::builder::SessionBuilder,
+    info: &OnnxRuntimeInfo,
+    model: &str,
+    model_sha256: impl FnOnce() -> String,
+) -> Result<Option<PathBuf>, OnnxError> {
+    use ort::ep::ExecutionProvider;
+    let mut trt_cache = None;
+    let gpu: Vec<Provider> = info
+        .providers
+        .iter()
+        .copied()
+        .filter(|p| *p != Provider::Cpu)
+        .collect();
+    let mut sha = Some(model_sha256);
+    for (i, p) in gpu.iter().enumerate() {
+        let r = match p {
+            Provider::Tensorrt => {
+                let dir = tensorrt_cache_dir(
+                    &(sha.take().map(|f| f()).unwrap_or_default()),
+                    &info.version,
+                );
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), "TensorRT engine cache: {e}");
+                }
+                let d = dir.display().to_string();
+                trt_cache = Some(dir);
+                ort::ep::TensorRT::default()
+                    .with_fp16(true)
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&d)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&d)
+                    .register(builder)
+            }
+            Provider::Cuda => ort::ep::CUDA::default().register(builder),
+            Provider::Cpu => Ok(()),
+        };
+        if let Err(e) = r {
+            let last = i + 1 == gpu.len() && !info.providers.contains(&Provider::Cpu);
+            if last {
+                return Err(OnnxError::Session {
+                    model: model.to_string(),
+                    reason: format!(
+                        "execution provider {} failed to start ({e}); install {}",
+                        p.name(),
+                        p.install_hint()
+                    ),
+                });
+            }
+            tracing::warn!(%model, provider = p.name(), "execution provider failed to start ({e}); falling back to the next in onnx.providers");
+            if *p == Provider::Tensorrt {
+                trt_cache = None;
+            }
+        }
+    }
+    Ok(trt_cache)
 }
 
 fn build(
     model: &str,
+    model_sha256: impl FnOnce() -> String,
     commit: impl FnOnce(&mut ort::session::builder::SessionBuilder) -> ort::Result<Session>,
 ) -> Result<Session, OnnxError> {
     let fail = |e: ort::Error| OnnxError::Session {
         model: model.to_string(),
         reason: e.to_string(),
     };
-    let env = match RUNTIME.get() {
-        Some(Ok(rt)) => &rt.env,
+    let rt = match RUNTIME.get() {
+        Some(Ok(rt)) => rt,
         Some(Err(e)) => return Err(e.clone()),
         None => {
             return Err(OnnxError::Init(
@@ -196,11 +425,47 @@ fn build(
             ));
         }
     };
-    let mut builder = Session::builder(env)
+    let mut builder = Session::builder(&rt.env)
         .map_err(fail)?
         .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
         .map_err(|e| fail(e.into()))?
         .with_memory_pattern(true)
         .map_err(|e| fail(e.into()))?;
-    commit(&mut builder).map_err(fail)
+    let trt_cache = register_providers(&mut builder, &rt.info, model, model_sha256)?;
+    let Some(dir) = trt_cache else {
+        return commit(&mut builder).map_err(fail);
+    };
+    let cached = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".engine"))
+        })
+        .unwrap_or(false);
+    if !cached {
+        tracing::info!(%model, cache = %dir.display(), "TensorRT: building engines (first start with this model, ONNX Runtime and TensorRT; this takes minutes)...");
+    }
+    let t = std::time::Instant::now();
+    let s = commit(&mut builder).map_err(fail)?;
+    tracing::info!(%model, cache = %dir.display(), seconds = t.elapsed().as_secs_f64(), cached, "TensorRT: engines ready.");
+    Ok(s)
+}
+
+/// What alerts and `/api/model` call the encoder's backend: `cpu-onnxruntime` when only the
+/// CPU runs, else `onnxruntime-` and the active providers in order (`onnxruntime-cuda-cpu`).
+pub fn backend_name() -> String {
+    match runtime_info() {
+        Some(i) if i.providers.iter().any(|p| *p != Provider::Cpu) => {
+            let names: Vec<&str> = i.providers.iter().map(|p| p.name()).collect();
+            format!("onnxruntime-{}", names.join("-"))
+        }
+        _ => "cpu-onnxruntime".into(),
+    }
+}
+
+/// The runtime's information when [`init`] succeeded.
+pub fn runtime_info() -> Option<OnnxRuntimeInfo> {
+    match RUNTIME.get() {
+        Some(Ok(rt)) => Some(rt.info.clone()),
+        _ => None,
+    }
 }
