@@ -260,6 +260,7 @@ fn the_daemon_starts_and_stops_cleanly_at_every_range_edge() {
     let cases = fixture_configs("edge-");
     assert!(cases.len() >= 10);
     for (file, text) in &cases {
+        let fixture = text.clone();
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -326,6 +327,14 @@ fn the_daemon_starts_and_stops_cleanly_at_every_range_edge() {
         let text = read();
         assert_eq!(status.code(), Some(0), "{}:\n{text}", file.display());
         assert!(!text.contains("panicked"), "{}:\n{text}", file.display());
+        // A fixture's `# log: TEXT` lines must appear in the daemon's log.
+        for want in fixture.lines().filter_map(|l| l.strip_prefix("# log: ")) {
+            assert!(
+                text.contains(want),
+                "{}: no {want:?} in\n{text}",
+                file.display()
+            );
+        }
         assert!(
             text.contains("dfwatch stopped."),
             "{}:\n{text}",
