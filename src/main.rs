@@ -9,9 +9,27 @@ use dfwatch::config::Config;
 
 mod bench;
 
+/// Exit statuses, also in the man page.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0   success
+  1   runtime failure (the daemon stopped on an error; a command failed)
+  2   invalid config (validate, run: every problem is printed with its path)
+  64  usage error (unknown command or option, missing argument)
+
+Config file when --config is not given: $DFWATCH_CONFIG, else /etc/dfwatch/dfwatch.toml.
+Environment: DFWATCH_LOG (log filter, e.g. info,dfwatch=debug), DFWATCH_LOG_FORMAT (text or
+json), STATE_DIRECTORY (spool, API token, TensorRT engines; default var/state).";
+
 /// Watches live video for DeepFake faces and raises explained alerts over MQTT.
 #[derive(Parser)]
-#[command(name = "dfwatch", version, about, propagate_version = true)]
+#[command(
+    name = "dfwatch",
+    version,
+    about,
+    propagate_version = true,
+    after_long_help = EXIT_STATUS
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -21,15 +39,25 @@ struct Cli {
 enum Cmd {
     /// Run the daemon on a config file (stops cleanly on SIGINT or SIGTERM).
     Run {
-        /// The TOML config, e.g. configs/default.toml.
+        /// The TOML config, e.g. configs/default.toml. Default: $DFWATCH_CONFIG, else
+        /// /etc/dfwatch/dfwatch.toml.
         #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Check config files; print every problem with its path. Exits 2 if any file is invalid.
     Validate {
-        #[arg(required = true, value_name = "FILE")]
+        /// Config files. Default: $DFWATCH_CONFIG, else /etc/dfwatch/dfwatch.toml.
+        #[arg(value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// One JSON object per file on standard output (file, ok, errors with path and
+        /// message, the worst-case alert delay, the ONNX Runtime providers).
+        #[arg(long)]
+        json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, dfwatch(1), as roff to standard output.
+    Man,
     /// Score aligned face crops (PNG/JPEG, square, at least the model's input size) and print
     /// JSON: q0, its logit, log Z, every label's logit and marginal, and an explanation.
     Score {
@@ -118,7 +146,18 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                // 2 means an invalid config; usage errors get EX_USAGE.
+                _ => ExitCode::from(64),
+            };
+        }
+    };
     // Benchmarks print tables; their stages' info lines would only interleave with them.
     // The embedded broker (rumqttd) logs every client connect and disconnect, and errors for
     // clients that only probe its port; our own connection problems are reported by the
@@ -130,8 +169,35 @@ fn main() -> ExitCode {
     };
     dfwatch::telemetry::init(default_level);
     match cli.command {
-        Cmd::Run { config } => run(config),
-        Cmd::Validate { files } => validate(&files),
+        Cmd::Run { config } => match config_path(config) {
+            Ok(path) => run(path),
+            Err(code) => code,
+        },
+        Cmd::Validate { files, json } => {
+            if files.is_empty() {
+                match config_path(None) {
+                    Ok(path) => validate(&[path], json),
+                    Err(code) => code,
+                }
+            } else {
+                validate(&files, json)
+            }
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "dfwatch", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Version { json } => version(json),
         Cmd::Score {
             model,
@@ -443,13 +509,62 @@ fn analyze(
     ExitCode::FAILURE
 }
 
-fn validate(files: &[PathBuf]) -> ExitCode {
+/// The config file when the command line names none: `$DFWATCH_CONFIG`, else
+/// `/etc/dfwatch/dfwatch.toml` (the package's). Says which it took; exit 2 when neither is
+/// there.
+fn config_path(given: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    let (path, why) = match (given, std::env::var_os("DFWATCH_CONFIG")) {
+        (Some(p), _) => (p, "--config"),
+        (None, Some(p)) if !p.is_empty() => (PathBuf::from(p), "$DFWATCH_CONFIG"),
+        _ => (PathBuf::from(DEFAULT_CONFIG), "the default location"),
+    };
+    if why != "--config" && !path.exists() {
+        eprintln!(
+            "error: no config file: {} ({why}) does not exist; pass --config FILE, set \
+             DFWATCH_CONFIG, or install one at {DEFAULT_CONFIG}",
+            path.display()
+        );
+        return Err(ExitCode::from(2));
+    }
+    tracing::info!(config = %path.display(), from = why, "config file");
+    Ok(path)
+}
+
+/// Where the Debian package installs the config.
+const DEFAULT_CONFIG: &str = "/etc/dfwatch/dfwatch.toml";
+
+fn validate(files: &[PathBuf], json: bool) -> ExitCode {
     let mut bad = false;
     for f in files {
         let checked = Config::load(f).and_then(|c| {
             let providers = check_providers(&c)?;
             Ok((c, providers))
         });
+        if json {
+            let v = match &checked {
+                Ok((c, providers)) => {
+                    let fps = c.ingest.analysis_fps;
+                    serde_json::json!({
+                        "file": f.display().to_string(),
+                        "ok": true,
+                        "errors": [],
+                        "streams": c.streams.len(),
+                        "alert_delay_s": c.cadence(fps).alert_delay(&c.track).as_secs_f64(),
+                        "onnx_providers": providers,
+                    })
+                }
+                Err(errors) => serde_json::json!({
+                    "file": f.display().to_string(),
+                    "ok": false,
+                    "errors": errors.0.iter().map(|e| serde_json::json!({
+                        "path": e.path, "message": e.message,
+                    })).collect::<Vec<_>>(),
+                }),
+            };
+            bad |= checked.is_err();
+            println!("{v}");
+            continue;
+        }
         match checked {
             Ok((c, providers)) => {
                 let fps = c.ingest.analysis_fps;

@@ -342,3 +342,90 @@ fn the_daemon_starts_and_stops_cleanly_at_every_range_edge() {
         );
     }
 }
+
+/// Operator conveniences: usage errors exit 64 (2 is an invalid config), the config comes from
+/// `$DFWATCH_CONFIG` when none is named, `validate --json`, JSON logs, the man page with the
+/// exit statuses, shell completions.
+#[test]
+fn exit_statuses_config_lookup_json_output_man_page_and_completions() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bogus = dfwatch().arg("no-such-command").output().unwrap();
+    assert_eq!(bogus.status.code(), Some(64));
+    let missing = dfwatch().args(["run", "--no-such-flag"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(64));
+    assert_eq!(
+        dfwatch().arg("--help").output().unwrap().status.code(),
+        Some(0)
+    );
+
+    // No --config, no $DFWATCH_CONFIG: the package's path, or a clear exit 2.
+    if !std::path::Path::new("/etc/dfwatch/dfwatch.toml").exists() {
+        let r = dfwatch()
+            .arg("run")
+            .env_remove("DFWATCH_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            err.contains("/etc/dfwatch/dfwatch.toml") && err.contains("DFWATCH_CONFIG"),
+            "{err}"
+        );
+    }
+    // $DFWATCH_CONFIG, logged as JSON lines when asked.
+    let v = dfwatch()
+        .arg("validate")
+        .env("DFWATCH_CONFIG", root.join("configs/default.toml"))
+        .env("DFWATCH_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let log = String::from_utf8_lossy(&v.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("config file"))
+        .expect("the config file is logged");
+    let j: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(j["level"], "INFO");
+    assert_eq!(j["from"], "$DFWATCH_CONFIG");
+    assert!(
+        j["config"]
+            .as_str()
+            .unwrap()
+            .ends_with("configs/default.toml")
+    );
+
+    // validate --json: one object per file.
+    let bad = root.join("tests/fixtures/configs/refused-29-http-max_connections.toml");
+    let v = dfwatch()
+        .args(["validate", "--json"])
+        .arg(root.join("configs/default.toml"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(v.status.code(), Some(2));
+    let out = String::from_utf8_lossy(&v.stdout);
+    let objs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(objs.len(), 2, "{out}");
+    assert_eq!(objs[0]["ok"], true);
+    assert!(objs[0]["alert_delay_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(objs[1]["ok"], false);
+    assert_eq!(objs[1]["errors"][0]["path"], "http.max_connections");
+
+    let man = dfwatch().arg("man").output().unwrap();
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.contains(".TH dfwatch 1") && man.contains("Exit status"),
+        "{man}"
+    );
+    assert!(man.contains("64") && man.contains("invalid config"));
+    let bash = dfwatch().args(["completions", "bash"]).output().unwrap();
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        bash.contains("_dfwatch()") && bash.contains("validate"),
+        "{bash}"
+    );
+}
