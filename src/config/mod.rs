@@ -127,7 +127,27 @@ impl Config {
             })
             .unwrap_or(Path::new("."));
         let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-        Config::parse(&text, &base)
+        let cfg = Config::parse(&text, &base)?;
+        // A bundle the file names must be there: the daemon would refuse to start without it.
+        // (Left unset, the daemon looks for the default bundles at start and says which.)
+        if let Some(b) = &cfg.model.bundle {
+            let dir = if b.is_absolute() {
+                b.clone()
+            } else {
+                cfg.base_dir.join(b)
+            };
+            if !dir.join("manifest.toml").is_file() {
+                return Err(ConfigErrors::one(ConfigError::new(
+                    "model.bundle",
+                    format!(
+                        "{}: no model bundle there (no manifest.toml); make a synthetic one with \
+                         `tools/model.py synth` or import a checkpoint (see the README, Models)",
+                        dir.display()
+                    ),
+                )));
+            }
+        }
+        Ok(cfg)
     }
 
     /// Parses and checks TOML text; `base_dir` anchors relative file paths.
