@@ -4,13 +4,21 @@ torch.save zips, and the numpy text tower. Used by `tools/model.py import`."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from model import layer_norm, resblock  # noqa: F401  (shared float64 building blocks)
 
-VOCAB_PATH = Path(__file__).resolve().parent.parent / "var/clip/bpe_simple_vocab_16e6.txt.gz"
+# CLIP's BPE vocabulary: $DFWATCH_CLIP_VOCAB, else the checkout's var/clip (tools/setup.sh),
+# else the Debian package's copy.
+_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+_VOCAB_CANDIDATES = [Path(p) for p in [os.environ.get("DFWATCH_CLIP_VOCAB", "")] if p] + [
+    Path(__file__).resolve().parent.parent / "var/clip" / _VOCAB_NAME,
+    Path("/usr/share/dfwatch/clip") / _VOCAB_NAME,
+]
+VOCAB_PATH = next((p for p in _VOCAB_CANDIDATES if p.exists()), _VOCAB_CANDIDATES[0])
 SOT, EOT, CONTEXT = 49406, 49407, 77
 
 

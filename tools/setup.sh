@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One-time set-up on Debian 12: system packages, Rust toolchain check, release build, sample
 # clip. Safe to run again (each step skips what is already there).
+#   ./tools/setup.sh         what running dfwatch needs (tools/requirements.txt, ~60 MB)
+#   ./tools/setup.sh --dev   and what the tests and CI need (tools/requirements-dev.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEV=0
+if [ "${1:-}" = "--dev" ]; then DEV=1; fi
 
 APT_PACKAGES=(
   build-essential pkg-config curl ca-certificates
@@ -40,10 +44,18 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   /usr/bin/python3 -m venv .venv
 fi
-if ! cmp -s tools/requirements.txt .venv/.requirements.installed; then
-  echo "setup: installing Python tools (tools/requirements.txt)"
-  .venv/bin/pip install -q --disable-pip-version-check -r tools/requirements.txt
-  cp tools/requirements.txt .venv/.requirements.installed
+req=(tools/requirements.txt)
+if [ "$DEV" = 1 ]; then req+=(tools/requirements-dev.txt); fi
+# What is installed is recorded; a user set-up after a dev one keeps the dev tools.
+want=$(cat "${req[@]}")
+if [ "$DEV" = 0 ] && [ -f .venv/.requirements.installed ] \
+   && grep -qF -- "$(cat tools/requirements.txt)" .venv/.requirements.installed; then
+  want=$(cat .venv/.requirements.installed)
+fi
+if [ "$want" != "$(cat .venv/.requirements.installed 2>/dev/null)" ]; then
+  echo "setup: installing Python tools (${req[*]})"
+  .venv/bin/pip install -q --disable-pip-version-check $(printf -- '-r %s ' "${req[@]}")
+  printf '%s' "$want" > .venv/.requirements.installed
 fi
 # dfwatch loads ONNX Runtime at run time from the onnxruntime wheel.
 ORT_LIB=$(.venv/bin/python -c 'import onnxruntime, pathlib; p = pathlib.Path(onnxruntime.__file__).parent / "capi"; print(next(p.glob("libonnxruntime.so*")))')

@@ -2,7 +2,7 @@
 # The README's test command: set-up (idempotent), then every test with a time limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./tools/setup.sh
+./tools/setup.sh --dev
 export PATH="$HOME/.cargo/bin:$PATH"
 # Python tools: tokeniser, checkpoint import (restricted unpickler), ONNX export, fixture.
 timeout 600 .venv/bin/pytest -q tools
