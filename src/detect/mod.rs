@@ -104,6 +104,10 @@ impl Default for DetectConfig {
     }
 }
 
+/// Where the Debian package installs the MTCNN weights (the default when the checkout's
+/// `var/models/mtcnn` is not there).
+pub const PACKAGED_MTCNN_DIR: &str = "/usr/share/dfwatch/models/mtcnn";
+
 impl DetectConfig {
     pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
         let mut c = crate::validation::Checker::new(path, errors);
@@ -113,12 +117,22 @@ impl DetectConfig {
         c.count("max_faces", self.max_faces as u64, 0..=1000);
     }
 
-    /// The model directory, resolved against the config's directory.
+    /// The model directory, resolved against the config's directory. Unset: `var/models/mtcnn`
+    /// under the working directory (a checkout after tools/setup.sh), else the Debian
+    /// package's `/usr/share/dfwatch/models/mtcnn`.
     pub fn model_dir(&self, base_dir: &Path) -> PathBuf {
         match &self.model_dir {
             Some(p) if p.is_absolute() => p.clone(),
             Some(p) => base_dir.join(p),
-            None => PathBuf::from("var/models/mtcnn"),
+            None => {
+                let checkout = PathBuf::from("var/models/mtcnn");
+                let packaged = PathBuf::from(PACKAGED_MTCNN_DIR);
+                if !checkout.exists() && packaged.exists() {
+                    packaged
+                } else {
+                    checkout
+                }
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ pub use providers::{Provider, ProviderPlan};
 pub struct OnnxConfig {
     /// Path of `libonnxruntime.so`. Default: `$ORT_DYLIB_PATH`, then
     /// `var/lib/libonnxruntime.so` (made by tools/setup.sh) beside the working directory or
-    /// the executable, then the system's library path.
+    /// the executable, then the Debian package's `/usr/lib/dfwatch/libonnxruntime.so.1.31.1`.
     pub library: Option<PathBuf>,
     /// Intra-op threads shared by every ONNX model in the process. Default: the number of
     /// cores. Range 1 to 256.
@@ -162,6 +162,9 @@ fn library_version(path: &Path) -> String {
 
 static RUNTIME: OnceLock<Result<Runtime, OnnxError>> = OnceLock::new();
 
+/// Where the Debian package installs ONNX Runtime.
+pub const PACKAGED_LIBRARY: &str = "/usr/lib/dfwatch/libonnxruntime.so.1.31.1";
+
 fn candidates(cfg: &OnnxConfig) -> Vec<PathBuf> {
     if let Some(p) = &cfg.library {
         return vec![p.clone()];
@@ -177,6 +180,8 @@ fn candidates(cfg: &OnnxConfig) -> Vec<PathBuf> {
             v.push(up.join("lib/libonnxruntime.so"));
         }
     }
+    // The Debian package's copy.
+    v.push(PathBuf::from(PACKAGED_LIBRARY));
     v
 }
 
