@@ -193,6 +193,11 @@ fn every_value_the_daemon_would_crash_or_hang_on_is_refused_naming_its_key() {
     assert!(cases.len() >= 25, "{} cases", cases.len());
     for (file, text, key) in cases {
         let key = key.unwrap_or_else(|| panic!("{file}: first line must be `# refused: KEY`"));
+        // Checks against the machine (the ONNX Runtime library, the bundle on disk) are the
+        // CLI's (tests/cli.rs runs every fixture through validate and run).
+        if text.contains("\n# beyond parse: ") {
+            continue;
+        }
         let e = parse(&text).expect_err(&file);
         assert!(
             paths(&e).contains(&key.as_str()),

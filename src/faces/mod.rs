@@ -85,7 +85,7 @@ impl FaceStage {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let detect = n % every == 0;
+            let detect = n.is_multiple_of(every);
             n += 1;
             let done = crate::fault::catch(|| {
                 crate::fault::inject("faces");

@@ -382,7 +382,7 @@ fn check_architecture(a: &Architecture, file: &Path) -> Result<(), BundleError> 
             return Err(invalid(file, field(k), "must be above 0"));
         }
     }
-    if a.image_size % a.patch_size != 0 {
+    if !a.image_size.is_multiple_of(a.patch_size) {
         return Err(invalid(
             file,
             field("patch_size"),
@@ -392,7 +392,7 @@ fn check_architecture(a: &Architecture, file: &Path) -> Result<(), BundleError> 
             ),
         ));
     }
-    if a.width % a.heads != 0 {
+    if !a.width.is_multiple_of(a.heads) {
         return Err(invalid(
             file,
             field("heads"),

@@ -104,14 +104,14 @@ pub fn check_list(list: &[Provider]) -> Result<(), String> {
             return Err(format!("{} is listed twice", p.name()));
         }
     }
-    if let Some(i) = list.iter().position(|p| *p == Provider::Cpu) {
-        if i + 1 != list.len() {
-            return Err(
-                "\"cpu\" must be the last entry: ONNX Runtime never falls back from the CPU, so \
-                 the entries after it would never be used"
-                    .into(),
-            );
-        }
+    if let Some(i) = list.iter().position(|p| *p == Provider::Cpu)
+        && i + 1 != list.len()
+    {
+        return Err(
+            "\"cpu\" must be the last entry: ONNX Runtime never falls back from the CPU, so the \
+             entries after it would never be used"
+                .into(),
+        );
     }
     Ok(())
 }

@@ -152,13 +152,16 @@ impl VitShape {
             embed_dim: a.embed_dim as usize,
         };
         let bad = |m: String| Err(EngineError::Unsupported(m));
-        if s.patch == 0 || s.image_size % s.patch != 0 {
+        if s.patch == 0 || !s.image_size.is_multiple_of(s.patch) {
             return bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 s.image_size, s.patch
             ));
         }
-        if s.heads == 0 || s.width % s.heads != 0 || s.width / s.heads > ATTENTION_HEAD_DIM {
+        if s.heads == 0
+            || !s.width.is_multiple_of(s.heads)
+            || s.width / s.heads > ATTENTION_HEAD_DIM
+        {
             return bad(format!(
                 "width {} / heads {}: the attention kernel needs heads of at most \
                  {ATTENTION_HEAD_DIM} values",
