@@ -56,8 +56,12 @@ enum Cmd {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard output.
     Completions { shell: clap_complete::Shell },
-    /// Print the man page, dfwatch(1), as roff to standard output.
-    Man,
+    /// Print the man page, dfwatch(1), as roff to standard output; with --dir, write it and a
+    /// page per subcommand (dfwatch-run(1), ...) into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Score aligned face crops (PNG/JPEG, square, at least the model's input size) and print
     /// JSON: q0, its logit, log Z, every label's logit and marginal, and an explanation.
     Score {
@@ -177,7 +181,16 @@ fn main() -> ExitCode {
             if files.is_empty() {
                 match config_path(None) {
                     Ok(path) => validate(&[path], json),
-                    Err(code) => code,
+                    Err(code) => {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"file": null, "ok": false, "errors": [{
+                                    "path": "", "message": "no config file (see --help)"}]})
+                            );
+                        }
+                        code
+                    }
                 }
             } else {
                 validate(&files, json)
@@ -188,9 +201,17 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "dfwatch", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Cmd::Man => {
+        Cmd::Man { dir } => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+            let r = match dir {
+                // dfwatch.1 and one page per subcommand (dfwatch-run.1, ...), as the main
+                // page's SUBCOMMANDS section refers to them.
+                Some(d) => {
+                    std::fs::create_dir_all(&d).and_then(|_| clap_mangen::generate_to(cmd, &d))
+                }
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+            };
+            match r {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -762,7 +783,8 @@ fn bench(name: Option<String>, args: &[String]) -> ExitCode {
             "error: no benchmark {name:?}; available: {}",
             names.join(", ")
         );
-        return ExitCode::from(2);
+        // A usage error (2 means an invalid config).
+        return ExitCode::from(64);
     };
     match (b.run)(args) {
         Ok(()) => ExitCode::SUCCESS,

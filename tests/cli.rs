@@ -80,7 +80,7 @@ fn validate_reports_an_unreadable_file() {
 #[test]
 fn an_unknown_benchmark_is_refused_with_the_list() {
     let out = dfwatch().args(["bench", "nope"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no benchmark \"nope\""), "{err}");
 }
@@ -244,6 +244,26 @@ fn validate_says_where_onnx_providers_fall_back() {
     assert!(said.contains("sessions use cpu"), "{said}");
     assert!(said.contains("tensorrt is not in this library"), "{said}");
     assert!(said.contains("cuda is not in this library"), "{said}");
+    // Several files in one call are each judged on their own list (the library is loaded
+    // once): a refused one first does not spoil the next.
+    let bad = root.join("tests/fixtures/configs/refused-33-onnx-providers.toml");
+    let bad_path = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad_path,
+        runnable(&std::fs::read_to_string(bad).unwrap(), dir.path(), 1),
+    )
+    .unwrap();
+    let v = dfwatch()
+        .arg("validate")
+        .arg(&bad_path)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&v.stdout);
+    assert_eq!(v.status.code(), Some(2), "{said}");
+    assert!(said.contains("bad.toml: 1 problem(s)"), "{said}");
+    assert!(said.contains("config.toml: ok"), "{said}");
+    assert!(said.contains("sessions use cpu"), "{said}");
 }
 
 /// Every range edge that `validate` accepts, run by the daemon: it becomes ready, analyses

@@ -14,11 +14,15 @@ from model import layer_norm, resblock  # noqa: F401  (shared float64 building b
 # CLIP's BPE vocabulary: $DFWATCH_CLIP_VOCAB, else the checkout's var/clip (tools/setup.sh),
 # else the Debian package's copy.
 _VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
-_VOCAB_CANDIDATES = [Path(p) for p in [os.environ.get("DFWATCH_CLIP_VOCAB", "")] if p] + [
-    Path(__file__).resolve().parent.parent / "var/clip" / _VOCAB_NAME,
-    Path("/usr/share/dfwatch/clip") / _VOCAB_NAME,
-]
-VOCAB_PATH = next((p for p in _VOCAB_CANDIDATES if p.exists()), _VOCAB_CANDIDATES[0])
+if os.environ.get("DFWATCH_CLIP_VOCAB"):
+    # Named explicitly: that file or an error, never another copy.
+    VOCAB_PATH = Path(os.environ["DFWATCH_CLIP_VOCAB"])
+else:
+    _VOCAB_CANDIDATES = [
+        Path(__file__).resolve().parent.parent / "var/clip" / _VOCAB_NAME,
+        Path("/usr/share/dfwatch/clip") / _VOCAB_NAME,
+    ]
+    VOCAB_PATH = next((p for p in _VOCAB_CANDIDATES if p.exists()), _VOCAB_CANDIDATES[0])
 SOT, EOT, CONTEXT = 49406, 49407, 77
 
 

@@ -5,6 +5,7 @@
 #
 #   ./tools/package-deb.sh              # release build (what to ship)
 #   ./tools/package-deb.sh --profile dev  # the test build (CI: no second full compile)
+#   ./tools/package-deb.sh --profile dev --deb-version 0.1.0-2   # (CI's upgrade check)
 #
 # Stages under target/package/ what is not a file of the checkout: the stripped binary, the
 # man page and shell completions generated from the CLI, the systemd unit with the package's
@@ -14,7 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 profile=release
-if [ "${1:-}" = "--profile" ]; then profile="$2"; fi
+DEB_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) profile="$2"; shift 2 ;;
+    --deb-version) DEB_ARGS+=(--deb-version "$2"); shift 2 ;;
+    *) echo "package-deb: unknown argument $1" >&2; exit 64 ;;
+  esac
+done
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 
 command -v cargo-deb > /dev/null || cargo install cargo-deb --locked --version 3.8.0
@@ -24,7 +32,9 @@ stage=target/package
 rm -rf "$stage"
 mkdir -p "$stage/completions" "$stage/onnxruntime" "$stage/mtcnn"
 strip -o "$stage/dfwatch" "target/$dir/dfwatch"
-"$stage/dfwatch" man | gzip -9n > "$stage/dfwatch.1.gz"
+mkdir -p "$stage/man"
+"$stage/dfwatch" man --dir "$stage/man"
+gzip -9n "$stage"/man/*.1
 "$stage/dfwatch" completions bash > "$stage/completions/dfwatch.bash"
 "$stage/dfwatch" completions zsh > "$stage/completions/_dfwatch"
 "$stage/dfwatch" completions fish > "$stage/completions/dfwatch.fish"
@@ -45,5 +55,6 @@ cp "$ort_pkg/LICENSE" "$ort_pkg/ThirdPartyNotices.txt" "$stage/onnxruntime/"
 cp var/models/mtcnn/pnet.onnx var/models/mtcnn/rnet.onnx var/models/mtcnn/onet.onnx "$stage/mtcnn/"
 cp var/clip/bpe_simple_vocab_16e6.txt.gz "$stage/"
 
-cargo deb --no-build --no-strip --output target/debian/
+rm -f target/debian/dfwatch_*.deb
+cargo deb --no-build --no-strip --output target/debian/ "${DEB_ARGS[@]}"
 ls -l target/debian/*.deb

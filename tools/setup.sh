@@ -48,8 +48,9 @@ req=(tools/requirements.txt)
 if [ "$DEV" = 1 ]; then req+=(tools/requirements-dev.txt); fi
 # What is installed is recorded; a user set-up after a dev one keeps the dev tools.
 want=$(cat "${req[@]}")
+# (Every line of requirements.txt must be in the record: grep -vxFf lists those that are not.)
 if [ "$DEV" = 0 ] && [ -f .venv/.requirements.installed ] \
-   && grep -qF -- "$(cat tools/requirements.txt)" .venv/.requirements.installed; then
+   && [ -z "$(grep -vxFf .venv/.requirements.installed tools/requirements.txt)" ]; then
   want=$(cat .venv/.requirements.installed)
 fi
 if [ "$want" != "$(cat .venv/.requirements.installed 2>/dev/null)" ]; then

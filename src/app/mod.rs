@@ -112,13 +112,16 @@ pub fn load_model(dir: &Path) -> anyhow::Result<LoadedModel> {
         &bundle.text_embeddings,
         a.embed_dim as usize,
     )?;
+    // The session CpuEncoder::new just built is named by the bundle's ONNX path.
+    let (backend, precision) =
+        crate::onnx::session_backend(&bundle.onnx_path.display().to_string());
     let model = ModelInfo {
         name: bundle.manifest.model.name.clone(),
         version: bundle.manifest.model.version.clone(),
         manifest_sha256: bundle.manifest_sha256.clone(),
         trained: bundle.trained(),
-        backend: crate::onnx::backend_name(),
-        precision: "fp32".into(),
+        backend,
+        precision: precision.into(),
     };
     let crop = CropSpec {
         size: a.image_size as usize,

@@ -100,8 +100,10 @@ pub struct OnnxRuntimeInfo {
     pub threads: usize,
     /// Every execution provider the library was built with (ONNX Runtime's names).
     pub available_providers: Vec<String>,
-    /// The providers sessions register, in order.
+    /// The providers sessions register, in order (empty when the list cannot be met).
     pub providers: Vec<Provider>,
+    /// Why `onnx.providers` cannot be met by this library, if it cannot.
+    pub providers_error: Option<String>,
 }
 
 struct Runtime {
@@ -246,16 +248,23 @@ fn load(cfg: &OnnxConfig) -> Result<Runtime, OnnxError> {
         .map_err(|e| OnnxError::Init(e.to_string()))?;
     let available = library_providers()?;
     let version = library_version(&path);
-    let plan = providers::resolve(&cfg.providers, &available).map_err(OnnxError::Providers)?;
     tracing::info!(library = %path.display(), threads, "ONNX Runtime loaded.");
-    if cfg.providers != providers::default_providers() {
-        let line = plan.describe(&version);
-        if plan.skipped.is_empty() {
-            tracing::info!("{line}");
-        } else {
-            tracing::warn!("{line}");
+    // A list the library cannot meet fails every session build (and `validate`/`run` refuse
+    // the config before that); the runtime itself stays usable.
+    let (active, providers_error) = match providers::resolve(&cfg.providers, &available) {
+        Ok(plan) => {
+            if cfg.providers != providers::default_providers() {
+                let line = plan.describe(&version);
+                if plan.skipped.is_empty() {
+                    tracing::info!("{line}");
+                } else {
+                    tracing::warn!("{line}");
+                }
+            }
+            (plan.active, None)
         }
-    }
+        Err(e) => (Vec::new(), Some(e)),
+    };
     Ok(Runtime {
         env,
         info: OnnxRuntimeInfo {
@@ -263,7 +272,8 @@ fn load(cfg: &OnnxConfig) -> Result<Runtime, OnnxError> {
             version,
             threads,
             available_providers: available,
-            providers: plan.active,
+            providers: active,
+            providers_error,
         },
     })
 }
@@ -275,23 +285,35 @@ pub enum ProviderCheck {
     CpuOnly,
     /// The library offers what the list needs; the plan says what runs.
     Met(String),
-    /// The library could not be loaded here, so the list could not be checked.
+    /// Could not be checked in this process (another library was loaded for an earlier file).
     NotChecked(String),
 }
 
 /// Checks `onnx.providers` against the library `cfg` names (loading it): the one check that
-/// `validate` and `run` share. `Err` is the reason the daemon would refuse to start.
+/// `validate` and `run` share. `Err` is the reason the daemon would refuse to start: a list
+/// the library cannot meet, or a library that cannot be loaded at all. A process loads one
+/// library: a later config naming another one is reported as not checked.
 pub fn check_providers(cfg: &OnnxConfig) -> Result<ProviderCheck, String> {
     if cfg.providers == providers::default_providers() {
         return Ok(ProviderCheck::CpuOnly);
     }
+    let wanted = candidates(cfg).into_iter().find(|p| p.exists());
     match init(cfg) {
         Ok(info) => {
+            if wanted.is_some_and(|w| w.display().to_string() != info.library) {
+                return Ok(ProviderCheck::NotChecked(format!(
+                    "this process already loaded {} for an earlier file; validate this file on \
+                     its own",
+                    info.library
+                )));
+            }
             let plan = providers::resolve(&cfg.providers, &info.available_providers)?;
             Ok(ProviderCheck::Met(plan.describe(&info.version)))
         }
-        Err(OnnxError::Providers(e)) => Err(e),
-        Err(e) => Ok(ProviderCheck::NotChecked(e.to_string())),
+        Err(e) => Err(format!(
+            "the ONNX Runtime library cannot be loaded, so the providers cannot be checked or \
+             run: {e}"
+        )),
     }
 }
 
@@ -300,9 +322,22 @@ pub fn check_providers(cfg: &OnnxConfig) -> Result<ProviderCheck, String> {
 /// and TensorRT version; ONNX Runtime names each engine file by the GPU's architecture itself.
 fn tensorrt_cache_dir(model_sha256: &str, ort_version: &str) -> PathBuf {
     let trt = tensorrt_version().unwrap_or_else(|| "unknown".into());
-    crate::types::state_dir().join("tensorrt").join(format!(
-        "{}-ort{ort_version}-trt{trt}",
+    let clean = |v: &str| -> String {
+        v.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            .take(32)
+            .collect()
+    };
+    let model = if model_sha256.is_empty() {
+        "unhashed"
+    } else {
         &model_sha256[..16.min(model_sha256.len())]
+    };
+    crate::types::state_dir().join("tensorrt").join(format!(
+        "{}-ort{}-trt{}",
+        clean(model),
+        clean(ort_version),
+        clean(&trt)
     ))
 }
 
@@ -320,11 +355,24 @@ fn tensorrt_version() -> Option<String> {
         ]
         .map(PathBuf::from),
     );
+    // The first directory (in loader order) that has one; the highest version there.
     dirs.iter().find_map(|d| {
-        std::fs::read_dir(d).ok()?.flatten().find_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let v = n.strip_prefix("libnvinfer.so.")?;
-            (v.split('.').count() >= 2).then(|| v.to_string())
+        let mut found: Vec<Vec<u32>> = std::fs::read_dir(d)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let v = n.strip_prefix("libnvinfer.so.")?;
+                let parts: Option<Vec<u32>> = v.split('.').map(|p| p.parse().ok()).collect();
+                parts.filter(|p| p.len() >= 2)
+            })
+            .collect();
+        found.sort();
+        found.pop().map(|v| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(".")
         })
     })
 }
@@ -350,31 +398,54 @@ pub fn session_from_memory(name: &str, bytes: &[u8]) -> Result<Session, OnnxErro
     build(name, sha, |b| b.commit_from_memory(bytes))
 }
 
-/// Registers the providers of the plan on `builder`, in order. One that fails to register
-/// (its own libraries missing although the library was built with it) falls back to the next
-/// when there is one, logged; the last failing is an error.
-fn register_providers(
+/// Providers each session actually runs with, by model name (bounded: a handful of models).
+static SESSION_PROVIDERS: std::sync::Mutex<Vec<(String, Vec<Provider>)>> =
+    std::sync::Mutex::new(Vec::new());
+const SESSION_PROVIDERS_CAP: usize = 64;
+
+fn record_session(model: &str, used: Vec<Provider>) {
+    let mut m = SESSION_PROVIDERS.lock().unwrap_or_else(|p| p.into_inner());
+    m.retain(|(k, _)| k != model);
+    if m.len() >= SESSION_PROVIDERS_CAP {
+        m.remove(0);
+    }
+    m.push((model.to_string(), used));
+}
+
+/// What alerts and `/api/model` call the backend of the session built for `model`, and its
+/// precision: `cpu-onnxruntime`/`fp32` on the CPU, else `onnxruntime-` and the providers the
+/// session really runs with (`onnxruntime-cuda-cpu`), `fp16` when TensorRT is among them.
+pub fn session_backend(model: &str) -> (String, &'static str) {
+    let m = SESSION_PROVIDERS.lock().unwrap_or_else(|p| p.into_inner());
+    let used = m.iter().find(|(k, _)| k == model).map(|(_, v)| v.clone());
+    match used {
+        Some(v) if v.iter().any(|p| *p != Provider::Cpu) => {
+            let names: Vec<&str> = v.iter().map(|p| p.name()).collect();
+            let precision = if v.contains(&Provider::Tensorrt) {
+                "fp16"
+            } else {
+                "fp32"
+            };
+            (format!("onnxruntime-{}", names.join("-")), precision)
+        }
+        _ => ("cpu-onnxruntime".into(), "fp32"),
+    }
+}
+
+/// Registers `providers` (GPU ones) on `builder`; the TensorRT cache directory when TensorRT
+/// is among them.
+fn register(
     builder: &mut ort::session::builder::SessionBuilder,
+    providers: &[Provider],
     info: &OnnxRuntimeInfo,
-    model: &str,
-    model_sha256: impl FnOnce() -> String,
-) -> Result<Option<PathBuf>, OnnxError> {
+    model_sha256: &str,
+) -> Result<Option<PathBuf>, String> {
     use ort::ep::ExecutionProvider;
     let mut trt_cache = None;
-    let gpu: Vec<Provider> = info
-        .providers
-        .iter()
-        .copied()
-        .filter(|p| *p != Provider::Cpu)
-        .collect();
-    let mut sha = Some(model_sha256);
-    for (i, p) in gpu.iter().enumerate() {
+    for p in providers {
         let r = match p {
             Provider::Tensorrt => {
-                let dir = tensorrt_cache_dir(
-                    &(sha.take().map(|f| f()).unwrap_or_default()),
-                    &info.version,
-                );
+                let dir = tensorrt_cache_dir(model_sha256, &info.version);
                 if let Err(e) = std::fs::create_dir_all(&dir) {
                     tracing::warn!(dir = %dir.display(), "TensorRT engine cache: {e}");
                 }
@@ -391,31 +462,20 @@ fn register_providers(
             Provider::Cuda => ort::ep::CUDA::default().register(builder),
             Provider::Cpu => Ok(()),
         };
-        if let Err(e) = r {
-            let last = i + 1 == gpu.len() && !info.providers.contains(&Provider::Cpu);
-            if last {
-                return Err(OnnxError::Session {
-                    model: model.to_string(),
-                    reason: format!(
-                        "execution provider {} failed to start ({e}); install {}",
-                        p.name(),
-                        p.install_hint()
-                    ),
-                });
-            }
-            tracing::warn!(%model, provider = p.name(), "execution provider failed to start ({e}); falling back to the next in onnx.providers");
-            if *p == Provider::Tensorrt {
-                trt_cache = None;
-            }
-        }
+        r.map_err(|e| format!("{} failed to start: {e}", p.name()))?;
     }
     Ok(trt_cache)
 }
 
+/// Builds a session with the providers of `onnx.providers`: first all of them, then, when a
+/// provider fails to register or the session fails to build with it (no GPU, a driver too
+/// old, out of memory), without the first GPU provider, and so on; the CPU alone only when the
+/// list ends with "cpu". Each fall-back is logged; what the session runs with is recorded for
+/// [`session_backend`].
 fn build(
     model: &str,
     model_sha256: impl FnOnce() -> String,
-    commit: impl FnOnce(&mut ort::session::builder::SessionBuilder) -> ort::Result<Session>,
+    commit: impl Fn(&mut ort::session::builder::SessionBuilder) -> ort::Result<Session>,
 ) -> Result<Session, OnnxError> {
     let fail = |e: ort::Error| OnnxError::Session {
         model: model.to_string(),
@@ -430,41 +490,87 @@ fn build(
             ));
         }
     };
-    let mut builder = Session::builder(&rt.env)
-        .map_err(fail)?
-        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
-        .map_err(|e| fail(e.into()))?
-        .with_memory_pattern(true)
-        .map_err(|e| fail(e.into()))?;
-    let trt_cache = register_providers(&mut builder, &rt.info, model, model_sha256)?;
-    let Some(dir) = trt_cache else {
-        return commit(&mut builder).map_err(fail);
+    if let Some(e) = &rt.info.providers_error {
+        return Err(OnnxError::Providers(e.clone()));
+    }
+    let new_builder = || -> Result<ort::session::builder::SessionBuilder, OnnxError> {
+        Session::builder(&rt.env)
+            .map_err(fail)?
+            .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
+            .map_err(|e| fail(e.into()))?
+            .with_memory_pattern(true)
+            .map_err(|e| fail(e.into()))
     };
-    let cached = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".engine"))
-        })
-        .unwrap_or(false);
-    if !cached {
-        tracing::info!(%model, cache = %dir.display(), "TensorRT: building engines (first start with this model, ONNX Runtime and TensorRT; this takes minutes)...");
+    let gpu: Vec<Provider> = rt
+        .info
+        .providers
+        .iter()
+        .copied()
+        .filter(|p| *p != Provider::Cpu)
+        .collect();
+    let cpu_allowed = rt.info.providers.contains(&Provider::Cpu);
+    if gpu.is_empty() {
+        let s = commit(&mut new_builder()?).map_err(fail)?;
+        record_session(model, vec![Provider::Cpu]);
+        return Ok(s);
     }
-    let t = std::time::Instant::now();
-    let s = commit(&mut builder).map_err(fail)?;
-    tracing::info!(%model, cache = %dir.display(), seconds = t.elapsed().as_secs_f64(), cached, "TensorRT: engines ready.");
-    Ok(s)
-}
-
-/// What alerts and `/api/model` call the encoder's backend: `cpu-onnxruntime` when only the
-/// CPU runs, else `onnxruntime-` and the active providers in order (`onnxruntime-cuda-cpu`).
-pub fn backend_name() -> String {
-    match runtime_info() {
-        Some(i) if i.providers.iter().any(|p| *p != Provider::Cpu) => {
-            let names: Vec<&str> = i.providers.iter().map(|p| p.name()).collect();
-            format!("onnxruntime-{}", names.join("-"))
+    let sha = model_sha256();
+    let mut failures = Vec::new();
+    for k in 0..=gpu.len() {
+        if k == gpu.len() && !cpu_allowed {
+            break;
         }
-        _ => "cpu-onnxruntime".into(),
+        let attempt = &gpu[k..];
+        let mut builder = new_builder()?;
+        let trt_cache = match register(&mut builder, attempt, &rt.info, &sha) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%model, "{e}; trying the next entry of onnx.providers");
+                failures.push(e);
+                continue;
+            }
+        };
+        if let Some(dir) = &trt_cache {
+            let cached = std::fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().ends_with(".engine"))
+                })
+                .unwrap_or(false);
+            if !cached {
+                tracing::info!(%model, cache = %dir.display(), "TensorRT: no engine cached for this model, ONNX Runtime and TensorRT yet: engines are built at the first inference of each input shape (minutes) and cached");
+            }
+        }
+        let t = std::time::Instant::now();
+        match commit(&mut builder) {
+            Ok(s) => {
+                let mut used = attempt.to_vec();
+                if cpu_allowed {
+                    used.push(Provider::Cpu);
+                }
+                tracing::info!(%model, providers = ?used, seconds = t.elapsed().as_secs_f64(), "ONNX Runtime session ready.");
+                record_session(model, used);
+                return Ok(s);
+            }
+            Err(e) => {
+                let name = attempt.first().map(|p| p.name()).unwrap_or("cpu");
+                let msg = format!("the session failed to build with {name}: {e}");
+                tracing::warn!(%model, "{msg}; trying the next entry of onnx.providers");
+                failures.push(msg);
+            }
+        }
     }
+    Err(OnnxError::Session {
+        model: model.to_string(),
+        reason: format!(
+            "no entry of onnx.providers could run it ({}); install {}",
+            failures.join("; "),
+            gpu.iter()
+                .map(|p| format!("for {}: {}", p.name(), p.install_hint()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    })
 }
 
 /// The runtime's information when [`init`] succeeded.

@@ -84,7 +84,7 @@ impl ProviderPlan {
         );
         for p in &self.skipped {
             s.push_str(&format!(
-                "; {} is not in this library, so it falls back to the next entry (for {}: {})",
+                "; {} is not in this library, so it is skipped (for {}: {})",
                 p.name(),
                 p.name(),
                 p.install_hint()
