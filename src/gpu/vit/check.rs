@@ -81,8 +81,25 @@ impl Pair {
         self.gpu.write(b, &stored)
     }
 
-    fn upload(&mut self, v: &[f32]) -> Result<(usize, usize), EngineError> {
-        Ok((self.cpu.upload("w", v)?, self.gpu.upload("w", v)?))
+    /// Uploads to both sides; both number their weights in upload order, so one handle
+    /// serves both.
+    fn upload(&mut self, v: &[f32]) -> Result<usize, EngineError> {
+        let (c, g) = (self.cpu.upload("w", v)?, self.gpu.upload("w", v)?);
+        if c != g {
+            return Err(EngineError::Layout(format!(
+                "weight handles part: cpu {c}, gpu {g}"
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Runs one operation on the CPU twin, then on the device.
+    fn both(
+        &mut self,
+        op: impl Fn(&mut dyn Ops<Weight = usize>) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        op(&mut self.cpu)?;
+        op(&mut self.gpu)
     }
 
     /// Largest error of `b`'s first `n` values, scaled by `atol + rtol * |cpu|`; <= 1 passes.
@@ -137,20 +154,15 @@ fn kernels(shape: &VitShape, seed: u64) -> Result<Vec<Value>, EngineError> {
     let ew = (2e-3f32, 2e-3f32); // one or two fp16 steps
     let crops = random(&mut rng, shape.len(Act::Crops, batch), 2.0);
     p.write(b(Act::Crops), &crops)?;
-    p.cpu.patchify(
-        b(Act::Crops),
-        b(Act::Patches),
-        batch,
-        shape.image_size,
-        shape.patch,
-    )?;
-    p.gpu.patchify(
-        b(Act::Crops),
-        b(Act::Patches),
-        batch,
-        shape.image_size,
-        shape.patch,
-    )?;
+    p.both(|o| {
+        o.patchify(
+            b(Act::Crops),
+            b(Act::Patches),
+            batch,
+            shape.image_size,
+            shape.patch,
+        )
+    })?;
     record(
         "patchify",
         p.compare(b(Act::Patches), shape.len(Act::Patches, batch), 0.0, 1e-6)?,
@@ -210,9 +222,8 @@ fn kernels(shape: &VitShape, seed: u64) -> Result<Vec<Value>, EngineError> {
         let spec = gemm_spec(r, inputs, outputs, layout);
         p.write(b(a), &random(&mut rng, b(a).len, 1.0))?;
         let scale = 1.0 / (inputs as f32).sqrt();
-        let (wc, wg) = p.upload(&random(&mut rng, inputs * outputs, scale))?;
-        p.cpu.gemm(&spec, wc, b(a), b(c))?;
-        p.gpu.gemm(&spec, wg, b(a), b(c))?;
+        let wt = p.upload(&random(&mut rng, inputs * outputs, scale))?;
+        p.both(|o| o.gemm(&spec, wt, b(a), b(c)))?;
         // Outputs are O(1); accumulation order differs between the two.
         record(name, p.compare(b(c), spec.m * spec.n, 4e-3, 4e-3)?);
     }
@@ -223,24 +234,17 @@ fn kernels(shape: &VitShape, seed: u64) -> Result<Vec<Value>, EngineError> {
     );
     let proj = random(&mut rng, shape.len(Act::Projected, batch), 1.0);
     p.write(b(Act::Projected), &proj)?;
-    p.cpu.embed_tokens(
-        b(Act::Projected),
-        class.0,
-        pos.0,
-        b(Act::Stream),
-        batch,
-        shape.patches(),
-        w,
-    )?;
-    p.gpu.embed_tokens(
-        b(Act::Projected),
-        class.1,
-        pos.1,
-        b(Act::Stream),
-        batch,
-        shape.patches(),
-        w,
-    )?;
+    p.both(|o| {
+        o.embed_tokens(
+            b(Act::Projected),
+            class,
+            pos,
+            b(Act::Stream),
+            batch,
+            shape.patches(),
+            w,
+        )
+    })?;
     record(
         "embed_tokens",
         p.compare(b(Act::Stream), rows * w, 1e-6, 1e-6)?,
@@ -250,26 +254,7 @@ fn kernels(shape: &VitShape, seed: u64) -> Result<Vec<Value>, EngineError> {
         p.upload(&random(&mut rng, w, 1.5))?,
         p.upload(&random(&mut rng, w, 0.5))?,
     );
-    p.cpu.add_layernorm(
-        b(Act::Stream),
-        None,
-        None,
-        b(Act::Stream),
-        g.0,
-        be.0,
-        rows,
-        w,
-    )?;
-    p.gpu.add_layernorm(
-        b(Act::Stream),
-        None,
-        None,
-        b(Act::Stream),
-        g.1,
-        be.1,
-        rows,
-        w,
-    )?;
+    p.both(|o| o.add_layernorm(b(Act::Stream), None, None, b(Act::Stream), g, be, rows, w))?;
     record(
         "layernorm_f32 (ln_pre, in place)",
         p.compare(b(Act::Stream), rows * w, 1e-4, 1e-4)?,
@@ -277,26 +262,18 @@ fn kernels(shape: &VitShape, seed: u64) -> Result<Vec<Value>, EngineError> {
 
     let branch = random(&mut rng, rows * w, 1.0);
     p.write(b(Act::Branch), &branch)?;
-    p.cpu.add_layernorm(
-        b(Act::Stream),
-        Some(b(Act::Branch)),
-        Some(b(Act::Stream)),
-        b(Act::Normed),
-        g.0,
-        be.0,
-        rows,
-        w,
-    )?;
-    p.gpu.add_layernorm(
-        b(Act::Stream),
-        Some(b(Act::Branch)),
-        Some(b(Act::Stream)),
-        b(Act::Normed),
-        g.1,
-        be.1,
-        rows,
-        w,
-    )?;
+    p.both(|o| {
+        o.add_layernorm(
+            b(Act::Stream),
+            Some(b(Act::Branch)),
+            Some(b(Act::Stream)),
+            b(Act::Normed),
+            g,
+            be,
+            rows,
+            w,
+        )
+    })?;
     let sum = p.compare(b(Act::Stream), rows * w, 1e-5, 1e-5)?;
     let norm = p.compare(b(Act::Normed), rows * w, ew.0, ew.1)?;
     record("add_layernorm (residual sum)", sum);
@@ -305,23 +282,18 @@ fn kernels(shape: &VitShape, seed: u64) -> Result<Vec<Value>, EngineError> {
     let bias = p.upload(&random(&mut rng, 3 * w, 1.0))?;
     let qkv = random(&mut rng, rows * 3 * w, 1.0);
     p.write(b(Act::Qkv), &qkv)?;
-    p.cpu.add_bias(b(Act::Qkv), bias.0, rows, 3 * w)?;
-    p.gpu.add_bias(b(Act::Qkv), bias.1, rows, 3 * w)?;
+    p.both(|o| o.add_bias(b(Act::Qkv), bias, rows, 3 * w))?;
     record(
         "add_bias",
         p.compare(b(Act::Qkv), rows * 3 * w, ew.0, ew.1)?,
     );
-    p.cpu
-        .attention(b(Act::Qkv), b(Act::Heads), batch, t, w, shape.heads)?;
-    p.gpu
-        .attention(b(Act::Qkv), b(Act::Heads), batch, t, w, shape.heads)?;
+    p.both(|o| o.attention(b(Act::Qkv), b(Act::Heads), batch, t, w, shape.heads))?;
     record("attention", p.compare(b(Act::Heads), rows * w, ew.0, ew.1)?);
 
     let fc = p.upload(&random(&mut rng, m, 1.0))?;
     let hidden = random(&mut rng, rows * m, 3.0);
     p.write(b(Act::Hidden), &hidden)?;
-    p.cpu.bias_quick_gelu(b(Act::Hidden), fc.0, rows, m)?;
-    p.gpu.bias_quick_gelu(b(Act::Hidden), fc.1, rows, m)?;
+    p.both(|o| o.bias_quick_gelu(b(Act::Hidden), fc, rows, m))?;
     record(
         "bias_quick_gelu",
         p.compare(b(Act::Hidden), rows * m, ew.0, ew.1)?,
@@ -330,10 +302,7 @@ fn kernels(shape: &VitShape, seed: u64) -> Result<Vec<Value>, EngineError> {
     // Fresh input: the Normed of the LayerNorm check may differ by an fp16 step per side.
     let normed = random(&mut rng, rows * w, 1.0);
     p.write(b(Act::Normed), &normed)?;
-    p.cpu
-        .take_rows(b(Act::Normed), b(Act::Class), batch, t, w)?;
-    p.gpu
-        .take_rows(b(Act::Normed), b(Act::Class), batch, t, w)?;
+    p.both(|o| o.take_rows(b(Act::Normed), b(Act::Class), batch, t, w))?;
     record("take_rows", p.compare(b(Act::Class), batch * w, 0.0, 1e-6)?);
     drop(arena);
     Ok(out)
