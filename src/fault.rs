@@ -68,7 +68,8 @@ pub struct Restarts {
 pub const DEGRADED_FOR: Duration = Duration::from_secs(300);
 
 impl Restarts {
-    /// Records a restart for `reason`; returns the wait before the stage goes on (doubling
+    /// Records a restart for `reason` ("a panic: ...", "a device error: ...": it completes
+    /// "restarted after"); returns the wait before the stage goes on (doubling
     /// from 100 ms with each restart in quick succession, at most 5 s).
     pub fn record(&self, stage: &str, reason: &str) -> Duration {
         let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
@@ -81,7 +82,7 @@ impl Restarts {
             stage,
             restarts = n,
             reason,
-            "A stage panicked; it goes on after a backoff."
+            "A stage failed; it goes on after a backoff."
         );
         if quick {
             Duration::from_millis(100)

@@ -424,6 +424,7 @@ fn gpu_check_crop(_image: &std::path::Path) -> ExitCode {
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path)
         .and_then(|c| check_providers(&c).map(|_| c))
+        .and_then(|c| check_gpu(&c).map(|_| c))
         .map_err(|errors| {
             eprintln!("{}: invalid config:", path.display());
             for e in &errors.0 {
@@ -559,13 +560,15 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
     for f in files {
         let checked = Config::load(f).and_then(|c| {
             let providers = check_providers(&c)?;
-            Ok((c, providers))
+            let gpu = check_gpu(&c)?;
+            Ok((c, providers, gpu))
         });
         if json {
             let v = match &checked {
-                Ok((c, providers)) => {
+                Ok((c, providers, gpu)) => {
                     let fps = c.ingest.analysis_fps;
                     serde_json::json!({
+                        "gpu": gpu,
                         "file": f.display().to_string(),
                         "ok": true,
                         "errors": [],
@@ -587,7 +590,7 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
             continue;
         }
         match checked {
-            Ok((c, providers)) => {
+            Ok((c, providers, gpu)) => {
                 let fps = c.ingest.analysis_fps;
                 println!(
                     "{}: ok ({} streams); a steady fake face at {fps} fps alerts within {} plus \
@@ -596,6 +599,9 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
                     c.streams.len(),
                     dfwatch::validation::human(c.cadence(fps).alert_delay(&c.track))
                 );
+                if let Some(line) = gpu {
+                    println!("{}: model.backend = \"cuda\": {line}", f.display());
+                }
                 if let Some(line) = providers {
                     println!("{}: onnx.providers: {line}", f.display());
                 }
@@ -631,6 +637,19 @@ fn check_providers(c: &Config) -> Result<Option<String>, dfwatch::validation::Co
             dfwatch::validation::ConfigError::new("onnx.providers", e),
         )),
     }
+}
+
+/// The machine's share of `model.backend = "cuda"` (the build's is Config::parse's).
+fn check_gpu(c: &Config) -> Result<Option<String>, dfwatch::validation::ConfigErrors> {
+    if c.model.backend != dfwatch::model::Backend::Cuda {
+        return Ok(None);
+    }
+    dfwatch::gpu::check_backend(&c.gpu).map(Some).map_err(|e| {
+        dfwatch::validation::ConfigErrors::one(dfwatch::validation::ConfigError::new(
+            "model.backend",
+            format!("\"cuda\" cannot run on this machine: {e}"),
+        ))
+    })
 }
 
 fn score(

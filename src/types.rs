@@ -264,6 +264,32 @@ pub struct FrameMeta {
 }
 
 impl Frame {
+    /// A packed RGB8 frame (rows of `3 * width` bytes, no padding) that arrived at `mono`, its
+    /// capture time the arrival (what tools, benchmarks and tests make).
+    pub fn packed_rgb(
+        stream: StreamId,
+        seq: u64,
+        pts: Option<Duration>,
+        mono: Instant,
+        (width, height): (u32, u32),
+        data: Arc<[u8]>,
+    ) -> Result<Frame, FrameError> {
+        let meta = FrameMeta {
+            stream,
+            seq,
+            pts,
+            capture_time: SystemTime::now(),
+            capture_time_from_sender: false,
+            mono,
+            width,
+            height,
+            format: PixelFormat::Rgb8,
+            color: None,
+        };
+        let stride = PixelFormat::Rgb8.row_bytes(0, width);
+        Frame::new(meta, &[Plane { offset: 0, stride }], data)
+    }
+
     /// Builds a frame, checking that every plane of `format` fits inside `data` with its stride.
     /// `planes` lists the planes in order; only the first `format.plane_count()` are read.
     pub fn new(meta: FrameMeta, planes: &[Plane], data: Arc<[u8]>) -> Result<Frame, FrameError> {

@@ -188,6 +188,28 @@ fn runnable(text: &str, dir: &std::path::Path, http_port: u16) -> String {
     toml::to_string(&t).unwrap()
 }
 
+/// `dfwatch validate FILE` (stdout, status) and `dfwatch run --config FILE` (stderr, status),
+/// state under `dir`.
+fn validate_and_run(path: &std::path::Path, dir: &std::path::Path) -> [(String, Option<i32>); 2] {
+    let v = dfwatch().arg("validate").arg(path).output().unwrap();
+    let r = dfwatch()
+        .args(["run", "--config"])
+        .arg(path)
+        .env("STATE_DIRECTORY", dir.join("state"))
+        .output()
+        .unwrap();
+    [
+        (
+            String::from_utf8_lossy(&v.stdout).into_owned(),
+            v.status.code(),
+        ),
+        (
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+            r.status.code(),
+        ),
+    ]
+}
+
 #[test]
 fn configs_that_crashed_or_hung_the_daemon_are_refused_by_validate_and_run_alike() {
     let dir = tempfile::tempdir().unwrap();
@@ -201,23 +223,15 @@ fn configs_that_crashed_or_hung_the_daemon_are_refused_by_validate_and_run_alike
             .unwrap_or_else(|| panic!("{}: first line must name the key", file.display()));
         let path = dir.path().join("config.toml");
         std::fs::write(&path, runnable(text, dir.path(), 1)).unwrap();
-        let v = dfwatch().arg("validate").arg(&path).output().unwrap();
-        let said = String::from_utf8_lossy(&v.stdout);
-        assert_eq!(v.status.code(), Some(2), "{}: {said}", file.display());
+        let [(said, v), (err, r)] = validate_and_run(&path, dir.path());
+        assert_eq!(v, Some(2), "{}: {said}", file.display());
         assert!(
             said.contains(&format!("  {key}: ")),
             "{}: {said}",
             file.display()
         );
         // The daemon refuses it the same way, before starting anything.
-        let r = dfwatch()
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("STATE_DIRECTORY", dir.path().join("state"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&r.stderr);
-        assert_eq!(r.status.code(), Some(2), "{}: {err}", file.display());
+        assert_eq!(r, Some(2), "{}: {err}", file.display());
         assert!(
             err.contains(&format!("  {key}: ")),
             "{}: {err}",
@@ -448,4 +462,47 @@ fn exit_statuses_config_lookup_json_output_man_page_and_completions() {
         bash.contains("_dfwatch()") && bash.contains("validate"),
         "{bash}"
     );
+}
+
+/// `model.backend = "cuda"` where it cannot run: `validate` and `run` say what is missing (the
+/// feature in a default build; in a `cuda` build, the driver, a library, the headers or the
+/// device), exit 2, and nothing panics. .ci/run runs this test in the `cuda` build too.
+#[test]
+fn the_gpu_backend_where_it_cannot_run_is_refused_naming_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpu.toml");
+    let text = "[model]\nbackend = \"cuda\"\n";
+    std::fs::write(&path, runnable(text, dir.path(), 1)).unwrap();
+    let [(said, v), (err, r)] = validate_and_run(&path, dir.path());
+    let gpu = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if cfg!(feature = "cuda") && gpu {
+        eprintln!("skipped: this machine has a GPU, so the cuda build accepts the backend");
+        return;
+    }
+    for out in [&said, &err] {
+        assert!(out.contains("  model.backend: \"cuda\""), "{out}");
+        if cfg!(feature = "cuda") {
+            assert!(out.contains("cannot run on this machine"), "{out}");
+            assert!(
+                [
+                    "libcuda",
+                    "libnvrtc",
+                    "libcublasLt",
+                    "cuda_fp16.h",
+                    "CUDA device"
+                ]
+                .iter()
+                .any(|what| out.contains(what)),
+                "names what is missing: {out}"
+            );
+        } else {
+            assert!(out.contains("without the `cuda` feature"), "{out}");
+        }
+        assert!(!out.contains("panicked"), "{out}");
+    }
+    assert_eq!(v, Some(2), "{said}");
+    assert_eq!(r, Some(2), "{err}");
 }

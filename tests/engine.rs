@@ -12,19 +12,10 @@ use dfwatch::model::ModelBundle;
 use dfwatch::offline::score_images::load_crop;
 use dfwatch::onnx::{self, OnnxConfig};
 use dfwatch::score::Scorer;
+use dfwatch::score::math::cosine;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
 }
 
 /// Compares the engine in both precisions with ONNX Runtime on `crops` (PNG files of the

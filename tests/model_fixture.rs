@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use dfwatch::encode::CpuEncoder;
+use dfwatch::encode::{CpuEncoder, FaceInput};
 use dfwatch::model::ModelBundle;
 use dfwatch::offline::score_images::load_crop;
 use dfwatch::onnx::{self, OnnxConfig};
@@ -138,7 +138,7 @@ fn the_encoder_thread_batches_by_size_and_deadline_and_loses_nothing() {
     for (i, px) in crops.iter().take(3).enumerate() {
         jobs_tx
             .send(EncodeJob {
-                pixels: px.clone(),
+                input: FaceInput::Pixels(px.clone()),
                 meta: i,
             })
             .unwrap();
@@ -152,7 +152,7 @@ fn the_encoder_thread_batches_by_size_and_deadline_and_loses_nothing() {
     for i in 3..9 {
         jobs_tx
             .send(EncodeJob {
-                pixels: crops[i % 4].clone(),
+                input: FaceInput::Pixels(crops[i % 4].clone()),
                 meta: i,
             })
             .unwrap();
@@ -205,7 +205,7 @@ fn a_track_end_leaves_the_encoder_after_its_faces_and_before_later_ones() {
     };
     let face = |track: &'static str| {
         Queued::Face(EncodeJob {
-            pixels: px.clone(),
+            input: FaceInput::Pixels(px.clone()),
             meta: track,
         })
     };

@@ -12,10 +12,13 @@
 #   2. the full-size synthetic ViT-B/32 bundle made here from its seed (tools/model.py synth);
 #   3. `dfwatch gpu-check`: every kernel against its CPU twin, the crop kernel, the engine
 #      against its fp16 CPU emulation (first block that parts on failure), speed per bucket;
-#   4. tools/torch_baseline.py: the engine's embeddings against the PyTorch tower, and the
+#   4. `dfwatch bench gpu`: the daemon's GPU path (upload, crop into the batch, encode) against
+#      its CPU twin, crop faces/s against the memory-bandwidth bound, encoder per bucket,
+#      simulated 1080p30 streams;
+#   5. tools/torch_baseline.py: the engine's embeddings against the PyTorch tower, and the
 #      PyTorch baselines (OpenAI-CLIP tower and torchvision vit_b_32, fp16, eager and CUDA
 #      graph) with the ratios the targets name.
-# Everything goes to $OUT (gpu-check.txt, engine/report.json, torch.json). Without a GPU it
+# Everything goes to $OUT (gpu-check.txt, engine/report.json, bench-gpu.json, torch.json). Without a GPU it
 # stops at once with exit status 3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +78,8 @@ if [ ! -f "$bundle/manifest.toml" ]; then
   check "full-size synthetic ViT-B/32 from seed 1" 240 "$PY" tools/model.py synth --arch vit-b-32 --labels ffpp --seed 1 --out "$bundle" || fails=$((fails + 1))
 fi
 check "dfwatch gpu-check (kernels, engine vs CPU twin, speed)" 240 "$BIN" gpu-check --model "$bundle" --out "$OUT/engine" || fails=$((fails + 1))
+check "dfwatch bench gpu (the daemon's GPU path: crop, encoder buckets, batch-1 latency, memory, simulated streams)" 240 \
+  "$BIN" bench gpu --model "$bundle" --json "$OUT/bench-gpu.json" || fails=$((fails + 1))
 check "PyTorch baselines and the engine's embeddings against the PyTorch tower" 240 \
   "$PY" tools/torch_baseline.py --model "$bundle" --inputs "$OUT/engine/inputs.f32" \
   --embeddings "$OUT/engine/embeddings.f32" --engine-report "$OUT/engine/report.json" --out "$OUT/torch.json" \

@@ -5,7 +5,8 @@
 //! ```text
 //! ingest (per stream, drop oldest) -> faces::FaceStage (one OS thread per stream)
 //!   -> encode queue (shared, drop oldest; track ends never dropped)
-//!   -> encoder (one OS thread, batches on the shared ONNX pool)
+//!   -> encoder (one OS thread: batches on the shared ONNX pool, or, with
+//!      model.backend = "cuda", owns the GPU: upload, crop, encode)
 //!   -> embeddings (bounded, blocks the encoder)
 //!   -> decide::task (one tokio task around the Decider) -> publisher (back-pressure)
 //! ```
@@ -44,7 +45,7 @@ use crate::crop::CropMethod;
 use crate::decide::task::{self as decision, Input};
 use crate::decide::{Decider, Scoring};
 use crate::detect::FaceDetector;
-use crate::encode::CpuEncoder;
+use crate::encode::{BatchEncoder, CpuEncoder};
 use crate::evidence::UlidGenerator;
 use crate::faces::{CropSpec, EncodeItem, FaceStage};
 use crate::ingest::{self, StreamConfig, StreamHandle};
@@ -91,13 +92,43 @@ pub use crate::types::state_dir;
 /// A loaded model: bundle, encoder, scorer and the identity that goes into alerts.
 pub struct LoadedModel {
     pub bundle: ModelBundle,
-    pub encoder: CpuEncoder,
+    pub encoder: Box<dyn BatchEncoder>,
     pub scoring: Scoring,
     pub crop: CropSpec,
+    /// The encoder crops on its device: faces go to it aligned (`model.backend = "cuda"`).
+    pub device_crop: bool,
 }
 
-/// Loads and checks the bundle in `dir` for the CPU engine.
-pub fn load_model(dir: &Path) -> anyhow::Result<LoadedModel> {
+/// Which engine a model is loaded for: `[model] backend`, `[gpu] device`, and the largest
+/// batch (the GPU engine captures a graph for each bucket up to it before it is used).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineChoice {
+    pub backend: crate::model::Backend,
+    pub device: u32,
+    pub max_batch: usize,
+}
+
+impl EngineChoice {
+    pub fn of(config: &Config) -> Self {
+        EngineChoice {
+            backend: config.model.backend,
+            device: config.gpu.device,
+            max_batch: config.encoder.max_batch.get(),
+        }
+    }
+
+    /// The CPU engine with default batching (for tools that score offline).
+    pub fn cpu() -> Self {
+        EngineChoice {
+            backend: crate::model::Backend::Cpu,
+            device: 0,
+            max_batch: 8,
+        }
+    }
+}
+
+/// Loads and checks the bundle in `dir` for the engine `choice` names.
+pub fn load_model(dir: &Path, choice: EngineChoice) -> anyhow::Result<LoadedModel> {
     let bundle = ModelBundle::load(dir).with_context(|| {
         format!(
             "model bundle {} (make one with `tools/model.py synth` or import a checkpoint: see \
@@ -105,16 +136,37 @@ pub fn load_model(dir: &Path) -> anyhow::Result<LoadedModel> {
             dir.display()
         )
     })?;
-    let encoder = CpuEncoder::new(&bundle)?;
     let a = bundle.architecture();
     let scorer = Scorer::new(
         bundle.graph.clone(),
         &bundle.text_embeddings,
         a.embed_dim as usize,
     )?;
-    // The session CpuEncoder::new just built is named by the bundle's ONNX path.
-    let (backend, precision) =
-        crate::onnx::session_backend(&bundle.onnx_path.display().to_string());
+    let (encoder, backend, precision, method): (Box<dyn BatchEncoder>, String, &str, _) =
+        match choice.backend {
+            crate::model::Backend::Cpu => {
+                let encoder = CpuEncoder::new(&bundle)?;
+                // The session CpuEncoder::new just built is named by the bundle's ONNX path.
+                let (backend, precision) =
+                    crate::onnx::session_backend(&bundle.onnx_path.display().to_string());
+                (Box::new(encoder), backend, precision, CropMethod::Reference)
+            }
+            crate::model::Backend::Cuda => {
+                let encoder = crate::gpu::backend::cuda_encoder(
+                    &bundle,
+                    choice.device as usize,
+                    choice.max_batch,
+                )
+                .with_context(|| {
+                    format!(
+                        "model.backend = \"cuda\": the native engine on GPU {}",
+                        choice.device
+                    )
+                })?;
+                // The device crops with the fused warp (kernels/crop.cu).
+                (encoder, "cuda".to_string(), "fp16", CropMethod::Fused)
+            }
+        };
     let model = ModelInfo {
         name: bundle.manifest.model.name.clone(),
         version: bundle.manifest.model.version.clone(),
@@ -127,22 +179,23 @@ pub fn load_model(dir: &Path) -> anyhow::Result<LoadedModel> {
         size: a.image_size as usize,
         mean: a.mean,
         std: a.std,
-        method: CropMethod::Reference,
+        method,
     };
     Ok(LoadedModel {
         bundle,
         encoder,
         scoring: Scoring { scorer, model },
         crop,
+        device_crop: choice.backend == crate::model::Backend::Cuda,
     })
 }
 
 /// [`load_model`] on a blocking thread (it reads and hashes hundreds of MB), with a panic
 /// in the loading code (a crafted file ONNX Runtime trips on) reported as an error instead
 /// of taking the daemon down.
-async fn load_model_off_loop(dir: PathBuf) -> anyhow::Result<LoadedModel> {
+async fn load_model_off_loop(dir: PathBuf, choice: EngineChoice) -> anyhow::Result<LoadedModel> {
     let shown = dir.display().to_string();
-    match tokio::task::spawn_blocking(move || load_model(&dir)).await {
+    match tokio::task::spawn_blocking(move || load_model(&dir, choice)).await {
         Ok(r) => r,
         Err(e) => Err(anyhow::anyhow!(
             "model bundle {shown}: loading it failed ({})",
@@ -172,7 +225,7 @@ struct EncoderThread {
 }
 
 fn spawn_encoder(
-    encoder: CpuEncoder,
+    encoder: Box<dyn BatchEncoder>,
     cfg: &crate::encode::EncoderConfig,
     jobs: Receiver<EncodeItem>,
     out: Sender<Input>,
@@ -213,6 +266,8 @@ struct RunningStream {
 struct StreamFactory {
     config: Config,
     crop: CropSpec,
+    /// Faces go to the encoder aligned, for its device to crop (GPU backend).
+    device_crop: bool,
     encode: Sender<EncodeItem>,
     /// For the encoder of a swapped-in model.
     encode_rx: Receiver<EncodeItem>,
@@ -274,6 +329,7 @@ impl StreamFactory {
             fps: s.analysis_fps.unwrap_or(self.config.ingest.analysis_fps),
             crop: self.crop.clone(),
             keep_crops: s.publish_face_crops,
+            device_crop: self.device_crop,
             encode: self.encode.clone(),
             metrics: metrics.clone(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -415,8 +471,9 @@ impl Daemon {
             encoder,
             scoring,
             crop,
+            device_crop,
             ..
-        } = load_model_off_loop(model_dir.clone()).await?;
+        } = load_model_off_loop(model_dir.clone(), EngineChoice::of(&config)).await?;
         let model_info = scoring.model.clone();
         tracing::info!(
             model = %model_info.name,
@@ -520,6 +577,7 @@ impl Daemon {
         let factory = StreamFactory {
             config: config.clone(),
             crop,
+            device_crop,
             encode: encode_tx,
             encode_rx,
             publisher: publisher.clone(),
@@ -785,6 +843,8 @@ impl Daemon {
             ("track", section(&current.track, &new.track)),
             ("mqtt", section(&current.mqtt, &new.mqtt)),
             ("http", section(&current.http, &new.http)),
+            ("gpu", section(&current.gpu, &new.gpu)),
+            ("model.backend", current.model.backend != new.model.backend),
         ] {
             if changed {
                 report.needs_restart.push(name.to_string());
@@ -796,7 +856,7 @@ impl Daemon {
             let manifest_sha = crate::model::manifest_sha256(&new_dir).ok();
             if new_dir != self.model_dir || manifest_sha.as_deref() != Some(self.model_sha.as_str())
             {
-                let loaded = load_model_off_loop(new_dir.clone())
+                let loaded = load_model_off_loop(new_dir.clone(), EngineChoice::of(&self.config))
                     .await
                     .map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
                 let (a, b) = (&loaded.crop, &self.factory.crop);

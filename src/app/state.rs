@@ -186,14 +186,12 @@ impl AppState {
         ];
         for (stage, r) in stages {
             if let Some(why) = r.recent() {
-                out.push(format!("{stage} restarted after a panic: {why}"));
+                out.push(format!("{stage} restarted after {why}"));
             }
         }
         for (id, v) in self.streams.read().expect("streams lock").iter() {
             if let Some(why) = v.analysis.restarts.recent() {
-                out.push(format!(
-                    "stream {id}: face stage restarted after a panic: {why}"
-                ));
+                out.push(format!("stream {id}: face stage restarted after {why}"));
             }
         }
         out

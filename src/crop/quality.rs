@@ -24,13 +24,32 @@ fn luma(rgb: &[u8]) -> Vec<f32> {
 
 /// Variance of the Laplacian over the central half of a square RGB8 crop of side `size`.
 pub fn blur_variance(rgb: &[u8], size: usize) -> f32 {
-    let y = luma(rgb);
     let (a, b) = (size / 4, size - size / 4);
-    let mut vals = Vec::with_capacity((b - a) * (b - a));
-    for r in a.max(1)..b.min(size - 1) {
-        for c in a.max(1)..b.min(size - 1) {
-            let i = r * size + c;
-            vals.push(y[i - size] + y[i + size] + y[i - 1] + y[i + 1] - 4.0 * y[i]);
+    laplacian_variance(&luma(rgb), size, a.max(1)..b.min(size - 1))
+}
+
+/// The only pixels [`blur_variance`] reads of a crop of side `size` (16 or more): the square
+/// from `(first, first)` of side `side` (the central half and a one-pixel rim, about a
+/// quarter of the crop). The GPU path crops just this on the host to measure quality.
+pub fn central_window(size: usize) -> (usize, usize) {
+    let (a, b) = (size / 4, size - size / 4);
+    (a - 1, b - a + 2)
+}
+
+/// [`blur_variance`] of a crop of side `size` from its [`central_window`] alone (packed RGB8,
+/// `side x side`).
+pub fn blur_variance_window(window: &[u8], size: usize) -> f32 {
+    let (_, side) = central_window(size);
+    laplacian_variance(&luma(window), side, 1..side - 1)
+}
+
+/// Variance of the 3x3 Laplacian of `y` (rows of `stride`) over the rows and columns `range`.
+fn laplacian_variance(y: &[f32], stride: usize, range: std::ops::Range<usize>) -> f32 {
+    let mut vals = Vec::with_capacity(range.len() * range.len());
+    for r in range.clone() {
+        for c in range.clone() {
+            let i = r * stride + c;
+            vals.push(y[i - stride] + y[i + stride] + y[i - 1] + y[i + 1] - 4.0 * y[i]);
         }
     }
     if vals.is_empty() {
@@ -57,9 +76,24 @@ pub fn measure(
     crop_rgb: &[u8],
     crop_size: usize,
 ) -> FaceQuality {
+    measure_with_blur(
+        bbox,
+        landmarks,
+        alignment,
+        blur_variance(crop_rgb, crop_size),
+    )
+}
+
+/// [`measure`] with the crop's blur measured already (e.g. by [`blur_variance_window`]).
+pub fn measure_with_blur(
+    bbox: &BBox,
+    landmarks: &[[f32; 2]; 5],
+    alignment: &Affine,
+    blur_var: f32,
+) -> FaceQuality {
     FaceQuality {
         face_px: bbox.width().min(bbox.height()),
-        blur_var: blur_variance(crop_rgb, crop_size),
+        blur_var,
         frontalness: frontalness(alignment, landmarks),
         alignment_residual: alignment_residual(alignment, landmarks) as f32,
     }
@@ -86,6 +120,25 @@ mod tests {
             .flat_map(|i| [((i % 2) * 255) as u8; 3])
             .collect();
         assert!(blur_variance(&stripes, 64) > 1000.0);
+    }
+
+    #[test]
+    fn the_central_window_alone_gives_the_whole_crops_blur() {
+        for size in [16usize, 32, 112, 224] {
+            let crop: Vec<u8> = (0..size * size)
+                .flat_map(|i| {
+                    let (x, y) = (i % size, i / size);
+                    [(x * x + 3 * y) as u8, (x * y) as u8, (7 * x + y * y) as u8]
+                })
+                .collect();
+            let (first, side) = central_window(size);
+            let window: Vec<u8> = (first..first + side)
+                .flat_map(|r| crop[3 * (r * size + first)..3 * (r * size + first + side)].to_vec())
+                .collect();
+            let whole = blur_variance(&crop, size);
+            assert!(whole > 0.0);
+            assert_eq!(blur_variance_window(&window, size), whole, "size {size}");
+        }
     }
 
     #[test]

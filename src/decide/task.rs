@@ -98,7 +98,9 @@ async fn decide(
     match out {
         Ok(out) => hand_over(publisher, out).await,
         Err(why) => {
-            let wait = metrics.decide_restarts.record("decide", &why);
+            let wait = metrics
+                .decide_restarts
+                .record("decide", &format!("a panic: {why}"));
             tokio::time::sleep(wait).await;
             return;
         }

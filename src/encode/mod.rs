@@ -1,11 +1,16 @@
-//! Encode: aligned crops -> image embeddings, on the CPU through ONNX Runtime.
+//! Encode: faces -> image embeddings, by the engine of the model's backend.
 //!
-//! Owns the `[encoder]` config section ([`EncoderConfig`]). Crops arrive one by one with
+//! Owns the `[encoder]` config section ([`EncoderConfig`]). Faces arrive one by one with
 //! metadata; a [`Batcher`] groups them by size or deadline; one dedicated thread runs the
-//! model on each batch and sends `(metadata, embedding)` on, never dropping one (the output
-//! channel applies back-pressure). The queue may also carry items that pass through in order
-//! with the faces ([`Queued::Pass`], e.g. a track's end): the batch in hand is encoded and
-//! sent first, then the item, so nothing overtakes a face queued before it.
+//! engine ([`BatchEncoder`]) on each batch and sends `(metadata, embedding)` on, never
+//! dropping one (the output channel applies back-pressure). The queue may also carry items
+//! that pass through in order with the faces ([`Queued::Pass`], e.g. a track's end): the
+//! batch in hand is encoded and sent first, then the item, so nothing overtakes a face queued
+//! before it.
+//!
+//! A face reaches the engine as [`FaceInput::Pixels`] (cropped and normalised on the CPU: the
+//! ONNX Runtime engine here, [`CpuEncoder`]) or [`FaceInput::Aligned`] (the frame and the map
+//! of the crop: the GPU backend crops on the device, `crate::gpu::backend`).
 //!
 //! Model contract (engines/SCHEMA.md): input `pixels`, `N x 3 x S x S` f32, CLIP-normalised;
 //! output `embedding`, `N x D` f32, not normalised.
@@ -13,6 +18,7 @@
 mod batcher;
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,8 +27,10 @@ use serde::{Deserialize, Serialize};
 pub use batcher::Batcher;
 
 use crate::channel::{FullPolicy, QueueConfig, Receiver, RecvTimeoutError, Sender};
+use crate::crop::align::Affine;
 use crate::model::ModelBundle;
 use crate::onnx::{self, OnnxError, Session};
+use crate::types::Frame;
 
 /// Input and output names of the ONNX image encoder.
 pub const INPUT_NAME: &str = "pixels";
@@ -98,11 +106,66 @@ pub enum EncodeError {
     },
     #[error("inference failed: {0}")]
     Run(String),
+    #[error("{engine} cannot take {got}")]
+    Input {
+        engine: &'static str,
+        got: &'static str,
+    },
+    /// The device failed (out of memory, lost, a sticky launch error): the engine is rebuilt
+    /// before the next batch ([`BatchEncoder::recover`]).
+    #[error("GPU device error: {0}")]
+    Device(String),
+}
+
+/// What the encoder gets for one face.
+#[derive(Debug)]
+pub enum FaceInput {
+    /// `3 * S * S` CLIP-normalised values, CHW (cropped on the CPU).
+    Pixels(Vec<f32>),
+    /// The frame and the map from crop pixels to frame pixels (`crop::fused_inverse`): the
+    /// engine crops and normalises it itself (on the GPU).
+    Aligned { frame: Arc<Frame>, inverse: Affine },
+}
+
+impl FaceInput {
+    fn kind(&self) -> &'static str {
+        match self {
+            FaceInput::Pixels(_) => "normalised pixels",
+            FaceInput::Aligned { .. } => "an aligned face (the GPU crop's input)",
+        }
+    }
+}
+
+/// An engine the encoder loop drives: a batch of faces in, `n x dim` embeddings out.
+pub trait BatchEncoder: Send {
+    /// Length of one embedding.
+    fn dim(&self) -> usize;
+    /// Embeddings of the faces, in order.
+    fn encode_inputs(&mut self, faces: &[&FaceInput]) -> Result<Vec<f32>, EncodeError>;
+    /// After [`EncodeError::Device`]: rebuilds what the error broke (a GPU context, its
+    /// weights and graphs). The loop retries with a backoff until it succeeds.
+    fn recover(&mut self) -> Result<(), EncodeError> {
+        Ok(())
+    }
+}
+
+impl<E: BatchEncoder + ?Sized> BatchEncoder for Box<E> {
+    fn dim(&self) -> usize {
+        (**self).dim()
+    }
+    fn encode_inputs(&mut self, faces: &[&FaceInput]) -> Result<Vec<f32>, EncodeError> {
+        (**self).encode_inputs(faces)
+    }
+    fn recover(&mut self) -> Result<(), EncodeError> {
+        (**self).recover()
+    }
 }
 
 /// The ONNX image encoder of a bundle on the CPU.
 pub struct CpuEncoder {
     session: Session,
+    /// The batch's values, reused.
+    scratch: Vec<f32>,
     size: usize,
     dim: usize,
     mean: [f32; 3],
@@ -185,6 +248,7 @@ impl CpuEncoder {
         }
         Ok(CpuEncoder {
             session,
+            scratch: Vec::new(),
             size,
             dim,
             mean: a.mean,
@@ -244,6 +308,32 @@ impl CpuEncoder {
     }
 }
 
+impl BatchEncoder for CpuEncoder {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn encode_inputs(&mut self, faces: &[&FaceInput]) -> Result<Vec<f32>, EncodeError> {
+        let mut pixels = std::mem::take(&mut self.scratch);
+        pixels.clear();
+        for f in faces {
+            match f {
+                FaceInput::Pixels(p) => pixels.extend_from_slice(p),
+                other => {
+                    self.scratch = pixels;
+                    return Err(EncodeError::Input {
+                        engine: "the ONNX Runtime encoder",
+                        got: other.kind(),
+                    });
+                }
+            }
+        }
+        let out = self.encode(&pixels, faces.len());
+        self.scratch = pixels;
+        out
+    }
+}
+
 /// `(v / 255 - mean) / std`, HWC u8 -> CHW f32, for a square crop of side `size`.
 pub fn normalise_rgb(rgb: &[u8], size: usize, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
     let plane = size * size;
@@ -261,8 +351,7 @@ pub fn normalise_rgb(rgb: &[u8], size: usize, mean: [f32; 3], std: [f32; 3], out
 /// One crop to encode, with whatever the caller needs back.
 #[derive(Debug)]
 pub struct EncodeJob<M> {
-    /// `3 * S * S` normalised values.
-    pub pixels: Vec<f32>,
+    pub input: FaceInput,
     pub meta: M,
 }
 
@@ -351,8 +440,8 @@ impl<M: Send, E: Send> EncoderOutput<M, E> for Encoded<M, E> {
 /// Runs the encoder on this thread until `jobs` closes: batches by size or deadline, sends
 /// every embedding to `out` (waiting when `out` is full). A failed batch is logged with its
 /// size and its jobs are dropped with a count (returned at the end).
-pub fn run_encoder<M: Send>(
-    encoder: CpuEncoder,
+pub fn run_encoder<M: Send, E: BatchEncoder>(
+    encoder: E,
     cfg: &EncoderConfig,
     jobs: Receiver<EncodeJob<M>>,
     out: Sender<Embedded<M>>,
@@ -371,37 +460,40 @@ pub fn run_encoder<M: Send>(
 /// [`run_encoder`] over any [`EncoderInput`] and [`EncoderOutput`] (pass-through items go
 /// out after the batch in hand), that also ends when `stop` is set (within 100 ms, after the
 /// batch in hand; queued jobs stay for whoever reads `jobs` next, e.g. the encoder of a new
-/// model), and reports each batch's size and wall time to `on_batch`. A panic while a batch
-/// runs is caught and recorded in `restarts`: that batch's faces are lost (counted with the
-/// failed ones; their tracks schedule them again) and the loop goes on after a backoff.
-pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pass>>(
-    mut encoder: CpuEncoder,
+/// model), and reports each batch's size and wall time to `on_batch`.
+///
+/// Supervised: a panic while a batch runs is caught and recorded in `restarts`, and a device
+/// error ([`EncodeError::Device`]) is recorded there too and the engine rebuilt
+/// ([`BatchEncoder::recover`], retried with the restarts' backoff until it works or `stop`);
+/// either way that batch's faces are lost (counted with the failed ones; their tracks schedule
+/// them again) and the loop goes on. Items that pass through are never lost.
+pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pass>, E>(
+    mut encoder: E,
     cfg: &EncoderConfig,
     jobs: Receiver<I>,
     out: Sender<O>,
     stop: &AtomicBool,
     restarts: &crate::fault::Restarts,
     on_batch: &mut dyn FnMut(usize, Duration),
-) -> u64 {
+) -> u64
+where
+    E: BatchEncoder,
+{
     let mut batcher = Batcher::new(cfg.max_batch.get(), cfg.max_wait);
     let mut failed = 0u64;
-    let mut pixels = Vec::new();
-    let mut run = |batch: Vec<EncodeJob<M>>, pixels: &mut Vec<f32>| -> bool {
-        pixels.clear();
+    let mut run = |batch: Vec<EncodeJob<M>>| -> bool {
         let n = batch.len();
-        for j in &batch {
-            pixels.extend_from_slice(&j.pixels);
-        }
         let t0 = Instant::now();
         let encoded = crate::fault::catch(|| {
             crate::fault::inject("encoder");
-            encoder.encode(pixels, n)
+            let faces: Vec<&FaceInput> = batch.iter().map(|j| &j.input).collect();
+            encoder.encode_inputs(&faces)
         });
         let encoded = match encoded {
             Ok(r) => r,
             Err(why) => {
                 failed += n as u64;
-                std::thread::sleep(restarts.record("encoder", &why));
+                std::thread::sleep(restarts.record("encoder", &format!("a panic: {why}")));
                 return true;
             }
         };
@@ -422,6 +514,23 @@ pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pas
                     }
                 }
             }
+            Err(EncodeError::Device(why)) => {
+                failed += n as u64;
+                let mut reason = format!("a device error: {why}");
+                loop {
+                    std::thread::sleep(restarts.record("encoder", &reason));
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match encoder.recover() {
+                        Ok(()) => {
+                            tracing::info!("Encoder engine rebuilt after a device error.");
+                            break;
+                        }
+                        Err(e) => reason = format!("a failed rebuild of the engine: {e}"),
+                    }
+                }
+            }
             Err(e) => {
                 failed += n as u64;
                 tracing::error!(batch = n, error = %e, "Encoder batch failed; its faces are not scored.");
@@ -432,7 +541,7 @@ pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pas
     loop {
         if stop.load(Ordering::Relaxed) {
             if let Some(batch) = batcher.flush() {
-                run(batch, &mut pixels);
+                run(batch);
             }
             break;
         }
@@ -444,7 +553,7 @@ pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pas
         match jobs.recv_timeout(wait).map(EncoderInput::split) {
             Ok(Ok(job)) => {
                 if let Some(batch) = batcher.push(job, Instant::now())
-                    && !run(batch, &mut pixels)
+                    && !run(batch)
                 {
                     break;
                 }
@@ -452,7 +561,7 @@ pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pas
             Ok(Err(pass)) => {
                 // Everything queued before it goes out first.
                 if let Some(batch) = batcher.flush()
-                    && !run(batch, &mut pixels)
+                    && !run(batch)
                 {
                     break;
                 }
@@ -462,14 +571,14 @@ pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pas
             }
             Err(RecvTimeoutError::Timeout) => {
                 if let Some(batch) = batcher.poll(Instant::now())
-                    && !run(batch, &mut pixels)
+                    && !run(batch)
                 {
                     break;
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
                 if let Some(batch) = batcher.flush() {
-                    run(batch, &mut pixels);
+                    run(batch);
                 }
                 break;
             }

@@ -7,9 +7,10 @@
 //!
 //! Per analysed frame: the detector runs on every `detect_every`th frame (the tracker's
 //! prediction bridges the others); the tracker says which faces are due; each due face
-//! becomes a [`FaceJob`] (the frame and the alignment, before any crop: where a GPU backend
-//! takes over) and, on the CPU path, [`prepare_face`] crops, measures and normalises it into
-//! an encode job. Track ends and the stream's end go through the same queue behind the faces
+//! becomes a [`FaceJob`] (the frame and the alignment, before any crop) and then an encode
+//! job: on the CPU path [`prepare_face`] crops, measures and normalises it; on the GPU path
+//! ([`FaceStage::device_crop`]) [`prepare_for_device`] measures its quality from a quarter of
+//! the crop on the host and the job carries the frame and the crop's map to the device. Track ends and the stream's end go through the same queue behind the faces
 //! ([`FaceEvent`]); the queue never drops them, so the decision stage sees a track's end only
 //! after its last face.
 
@@ -19,14 +20,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-pub use prepare::{CropSpec, PreparedFace, face_job, prepare_face, quick_quality};
+pub use prepare::{
+    CropSpec, DeviceFace, PreparedFace, face_job, prepare_face, prepare_for_device, quick_quality,
+};
 
 use crate::channel::{Receiver, RecvTimeoutError, Sender, Sent};
 use crate::detect::FaceDetector;
-use crate::encode::{EncodeJob, Queued};
+use crate::encode::{EncodeJob, FaceInput, Queued};
 use crate::metrics::StreamMetrics;
 use crate::track::{TrackConfig, TrackEvent, TrackedFace, Tracker};
-use crate::types::{FaceEvent, FaceJob, FaceMeta, Frame, StreamId};
+use crate::types::{FaceEvent, FaceMeta, Frame, StreamId};
 
 /// What the encode queue carries.
 pub type EncodeItem = Queued<FaceMeta, FaceEvent>;
@@ -49,6 +52,9 @@ pub struct FaceStage {
     pub crop: CropSpec,
     /// Keep each crop's RGB for the alert (streams that publish face crops).
     pub keep_crops: bool,
+    /// The encoder crops on its device (`model.backend = "cuda"`): faces go to it aligned,
+    /// not cropped.
+    pub device_crop: bool,
     pub encode: Sender<EncodeItem>,
     pub metrics: Arc<StreamMetrics>,
     /// Set when the stream is removed: the stage ends within 100 ms.
@@ -97,10 +103,10 @@ impl FaceStage {
                 Err(why) => {
                     // Supervised: the stage goes on with a fresh tracker; the tracks it had
                     // are gone, so the decision stage ends their alerts (stream_stopped).
-                    let wait = self
-                        .metrics
-                        .restarts
-                        .record(&format!("faces-{}", self.stream), &why);
+                    let wait = self.metrics.restarts.record(
+                        &format!("faces-{}", self.stream),
+                        &format!("a panic: {why}"),
+                    );
                     if self
                         .send(Queued::Pass(FaceEvent::StreamEnded {
                             stream: self.stream.clone(),
@@ -163,7 +169,7 @@ impl FaceStage {
         for face in faces.iter().filter(|f| f.due) {
             m.faces_due.inc();
             let t0 = thread_cpu_ns();
-            let job = self.crop_on_cpu(&frame, face, pixels);
+            let job = self.encode_job(&frame, face, pixels);
             m.crop_ns.add(thread_cpu_ns().saturating_sub(t0));
             match job {
                 Some(job) => self.send(Queued::Face(job))?,
@@ -200,9 +206,10 @@ impl FaceStage {
         }
     }
 
-    /// The CPU path: the face leaves as a [`FaceJob`] (the seam), then is cropped, measured
-    /// and normalised here. `None` when it cannot be cropped.
-    fn crop_on_cpu(
+    /// The face leaves as a [`FaceJob`] (the seam), then is cropped, measured and normalised
+    /// here (CPU path) or measured and handed on aligned (GPU path). `None` when it cannot be
+    /// cropped.
+    fn encode_job(
         &self,
         frame: &Arc<Frame>,
         face: &TrackedFace,
@@ -212,26 +219,44 @@ impl FaceStage {
             tracing::debug!(stream = %self.stream, track = face.track.0, "Face not cropped: no alignment.");
             return None;
         };
-        self.prepare(&job, pixels)
-    }
-
-    fn prepare(&self, job: &FaceJob, pixels: &mut Vec<f32>) -> Option<EncodeJob<FaceMeta>> {
-        let frame = &job.frame;
-        let p = match prepare_face(
-            frame,
-            &job.bbox,
-            &job.landmarks,
-            &self.crop,
-            std::mem::take(pixels),
-        ) {
+        let prepared = if self.device_crop {
+            prepare_for_device(
+                &job.frame,
+                &job.bbox,
+                &job.landmarks,
+                &self.crop,
+                self.keep_crops,
+            )
+            .map(|d| {
+                let input = FaceInput::Aligned {
+                    frame: job.frame.clone(),
+                    inverse: d.inverse,
+                };
+                (input, d.quality, d.rgb)
+            })
+        } else {
+            prepare_face(
+                &job.frame,
+                &job.bbox,
+                &job.landmarks,
+                &self.crop,
+                std::mem::take(pixels),
+            )
+            .map(|p| {
+                let rgb = self.keep_crops.then_some(p.rgb);
+                (FaceInput::Pixels(p.pixels), p.quality, rgb)
+            })
+        };
+        let (input, quality, crop) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(stream = %self.stream, track = job.track.0, error = %e, "Face not cropped.");
                 return None;
             }
         };
+        let frame = &job.frame;
         Some(EncodeJob {
-            pixels: p.pixels,
+            input,
             meta: FaceMeta {
                 stream: self.stream.clone(),
                 track: job.track,
@@ -239,8 +264,8 @@ impl FaceStage {
                 capture_time: frame.capture_time,
                 pts: frame.pts,
                 bbox: job.bbox,
-                quality: p.quality,
-                crop: self.keep_crops.then_some(p.rgb),
+                quality,
+                crop,
                 metrics: self.metrics.clone(),
             },
         })

@@ -1,6 +1,9 @@
 //! The one chain from a face in a frame to what the encoder takes: align, crop, measure the
 //! crop's quality, CLIP-normalise. The daemon's face stage and `dfwatch analyze` both use it.
+//! On the GPU backend the device crops and normalises; [`prepare_for_device`] is the part
+//! that stays on the CPU (the crop's map and its quality).
 
+use crate::crop::align::Affine;
 use crate::crop::{self, CropError, CropMethod};
 use crate::detect::Detection;
 use crate::types::{BBox, FaceJob, Frame};
@@ -69,5 +72,55 @@ pub fn prepare_face(
         pixels,
         quality: crop::quality::weight(&q),
         rgb: cropped.rgb,
+    })
+}
+
+/// What the CPU keeps of a face the GPU crops.
+#[derive(Debug, Clone)]
+pub struct DeviceFace {
+    /// Crop pixel -> frame pixel, for the device's fused crop (`crop::fused_inverse`).
+    pub inverse: Affine,
+    /// `crop::quality::weight` of the crop.
+    pub quality: f32,
+    /// The crop as packed RGB8, only when asked for (streams that publish face crops).
+    pub rgb: Option<Vec<u8>>,
+}
+
+/// The GPU path's CPU share of a face: the map the device crops with (the fused crop, whatever
+/// `spec.method` says: it is what the kernel does), and the quality, measured on a host copy
+/// of only the pixels the blur measure reads ([`crop::quality::central_window`], a quarter of
+/// the crop), so it equals the CPU fused crop's quality to rounding. With `keep_rgb` the whole
+/// crop is made on the host as well, for the alert's image.
+pub fn prepare_for_device(
+    frame: &Frame,
+    bbox: &BBox,
+    landmarks: &[[f32; 2]; 5],
+    spec: &CropSpec,
+    keep_rgb: bool,
+) -> Result<DeviceFace, CropError> {
+    let view = crop::rgb_view(frame)?;
+    if !(16..=1024).contains(&spec.size) {
+        return Err(CropError::Size(spec.size));
+    }
+    if let Some(index) = landmarks
+        .iter()
+        .position(|l| !(l[0].is_finite() && l[1].is_finite()))
+    {
+        return Err(CropError::Landmark { index });
+    }
+    let alignment = crop::align::sjedd_alignment(landmarks).ok_or(CropError::Degenerate)?;
+    let inverse = crop::fused_inverse(&alignment, spec.size).ok_or(CropError::Degenerate)?;
+    let (first, side) = crop::quality::central_window(spec.size);
+    let o = first as f64;
+    let window_map = inverse.after(&Affine([[1.0, 0.0, o], [0.0, 1.0, o]]));
+    let window = crop::warp::warp_affine_bilinear(view, &window_map, side, side);
+    let blur = crop::quality::blur_variance_window(&window, spec.size);
+    let q = crop::quality::measure_with_blur(bbox, landmarks, &alignment, blur);
+    let rgb =
+        keep_rgb.then(|| crop::warp::warp_affine_bilinear(view, &inverse, spec.size, spec.size));
+    Ok(DeviceFace {
+        inverse,
+        quality: crop::quality::weight(&q),
+        rgb,
     })
 }

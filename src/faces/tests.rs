@@ -1,14 +1,14 @@
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use super::*;
 use crate::channel::{FullPolicy, bounded, bounded_keeping};
 use crate::crop::CropMethod;
 use crate::detect::image::RgbF32;
 use crate::detect::{DetectConfig, DetectError, Detection, Detector};
-use crate::types::{FrameMeta, PixelFormat, Plane, TrackId};
+use crate::types::TrackId;
 
 /// A detector that answers from a script, one entry per call (then nothing).
 struct Scripted(Arc<Mutex<VecDeque<Vec<Detection>>>>);
@@ -26,24 +26,20 @@ fn face(cx: f32) -> Detection {
 
 fn frame(i: usize, t0: Instant, fps: f64) -> Frame {
     let (w, h) = (320u32, 240u32);
-    let data: Arc<[u8]> = vec![90u8; (w * h * 3) as usize].into();
-    Frame::new(
-        FrameMeta {
-            stream: StreamId::new("cam").unwrap(),
-            seq: i as u64,
-            pts: Some(Duration::from_secs_f64(i as f64 / fps)),
-            capture_time: SystemTime::now(),
-            capture_time_from_sender: false,
-            mono: t0 + Duration::from_secs_f64(i as f64 / fps),
-            width: w,
-            height: h,
-            format: PixelFormat::Rgb8,
-            color: None,
-        },
-        &[Plane {
-            offset: 0,
-            stride: (w * 3) as usize,
-        }],
+    // Texture, so that the crops' sharpness (and quality) is not zero.
+    let data: Arc<[u8]> = (0..(w * h) as usize)
+        .flat_map(|p| {
+            let (x, y) = (p % w as usize, p / w as usize);
+            [(x * 7 + y * 3) as u8, (x * y) as u8, (x ^ y) as u8]
+        })
+        .collect::<Vec<u8>>()
+        .into();
+    Frame::packed_rgb(
+        StreamId::new("cam").unwrap(),
+        i as u64,
+        Some(Duration::from_secs_f64(i as f64 / fps)),
+        t0 + Duration::from_secs_f64(i as f64 / fps),
+        (w, h),
         data,
     )
     .unwrap()
@@ -55,6 +51,36 @@ fn run_stage(
     script: Vec<Vec<Detection>>,
     track: TrackConfig,
     capacity: usize,
+) -> (Vec<EncodeItem>, Arc<StreamMetrics>) {
+    run_stage_on(script, track, capacity, false)
+}
+
+fn small_crop() -> CropSpec {
+    CropSpec {
+        size: 32,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        method: CropMethod::Fused,
+    }
+}
+
+/// [`run_stage`], with the faces handed on for a device to crop when `device_crop`.
+fn run_stage_on(
+    script: Vec<Vec<Detection>>,
+    track: TrackConfig,
+    capacity: usize,
+    device_crop: bool,
+) -> (Vec<EncodeItem>, Arc<StreamMetrics>) {
+    run_stage_with(script, track, capacity, device_crop, small_crop())
+}
+
+/// [`run_stage_on`] with crops of `crop`.
+fn run_stage_with(
+    script: Vec<Vec<Detection>>,
+    track: TrackConfig,
+    capacity: usize,
+    device_crop: bool,
+    crop: CropSpec,
 ) -> (Vec<EncodeItem>, Arc<StreamMetrics>) {
     let fps = 5.0;
     let n = script.len();
@@ -85,13 +111,9 @@ fn run_stage(
         detector,
         track,
         fps,
-        crop: CropSpec {
-            size: 32,
-            mean: [0.5; 3],
-            std: [0.25; 3],
-            method: CropMethod::Fused,
-        },
+        crop,
         keep_crops: false,
+        device_crop,
         encode: etx,
         metrics: metrics.clone(),
         stop: Arc::new(AtomicBool::new(false)),
@@ -129,7 +151,10 @@ fn due_faces_then_the_track_end_then_the_stream_end_in_order() {
     let Queued::Face(first) = &items[0] else {
         panic!()
     };
-    assert_eq!(first.pixels.len(), 3 * 32 * 32);
+    let FaceInput::Pixels(pixels) = &first.input else {
+        panic!("the CPU path hands on normalised pixels")
+    };
+    assert_eq!(pixels.len(), 3 * 32 * 32);
     assert!((0.0..=1.0).contains(&first.meta.quality));
     assert_eq!(first.meta.pts, Some(Duration::from_millis(200)));
 }
@@ -186,4 +211,144 @@ fn a_track_end_is_queued_after_every_face_of_its_track() {
         }),
         Some(TrackId(1))
     ));
+}
+
+#[test]
+fn on_the_gpu_path_faces_leave_aligned_with_the_cpu_paths_quality_and_order() {
+    let mut script: Vec<Vec<Detection>> = (0..15).map(|i| vec![face(100.0 + i as f32)]).collect();
+    script.extend((0..10).map(|_| Vec::new()));
+    let (cpu, _) = run_stage_on(script.clone(), TrackConfig::default(), 64, false);
+    let (gpu, m) = run_stage_on(script, TrackConfig::default(), 64, true);
+    // The same faces, track end and stream end, in the same order.
+    assert_eq!(shape(&gpu), shape(&cpu));
+    assert_eq!(m.faces_crop_failed.get(), 0);
+    for (g, c) in gpu.iter().zip(&cpu) {
+        let (Queued::Face(g), Queued::Face(c)) = (g, c) else {
+            continue;
+        };
+        let FaceInput::Aligned { frame, inverse } = &g.input else {
+            panic!("the GPU path hands on the frame and the crop's map")
+        };
+        assert_eq!(frame.mono, g.meta.mono);
+        // The map is the fused crop's: the CPU fused crop through it is the CPU path's crop.
+        let FaceInput::Pixels(cpu_pixels) = &c.input else {
+            panic!()
+        };
+        let view = crate::crop::warp::RgbView {
+            data: &frame.data,
+            width: frame.width as usize,
+            height: frame.height as usize,
+            stride: frame.planes[0].stride,
+        };
+        let rgb = crate::crop::warp::warp_affine_bilinear(view, inverse, 32, 32);
+        let mut again = vec![0.0; 3 * 32 * 32];
+        crate::encode::normalise_rgb(&rgb, 32, [0.5; 3], [0.25; 3], &mut again);
+        assert_eq!(&again, cpu_pixels);
+        // Quality from a quarter of the crop on the host: the CPU path's.
+        assert!(c.meta.quality > 0.05, "{}", c.meta.quality);
+        assert!(
+            (g.meta.quality - c.meta.quality).abs() < 1e-3,
+            "{} vs {}",
+            g.meta.quality,
+            c.meta.quality
+        );
+    }
+}
+
+/// Every item through the daemon's encoder loop with `encoder`; what came out, in order.
+fn encode_all(
+    encoder: impl crate::encode::BatchEncoder,
+    items: Vec<EncodeItem>,
+) -> Vec<crate::encode::Encoded<FaceMeta, FaceEvent>> {
+    let (tx, rx) = bounded_keeping(
+        "encode",
+        NonZeroUsize::new(items.len() + 1).unwrap(),
+        FullPolicy::Block,
+        EncodeItem::must_keep,
+    );
+    for i in items {
+        tx.send(i).unwrap();
+    }
+    drop(tx);
+    let (otx, orx) = bounded("out", NonZeroUsize::new(1024).unwrap(), FullPolicy::Block);
+    let failed = crate::encode::run_encoder_until(
+        encoder,
+        &crate::encode::EncoderConfig::default(),
+        rx,
+        otx,
+        &AtomicBool::new(false),
+        &crate::fault::Restarts::default(),
+        &mut |_, _| {},
+    );
+    assert_eq!(failed, 0);
+    std::iter::from_fn(|| orx.try_recv()).collect()
+}
+
+/// The GPU backend's wiring end to end, with the CPU twin of the device: two faces a frame
+/// from the face stage, aligned, through the encoder loop (batches of up to 8 holding several
+/// faces of one frame), cropped and encoded by the twin. Each embedding is the one the engine
+/// gives the CPU path's crop of that face, and the track and stream ends keep their places.
+#[test]
+fn the_gpu_path_with_the_twin_device_embeds_each_face_like_the_cpu_crop() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/bundle");
+    let bundle = crate::model::ModelBundle::load(std::path::Path::new(dir)).unwrap();
+    let a = bundle.architecture();
+    let spec = CropSpec {
+        size: a.image_size as usize,
+        mean: a.mean,
+        std: a.std,
+        method: CropMethod::Fused,
+    };
+    let mut script: Vec<Vec<Detection>> = (0..12)
+        .map(|i| vec![face(80.0 + i as f32), face(240.0 - i as f32)])
+        .collect();
+    script.extend((0..10).map(|_| Vec::new()));
+    let (aligned, _) = run_stage_with(
+        script.clone(),
+        TrackConfig::default(),
+        256,
+        true,
+        spec.clone(),
+    );
+    let (cropped, _) = run_stage_with(script, TrackConfig::default(), 256, false, spec);
+    assert_eq!(shape(&aligned), shape(&cropped));
+    let faces = shape(&aligned)
+        .iter()
+        .filter(|s| s.starts_with('F'))
+        .count();
+    assert!(faces >= 8, "{:?}", shape(&aligned));
+    let twin = crate::gpu::backend::twin_encoder(&bundle).unwrap();
+    let out = encode_all(twin, aligned);
+    let mut engine =
+        crate::gpu::vit::cpu::CpuEngine::new(&bundle, crate::gpu::vit::cpu::Precision::F16)
+            .unwrap();
+    assert_eq!(out.len(), cropped.len());
+    let mut batched = 0;
+    for (o, c) in out.iter().zip(&cropped) {
+        match (o, c) {
+            (crate::encode::Encoded::Face(e), Queued::Face(c)) => {
+                assert_eq!((e.meta.track, e.meta.pts), (c.meta.track, c.meta.pts));
+                let FaceInput::Pixels(p) = &c.input else {
+                    panic!()
+                };
+                let want = engine.encode(p, 1).unwrap();
+                let worst = want
+                    .iter()
+                    .zip(&e.embedding)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "track {:?}: largest difference {worst}",
+                    e.meta.track
+                );
+                batched += usize::from(e.batch_size > 1);
+            }
+            (crate::encode::Encoded::Pass(a), Queued::Pass(b)) => {
+                assert_eq!(format!("{a:?}"), format!("{b:?}"));
+            }
+            _ => panic!("the order changed"),
+        }
+    }
+    assert!(batched > 0, "no batch held more than one face");
 }

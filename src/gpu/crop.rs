@@ -16,12 +16,46 @@ use crate::crop::align::Affine;
 /// Mirrors `struct CropParams` in kernels/crop.cu.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct CropParams {
+pub(crate) struct CropParams {
     width: i32,
     height: i32,
     size: i32,
     scale: [f32; 3],
     shift: [f32; 3],
+}
+
+impl CropParams {
+    /// A frame of `width x height`, crops of side `size` normalised with `mean` and `std`.
+    pub(crate) fn new(
+        width: usize,
+        height: usize,
+        size: usize,
+        mean: [f32; 3],
+        std: [f32; 3],
+    ) -> Result<Self, GpuError> {
+        let int = |v: usize, what: &str| {
+            i32::try_from(v)
+                .map_err(|_| GpuError::Driver(format!("{what} {v} exceeds a kernel int")))
+        };
+        Ok(CropParams {
+            width: int(width, "frame width")?,
+            height: int(height, "frame height")?,
+            size: int(size, "crop size")?,
+            scale: [0, 1, 2].map(|c| 1.0 / (255.0 * std[c])),
+            shift: [0, 1, 2].map(|c| mean[c] / std[c]),
+        })
+    }
+}
+
+/// The maps of the faces as the kernel reads them: 6 f32 per face.
+pub(crate) fn kernel_maps(inverse: &[Affine]) -> Vec<f32> {
+    inverse
+        .iter()
+        .flat_map(|a| {
+            let m = a.0;
+            [m[0][0], m[0][1], m[0][2], m[1][0], m[1][1], m[1][2]].map(|v| v as f32)
+        })
+        .collect()
 }
 
 // SAFETY: plain old data with the C layout of the kernel's struct.
@@ -90,24 +124,11 @@ impl GpuCropper {
     ) -> Result<Vec<u16>, GpuError> {
         let s = &self.stream;
         let d_frame = s.clone_htod(frame).map_err(driver)?;
-        let maps: Vec<f32> = inverse
-            .iter()
-            .flat_map(|a| {
-                let m = a.0;
-                [m[0][0], m[0][1], m[0][2], m[1][0], m[1][1], m[1][2]].map(|v| v as f32)
-            })
-            .collect();
-        let d_maps = s.clone_htod(&maps).map_err(driver)?;
+        let d_maps = s.clone_htod(&kernel_maps(inverse)).map_err(driver)?;
         let mut d_out = s
             .alloc_zeros::<u16>(inverse.len() * 3 * size * size)
             .map_err(driver)?;
-        let params = CropParams {
-            width: width as i32,
-            height: height as i32,
-            size: size as i32,
-            scale: [0, 1, 2].map(|c| 1.0 / (255.0 * std[c])),
-            shift: [0, 1, 2].map(|c| mean[c] / std[c]),
-        };
+        let params = CropParams::new(width, height, size, mean, std)?;
         let stride_i = stride as i32;
         let cfg = LaunchConfig {
             grid_dim: ((size * size).div_ceil(256) as u32, inverse.len() as u32, 1),

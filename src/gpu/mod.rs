@@ -1,19 +1,23 @@
 //! GPU path (feature `cuda`, cudarc with every CUDA library loaded at run time): the fused
-//! crop kernels and the native ViT-B/32 engine ([`vit`]).
+//! crop kernels, the native ViT-B/32 engine ([`vit`]), and the daemon's GPU backend
+//! ([`backend`]: `model.backend = "cuda"`, the device chosen by `[gpu]`).
 //!
 //! [`probe`] is what `dfwatch gpu-info` prints (each CUDA library present or not, the devices
 //! and their compute capability); [`compile_kernels`] compiles `kernels/*.cu` with NVRTC, which
-//! CI runs on a machine without a GPU. [`vit`] is the engine: its model code and CPU twins are
-//! always built (and checked against ONNX Runtime in CI), its device side with `cuda`. The
-//! daemon does not use it yet: `model.backend = "cuda"` is refused with
-//! [`GpuError::NotImplemented`] until it does.
+//! CI runs on a machine without a GPU. [`vit`] and [`backend`] have CPU twins that are always
+//! built (and run in CI); their device sides need `cuda`. [`check_backend`] is the start-up
+//! check `validate` and the daemon share: a missing feature, driver, library, header or device
+//! is named.
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
+pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod crop;
+#[cfg(feature = "cuda")]
+pub mod device;
 pub mod vit;
 
 /// The CUDA C++ kernels, compiled at run time by NVRTC (no CUDA toolkit needed to build).
@@ -25,14 +29,11 @@ pub const KERNELS: &[(&str, &str)] = &[
 /// Why the GPU path cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpuError {
-    #[error("the GPU path is not available: dfwatch was built without the `cuda` feature")]
-    FeatureDisabled,
     #[error(
-        "model.backend = \"cuda\" is not wired into the daemon in this version of dfwatch \
-         (the native ViT-B/32 engine is built and checked on the CPU, and `dfwatch gpu-check` \
-         tests it on a GPU, but the daemon does not run it yet): use model.backend = \"cpu\""
+        "the GPU path is not available: dfwatch was built without the `cuda` feature (build \
+         with `--features cuda`, or use model.backend = \"cpu\")"
     )]
-    NotImplemented,
+    FeatureDisabled,
     #[error("CUDA library {0} not found (searched the loader path; set LD_LIBRARY_PATH)")]
     MissingLibrary(&'static str),
     #[error(
@@ -46,11 +47,67 @@ pub enum GpuError {
     Driver(String),
 }
 
-/// Reports whether a GPU engine can be used in this build.
+/// `[gpu]`: the device of `model.backend = "cuda"`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// CUDA device ordinal (as `nvidia-smi` lists them, unless CUDA_VISIBLE_DEVICES reorders).
+    /// Range 0 to 63.
+    pub device: u32,
+}
+
+impl GpuConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
+        crate::validation::Checker::new(path, errors).count(
+            "device",
+            u64::from(self.device),
+            0..=63,
+        );
+    }
+}
+
+/// Reports whether the GPU backend can be used in this build (the machine is
+/// [`check_backend`]'s).
 pub fn availability() -> Result<(), GpuError> {
     if cfg!(feature = "cuda") {
-        Err(GpuError::NotImplemented)
+        Ok(())
     } else {
+        Err(GpuError::FeatureDisabled)
+    }
+}
+
+/// What `model.backend = "cuda"` needs of this build and machine, checked without loading a
+/// model: the feature, the driver, NVRTC, cuBLASLt, the CUDA headers NVRTC compiles with, and
+/// the device `[gpu] device`. `Ok` says which device it found.
+pub fn check_backend(gpu: &GpuConfig) -> Result<String, GpuError> {
+    availability()?;
+    #[cfg(feature = "cuda")]
+    {
+        for (name, present) in cuda::libraries() {
+            if !present && name != "libcublas" {
+                return Err(GpuError::MissingLibrary(name));
+            }
+        }
+        let include = find_include_dir()?;
+        let devices = cuda::devices()?;
+        let ordinal = gpu.device as usize;
+        let d = devices.get(ordinal).ok_or_else(|| {
+            GpuError::Driver(format!(
+                "gpu.device = {ordinal}, but this machine has {} CUDA device(s)",
+                devices.len()
+            ))
+        })?;
+        Ok(format!(
+            "device {ordinal}: {} (compute capability {}.{}); CUDA headers in {}",
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            include.display()
+        ))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = gpu;
         Err(GpuError::FeatureDisabled)
     }
 }
@@ -215,10 +272,10 @@ pub fn probe() -> GpuInfo {
         devices,
         device_error,
         include_dir: find_include_dir().ok(),
-        engine: availability()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| "ready".into()),
+        engine: match check_backend(&GpuConfig::default()) {
+            Ok(line) => format!("model.backend = \"cuda\" can run: {line}"),
+            Err(e) => format!("model.backend = \"cuda\" cannot run here: {e}"),
+        },
     }
 }
 

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -18,7 +18,7 @@ use gstreamer_video::prelude::*;
 
 use super::source::Source;
 use super::status::IngestError;
-use crate::types::{Frame, FrameMeta, PixelFormat, StreamId};
+use crate::types::{Frame, StreamId};
 
 /// Frames taken from one video.
 #[derive(Debug)]
@@ -156,23 +156,15 @@ pub fn sample_frames(
             for r in 0..h as usize {
                 data.extend_from_slice(&plane[r * stride..r * stride + row]);
             }
-            let meta = FrameMeta {
-                stream: stream.clone(),
-                seq: seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                pts: buffer.pts().map(|p| Duration::from_nanos(p.nseconds())),
-                capture_time: SystemTime::now(),
-                capture_time_from_sender: false,
-                mono: Instant::now(),
-                width: w,
-                height: h,
-                format: PixelFormat::Rgb8,
-                color: None,
-            };
-            let planes = [crate::types::Plane {
-                offset: 0,
-                stride: row,
-            }];
-            if let Ok(f) = Frame::new(meta, &planes, Arc::from(data)) {
+            let frame = Frame::packed_rgb(
+                stream.clone(),
+                seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                buffer.pts().map(|p| Duration::from_nanos(p.nseconds())),
+                Instant::now(),
+                (w, h),
+                Arc::from(data),
+            );
+            if let Ok(f) = frame {
                 (width, height) = (w, h);
                 frames.push(f);
             }

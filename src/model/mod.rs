@@ -27,7 +27,7 @@ pub enum Backend {
     /// ONNX Runtime on the CPU.
     #[default]
     Cpu,
-    /// The native cudarc engine (not built yet).
+    /// The native engine on a CUDA GPU, with the crop on the device (`[gpu]`).
     Cuda,
 }
 
@@ -37,19 +37,21 @@ pub enum Backend {
 pub struct ModelConfig {
     /// Bundle directory (relative paths are relative to the config file).
     pub bundle: Option<PathBuf>,
-    /// `cpu` (ONNX Runtime) or `cuda` (native engine).
+    /// `cpu` (ONNX Runtime) or `cuda` (the native engine on the GPU of `[gpu] device`; needs a
+    /// build with the `cuda` feature).
     pub backend: Backend,
 }
 
 impl ModelConfig {
     pub(crate) fn validate(&self, path: &str, errors: &mut Vec<crate::validation::ConfigError>) {
-        if self.backend == Backend::Cuda {
+        // What the build lacks is known here; what the machine lacks is
+        // `gpu::check_backend`'s, run by `validate` and at start.
+        if self.backend == Backend::Cuda
+            && let Err(e) = crate::gpu::availability()
+        {
             errors.push(crate::validation::ConfigError::new(
                 format!("{path}.backend"),
-                format!(
-                    "\"cuda\" is not available: {}",
-                    crate::gpu::GpuError::NotImplemented
-                ),
+                format!("\"cuda\" is not available: {e}"),
             ));
         }
     }
@@ -212,7 +214,7 @@ pub struct ModelBundle {
     pub safetensors_path: Option<PathBuf>,
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::decide::{Decider, Output};
 use crate::detect::FaceDetector;
 use crate::encode::Embedded;
+use crate::encode::FaceInput;
 use crate::evidence::{AlertKind, UlidGenerator, Verdict};
 use crate::faces::{prepare_face, quick_quality};
 use crate::metrics::{AnalysisMetrics, StreamMetrics};
@@ -87,7 +88,8 @@ pub fn analyze(
 ) -> anyhow::Result<AnalyzeReport> {
     anyhow::ensure!(frames > 0, "--frames must be at least 1");
     crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
-    let mut model = crate::app::load_model(model_dir)?;
+    // Offline analysis runs the CPU engine whatever the config's backend.
+    let mut model = crate::app::load_model(model_dir, crate::app::EngineChoice::cpu())?;
     let mut detector = FaceDetector::load(&config.detect, &config.base_dir)
         .context("face detector ([detect] model_dir; run ./tools/setup.sh)")?;
     let cwd = std::env::current_dir().context("the working directory")?;
@@ -128,9 +130,12 @@ pub fn analyze(
         let mut embed = |bbox: &BBox, landmarks: &[[f32; 2]; 5]| -> Option<(Vec<f32>, f32)> {
             let p =
                 prepare_face(frame, bbox, landmarks, &spec, std::mem::take(&mut pixels)).ok()?;
-            let emb = model.encoder.encode(&p.pixels, 1).ok()?;
-            pixels = p.pixels;
-            Some((emb, p.quality))
+            let input = FaceInput::Pixels(p.pixels);
+            let emb = model.encoder.encode_inputs(&[&input]).ok();
+            if let FaceInput::Pixels(v) = input {
+                pixels = v;
+            }
+            Some((emb?, p.quality))
         };
         let mut best: Option<(f64, BBox, f32)> = None;
         // Tracked faces (born tracks) go to the decider; the largest detection is the paper's.

@@ -1,6 +1,17 @@
 //! Numeric kernels for scoring, written so the compiler vectorises them (no libm calls in the
 //! inner loops).
 
+/// Cosine of two embeddings, in f64 (how two engines' outputs are compared).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
 /// `exp(x)` for `x <= 0`, to about 1e-14 relative error; `0` below `-708`.
 ///
 /// Range reduction `x = k ln2 + r` with `|r| <= ln2 / 2`, a degree-11 Taylor polynomial for

@@ -104,6 +104,8 @@ impl Drop for LtGemm {
 pub struct CudaOps {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// `crop_rgb_fp16` of kernels/crop.cu, for the daemon's GPU crop into the batch.
+    pub crop_rgb: CudaFunction,
     k: Kernels,
     lt: LtHandle,
     workspace: CudaSlice<u8>,
@@ -140,15 +142,20 @@ impl CudaOps {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(dev)?;
         let arch = crate::gpu::arch_for(ctx.compute_capability().ok());
-        let ptx = crate::gpu::compile_kernels(arch)
-            .map_err(|e| EngineError::Device(e.to_string()))?
-            .into_iter()
-            .find(|(n, _)| *n == "vit.cu")
-            .map(|(_, p)| p)
-            .ok_or_else(|| EngineError::Device("vit.cu missing".into()))?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(dev)?;
+        let compiled =
+            crate::gpu::compile_kernels(arch).map_err(|e| EngineError::Device(e.to_string()))?;
+        let load = |file: &str| {
+            let ptx = compiled
+                .iter()
+                .find(|(n, _)| *n == file)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| EngineError::Device(format!("{file} missing")))?;
+            ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(dev)
+        };
+        let module = load("vit.cu")?;
+        let crop_module = load("crop.cu")?;
+        let crop_rgb = crop_module.load_function("crop_rgb_fp16").map_err(dev)?;
         let f = |n: &str| module.load_function(n).map_err(dev);
         let k = Kernels {
             patchify: f("patchify")?,
@@ -165,6 +172,7 @@ impl CudaOps {
         Ok(CudaOps {
             ctx,
             stream,
+            crop_rgb,
             k,
             lt,
             workspace,
@@ -637,9 +645,17 @@ impl CudaEngine {
     /// Loads a bundle's image tower onto device `ordinal` and plans every bucket.
     pub fn new(bundle: &ModelBundle, ordinal: usize) -> Result<Self, EngineError> {
         let shape = VitShape::new(bundle.architecture())?;
-        let src = super::read_tower(bundle)?;
+        Self::from_source(&super::read_tower(bundle)?, shape, ordinal)
+    }
+
+    /// The engine over any source of the checkpoint's tensors, on device `ordinal`.
+    pub fn from_source(
+        src: &impl super::TensorSource,
+        shape: VitShape,
+        ordinal: usize,
+    ) -> Result<Self, EngineError> {
         let mut ops = CudaOps::new(ordinal)?;
-        let weights = VitWeights::load(&mut ops, &src, &shape)?;
+        let weights = VitWeights::load(&mut ops, src, &shape)?;
         let plans = BUCKETS
             .iter()
             .map(|&b| Plan::new(&shape, b))

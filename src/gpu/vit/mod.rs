@@ -43,7 +43,7 @@ pub const BUCKETS: &[usize] = &[1, 8, 32, 128, 256];
 pub const ATTENTION_HEAD_DIM: usize = 64;
 pub const ATTENTION_MAX_TOKENS: usize = 64;
 /// Largest image tower file read (fp32 ViT-B/32 is 352 MB).
-const MAX_SAFETENSORS_BYTES: u64 = 2 << 30;
+pub(crate) const MAX_SAFETENSORS_BYTES: u64 = 2 << 30;
 
 /// Why the engine cannot be built or run.
 #[derive(Debug, thiserror::Error)]

@@ -297,7 +297,7 @@ pub(super) async fn supervise(
             Ok(()) => break,
             Err(panic) => {
                 let why = crate::fault::panic_message(&*panic);
-                let wait = restarts.record("publisher", &why);
+                let wait = restarts.record("publisher", &format!("a panic: {why}"));
                 tokio::time::sleep(wait).await;
                 if cancel.is_cancelled() {
                     break;
