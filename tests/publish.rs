@@ -774,3 +774,135 @@ async fn a_removed_streams_retained_messages_are_cleared_and_stay_cleared() {
     .await
     .expect("in time");
 }
+
+/// A client on `filter` that collects `(topic, payload, retained)` and can publish.
+fn ha_client(
+    port: u16,
+    id: &str,
+    filter: &'static str,
+) -> (AsyncClient, Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(o, 64);
+    let sink = got.clone();
+    let c = client.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = c.subscribe(filter, QoS::AtLeastOnce).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    sink.lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec(), p.retain));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    (client, got)
+}
+
+/// Home Assistant discovery through a real broker: a started stream's three configs arrive
+/// retained, each naming the node's availability topic, one device and the stream's own state
+/// topics; Home Assistant's birth message brings them again; a removed stream's configs are
+/// cleared (empty retained messages) and a client arriving later sees only the other
+/// stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_removed_streams() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let (ha, got) = ha_client(broker.port, "ha-1", "homeassistant/#");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut cfg = config(&broker.url());
+        cfg.homeassistant = true;
+        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
+        let (cam, cam2) = (
+            dfwatch::types::StreamId::new("cam").unwrap(),
+            dfwatch::types::StreamId::new("cam_2").unwrap(),
+        );
+        p.announce_stream(&cam).await.unwrap();
+        p.announce_stream(&cam2).await.unwrap();
+        let configs = |got: &Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>| {
+            got.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, v, _)| t.ends_with("/config") && !v.is_empty())
+                .map(|(t, v, _)| (t.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        wait_until("six discovery configs", SECS(20), || {
+            configs(&got).len() >= 6
+        })
+        .await;
+        let first = configs(&got);
+        let mut ids = BTreeSet::new();
+        for (topic, payload) in &first {
+            let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            let stream = if topic.contains("dfwatch_test-node_cam_2/") {
+                "cam_2"
+            } else {
+                "cam"
+            };
+            assert!(
+                ids.insert(v["unique_id"].as_str().unwrap().to_string()),
+                "{topic}"
+            );
+            assert_eq!(v["availability"][0]["topic"], "dfwatch/test-node/status");
+            assert_eq!(v["device"]["identifiers"][0], "dfwatch_test-node");
+            let state = v["state_topic"].as_str().unwrap();
+            assert!(
+                state.starts_with(&format!("dfwatch/test-node/streams/{stream}/")),
+                "{topic}: {state}"
+            );
+        }
+        assert_eq!(ids.len(), 6);
+        // Home Assistant restarts: its birth brings every config again.
+        got.lock().unwrap().clear();
+        ha.publish("homeassistant/status", QoS::AtLeastOnce, false, "online")
+            .await
+            .unwrap();
+        wait_until("the configs again after the birth", SECS(20), || {
+            configs(&got).len() >= 6
+        })
+        .await;
+        // cam goes: its three configs are cleared, cam_2's stay.
+        p.retract_stream(&cam).await.unwrap();
+        wait_until("cam's configs cleared", SECS(20), || {
+            got.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, v, _)| v.is_empty() && t.contains("/dfwatch_test-node_cam/"))
+                .count()
+                == 3
+        })
+        .await;
+        assert!(
+            !got.lock()
+                .unwrap()
+                .iter()
+                .any(|(t, v, _)| v.is_empty() && t.contains("cam_2")),
+            "only the removed stream's configs are cleared"
+        );
+        let (_late, seen) = ha_client(broker.port, "ha-2", "homeassistant/#");
+        wait_until("the retained configs of cam_2", SECS(20), || {
+            configs(&seen).len() == 3
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let kept = configs(&seen);
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert!(
+            kept.iter()
+                .all(|(t, _)| t.contains("dfwatch_test-node_cam_2/"))
+        );
+        p.stop(SECS(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -342,9 +342,11 @@ impl StreamFactory {
         let publisher = self.publisher.clone();
         let topic = format!("streams/{}/status", s.id);
         let scope = format!("streams/{}/", s.id);
+        let id = s.id.clone();
         let forwarder = tokio::spawn(async move {
             // A stream of this id may have been removed before: its topics are ours again.
             let _ = publisher.allow_retained(&scope).await;
+            let _ = publisher.announce_stream(&id).await;
             loop {
                 let json = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
                 if publisher.publish_retained(&topic, json).await.is_err()
@@ -381,8 +383,10 @@ impl RunningStream {
     /// verdict are cleared on the broker and never published again.
     async fn remove(self, state: &AppState, publisher: &PublisherHandle) {
         let scope = format!("streams/{}/", self.config.id);
+        let id = self.config.id.clone();
         self.stop(state).await;
         let _ = publisher.clear_retained(&scope).await;
+        let _ = publisher.retract_stream(&id).await;
     }
 
     /// Stops ingest and the face stage; the stage's last words (its tracks' ends and the

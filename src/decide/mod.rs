@@ -75,6 +75,9 @@ pub struct StreamVerdict {
     pub fake_tracks: usize,
     pub open_alerts: Vec<String>,
     pub model_trained: bool,
+    /// The leading track's fake probability over its evidence window (the highest of the
+    /// live tracks, to 0.01), `null` without one.
+    pub score: Option<f64>,
 }
 
 /// Per-track bookkeeping the payload needs beyond the evidence state.
@@ -372,6 +375,14 @@ impl Decider {
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default(),
             model_trained: self.scoring.model.trained,
+            score: self
+                .verdicts
+                .get(stream)
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .filter_map(|t| self.evidence.probability(stream, *t))
+                .max_by(f64::total_cmp)
+                .map(|p| (p * 100.0).round() / 100.0),
         };
         if self.published.get(stream) == Some(&summary) {
             return;

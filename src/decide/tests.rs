@@ -153,6 +153,10 @@ fn a_fake_track_opens_one_alert_and_its_end_closes_it() {
     assert_eq!(s.last().unwrap()["verdict"], "fake");
     assert_eq!(s.last().unwrap()["open_alerts"][0], id.as_str());
     assert_eq!(s.len(), 2, "published only when it changes: {s:?}");
+    // The leading track's probability, to 0.01: the alert's score.
+    let score = s.last().unwrap()["score"].as_f64().unwrap();
+    let alert_score = new["score"].as_f64().unwrap();
+    assert!((score - alert_score).abs() <= 0.005 + 1e-9, "{score} vs {alert_score}");
     // The track ends: its alert ends (track_lost), the stream has no track left.
     let out = d.on_track_end(
         &StreamId::new("cam").unwrap(),
@@ -165,6 +169,7 @@ fn a_fake_track_opens_one_alert_and_its_end_closes_it() {
     assert_eq!(a[0].1["alert_id"], id.as_str());
     assert_eq!(a[0].1["end_reason"], "track_lost");
     assert_eq!(summaries(&out)[0]["verdict"], "none");
+    assert!(summaries(&out)[0]["score"].is_null());
     assert_eq!(d.verdict(&StreamId::new("cam").unwrap(), TrackId(1)), None);
     let counted = metrics.alerts.lock().unwrap().clone();
     assert_eq!(counted.get(&("new", "fake")), Some(&1));

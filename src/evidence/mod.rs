@@ -317,6 +317,14 @@ impl Evidence {
         self.cfg = cfg;
     }
 
+    /// A track's fake probability over its window (the sigmoid of the rule's statistic), once
+    /// its window holds a face.
+    pub fn probability(&self, stream: &StreamId, track: TrackId) -> Option<f64> {
+        let t = self.tracks.get(&(stream.clone(), track))?;
+        let stat = window_statistic(&t.window, &self.cfg)?;
+        Some(1.0 / (1.0 + (-stat).exp()))
+    }
+
     /// The current verdict of a track.
     pub fn verdict(&self, stream: &StreamId, track: TrackId) -> Option<Verdict> {
         self.tracks.get(&(stream.clone(), track)).map(|t| t.verdict)

@@ -61,6 +61,12 @@ pub struct MqttConfig {
     pub embedded: bool,
     /// Loopback address of the embedded broker.
     pub embedded_listen: std::net::SocketAddr,
+    /// Home Assistant MQTT discovery: per stream a `binary_sensor` (a fake face on screen), a
+    /// `sensor` (the leading track's fake probability) and a `sensor` (stream state), under
+    /// one device per node, available while the node is `online`.
+    pub homeassistant: bool,
+    /// Home Assistant's discovery prefix (its birth message is `<prefix>/status`).
+    pub homeassistant_prefix: String,
 }
 
 impl Default for MqttConfig {
@@ -87,6 +93,8 @@ impl Default for MqttConfig {
             spool_max_age: Duration::from_secs(7 * 24 * 3600),
             embedded: false,
             embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
+            homeassistant: false,
+            homeassistant_prefix: "homeassistant".into(),
         }
     }
 }
@@ -110,6 +118,22 @@ impl MqttConfig {
                 format!(
                     "{:?} is not a usable topic level (1 to 256 bytes, no + or #)",
                     self.prefix
+                ),
+            );
+        }
+        let levels_ok = |t: &str| {
+            !t.is_empty()
+                && t.len() <= 256
+                && !t.contains(['+', '#', '\0'])
+                && t.split('/').all(|l| !l.is_empty())
+        };
+        if !levels_ok(&self.homeassistant_prefix) {
+            c.error(
+                "homeassistant_prefix",
+                format!(
+                    "{:?} is not a usable topic prefix (1 to 256 bytes, no + # or NUL, no empty \
+                     level)",
+                    self.homeassistant_prefix
                 ),
             );
         }
@@ -251,6 +275,8 @@ pub(super) struct Prepared {
     /// `<prefix>/<node>/`, for retained messages.
     pub(super) node_prefix: String,
     pub(super) backoff: BackoffConfig,
+    /// Home Assistant discovery, when on.
+    pub(super) discovery: Option<crate::publish::homeassistant::Discovery>,
 }
 
 pub(super) fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
@@ -306,6 +332,13 @@ pub(super) fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, Publi
         options: o,
         alerts: alerts_topic(&cfg.prefix, node),
         node_prefix: format!("{}/{node}/", cfg.prefix),
+        discovery: cfg.homeassistant.then(|| {
+            crate::publish::homeassistant::Discovery::new(
+                &cfg.homeassistant_prefix,
+                &cfg.prefix,
+                node,
+            )
+        }),
         status,
         backoff: cfg.backoff,
     })

@@ -19,6 +19,9 @@
 //!   broker is at least once, and consumers deduplicate by `alert_id`.
 //! - Node status `<prefix>/<node>/status` is retained: `online` on connect, last will
 //!   `offline`, `stopped` on a clean stop. A removed stream's retained messages are cleared.
+//! - With `homeassistant`, each stream's discovery configs ([`crate::publish::homeassistant`])
+//!   are retained messages too (cleared when the stream goes), and the task subscribes to
+//!   Home Assistant's status topic to send them again when Home Assistant starts.
 
 pub mod config;
 mod task;
@@ -79,6 +82,11 @@ enum Request {
     ClearRetained { scope: String },
     /// Retained messages under the scope may be published again.
     AllowRetained { scope: String },
+    /// A stream's Home Assistant discovery configs (when `homeassistant` is on): published
+    /// retained and kept for reconnects and Home Assistant's births.
+    Announce { stream: crate::types::StreamId },
+    /// A removed stream's discovery configs are cleared on the broker.
+    Retract { stream: crate::types::StreamId },
 }
 
 /// Scopes cleared at once (removed streams); past it the oldest is forgotten (its late
@@ -205,6 +213,29 @@ impl PublisherHandle {
     pub async fn allow_retained(&self, scope: &str) -> Result<(), PublishError> {
         self.send(Request::AllowRetained {
             scope: scope.to_string(),
+        })
+        .await
+    }
+
+    /// Announces a stream to Home Assistant (`mqtt.homeassistant`; nothing otherwise): its
+    /// discovery configs go out retained, again after reconnects and Home Assistant's births.
+    pub async fn announce_stream(
+        &self,
+        stream: &crate::types::StreamId,
+    ) -> Result<(), PublishError> {
+        self.send(Request::Announce {
+            stream: stream.clone(),
+        })
+        .await
+    }
+
+    /// Removes a stream from Home Assistant: its discovery configs are cleared on the broker.
+    pub async fn retract_stream(
+        &self,
+        stream: &crate::types::StreamId,
+    ) -> Result<(), PublishError> {
+        self.send(Request::Retract {
+            stream: stream.clone(),
         })
         .await
     }

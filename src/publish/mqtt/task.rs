@@ -132,6 +132,49 @@ impl Session {
     }
 }
 
+/// The task's retained messages, by full topic, and the scopes cleared on the broker.
+struct Retained<'a> {
+    map: &'a mut std::collections::BTreeMap<String, Vec<u8>>,
+    /// Cleared scopes (full topic prefixes), oldest first: retained messages under them are
+    /// dropped until allowed again.
+    cleared: &'a mut VecDeque<String>,
+    /// Topics whose clearing waits for a connection.
+    to_clear: &'a mut std::collections::BTreeSet<String>,
+}
+
+impl Retained<'_> {
+    /// Clears every retained message under `scope` on the broker (an empty retained message
+    /// each, now or at the next connect) and refuses later ones under it.
+    fn clear(&mut self, session: &mut Session, outbox: &mut Outbox, scope: String) {
+        let gone: Vec<String> = self
+            .map
+            .range(scope.clone()..)
+            .take_while(|(t, _)| t.starts_with(scope.as_str()))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in gone {
+            self.map.remove(&topic);
+            if session.connected {
+                session.send_unspooled(outbox, &topic, true, Vec::new());
+            } else {
+                self.to_clear.insert(topic);
+            }
+        }
+        if !self.cleared.contains(&scope) {
+            self.cleared.push_back(scope);
+            if self.cleared.len() > MAX_CLEARED_SCOPES {
+                self.cleared.pop_front();
+            }
+        }
+    }
+
+    /// Retained messages under `scope` may be published again.
+    fn allow(&mut self, scope: &str) {
+        self.cleared.retain(|c| c != scope);
+        self.to_clear.retain(|t| !t.starts_with(scope));
+    }
+}
+
 /// What the publisher task counts.
 #[derive(Debug, Default)]
 struct Tally {
@@ -405,30 +448,33 @@ async fn run(
                         }
                         Request::ClearRetained { scope } => {
                             let scope = format!("{}{scope}", p.node_prefix);
-                            let gone: Vec<String> = retained
-                                .range(scope.clone()..)
-                                .take_while(|(t, _)| t.starts_with(scope.as_str()))
-                                .map(|(t, _)| t.clone())
-                                .collect();
-                            for topic in gone {
-                                retained.remove(&topic);
-                                if session.connected {
-                                    session.send_unspooled(&mut outbox, &topic, true, Vec::new());
-                                } else {
-                                    to_clear.insert(topic);
-                                }
-                            }
-                            if !cleared.contains(&scope) {
-                                cleared.push_back(scope);
-                                if cleared.len() > MAX_CLEARED_SCOPES {
-                                    cleared.pop_front();
-                                }
-                            }
+                            let mut r = Retained { map: retained, cleared, to_clear };
+                            r.clear(&mut session, &mut outbox, scope);
                         }
                         Request::AllowRetained { scope } => {
                             let scope = format!("{}{scope}", p.node_prefix);
-                            cleared.retain(|c| *c != scope);
-                            to_clear.retain(|t| !t.starts_with(scope.as_str()));
+                            let mut r = Retained { map: retained, cleared, to_clear };
+                            r.allow(&scope);
+                        }
+                        Request::Announce { stream } => {
+                            if let Some(d) = &p.discovery {
+                                let mut r = Retained { map: retained, cleared, to_clear };
+                                for scope in d.stream_scopes(&stream) {
+                                    r.allow(&scope);
+                                }
+                                for (topic, payload) in d.stream_configs(&stream) {
+                                    session.send_unspooled(&mut outbox, &topic, true, payload.clone());
+                                    r.map.insert(topic, payload);
+                                }
+                            }
+                        }
+                        Request::Retract { stream } => {
+                            if let Some(d) = &p.discovery {
+                                let mut r = Retained { map: retained, cleared, to_clear };
+                                for scope in d.stream_scopes(&stream) {
+                                    r.clear(&mut session, &mut outbox, scope);
+                                }
+                            }
                         }
                         Request::FaceCrop { alert_id, jpeg } => {
                             let topic = format!("{}/{alert_id}/face", p.alerts);
@@ -507,6 +553,10 @@ async fn run(
                         last_failure = None;
                         tracing::info!("MQTT connected.");
                         session.send_unspooled(&mut outbox, &p.status, true, b"online".to_vec());
+                        if let Some(d) = &p.discovery {
+                            // Home Assistant's births (and its retained status) re-announce.
+                            let _ = session.client.try_subscribe(d.birth_topic(), QoS::AtLeastOnce);
+                        }
                         for (topic, payload) in retained.iter() {
                             session.send_unspooled(&mut outbox, topic, true, payload.clone());
                         }
@@ -531,6 +581,17 @@ async fn run(
                             writer.flush(spool, Vec::new());
                         }
                         session.pump(&mut outbox, p, spool, &mut tally.published);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(m))) => {
+                        if let Some(d) = &p.discovery
+                            && m.topic == d.birth_topic()
+                            && m.payload.as_ref() == crate::publish::homeassistant::BIRTH
+                        {
+                            tracing::info!("Home Assistant is online; discovery configs sent again.");
+                            for (topic, payload) in retained.iter().filter(|(t, _)| d.owns(t)) {
+                                session.send_unspooled(&mut outbox, topic, true, payload.clone());
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
