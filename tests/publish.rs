@@ -828,7 +828,7 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
         );
         p.announce_stream(&cam).await.unwrap();
         p.announce_stream(&cam2).await.unwrap();
-        let configs = |got: &Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>| {
+        let configs = |got: &Collected| {
             got.lock()
                 .unwrap()
                 .iter()

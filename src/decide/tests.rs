@@ -156,7 +156,10 @@ fn a_fake_track_opens_one_alert_and_its_end_closes_it() {
     // The leading track's probability, to 0.01: the alert's score.
     let score = s.last().unwrap()["score"].as_f64().unwrap();
     let alert_score = new["score"].as_f64().unwrap();
-    assert!((score - alert_score).abs() <= 0.005 + 1e-9, "{score} vs {alert_score}");
+    assert!(
+        (score - alert_score).abs() <= 0.005 + 1e-9,
+        "{score} vs {alert_score}"
+    );
     // The track ends: its alert ends (track_lost), the stream has no track left.
     let out = d.on_track_end(
         &StreamId::new("cam").unwrap(),
