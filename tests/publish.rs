@@ -775,12 +775,11 @@ async fn a_removed_streams_retained_messages_are_cleared_and_stay_cleared() {
     .expect("in time");
 }
 
-/// A client on `filter` that collects `(topic, payload, retained)` and can publish.
-fn ha_client(
-    port: u16,
-    id: &str,
-    filter: &'static str,
-) -> (AsyncClient, Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>) {
+/// Messages a [`ha_client`] received: `(topic, payload, retained)`.
+type Collected = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
+
+/// A client on `filter` that collects what it receives and can publish.
+fn ha_client(port: u16, id: &str, filter: &'static str) -> (AsyncClient, Collected) {
     let got = Arc::new(Mutex::new(Vec::new()));
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(5));
