@@ -645,8 +645,12 @@ fn check_gpu(c: &Config) -> Result<Option<String>, dfwatch::validation::ConfigEr
         return Ok(None);
     }
     dfwatch::gpu::check_backend(&c.gpu).map(Some).map_err(|e| {
+        let key = match e {
+            dfwatch::gpu::GpuError::NoDevice { .. } => "gpu.device",
+            _ => "model.backend",
+        };
         dfwatch::validation::ConfigErrors::one(dfwatch::validation::ConfigError::new(
-            "model.backend",
+            key,
             format!("\"cuda\" cannot run on this machine: {e}"),
         ))
     })

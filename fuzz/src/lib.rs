@@ -11,7 +11,7 @@ use dfwatch::http::ApiPolicy;
 use dfwatch::ingest::CredentialsConfig;
 use dfwatch::ingest::source::{Redactor, Source, SourceKind};
 use dfwatch::model::safetensors::SafeTensors;
-use dfwatch::publish::spool::record::{Record, decode, encode_ack, encode_put};
+use dfwatch::publish::spool::record::{Record, decode, encode_ack, encode_put, encode_sink_ack};
 
 /// One target's body.
 pub type Target = fn(&[u8]);
@@ -79,6 +79,7 @@ pub fn spool_record(data: &[u8]) {
             // A put of an earlier version carries no time; it is never written again.
             Record::Put { at_ms: None, .. } => continue,
             Record::Ack { seq } => encode_ack(&mut again, *seq),
+            Record::SinkAck { seq, sink } => encode_sink_ack(&mut again, *seq, sink),
         }
         assert_eq!(decode(&again).records, vec![r.clone()]);
     }

@@ -864,13 +864,26 @@ impl Daemon {
                     .await
                     .map_err(|e| CommandError::Invalid(vec![format!("model: {e:#}")]))?;
                 let (a, b) = (&loaded.crop, &self.factory.crop);
-                if a.size != b.size || a.mean != b.mean || a.std != b.std {
-                    return Err(CommandError::Invalid(vec![format!(
-                        "model: {} takes {} px crops with other normalisation than the running \
+                let refused =
+                    if loaded.device_crop != self.factory.device_crop || a.method != b.method {
+                        Some(format!(
+                            "model: {} was loaded for another backend than the running one",
+                            new_dir.display()
+                        ))
+                    } else if a.size != b.size || a.mean != b.mean || a.std != b.std {
+                        Some(format!(
+                            "model: {} takes {} px crops with other normalisation than the running \
                          model; restart the daemon to change the input geometry",
-                        new_dir.display(),
-                        loaded.crop.size
-                    )]));
+                            new_dir.display(),
+                            a.size
+                        ))
+                    } else {
+                        None
+                    };
+                if let Some(why) = refused {
+                    // A GPU engine's drop joins its device thread: off the async runtime.
+                    let _ = tokio::task::spawn_blocking(move || drop(loaded)).await;
+                    return Err(CommandError::Invalid(vec![why]));
                 }
                 Some(loaded)
             } else {
@@ -930,7 +943,11 @@ impl Daemon {
         self.config = Config {
             streams: new.streams.clone(),
             evidence: new.evidence.clone(),
-            model: new.model.clone(),
+            // The backend (like [gpu]) applies at the next start; the bundle now.
+            model: crate::model::ModelConfig {
+                backend: self.config.model.backend,
+                ..new.model.clone()
+            },
             ..self.config.clone()
         };
         self.factory.config.streams = self.config.streams.clone();

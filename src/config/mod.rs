@@ -238,13 +238,9 @@ impl Config {
             self.node.shutdown_grace,
             SHUTDOWN_GRACE_RANGE,
         );
-        // The CPU path detects and crops on packed RGB; NV12 is for the GPU crop.
-        if self.cpu() && self.ingest.format == crate::types::PixelFormat::Nv12 {
-            errors.push(ConfigError::new(
-                "ingest.format",
-                "\"nv12\" is for the GPU path (model.backend = \"cuda\"); the CPU path detects \
-                 and crops on \"rgb8\"",
-            ));
+        // Detection and the crop's quality run on the CPU on packed RGB, with either backend.
+        if self.ingest.format == crate::types::PixelFormat::Nv12 {
+            errors.push(ConfigError::new("ingest.format", NV12_REFUSED));
         }
         // The default rate applies to every stream without its own (API streams included).
         if self.cadence_checkable(self.ingest.analysis_fps) {
@@ -269,10 +265,6 @@ impl Config {
         }
     }
 
-    fn cpu(&self) -> bool {
-        self.model.backend == crate::model::Backend::Cpu
-    }
-
     /// The cadence rule is only worth stating when its inputs passed their own checks.
     fn cadence_checkable(&self, fps: f64) -> bool {
         let mut scratch = Vec::new();
@@ -293,12 +285,8 @@ impl Config {
     pub fn validate_stream(&self, s: &StreamConfig, path: &str, errors: &mut Vec<ConfigError>) {
         let before = errors.len();
         s.validate(path, &self.base_dir, errors);
-        if self.cpu() && s.format == Some(crate::types::PixelFormat::Nv12) {
-            errors.push(ConfigError::new(
-                format!("{path}.format"),
-                "\"nv12\" is for the GPU path (model.backend = \"cuda\"); the CPU path \
-                 needs \"rgb8\"",
-            ));
+        if s.format == Some(crate::types::PixelFormat::Nv12) {
+            errors.push(ConfigError::new(format!("{path}.format"), NV12_REFUSED));
         }
         // A stream at the default rate is covered by the check of [ingest].
         if let Some(fps) = s.analysis_fps
@@ -320,6 +308,10 @@ impl Config {
 /// `node.shutdown_grace`.
 pub const SHUTDOWN_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(600);
+
+/// Why `nv12` frames are refused for now.
+const NV12_REFUSED: &str = "\"nv12\" is not supported yet: face detection and the crop's \
+     quality run on the CPU on \"rgb8\" frames, with either model.backend";
 
 const KNOWN_SECTIONS: &[&str] = &[
     "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",

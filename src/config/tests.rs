@@ -55,7 +55,7 @@ fn a_full_config_parses_with_overrides_and_durations() {
 }
 
 #[test]
-fn nv12_is_refused_on_the_cpu_path_where_nothing_could_crop_it() {
+fn nv12_is_refused_while_detection_and_quality_need_rgb() {
     let e = parse(
         r#"
         [ingest]
@@ -70,7 +70,7 @@ fn nv12_is_refused_on_the_cpu_path_where_nothing_could_crop_it() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("ingest.format: \"nv12\" is for the GPU path"),
+        e.contains("ingest.format: \"nv12\" is not supported yet"),
         "{e}"
     );
     assert!(e.contains("streams[0].format"), "{e}");

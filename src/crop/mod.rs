@@ -32,7 +32,7 @@ pub enum CropMethod {
 /// Why a face could not be cropped.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CropError {
-    #[error("the CPU crop needs RGB8 frames, got {0:?} (set ingest.format = \"rgb8\")")]
+    #[error("the crop needs RGB8 frames, got {0:?} (set ingest.format = \"rgb8\")")]
     Format(PixelFormat),
     #[error("landmark {index} is not finite")]
     Landmark { index: usize },

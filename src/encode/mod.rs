@@ -106,6 +106,8 @@ pub enum EncodeError {
     },
     #[error("inference failed: {0}")]
     Run(String),
+    #[error("GPU engine: {0}")]
+    Engine(String),
     #[error("{engine} cannot take {got}")]
     Input {
         engine: &'static str,
@@ -462,11 +464,12 @@ pub fn run_encoder<M: Send, E: BatchEncoder>(
 /// batch in hand; queued jobs stay for whoever reads `jobs` next, e.g. the encoder of a new
 /// model), and reports each batch's size and wall time to `on_batch`.
 ///
-/// Supervised: a panic while a batch runs is caught and recorded in `restarts`, and a device
-/// error ([`EncodeError::Device`]) is recorded there too and the engine rebuilt
-/// ([`BatchEncoder::recover`], retried with the restarts' backoff until it works or `stop`);
-/// either way that batch's faces are lost (counted with the failed ones; their tracks schedule
-/// them again) and the loop goes on. Items that pass through are never lost.
+/// Supervised: a panic while a batch runs is caught and recorded in `restarts`, and so is a
+/// device error ([`EncodeError::Device`]); after one, the engine is rebuilt
+/// ([`BatchEncoder::recover`]) before a later batch, tried again after the restarts' backoff
+/// while it fails, and batches meanwhile fail at once. Either way those faces are lost
+/// (counted with the failed ones; their tracks schedule them again) and the loop keeps
+/// reading its queue: items that pass through are never held up or lost.
 pub fn run_encoder_until<M: Send, I: EncoderInput<M>, O: EncoderOutput<M, I::Pass>, E>(
     mut encoder: E,
     cfg: &EncoderConfig,
@@ -481,8 +484,30 @@ where
 {
     let mut batcher = Batcher::new(cfg.max_batch.get(), cfg.max_wait);
     let mut failed = 0u64;
+    // After a device error: when the next rebuild may be tried. Meanwhile batches fail at
+    // once (their faces counted) and pass-through items keep flowing.
+    let mut broken: Option<Instant> = None;
     let mut run = |batch: Vec<EncodeJob<M>>| -> bool {
         let n = batch.len();
+        if let Some(retry_at) = broken {
+            if Instant::now() < retry_at {
+                failed += n as u64;
+                return true;
+            }
+            match encoder.recover() {
+                Ok(()) => {
+                    tracing::info!("Encoder engine rebuilt after a device error.");
+                    broken = None;
+                }
+                Err(e) => {
+                    let wait =
+                        restarts.record("encoder", &format!("a failed rebuild of the engine: {e}"));
+                    broken = Some(Instant::now() + wait);
+                    failed += n as u64;
+                    return true;
+                }
+            }
+        }
         let t0 = Instant::now();
         let encoded = crate::fault::catch(|| {
             crate::fault::inject("encoder");
@@ -497,11 +522,11 @@ where
                 return true;
             }
         };
+        let dim = encoder.dim();
         match encoded {
-            Ok(emb) => {
+            Ok(emb) if emb.len() == n * dim => {
                 let dt = t0.elapsed();
                 on_batch(n, dt);
-                let dim = encoder.dim();
                 for (job, e) in batch.into_iter().zip(emb.chunks_exact(dim)) {
                     let item = Embedded {
                         meta: job.meta,
@@ -514,22 +539,19 @@ where
                     }
                 }
             }
+            Ok(emb) => {
+                failed += n as u64;
+                tracing::error!(
+                    batch = n,
+                    values = emb.len(),
+                    dim,
+                    "Encoder returned the wrong number of values; the batch's faces are not scored."
+                );
+            }
             Err(EncodeError::Device(why)) => {
                 failed += n as u64;
-                let mut reason = format!("a device error: {why}");
-                loop {
-                    std::thread::sleep(restarts.record("encoder", &reason));
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match encoder.recover() {
-                        Ok(()) => {
-                            tracing::info!("Encoder engine rebuilt after a device error.");
-                            break;
-                        }
-                        Err(e) => reason = format!("a failed rebuild of the engine: {e}"),
-                    }
-                }
+                let wait = restarts.record("encoder", &format!("a device error: {why}"));
+                broken = Some(Instant::now() + wait);
             }
             Err(e) => {
                 failed += n as u64;

@@ -163,7 +163,12 @@ fn device_thread<D: FaceDevice>(
     replies: std::sync::mpsc::SyncSender<Reply>,
     ready: std::sync::mpsc::SyncSender<Result<usize, EngineError>>,
 ) {
-    let mut device = match make() {
+    let first = crate::fault::catch(&mut make).unwrap_or_else(|why| {
+        Err(EngineError::Device(format!(
+            "building the device panicked: {why}"
+        )))
+    });
+    let mut device = match first {
         Ok(d) => {
             let _ = ready.send(Ok(d.shape().embed_dim));
             Some(d)
@@ -178,7 +183,12 @@ fn device_thread<D: FaceDevice>(
         let reply = match r {
             Request::Encode(faces) => {
                 let out = match device.as_mut() {
-                    Some(d) => run_batch(d, &faces, &mut stats),
+                    Some(d) => crate::fault::catch(|| run_batch(d, &faces, &mut stats))
+                        .unwrap_or_else(|why| {
+                            Err(EncodeError::Device(format!(
+                                "the device thread panicked: {why}"
+                            )))
+                        }),
                     None => Err(EncodeError::Device("the engine is being rebuilt".into())),
                 };
                 if matches!(out, Err(EncodeError::Device(_))) {
@@ -189,7 +199,12 @@ fn device_thread<D: FaceDevice>(
             }
             Request::Rebuild => {
                 device = None;
-                Reply::Rebuilt(make().map(|d| device = Some(d)).map_err(to_encode))
+                let built = crate::fault::catch(&mut make).unwrap_or_else(|why| {
+                    Err(EngineError::Device(format!(
+                        "building the device panicked: {why}"
+                    )))
+                });
+                Reply::Rebuilt(built.map(|d| device = Some(d)).map_err(to_encode))
             }
             Request::Stats => {
                 if let Some(d) = &device {
@@ -240,7 +255,7 @@ fn run_batch<D: FaceDevice>(
 fn to_encode(e: EngineError) -> EncodeError {
     match e {
         EngineError::Device(why) => EncodeError::Device(why),
-        other => EncodeError::Run(other.to_string()),
+        other => EncodeError::Engine(other.to_string()),
     }
 }
 
@@ -303,7 +318,14 @@ impl Tower {
         })?;
         let a = bundle.architecture();
         let shape = VitShape::new(a)?;
-        let (src, sha256) = read_hashed(&path, None)?;
+        // The file the manifest pins, checked again as read now.
+        let pinned = bundle
+            .manifest
+            .files
+            .image_encoder_safetensors
+            .as_ref()
+            .map(|e| e.sha256.to_ascii_lowercase());
+        let (src, sha256) = read_hashed(&path, pinned.as_deref())?;
         Ok((
             Tower {
                 path,
@@ -333,7 +355,7 @@ fn read_hashed(
         && w != sha
     {
         return Err(EngineError::Bundle(format!(
-            "{}: changed on disk since the model was loaded (SHA-256 {sha}, loaded {w}); \
+            "{}: changed on disk since the model was loaded (SHA-256 {sha}, expected {w}); \
              reload the model",
             path.display()
         )));

@@ -76,6 +76,95 @@ impl CudaFaceDevice {
         self.engine.ops.stream.synchronize().map_err(dev)
     }
 
+    /// Copies the frame's pixels and the faces' maps to the device; returns the frame's width,
+    /// height and row stride for [`Self::launch`].
+    pub fn upload(
+        &mut self,
+        frame: &Frame,
+        maps: &[Affine],
+    ) -> Result<(usize, usize, usize), EngineError> {
+        let view = rgb_view(frame)?;
+        let bytes = view.stride * (view.height - 1) + 3 * view.width;
+        let host = &view.data[..bytes];
+        let values = kernel_maps(maps);
+        Self::buffer(&self.engine, &mut self.frame, bytes)?;
+        Self::buffer(&self.engine, &mut self.maps, values.len().max(1))?;
+        let (Some(d_frame), Some(d_maps)) = (self.frame.as_mut(), self.maps.as_mut()) else {
+            return Err(EngineError::Layout("device buffers missing".into()));
+        };
+        let stream = self.engine.ops.stream.clone();
+        stream.memcpy_htod(host, d_frame).map_err(dev)?;
+        if !values.is_empty() {
+            stream.memcpy_htod(&values, d_maps).map_err(dev)?;
+        }
+        self.uploads += 1;
+        self.uploaded_bytes += (bytes + 4 * values.len()) as u64;
+        Ok((view.width, view.height, view.stride))
+    }
+
+    /// One launch of the crop kernel over the uploaded frame (`width x height`, rows of
+    /// `stride` bytes) and its first `faces` maps, into the batch's slots from `first` on.
+    pub fn launch(
+        &mut self,
+        width: usize,
+        height: usize,
+        stride: usize,
+        faces: usize,
+        first: usize,
+    ) -> Result<(), EngineError> {
+        let plan = self
+            .plan
+            .as_ref()
+            .ok_or_else(|| EngineError::Layout("crop before begin".into()))?;
+        let shape = *self.engine.shape();
+        let maps_held = self.maps.as_ref().map_or(0, |m| m.len() / 6);
+        if first + faces > plan.batch || faces == 0 || faces > maps_held {
+            return Err(EngineError::Layout(format!(
+                "faces {first}..{} of a bucket of {} ({maps_held} maps uploaded)",
+                first + faces,
+                plan.batch
+            )));
+        }
+        let frame_len = self.frame.as_ref().map_or(0, |f| f.len());
+        if frame_len < stride * (height.max(1) - 1) + 3 * width {
+            return Err(EngineError::Layout("no frame uploaded for the crop".into()));
+        }
+        let (Some(d_frame), Some(d_maps)) = (self.frame.as_ref(), self.maps.as_ref()) else {
+            return Err(EngineError::Layout("device buffers missing".into()));
+        };
+        // The bucket's input range, from slot `first` on (fp16: 2 bytes a value).
+        let out =
+            self.engine.ops.ptr(plan.buf(Act::Crops))? + 2 * (first * shape.crop_len()) as u64;
+        let params = CropParams::new(width, height, shape.image_size, self.mean, self.std)
+            .map_err(|e| EngineError::Layout(e.to_string()))?;
+        let stride = i32::try_from(stride)
+            .map_err(|_| EngineError::Layout(format!("row stride {stride}")))?;
+        let plane = shape.image_size * shape.image_size;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(plane.div_ceil(256))
+                    .map_err(|_| EngineError::Layout("crop grid".into()))?,
+                faces as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = self.engine.ops.stream.clone();
+        let mut b = stream.launch_builder(&self.engine.ops.crop_rgb);
+        b.arg(d_frame)
+            .arg(&stride)
+            .arg(d_maps)
+            .arg(&params)
+            .arg(&out);
+        // SAFETY: the arguments follow crop_rgb_fp16's signature (frame bytes, row stride, maps,
+        // params by value, output as a device address); the frame buffer holds the uploaded
+        // frame's rows (checked above), the maps buffer 6 floats for each of `faces`, and `out`
+        // the faces' 3 x S x S halves inside the bucket's input (first + faces <= the bucket).
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        Ok(())
+    }
+
     /// A device buffer of at least `len` values, reusing `slot`'s.
     fn buffer<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         engine: &CudaEngine,
@@ -101,68 +190,8 @@ impl FaceDevice for CudaFaceDevice {
     }
 
     fn crop(&mut self, frame: &Frame, maps: &[Affine], first: usize) -> Result<(), EngineError> {
-        let plan = self
-            .plan
-            .as_ref()
-            .ok_or_else(|| EngineError::Layout("crop before begin".into()))?;
-        let shape = *self.engine.shape();
-        if first + maps.len() > plan.batch || maps.is_empty() {
-            return Err(EngineError::Layout(format!(
-                "faces {first}..{} of a bucket of {}",
-                first + maps.len(),
-                plan.batch
-            )));
-        }
-        let view = rgb_view(frame)?;
-        let bytes = view.stride * (view.height - 1) + 3 * view.width;
-        let host = &view.data[..bytes];
-        let values = kernel_maps(maps);
-        Self::buffer(&self.engine, &mut self.frame, bytes)?;
-        Self::buffer(&self.engine, &mut self.maps, values.len())?;
-        let (Some(d_frame), Some(d_maps)) = (self.frame.as_mut(), self.maps.as_mut()) else {
-            return Err(EngineError::Layout("device buffers missing".into()));
-        };
-        let stream = self.engine.ops.stream.clone();
-        stream.memcpy_htod(host, d_frame).map_err(dev)?;
-        stream.memcpy_htod(&values, d_maps).map_err(dev)?;
-        self.uploads += 1;
-        self.uploaded_bytes += (bytes + 4 * values.len()) as u64;
-        // The bucket's input range, from slot `first` on (fp16: 2 bytes a value).
-        let out =
-            self.engine.ops.ptr(plan.buf(Act::Crops))? + 2 * (first * shape.crop_len()) as u64;
-        let params = CropParams::new(
-            view.width,
-            view.height,
-            shape.image_size,
-            self.mean,
-            self.std,
-        )
-        .map_err(|e| EngineError::Layout(e.to_string()))?;
-        let stride = i32::try_from(view.stride)
-            .map_err(|_| EngineError::Layout(format!("row stride {}", view.stride)))?;
-        let plane = shape.image_size * shape.image_size;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(plane.div_ceil(256))
-                    .map_err(|_| EngineError::Layout("crop grid".into()))?,
-                maps.len() as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = stream.launch_builder(&self.engine.ops.crop_rgb);
-        b.arg(&*d_frame)
-            .arg(&stride)
-            .arg(&*d_maps)
-            .arg(&params)
-            .arg(&out);
-        // SAFETY: the arguments follow crop_rgb_fp16's signature (frame bytes, row stride, maps,
-        // params by value, output as a device address); the frame buffer holds the frame's
-        // `bytes`, the maps 6 floats per face, and `out` the faces' 3 x S x S halves inside the
-        // bucket's input (checked: first + faces <= the bucket).
-        unsafe { b.launch(cfg) }.map_err(dev)?;
-        Ok(())
+        let (width, height, stride) = self.upload(frame, maps)?;
+        self.launch(width, height, stride, maps.len(), first)
     }
 
     fn encode(&mut self, n: usize) -> Result<Vec<f32>, EngineError> {

@@ -45,6 +45,8 @@ pub enum GpuError {
     Compile { kernel: String, log: String },
     #[error("CUDA driver: {0}")]
     Driver(String),
+    #[error("gpu.device = {ordinal}, but this machine has {count} CUDA device(s)")]
+    NoDevice { ordinal: usize, count: usize },
 }
 
 /// `[gpu]`: the device of `model.backend = "cuda"`.
@@ -89,14 +91,8 @@ pub fn check_backend(gpu: &GpuConfig) -> Result<String, GpuError> {
             }
         }
         let include = find_include_dir()?;
-        let devices = cuda::devices()?;
         let ordinal = gpu.device as usize;
-        let d = devices.get(ordinal).ok_or_else(|| {
-            GpuError::Driver(format!(
-                "gpu.device = {ordinal}, but this machine has {} CUDA device(s)",
-                devices.len()
-            ))
-        })?;
+        let d = cuda::device(ordinal)?;
         Ok(format!(
             "device {ordinal}: {} (compute capability {}.{}); CUDA headers in {}",
             d.name,
@@ -187,6 +183,29 @@ mod cuda {
                 ("libcublasLt", cudarc::cublaslt::sys::is_culib_present()),
             ]
         }
+    }
+
+    /// Device `ordinal` alone (a context on it, none on the others).
+    pub fn device(ordinal: usize) -> Result<DeviceInfo, GpuError> {
+        // SAFETY: see libraries().
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::MissingLibrary("libcuda.so (NVIDIA driver)"));
+        }
+        let n = cudarc::driver::CudaContext::device_count()
+            .map_err(|e| GpuError::Driver(format!("{e:?}")))?;
+        if ordinal >= n.max(0) as usize {
+            return Err(GpuError::NoDevice {
+                ordinal,
+                count: n.max(0) as usize,
+            });
+        }
+        let ctx = cudarc::driver::CudaContext::new(ordinal)
+            .map_err(|e| GpuError::Driver(format!("device {ordinal}: {e:?}")))?;
+        Ok(DeviceInfo {
+            ordinal,
+            name: ctx.name().unwrap_or_default(),
+            compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
+        })
     }
 
     pub fn devices() -> Result<Vec<DeviceInfo>, GpuError> {

@@ -173,12 +173,41 @@ impl Outbox {
     /// The transport acknowledged `tag`: returns the alert if no sink owes it any more (to
     /// be acknowledged in the spool).
     pub fn acked(&mut self, sink: SinkId, tag: u64) -> Option<u64> {
+        match self.acked_seq(sink, tag)? {
+            (seq, true) => Some(seq),
+            (_, false) => None,
+        }
+    }
+
+    /// [`Outbox::acked`], saying which alert the sink had and whether no sink owes it any
+    /// more (`true`: leave the spool; `false`: record the sink's copy, others still owe it).
+    pub fn acked_seq(&mut self, sink: SinkId, tag: u64) -> Option<(u64, bool)> {
         let s = &mut self.sinks[sink];
         let seq = s.inflight.remove(&tag)?;
         if !s.owed.remove(&seq) {
             return None;
         }
+        Some((seq, Self::release(&mut self.holds, seq)))
+    }
+
+    /// The sink does not owe `seq` (it had it before a restart, or takes no events of its
+    /// kind): returns the alert if no sink owes it any more.
+    pub fn settled(&mut self, sink: SinkId, seq: u64) -> Option<u64> {
+        let s = &mut self.sinks[sink];
+        if !s.owed.remove(&seq) {
+            return None;
+        }
+        s.queue.retain(|q| *q != seq);
         Self::release(&mut self.holds, seq).then_some(seq)
+    }
+
+    /// The number of sinks.
+    pub fn len(&self) -> usize {
+        self.sinks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
     }
 
     /// The alert left the spool for another reason (coalesced, dropped by a cap): no sink

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::*;
 use crate::channel::{FullPolicy, bounded};
-use crate::encode::{Embedded, EncodeJob, EncoderConfig, run_encoder_until};
+use crate::encode::{EncodeJob, Encoded, EncoderConfig, Queued, run_encoder_until};
 use crate::types::StreamId;
 
 const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/bundle");
@@ -146,53 +146,77 @@ fn the_gpu_encoder_refuses_pixels_and_names_why() {
     assert!(e.to_string().contains("crops on the device"), "{e}");
 }
 
+/// A device error costs the faces until the engine is rebuilt (after the restarts' backoff,
+/// on a later batch), never the items that pass through, and marks the encoder degraded.
 #[test]
-fn a_device_error_rebuilds_the_engine_loses_only_that_batch_and_reports_degraded() {
+fn a_device_error_rebuilds_the_engine_and_never_holds_up_what_passes_through() {
     let (enc, log) = scripted(vec![1]);
-    let (tx, rx) =
-        bounded::<EncodeJob<u32>>("in", NonZeroUsize::new(8).unwrap(), FullPolicy::Block);
-    let (otx, orx) =
-        bounded::<Embedded<u32>>("out", NonZeroUsize::new(8).unwrap(), FullPolicy::Block);
-    let f = frame(3);
-    for i in 0..2u32 {
-        tx.send(EncodeJob {
-            input: aligned(&f, f64::from(i)),
-            meta: i,
-        })
-        .unwrap();
-    }
-    drop(tx);
-    let restarts = crate::fault::Restarts::default();
+    let (tx, rx) = bounded::<Queued<u32, &'static str>>(
+        "in",
+        NonZeroUsize::new(8).unwrap(),
+        FullPolicy::Block,
+    );
+    let (otx, orx) = bounded::<Encoded<u32, &'static str>>(
+        "out",
+        NonZeroUsize::new(8).unwrap(),
+        FullPolicy::Block,
+    );
+    let restarts = Arc::new(crate::fault::Restarts::default());
+    let r = restarts.clone();
     let cfg = EncoderConfig {
         max_batch: NonZeroUsize::new(1).unwrap(),
         ..EncoderConfig::default()
     };
-    let failed = run_encoder_until(
-        enc,
-        &cfg,
-        rx,
-        otx,
-        &AtomicBool::new(false),
-        &restarts,
-        &mut |_, _| {},
-    );
-    assert_eq!(failed, 1, "the batch the device failed on");
-    let out: Vec<_> = std::iter::from_fn(|| orx.try_recv()).collect();
-    assert_eq!(out.len(), 1);
-    assert_eq!(
-        (out[0].meta, out[0].embedding.as_slice()),
-        (1, &[3.0, 1.0][..])
-    );
-    assert_eq!(
-        log.lock().unwrap().built,
-        2,
-        "built at start and rebuilt once"
-    );
+    let worker = std::thread::spawn(move || {
+        run_encoder_until(
+            enc,
+            &cfg,
+            rx,
+            otx,
+            &AtomicBool::new(false),
+            &r,
+            &mut |_, _| {},
+        )
+    });
+    let f = frame(3);
+    let face = |i: u32| {
+        Queued::Face(EncodeJob {
+            input: aligned(&f, f64::from(i)),
+            meta: i,
+        })
+    };
+    // Face 0 meets the device error; face 1 comes while the engine is broken; the track end
+    // passes through at once.
+    tx.send(face(0)).unwrap();
+    tx.send(face(1)).unwrap();
+    tx.send(Queued::Pass("track 7 ended")).unwrap();
+    let pass = orx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    assert!(matches!(pass, Encoded::Pass("track 7 ended")));
     assert_eq!(restarts.count(), 1);
     let why = restarts.recent().unwrap();
     assert!(
         why.contains("device error") && why.contains("ILLEGAL_ADDRESS"),
         "{why}"
+    );
+    // After the backoff (100 ms for a first restart) the next batch rebuilds and encodes.
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    tx.send(face(2)).unwrap();
+    drop(tx);
+    let failed = worker.join().unwrap();
+    assert_eq!(
+        failed, 2,
+        "the batch the device failed on, and the one while broken"
+    );
+    let out: Vec<_> = std::iter::from_fn(|| orx.try_recv()).collect();
+    assert_eq!(out.len(), 1);
+    let Encoded::Face(e) = &out[0] else {
+        panic!("face 2 encoded")
+    };
+    assert_eq!((e.meta, e.embedding.as_slice()), (2, &[3.0, 2.0][..]));
+    assert_eq!(
+        log.lock().unwrap().built,
+        2,
+        "built at start and rebuilt once"
     );
 }
 

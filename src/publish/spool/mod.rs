@@ -45,6 +45,8 @@ pub struct Entry {
     /// Wall-clock milliseconds of the put.
     pub at_ms: u64,
     pub payload: Vec<u8>,
+    /// Sinks that have their copy already (the entry stays for the others).
+    pub acked_by: Vec<String>,
 }
 
 impl Entry {
@@ -251,11 +253,19 @@ impl Spool {
                         kind: *kind,
                         at_ms: at_ms.unwrap_or(now),
                         payload: payload.clone(),
+                        acked_by: Vec::new(),
                     });
                 }
                 Record::Ack { seq } => {
                     spool.next_seq = spool.next_seq.max(seq + 1);
                     spool.remove(*seq);
+                }
+                Record::SinkAck { seq, sink } => {
+                    if let Some(e) = spool.pending.get_mut(seq)
+                        && !e.acked_by.contains(sink)
+                    {
+                        e.acked_by.push(sink.clone());
+                    }
                 }
             }
         }
@@ -424,6 +434,7 @@ impl Spool {
             kind,
             at_ms,
             payload,
+            acked_by: Vec::new(),
         });
         self.enforce_limits(at_ms);
         result
@@ -468,6 +479,9 @@ impl Spool {
         let mut data = Vec::new();
         for e in self.pending.values() {
             encode_put(&mut data, e.seq, e.kind, &e.key, e.at_ms, &e.payload);
+            for sink in &e.acked_by {
+                record::encode_sink_ack(&mut data, e.seq, sink);
+            }
         }
         data
     }
@@ -490,6 +504,22 @@ impl Spool {
         self.log_records = self.pending.len();
         self.stats.compactions += 1;
         Some(self.snapshot())
+    }
+
+    /// Sink `sink` has its copy of `seq`, which stays pending for the other sinks: recorded
+    /// durably (at the next write), so a restart does not send it to `sink` again. `false`
+    /// when `seq` is not pending or `sink` had it already.
+    pub fn sink_ack(&mut self, seq: u64, sink: &str) -> bool {
+        let Some(e) = self.pending.get_mut(&seq) else {
+            return false;
+        };
+        if sink.is_empty() || sink.len() > record::MAX_KEY || e.acked_by.iter().any(|s| s == sink) {
+            return false;
+        }
+        e.acked_by.push(sink.to_string());
+        record::encode_sink_ack(&mut self.buffer, seq, sink);
+        self.log_records += 1;
+        true
     }
 
     /// The broker acknowledged `seq`: it leaves the spool (durably at the next write).

@@ -12,6 +12,8 @@ pub const PUT_UPDATE_LEGACY: u8 = 3;
 pub const PUT_NEW: u8 = 4;
 pub const PUT_UPDATE: u8 = 5;
 pub const PUT_END: u8 = 6;
+/// One sink (the key names it) has its copy; the entry stays for the others.
+pub const SINK_ACK: u8 = 7;
 
 /// `len` + `crc` + `seq` + `kind` + `key len`.
 pub const HEADER: usize = 4 + 4 + 8 + 1 + 2;
@@ -45,6 +47,11 @@ pub enum Record {
     },
     Ack {
         seq: u64,
+    },
+    /// Sink `sink` acknowledged `seq`; other sinks may still owe it.
+    SinkAck {
+        seq: u64,
+        sink: String,
     },
 }
 
@@ -95,6 +102,11 @@ pub fn encode_ack(out: &mut Vec<u8>, seq: u64) {
     write(out, seq, ACK, "", &[], &[]);
 }
 
+/// Appends a sink's ack record (`sink` is 1 to [`MAX_KEY`] bytes).
+pub fn encode_sink_ack(out: &mut Vec<u8>, seq: u64, sink: &str) {
+    write(out, seq, SINK_ACK, sink, &[], &[]);
+}
+
 /// The record starting at `pos`, and where the next one starts, if a whole valid one is
 /// there. Cheap checks (length, kind, key length) come before the checksum, so scanning
 /// garbage byte by byte stays linear in practice.
@@ -112,6 +124,7 @@ fn parse_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
     let timed = matches!(kind, PUT_NEW | PUT_UPDATE | PUT_END);
     let plausible = match kind {
         ACK => len == 11 && klen == 0,
+        SINK_ACK => (1..=MAX_KEY).contains(&klen) && len == 11 + klen,
         PUT_LEGACY | PUT_UPDATE_LEGACY => klen <= MAX_KEY && 11 + klen <= len,
         PUT_NEW | PUT_UPDATE | PUT_END => klen <= MAX_KEY && 11 + klen + 8 <= len,
         _ => false,
@@ -129,6 +142,8 @@ fn parse_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
     let mut payload = &body[11 + klen..];
     let record = if kind == ACK {
         Record::Ack { seq }
+    } else if kind == SINK_ACK {
+        Record::SinkAck { seq, sink: key }
     } else {
         let at_ms = if timed {
             let t = u64::from_le_bytes(payload[..8].try_into().ok()?);

@@ -479,6 +479,7 @@ proptest! {
             match r {
                 Record::Put { seq, key, .. } => { want.insert(seq, key); }
                 Record::Ack { seq } => { want.remove(&seq); }
+                Record::SinkAck { .. } => {}
             }
         }
         let got: BTreeMap<u64, String> = s.pending().map(|e| (e.seq, e.key.clone())).collect();
