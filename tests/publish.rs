@@ -905,3 +905,190 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
     .await
     .expect("test timed out");
 }
+
+/// What the test's webhook receiver saw: `(idempotency key, event header, authorization,
+/// body)` of every request, and the answer it gave.
+type Hits = Arc<Mutex<Vec<(String, String, String, String, u16)>>>;
+
+/// A webhook receiver on 127.0.0.1 that answers 500 until `healthy_at`, then 200.
+async fn receiver(healthy_at: tokio::time::Instant) -> (u16, Hits) {
+    use axum::http::{HeaderMap, StatusCode};
+    let hits: Hits = Arc::default();
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook/secret-path",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let h = h.clone();
+            async move {
+                let get = |k: &str| {
+                    headers
+                        .get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let code = if tokio::time::Instant::now() < healthy_at {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::NO_CONTENT
+                };
+                h.lock().unwrap().push((
+                    get("idempotency-key"),
+                    get("x-dfwatch-event"),
+                    get("authorization"),
+                    body,
+                    code.as_u16(),
+                ));
+                code
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, hits)
+}
+
+/// A webhook that fails for 10 s and then recovers gets every event, oldest first; retries of
+/// one event carry its key, distinct events distinct keys; MQTT delivers everything at once
+/// meanwhile. Stopped while the webhook still owes events, a restarted publisher sends the
+/// webhook the rest and MQTT nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_gets_every_event_once_it_recovers_and_never_holds_back_mqtt() {
+    tokio::time::timeout(SECS(90), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-webhook");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let healthy_at = tokio::time::Instant::now() + SECS(10);
+        let (port, hits) = receiver(healthy_at).await;
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "hook-token\n").unwrap();
+        let hook_cfg = dfwatch::publish::webhook::WebhookConfig {
+            name: "ops".into(),
+            url: format!("http://127.0.0.1:{port}/hook/secret-path"),
+            bearer_env: None,
+            bearer_file: Some(token_file.clone()),
+            ca_file: None,
+            timeout: SECS(2),
+            events: vec!["new".into(), "end".into()],
+            max_owed: 1000,
+            backoff: dfwatch::backoff::BackoffConfig {
+                base: Duration::from_millis(200),
+                cap: Duration::from_millis(800),
+                reset_after: SECS(60),
+            },
+        };
+        let start = || {
+            let hook = dfwatch::publish::webhook::Webhook::prepare(&hook_cfg, dir.path()).unwrap();
+            mqtt::spawn_with_webhooks(
+                &config(&broker.url()),
+                &node(),
+                &dir.path().join("spool"),
+                vec![Arc::new(hook)],
+            )
+            .unwrap()
+        };
+        let p = start();
+        // Four events of two alerts: new, update (not for this webhook), end, new.
+        let events = [
+            ("01WEBHOOKALERT000000000001", "new"),
+            ("01WEBHOOKALERT000000000001", "update"),
+            ("01WEBHOOKALERT000000000001", "end"),
+            ("01WEBHOOKALERT000000000002", "new"),
+        ];
+        for (id, kind) in events {
+            let payload = format!("{{\"alert_id\":\"{id}\",\"kind\":\"{kind}\"}}").into_bytes();
+            let kind = match kind {
+                "new" => dfwatch::publish::spool::EntryKind::New,
+                "update" => dfwatch::publish::spool::EntryKind::Update,
+                _ => dfwatch::publish::spool::EntryKind::End,
+            };
+            p.enqueue_alert(id, kind, payload)
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // MQTT does not wait for the failing webhook.
+        let mqtt_count = |got: &Arc<Mutex<Vec<(String, String)>>>| {
+            got.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| t.ends_with("/alerts"))
+                .count()
+        };
+        wait_until("MQTT has all four events", SECS(5), || {
+            mqtt_count(&got) == 4
+        })
+        .await;
+        assert!(
+            tokio::time::Instant::now() < healthy_at,
+            "MQTT waited for the webhook"
+        );
+        let failing = hits.lock().unwrap().len();
+        assert!(failing >= 1, "the webhook was tried while it failed");
+        // Stop while the webhook owes; start again after it recovered.
+        p.stop(SECS(5)).await;
+        tokio::time::sleep_until(healthy_at).await;
+        let p = start();
+        let delivered = |hits: &Hits| {
+            hits.lock()
+                .unwrap()
+                .iter()
+                .filter(|h| h.4 == 204)
+                .map(|h| h.0.clone())
+                .collect::<Vec<_>>()
+        };
+        wait_until(
+            "the webhook has the three events it takes",
+            SECS(30),
+            || delivered(&hits).len() >= 3,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let keys = delivered(&hits);
+        assert_eq!(keys.len(), 3, "each event delivered once: {keys:?}");
+        let kinds: Vec<String> = keys
+            .iter()
+            .map(|k| k.split(':').nth(1).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["new", "end", "new"],
+            "oldest first, updates not taken"
+        );
+        let all = hits.lock().unwrap().clone();
+        for (key, event, auth, body, _) in &all {
+            // Every attempt of an event carries that event's key; the body is the alert.
+            let (id, kind, _seq) = {
+                let mut k = key.split(':');
+                (k.next().unwrap(), k.next().unwrap(), k.next().unwrap())
+            };
+            assert_eq!(kind, event);
+            assert!(body.contains(id) && body.contains(kind), "{body}");
+            assert_eq!(auth, "Bearer hook-token");
+            assert!(
+                keys.contains(key),
+                "a retried event has its original key: {key}"
+            );
+        }
+        // MQTT took everything before the restart: nothing was sent to it again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            mqtt_count(&got),
+            4,
+            "MQTT got no duplicates after the restart"
+        );
+        let stats = p.webhook_stats();
+        assert_eq!((stats[0].delivered, stats[0].owed), (3, 0), "{stats:?}");
+        wait_until("the spool empty", SECS(5), || p.stats().pending == 0).await;
+        p.stop(SECS(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -848,6 +848,7 @@ impl Daemon {
             ("mqtt", section(&current.mqtt, &new.mqtt)),
             ("http", section(&current.http, &new.http)),
             ("gpu", section(&current.gpu, &new.gpu)),
+            ("webhooks", section(&current.webhooks, &new.webhooks)),
             ("model.backend", current.model.backend != new.model.backend),
         ] {
             if changed {
@@ -1099,10 +1100,19 @@ fn start_publisher(
         None if std::env::var_os("STATE_DIRECTORY").is_some() => state_dir.join("spool"),
         None => PathBuf::from("var/spool"),
     };
-    let publisher = Arc::new(
-        crate::publish::mqtt::spawn(&mqtt_cfg, &config.node.id, &spool_dir)
-            .context("starting the MQTT publisher")?,
-    );
+    let publisher = Arc::new({
+        let webhooks = config
+            .webhooks
+            .iter()
+            .map(|w| crate::publish::webhook::Webhook::prepare(w, &config.base_dir).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .context("webhooks")?;
+        for w in &webhooks {
+            tracing::info!(webhook = %w.cfg.name, to = %w.url.shown(), events = ?w.cfg.events, "Webhook configured.");
+        }
+        crate::publish::mqtt::spawn_with_webhooks(&mqtt_cfg, &config.node.id, &spool_dir, webhooks)
+            .context("starting the MQTT publisher")?
+    });
     tracing::info!(url = %mqtt_cfg.url, prefix = %mqtt_cfg.prefix, spool = %spool_dir.display(), "MQTT publisher started.");
     Ok((publisher, spool_dir))
 }

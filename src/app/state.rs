@@ -222,6 +222,7 @@ impl AppState {
             api_clients_forgotten: self.guard.forgotten.get(),
             http: &self.connections,
             publisher_restarts: self.publisher.restarts().count(),
+            webhooks: self.publisher.webhook_stats(),
         };
         crate::metrics::families::render(&sample)
     }

@@ -103,6 +103,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[gpu]`: the device of `model.backend = "cuda"`.
     pub gpu: crate::gpu::GpuConfig,
+    /// `[[webhooks]]`: HTTP endpoints every alert event is POSTed to, through the spool.
+    pub webhooks: Vec<crate::publish::webhook::WebhookConfig>,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -166,9 +168,9 @@ impl Config {
             ))
         })?;
         let mut errors = Vec::new();
-        let (mut cfg, stream_index) = Config::from_table(table, &mut errors);
+        let (mut cfg, stream_index, webhook_index) = Config::from_table(table, &mut errors);
         cfg.base_dir = base_dir.to_path_buf();
-        cfg.validate(&stream_index, &mut errors);
+        cfg.validate(&stream_index, &webhook_index, &mut errors);
         if errors.is_empty() {
             Ok(cfg)
         } else {
@@ -177,9 +179,12 @@ impl Config {
     }
 
     /// Type-level parse: every section on its own, so one bad section hides no other error.
-    /// Also returns each parsed stream's index in the file (streams that failed to parse are
-    /// left out, and later errors must still name the right `streams[i]`).
-    fn from_table(mut table: toml::Table, errors: &mut Vec<ConfigError>) -> (Config, Vec<usize>) {
+    /// Also returns each parsed stream's and webhook's index in the file (entries that failed
+    /// to parse are left out, and later errors must still name the right `streams[i]`).
+    fn from_table(
+        mut table: toml::Table,
+        errors: &mut Vec<ConfigError>,
+    ) -> (Config, Vec<usize>, Vec<usize>) {
         let node = section(&mut table, "node", errors);
         let ingest = section(&mut table, "ingest", errors);
         let model = section(&mut table, "model", errors);
@@ -191,6 +196,10 @@ impl Config {
         let mqtt = section(&mut table, "mqtt", errors);
         let http = section(&mut table, "http", errors);
         let gpu = section(&mut table, "gpu", errors);
+        let webhooks =
+            array_section::<crate::publish::webhook::WebhookConfig>(&mut table, "webhooks", errors);
+        let webhook_index: Vec<usize> = webhooks.iter().map(|(i, _)| *i).collect();
+        let webhooks: Vec<_> = webhooks.into_iter().map(|(_, w)| w).collect();
         let (stream_index, streams) = array_section(&mut table, "streams", errors)
             .into_iter()
             .unzip();
@@ -216,13 +225,19 @@ impl Config {
             mqtt,
             http,
             gpu,
+            webhooks,
             base_dir: PathBuf::new(),
         };
-        (cfg, stream_index)
+        (cfg, stream_index, webhook_index)
     }
 
     /// Rules beyond types, each module checking its own section.
-    fn validate(&self, stream_index: &[usize], errors: &mut Vec<ConfigError>) {
+    fn validate(
+        &self,
+        stream_index: &[usize],
+        webhook_index: &[usize],
+        errors: &mut Vec<ConfigError>,
+    ) {
         self.ingest.validate("ingest", errors);
         self.model.validate("model", errors);
         self.encoder.validate("encoder", errors);
@@ -249,6 +264,27 @@ impl Config {
                 errors.push(ConfigError::new(
                     "evidence.window",
                     defaults.explain("ingest.analysis_fps", &self.track, &self.evidence),
+                ));
+            }
+        }
+        if self.webhooks.len() > crate::publish::webhook::MAX_WEBHOOKS {
+            errors.push(ConfigError::new(
+                "webhooks",
+                format!(
+                    "{} webhooks; at most {}",
+                    self.webhooks.len(),
+                    crate::publish::webhook::MAX_WEBHOOKS
+                ),
+            ));
+        }
+        let mut names = std::collections::HashMap::new();
+        for (&i, w) in webhook_index.iter().zip(&self.webhooks) {
+            let path = format!("webhooks[{i}]");
+            w.validate(&path, errors);
+            if let Some(first) = names.insert(w.name.clone(), i) {
+                errors.push(ConfigError::new(
+                    format!("{path}.name"),
+                    format!("{:?} is already used by webhooks[{first}]", w.name),
                 ));
             }
         }
@@ -315,7 +351,7 @@ const NV12_REFUSED: &str = "\"nv12\" is not supported yet: face detection and th
 
 const KNOWN_SECTIONS: &[&str] = &[
     "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",
-    "http", "gpu",
+    "http", "gpu", "webhooks",
 ];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing

@@ -35,6 +35,8 @@ pub struct NodeSample<'a> {
     /// The HTTP listener's connections and what its bounds cost.
     pub http: &'a crate::http::Connections,
     pub publisher_restarts: u64,
+    /// Each webhook's counters.
+    pub webhooks: Vec<crate::publish::mqtt::WebhookStats>,
 }
 
 /// Every family, in the Prometheus text format.
@@ -395,6 +397,45 @@ pub fn render(n: &NodeSample<'_>) -> String {
         ),
     ] {
         e.family(name, "counter", help).sample(name, &[], v as f64);
+    }
+    type PickHook = fn(&crate::publish::mqtt::WebhookStats) -> f64;
+    let hooks: [(&str, &str, &str, PickHook); 5] = [
+        (
+            "dfwatch_webhook_delivered_total",
+            "counter",
+            "Alert events a webhook took (2xx).",
+            |w| w.delivered as f64,
+        ),
+        (
+            "dfwatch_webhook_retries_total",
+            "counter",
+            "Webhook attempts that failed and were tried again (network, timeout, 408/425/429, 5xx).",
+            |w| w.retried as f64,
+        ),
+        (
+            "dfwatch_webhook_refused_total",
+            "counter",
+            "Alert events a webhook refused for good (another 4xx or a redirect), given up.",
+            |w| w.refused as f64,
+        ),
+        (
+            "dfwatch_webhook_given_up_total",
+            "counter",
+            "Alert events a webhook's cap (max_owed) gave up unsent.",
+            |w| w.given_up as f64,
+        ),
+        (
+            "dfwatch_webhook_owed",
+            "gauge",
+            "Alert events a webhook still owes.",
+            |w| w.owed as f64,
+        ),
+    ];
+    for (name, kind, help, pick) in hooks {
+        e.family(name, kind, help);
+        for w in &n.webhooks {
+            e.sample(name, &[("webhook", &w.name)], pick(w));
+        }
     }
     e.family(
         "dfwatch_http_connections",

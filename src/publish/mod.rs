@@ -3,8 +3,8 @@
 //! Owns the `[mqtt]` config section. Parts: the alert payload (schema version 1,
 //! [`payload`]), the durable spool ([`spool`]), the sans-IO outbox that says what each sink
 //! owes and when an alert may leave the spool ([`outbox`]), the MQTT publisher ([`mqtt`]:
-//! its config, its handle, its I/O task), Home Assistant discovery ([`homeassistant`]) and the
-//! embedded broker ([`broker`]).
+//! its config, its handle, its I/O task), the webhooks that share the spool ([`webhook`]),
+//! Home Assistant discovery ([`homeassistant`]) and the embedded broker ([`broker`]).
 
 pub mod broker;
 pub mod homeassistant;
@@ -12,3 +12,4 @@ pub mod mqtt;
 pub mod outbox;
 pub mod payload;
 pub mod spool;
+pub mod webhook;

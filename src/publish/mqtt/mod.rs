@@ -62,6 +62,8 @@ pub enum PublishError {
     Spool { path: String, reason: String },
     #[error("the publisher has stopped")]
     Stopped,
+    #[error("{field}: {reason}")]
+    Webhook { field: String, reason: String },
 }
 
 enum Request {
@@ -111,6 +113,21 @@ pub struct PublisherStats {
     pub spool: SpoolStats,
 }
 
+/// One webhook's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WebhookStats {
+    pub name: String,
+    pub delivered: u64,
+    /// Attempts that failed and were tried again.
+    pub retried: u64,
+    /// Events the receiver refused for good.
+    pub refused: u64,
+    /// Events it owes now.
+    pub owed: usize,
+    /// Events given up by its cap (`max_owed`).
+    pub given_up: u64,
+}
+
 /// Recent alert payloads, oldest first (for `/api/alerts`); replayed from the spool at start.
 type History = Arc<std::sync::Mutex<VecDeque<Arc<[u8]>>>>;
 
@@ -120,6 +137,10 @@ pub const HISTORY_LEN: usize = 200;
 /// The running publisher.
 pub struct PublisherHandle {
     tx: mpsc::Sender<Request>,
+    /// Each webhook's name and counters.
+    webhooks: Vec<(String, Arc<crate::publish::webhook::WebhookCounters>)>,
+    /// The outbox's counters per sink (`mqtt`, then `webhook:<name>`), as the task last saw.
+    sinks: Arc<std::sync::Mutex<Vec<(String, crate::publish::outbox::SinkStats)>>>,
     history: History,
     acks: tokio::sync::broadcast::Sender<u64>,
     stats: tokio::sync::watch::Receiver<PublisherStats>,
@@ -255,6 +276,29 @@ impl PublisherHandle {
         .await
     }
 
+    /// Each webhook: its name, counters and what it owes (for metrics).
+    pub fn webhook_stats(&self) -> Vec<WebhookStats> {
+        let sinks = self.sinks.lock().map(|s| s.clone()).unwrap_or_default();
+        self.webhooks
+            .iter()
+            .map(|(name, c)| {
+                let sink = sinks
+                    .iter()
+                    .find(|(n, _)| *n == format!("webhook:{name}"))
+                    .map(|(_, s)| *s)
+                    .unwrap_or_default();
+                WebhookStats {
+                    name: name.clone(),
+                    delivered: c.delivered.load(std::sync::atomic::Ordering::Relaxed),
+                    retried: c.retried.load(std::sync::atomic::Ordering::Relaxed),
+                    refused: c.refused.load(std::sync::atomic::Ordering::Relaxed),
+                    owed: sink.owed,
+                    given_up: sink.given_up,
+                }
+            })
+            .collect()
+    }
+
     /// The publisher's restarts after panics.
     pub fn restarts(&self) -> &crate::fault::Restarts {
         &self.restarts
@@ -304,6 +348,16 @@ pub fn spawn(
     node: &NodeId,
     spool_dir: &Path,
 ) -> Result<PublisherHandle, PublishError> {
+    spawn_with_webhooks(cfg, node, spool_dir, Vec::new())
+}
+
+/// [`spawn`], with webhooks as further sinks of the spool ([`crate::publish::webhook`]).
+pub fn spawn_with_webhooks(
+    cfg: &MqttConfig,
+    node: &NodeId,
+    spool_dir: &Path,
+    webhooks: Vec<Arc<crate::publish::webhook::Webhook>>,
+) -> Result<PublisherHandle, PublishError> {
     let prepared = config::prepare(cfg, node)?;
     let limits = SpoolLimits {
         max_pending: cfg.spool_max_pending,
@@ -327,8 +381,15 @@ pub fn spawn(
     let cancel = CancellationToken::new();
     let (acks, _) = tokio::sync::broadcast::channel(65_536);
     let restarts = Arc::new(crate::fault::Restarts::default());
+    let hooks: Vec<(String, Arc<crate::publish::webhook::WebhookCounters>)> = webhooks
+        .iter()
+        .map(|w| (w.cfg.name.clone(), w.counters.clone()))
+        .collect();
+    let sinks = Arc::new(std::sync::Mutex::new(Vec::new()));
     let task = tokio::spawn(task::supervise(
         prepared,
+        webhooks,
+        sinks.clone(),
         spool,
         rx,
         stats_tx,
@@ -339,6 +400,8 @@ pub fn spawn(
     ));
     Ok(PublisherHandle {
         tx,
+        webhooks: hooks,
+        sinks,
         history,
         acks,
         stats: stats_rx,

@@ -16,9 +16,102 @@ use super::{HISTORY_LEN, History, PublisherStats, Request};
 use crate::backoff::Backoff;
 use crate::publish::outbox::{Outbox, SinkConfig, SinkId};
 use crate::publish::spool::{LogDone, Spool};
+use crate::publish::webhook::{Delivery, Outcome, Webhook};
 
-/// The MQTT sink's index in the outbox (the only sink so far).
+/// The MQTT sink's index in the outbox; webhook `i` is sink `1 + i`.
 const MQTT: SinkId = 0;
+/// The MQTT sink's name in the spool's per-sink acknowledgements.
+const MQTT_NAME: &str = "mqtt";
+
+/// The webhooks' side of the task: a worker per webhook (ended with the run that started it)
+/// and the channel their outcomes come back on.
+struct Hooks {
+    hooks: Vec<Arc<Webhook>>,
+    senders: Vec<mpsc::Sender<Delivery>>,
+    results: mpsc::Receiver<(SinkId, u64, Outcome)>,
+    _workers: Vec<AbortOnDrop>,
+}
+
+impl Hooks {
+    fn start(hooks: &[Arc<Webhook>]) -> Hooks {
+        let (results_tx, results) = mpsc::channel(hooks.len().max(1) * 2);
+        let mut senders = Vec::new();
+        let mut workers = Vec::new();
+        for (i, h) in hooks.iter().enumerate() {
+            // One delivery at a time: the outbox keeps the rest, oldest first.
+            let (tx, rx) = mpsc::channel(1);
+            senders.push(tx);
+            workers.push(AbortOnDrop(tokio::spawn(crate::publish::webhook::worker(
+                h.clone(),
+                1 + i,
+                rx,
+                results_tx.clone(),
+            ))));
+        }
+        Hooks {
+            hooks: hooks.to_vec(),
+            senders,
+            results,
+            _workers: workers,
+        }
+    }
+
+    fn sink_name(&self, sink: SinkId) -> String {
+        match sink {
+            MQTT => MQTT_NAME.to_string(),
+            n => format!("webhook:{}", self.hooks[n - 1].cfg.name),
+        }
+    }
+
+    /// Hands each webhook what the outbox says is next (one at a time); events of kinds a
+    /// webhook does not take are settled at once.
+    fn pump(&self, outbox: &mut Outbox, spool: &mut Spool) {
+        for (i, hook) in self.hooks.iter().enumerate() {
+            let sink = 1 + i;
+            while let Some(seq) = outbox.next(sink) {
+                let Some(entry) = spool.get(seq) else {
+                    outbox.forget(seq);
+                    continue;
+                };
+                if !hook.cfg.wants(entry.kind) {
+                    if let Some(done) = outbox.settled(sink, seq) {
+                        spool.ack(done);
+                    }
+                    continue;
+                }
+                let d = Delivery {
+                    seq,
+                    alert_id: entry.key.clone(),
+                    kind: entry.kind,
+                    payload: entry.payload.clone(),
+                };
+                match self.senders[i].try_send(d) {
+                    Ok(()) => {
+                        outbox.handed(sink, Some(seq));
+                        outbox.tagged(sink, seq);
+                    }
+                    Err(_) => {
+                        outbox.refused(sink, seq);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A sink has its copy of `seq`: the spool lets it go when no sink owes it, else records the
+/// sink's copy (so a restart does not send it to that sink again).
+fn sink_took(spool: &mut Spool, acked: Option<(u64, bool)>, name: &str) -> bool {
+    match acked {
+        Some((seq, true)) => spool.ack(seq),
+        Some((seq, false)) => {
+            spool.sink_ack(seq, name);
+            false
+        }
+        None => false,
+    }
+}
 
 /// The connection-scoped state: dropped whole on a loss (with rumqttc's own queue of in-flight
 /// messages, whose re-sends the outbox could not match).
@@ -295,6 +388,8 @@ pub(super) struct Kept {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn supervise(
     p: Prepared,
+    webhooks: Vec<Arc<Webhook>>,
+    sinks: Arc<std::sync::Mutex<Vec<(String, crate::publish::outbox::SinkStats)>>>,
     mut spool: Spool,
     rx: mpsc::Receiver<Request>,
     stats: tokio::sync::watch::Sender<PublisherStats>,
@@ -334,8 +429,9 @@ pub(super) async fn supervise(
         to_clear: Default::default(),
     };
     loop {
-        let run =
-            std::panic::AssertUnwindSafe(run(&p, &mut kept, &stats, &acks, &history, &cancel));
+        let run = std::panic::AssertUnwindSafe(run(
+            &p, &webhooks, &sinks, &mut kept, &stats, &acks, &history, &cancel,
+        ));
         match run.catch_unwind().await {
             Ok(()) => break,
             Err(panic) => {
@@ -353,8 +449,11 @@ pub(super) async fn supervise(
 
 /// The task's loop over one connection's life and the ones after it, until `cancel` or every
 /// handle is gone.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     p: &Prepared,
+    webhooks: &[Arc<Webhook>],
+    sinks: &std::sync::Mutex<Vec<(String, crate::publish::outbox::SinkStats)>>,
     kept: &mut Kept,
     stats: &tokio::sync::watch::Sender<PublisherStats>,
     acks: &tokio::sync::broadcast::Sender<u64>,
@@ -373,15 +472,50 @@ async fn run(
     let mut backoff = Backoff::new(p.backoff);
     let mut session = Session::new(p);
     // What survived the last run is durable already: the broker owes an ack for each.
-    let mut outbox = Outbox::new(vec![SinkConfig {
-        name: "mqtt".into(),
+    let mut hooks = Hooks::start(webhooks);
+    let mut sink_configs = vec![SinkConfig {
+        name: MQTT_NAME.into(),
         max_in_flight: MAX_IN_FLIGHT,
         // The spool's own bounds (bytes, age) govern; MQTT never gives alerts up itself.
         max_owed: usize::MAX,
-    }]);
-    for e in spool.pending() {
-        outbox.add(e.seq);
+    }];
+    for h in webhooks {
+        sink_configs.push(SinkConfig {
+            name: format!("webhook:{}", h.cfg.name),
+            max_in_flight: 1,
+            max_owed: h.cfg.max_owed,
+        });
     }
+    let mut outbox = Outbox::new(sink_configs);
+    // Webhooks are always "connected": their workers retry on their own.
+    for sink in 1..outbox.len() {
+        outbox.connected(sink);
+    }
+    let pending: Vec<(u64, Vec<String>)> = spool
+        .pending()
+        .map(|e| (e.seq, e.acked_by.clone()))
+        .collect();
+    for (seq, acked_by) in pending {
+        for gone in outbox.add(seq) {
+            spool.ack(gone);
+        }
+        // What a sink took before the restart, it does not get again.
+        for name in acked_by {
+            if let Some(sink) = (0..outbox.len()).find(|s| hooks.sink_name(*s) == name)
+                && let Some(done) = outbox.settled(sink, seq)
+            {
+                spool.ack(done);
+            }
+        }
+    }
+    hooks.pump(&mut outbox, spool);
+    let share_sinks = |outbox: &Outbox| {
+        if let Ok(mut s) = sinks.lock() {
+            *s = (0..outbox.len())
+                .map(|i| (outbox.name(i).to_string(), outbox.stats(i)))
+                .collect();
+        }
+    };
     // While set, the next connection attempt waits (backoff after a loss or failure).
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last_failure: Option<String> = None;
@@ -520,6 +654,8 @@ async fn run(
                             }
                         }
                         session.pump(&mut outbox, p, spool, &mut tally.published);
+                        hooks.pump(&mut outbox, spool);
+                        share_sinks(&outbox);
                     }
                     LogDone::Compacted { result: Ok(()) } => {
                         if !tally.durable {
@@ -534,8 +670,23 @@ async fn run(
                 }
                 publish_stats(&session, spool, tally);
             }
+            Some((sink, seq, outcome)) = hooks.results.recv() => {
+                // Delivered, or refused for good (counted by the worker): either way the
+                // webhook does not owe it any more.
+                if !matches!(outcome, Outcome::Retry(_)) {
+                    let took = outbox.acked_seq(sink, seq);
+                    sink_took(spool, took, &hooks.sink_name(sink));
+                }
+                hooks.pump(&mut outbox, spool);
+                if outbox.stats(sink).in_flight == 0 {
+                    writer.flush(spool, Vec::new());
+                }
+                share_sinks(&outbox);
+                publish_stats(&session, spool, tally);
+            }
             _ = tick.tick() => {
                 writer.flush(spool, Vec::new());
+                share_sinks(&outbox);
                 publish_stats(&session, spool, tally);
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
@@ -570,12 +721,12 @@ async fn run(
                         outbox.tagged(MQTT, u64::from(pkid));
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(seq) = outbox.acked(MQTT, u64::from(ack.pkid))
-                            && spool.ack(seq)
-                        {
+                        let took = outbox.acked_seq(MQTT, u64::from(ack.pkid));
+                        if let Some((seq, _)) = took {
                             tally.acked += 1;
                             let _ = acks.send(seq);
                         }
+                        sink_took(spool, took, MQTT_NAME);
                         // Acks are made durable in batches: a lost ack only means a duplicate.
                         if outbox.stats(MQTT).in_flight == 0 || tally.acked % 1024 == 0 {
                             writer.flush(spool, Vec::new());

@@ -487,3 +487,29 @@ proptest! {
         prop_assert_eq!(s.stats().damaged_regions, 0);
     }
 }
+
+/// A sink's acknowledgement keeps the entry for the other sinks, and survives a reopen and a
+/// compaction, so a restart does not send it to that sink again.
+#[test]
+fn a_sinks_acknowledgement_survives_a_reopen_and_a_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Spool::open(dir.path(), limits(100), 0).unwrap();
+    let a = s.append("A", EntryKind::New, T0, b"new A".to_vec()).seq();
+    let b = s.append("B", EntryKind::New, T0, b"new B".to_vec()).seq();
+    assert!(s.sink_ack(a, "mqtt"));
+    assert!(!s.sink_ack(a, "mqtt"), "once per sink");
+    assert!(!s.sink_ack(999, "mqtt"), "not pending");
+    assert!(!s.sink_ack(b, ""), "a sink has a name");
+    s.sync().unwrap();
+    drop(s);
+    let mut s = Spool::open(dir.path(), limits(100), 0).unwrap();
+    assert_eq!(s.get(a).unwrap().acked_by, ["mqtt"]);
+    assert!(s.get(b).unwrap().acked_by.is_empty());
+    // Rewritten from the pending set: the sink's copy is written with its entry.
+    s.rewrite_all();
+    assert!(s.maybe_compact().unwrap(), "compacted");
+    drop(s);
+    let s = Spool::open(dir.path(), limits(100), 0).unwrap();
+    assert_eq!(s.get(a).unwrap().acked_by, ["mqtt"]);
+    assert_eq!(s.len(), 2, "a sink's copy leaves the entry pending");
+}
