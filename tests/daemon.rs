@@ -20,7 +20,7 @@ use common::RtspServer;
 use daemon_support::{
     Daemon, SECS, TOKEN, bundle, face_clip, http, metric, metrics, on_topic, write_config_with,
 };
-use mqtt_support::{Broker, free_port, subscriber, wait_until};
+use mqtt_support::{Broker, free_port, receiver, subscriber, subscriber_on, wait_until};
 
 /// An RTSP server streaming `clip` in real time at `/test`.
 fn serve_clip(clip: &Path, port: u16) -> RtspServer {
@@ -105,6 +105,19 @@ async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
         stream_toml("cam", &server.url())
     );
     let (s, _) = setup(&stream, &broker.url(), 8.0, 0);
+    // Home Assistant discovery on, and a webhook that takes the alert events.
+    let ha = subscriber_on(broker.port, "e2e-ha", "homeassistant/#");
+    let (hook_port, hits) = receiver(tokio::time::Instant::now()).await;
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("[mqtt]\n", "[mqtt]\nhomeassistant = true\n");
+    std::fs::write(
+        &s.config,
+        format!(
+            "{text}\n[[webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{hook_port}/hook/secret-path\"\n"
+        ),
+    )
+    .unwrap();
     // A systemd notify socket, as the unit would give it.
     let notify_path = s.dir.path().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -183,9 +196,40 @@ async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
         .filter(|a| a["type"] == "new")
         .count();
     assert_eq!(news, 1, "{:?}", on_topic(&got, "/alerts"));
-    // The retained per-stream verdict says fake.
+    // The retained per-stream verdict says fake, with the leading track's score.
     let verdicts = on_topic(&got, "/streams/cam/verdict");
     assert_eq!(verdicts.last().unwrap()["verdict"], "fake", "{verdicts:?}");
+    assert!(
+        verdicts.last().unwrap()["score"].as_f64().unwrap() > 0.5,
+        "{verdicts:?}"
+    );
+    // The webhook got the same new alert, keyed by alert id, kind and spool sequence.
+    let id = a["alert_id"].as_str().unwrap().to_string();
+    wait_until("the new alert at the webhook", SECS(10), || {
+        hits.lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.0.starts_with(&format!("{id}:new:")) && h.3.contains(&id))
+    })
+    .await;
+    // Home Assistant sees the stream: three entities of the node's device.
+    wait_until("Home Assistant discovery configs for cam", SECS(10), || {
+        ha.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, p)| t.contains("/dfwatch_e2e_cam/") && p.contains("\"unique_id\""))
+            .count()
+            >= 3
+    })
+    .await;
+    // The webhook's URL path (often a secret) is not in the log or the metrics.
+    assert!(!daemon.log().contains("secret-path"));
+    let text = metrics(port);
+    assert!(!text.contains("secret-path"));
+    assert!(
+        metric(&text, "dfwatch_webhook_delivered_total{webhook=\"ops\"}").unwrap() >= 1.0,
+        "{text}"
+    );
 
     // The server goes away: the retained stream status says reconnecting, then online again.
     server.stop();

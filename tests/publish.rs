@@ -14,7 +14,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 mod mqtt_support;
 
-use mqtt_support::{Broker, free_port, subscriber, wait_until};
+use mqtt_support::{Broker, Hits, free_port, receiver, subscriber, wait_until};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -904,51 +904,6 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
     })
     .await
     .expect("test timed out");
-}
-
-/// What the test's webhook receiver saw: `(idempotency key, event header, authorization,
-/// body)` of every request, and the answer it gave.
-type Hits = Arc<Mutex<Vec<(String, String, String, String, u16)>>>;
-
-/// A webhook receiver on 127.0.0.1 that answers 500 until `healthy_at`, then 200.
-async fn receiver(healthy_at: tokio::time::Instant) -> (u16, Hits) {
-    use axum::http::{HeaderMap, StatusCode};
-    let hits: Hits = Arc::default();
-    let h = hits.clone();
-    let app = axum::Router::new().route(
-        "/hook/secret-path",
-        axum::routing::post(move |headers: HeaderMap, body: String| {
-            let h = h.clone();
-            async move {
-                let get = |k: &str| {
-                    headers
-                        .get(k)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                let code = if tokio::time::Instant::now() < healthy_at {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                } else {
-                    StatusCode::NO_CONTENT
-                };
-                h.lock().unwrap().push((
-                    get("idempotency-key"),
-                    get("x-dfwatch-event"),
-                    get("authorization"),
-                    body,
-                    code.as_u16(),
-                ));
-                code
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (port, hits)
 }
 
 /// A webhook that fails for 10 s and then recovers gets every event, oldest first; retries of

@@ -87,8 +87,17 @@ impl Drop for Broker {
     }
 }
 
-/// A persistent-session subscriber collecting `(topic, payload)`.
+/// A persistent-session subscriber collecting `(topic, payload)` of `dfwatch/#`.
 pub fn subscriber(port: u16, id: &str) -> Arc<Mutex<Vec<(String, String)>>> {
+    subscriber_on(port, id, "dfwatch/#")
+}
+
+/// [`subscriber`] on another topic filter.
+pub fn subscriber_on(
+    port: u16,
+    id: &str,
+    filter: &'static str,
+) -> Arc<Mutex<Vec<(String, String)>>> {
     let got = Arc::new(Mutex::new(Vec::new()));
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_clean_session(false);
@@ -101,7 +110,7 @@ pub fn subscriber(port: u16, id: &str) -> Arc<Mutex<Vec<(String, String)>>> {
         loop {
             match events.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.subscribe("dfwatch/#", QoS::AtLeastOnce).await;
+                    let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     sink.lock().unwrap().push((
@@ -123,4 +132,49 @@ pub async fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) 
         assert!(t.elapsed() < timeout, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// What the test's webhook receiver saw: `(idempotency key, event header, authorization,
+/// body)` of every request, and the answer it gave.
+pub type Hits = Arc<Mutex<Vec<(String, String, String, String, u16)>>>;
+
+/// A webhook receiver on 127.0.0.1 that answers 500 until `healthy_at`, then 200.
+pub async fn receiver(healthy_at: tokio::time::Instant) -> (u16, Hits) {
+    use axum::http::{HeaderMap, StatusCode};
+    let hits: Hits = Arc::default();
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook/secret-path",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let h = h.clone();
+            async move {
+                let get = |k: &str| {
+                    headers
+                        .get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let code = if tokio::time::Instant::now() < healthy_at {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::NO_CONTENT
+                };
+                h.lock().unwrap().push((
+                    get("idempotency-key"),
+                    get("x-dfwatch-event"),
+                    get("authorization"),
+                    body,
+                    code.as_u16(),
+                ));
+                code
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, hits)
 }
