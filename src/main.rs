@@ -425,6 +425,7 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path)
         .and_then(|c| check_providers(&c).map(|_| c))
         .and_then(|c| check_gpu(&c).map(|_| c))
+        .and_then(|c| check_webhooks(&c).map(|_| c))
         .map_err(|errors| {
             eprintln!("{}: invalid config:", path.display());
             for e in &errors.0 {
@@ -561,6 +562,7 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
         let checked = Config::load(f).and_then(|c| {
             let providers = check_providers(&c)?;
             let gpu = check_gpu(&c)?;
+            check_webhooks(&c)?;
             Ok((c, providers, gpu))
         });
         if json {
@@ -636,6 +638,28 @@ fn check_providers(c: &Config) -> Result<Option<String>, dfwatch::validation::Co
         Err(e) => Err(dfwatch::validation::ConfigErrors::one(
             dfwatch::validation::ConfigError::new("onnx.providers", e),
         )),
+    }
+}
+
+/// What each webhook needs of this machine (its token from the environment or a file, its
+/// CA file, the system's CA certificates for https://): what the daemon would refuse at start.
+fn check_webhooks(c: &Config) -> Result<(), dfwatch::validation::ConfigErrors> {
+    let errors: Vec<_> = c
+        .webhooks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| {
+            dfwatch::publish::webhook::Webhook::prepare(w, &c.base_dir)
+                .err()
+                .map(|e| {
+                    dfwatch::validation::ConfigError::new(format!("webhooks[{i}]"), e.to_string())
+                })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(dfwatch::validation::ConfigErrors(errors))
     }
 }
 

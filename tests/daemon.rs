@@ -217,7 +217,7 @@ async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
         ha.lock()
             .unwrap()
             .iter()
-            .filter(|(t, p)| t.contains("/dfwatch_e2e_cam/") && p.contains("\"unique_id\""))
+            .filter(|(t, p)| t.contains("/dfwatch_e2e/cam_") && p.contains("\"unique_id\""))
             .count()
             >= 3
     })

@@ -843,7 +843,7 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
         let mut ids = BTreeSet::new();
         for (topic, payload) in &first {
             let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
-            let stream = if topic.contains("dfwatch_test-node_cam_2/") {
+            let stream = if topic.contains("/dfwatch_test-node/cam_2_") {
                 "cam_2"
             } else {
                 "cam"
@@ -876,7 +876,9 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
             got.lock()
                 .unwrap()
                 .iter()
-                .filter(|(t, v, _)| v.is_empty() && t.contains("/dfwatch_test-node_cam/"))
+                .filter(|(t, v, _)| {
+                    v.is_empty() && t.contains("/dfwatch_test-node/cam_") && !t.contains("cam_2")
+                })
                 .count()
                 == 3
         })
@@ -898,7 +900,7 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
         assert_eq!(kept.len(), 3, "{kept:?}");
         assert!(
             kept.iter()
-                .all(|(t, _)| t.contains("dfwatch_test-node_cam_2/"))
+                .all(|(t, _)| t.contains("/dfwatch_test-node/cam_2_"))
         );
         p.stop(SECS(5)).await;
     })
@@ -936,11 +938,13 @@ async fn a_failing_webhook_gets_every_event_once_it_recovers_and_never_holds_bac
                 cap: Duration::from_millis(800),
                 reset_after: SECS(60),
             },
+            give_up_after: SECS(3600),
         };
+        let broker_url = broker.url();
         let start = || {
             let hook = dfwatch::publish::webhook::Webhook::prepare(&hook_cfg, dir.path()).unwrap();
             mqtt::spawn_with_webhooks(
-                &config(&broker.url()),
+                &config(&broker_url),
                 &node(),
                 &dir.path().join("spool"),
                 vec![Arc::new(hook)],
@@ -1042,6 +1046,81 @@ async fn a_failing_webhook_gets_every_event_once_it_recovers_and_never_holds_bac
         let stats = p.webhook_stats();
         assert_eq!((stats[0].delivered, stats[0].owed), (3, 0), "{stats:?}");
         wait_until("the spool empty", SECS(5), || p.stats().pending == 0).await;
+        let keys: std::collections::BTreeSet<_> = keys.into_iter().collect();
+        assert_eq!(keys.len(), 3, "distinct events have distinct keys");
+        // The broker goes away; an event reaches the webhook only. After a restart with the
+        // broker back, MQTT gets it and the webhook does not get it again.
+        broker.stop();
+        let id = "01WEBHOOKALERT000000000003";
+        p.enqueue_alert(
+            id,
+            dfwatch::publish::spool::EntryKind::New,
+            format!("{{\"alert_id\":\"{id}\"}}").into_bytes(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+        wait_until("the webhook has the fourth event", SECS(10), || {
+            delivered(&hits).len() == 4
+        })
+        .await;
+        p.stop(SECS(3)).await;
+        broker.start().await;
+        let p = start();
+        wait_until(
+            "MQTT gets the fourth event after the restart",
+            SECS(20),
+            || mqtt_count(&got) == 5,
+        )
+        .await;
+        tokio::time::sleep(SECS(1)).await;
+        assert_eq!(
+            delivered(&hits).len(),
+            4,
+            "the webhook had it: not sent again"
+        );
+        wait_until("the spool empty", SECS(5), || p.stats().pending == 0).await;
+        p.stop(SECS(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Hundreds of retained messages at once (a reconnect with many streams, Home Assistant's
+/// birth) exceed rumqttc's request queue and in-flight window: none is lost, the rest go as
+/// room frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_retained_messages_all_reach_the_broker() {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        let got = subscriber(broker.port, "sub-burst");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let mut s = p.subscribe();
+        s.wait_for(|s| s.connected).await.unwrap();
+        let n = 1200;
+        for i in 0..n {
+            p.publish_retained(
+                &format!("streams/s{i}/status"),
+                b"{\"state\":\"online\"}".to_vec(),
+            )
+            .await
+            .unwrap();
+        }
+        let seen = |got: &Arc<Mutex<Vec<(String, String)>>>| {
+            got.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| t.ends_with("/status") && t.contains("/streams/s"))
+                .map(|(t, _)| t.clone())
+                .collect::<BTreeSet<_>>()
+                .len()
+        };
+        wait_until("every retained message", SECS(30), || seen(&got) == n).await;
         p.stop(SECS(5)).await;
     })
     .await

@@ -385,8 +385,9 @@ impl RunningStream {
         let scope = format!("streams/{}/", self.config.id);
         let id = self.config.id.clone();
         self.stop(state).await;
-        let _ = publisher.clear_retained(&scope).await;
+        // Home Assistant forgets the entities before their state topics empty.
         let _ = publisher.retract_stream(&id).await;
+        let _ = publisher.clear_retained(&scope).await;
     }
 
     /// Stops ingest and the face stage; the stage's last words (its tracks' ends and the
@@ -1055,10 +1056,11 @@ impl Daemon {
                 let mut stats = p.subscribe();
                 let _ = tokio::time::timeout(
                     left.mul_f64(0.8),
-                    stats.wait_for(|s| s.pending == 0 || !s.connected),
+                    // The broker's share; webhooks owe theirs across restarts anyway.
+                    stats.wait_for(|s| s.mqtt_owed == 0 || !s.connected),
                 )
                 .await;
-                let pending = p.stats().pending;
+                let pending = p.stats().mqtt_owed;
                 p.stop(left.mul_f64(0.2).max(Duration::from_millis(300)))
                     .await;
                 if pending > 0 {

@@ -281,6 +281,17 @@ impl Config {
         for (&i, w) in webhook_index.iter().zip(&self.webhooks) {
             let path = format!("webhooks[{i}]");
             w.validate(&path, errors);
+            // The spool holds what a webhook owes: it must stay below the spool's own bound,
+            // or a dead webhook keeps the spool at its limit (updates merged for everyone).
+            if w.max_owed >= self.mqtt.spool_max_pending {
+                errors.push(ConfigError::new(
+                    format!("{path}.max_owed"),
+                    format!(
+                        "{} is not below mqtt.spool_max_pending = {}",
+                        w.max_owed, self.mqtt.spool_max_pending
+                    ),
+                ));
+            }
             if let Some(first) = names.insert(w.name.clone(), i) {
                 errors.push(ConfigError::new(
                     format!("{path}.name"),

@@ -76,7 +76,7 @@ pub struct StreamVerdict {
     pub open_alerts: Vec<String>,
     pub model_trained: bool,
     /// The leading track's fake probability over its evidence window (the highest of the
-    /// live tracks, to 0.01), `null` without one.
+    /// live tracks, to 0.01; republished when it moves by 0.05), `null` without one.
     pub score: Option<f64>,
 }
 
@@ -384,8 +384,20 @@ impl Decider {
                 .max_by(f64::total_cmp)
                 .map(|p| (p * 100.0).round() / 100.0),
         };
-        if self.published.get(stream) == Some(&summary) {
-            return;
+        // Published when anything but the score changes, or the score by 0.05 or more: a
+        // retained message per scored face would churn every subscriber.
+        if let Some(last) = self.published.get(stream) {
+            let moved = match (last.score, summary.score) {
+                (Some(a), Some(b)) => (a - b).abs() >= 0.05 - 1e-9,
+                (a, b) => a.is_some() != b.is_some(),
+            };
+            let same_but_score = StreamVerdict {
+                score: last.score,
+                ..summary.clone()
+            } == *last;
+            if same_but_score && !moved {
+                return;
+            }
         }
         match serde_json::to_vec(&summary) {
             Ok(payload) => out.push(Output::Retained {

@@ -1,8 +1,9 @@
 //! Home Assistant MQTT discovery (`[mqtt] homeassistant = true`): the retained config
 //! messages that make each stream appear in Home Assistant, under one device per node.
 //!
-//! Per stream, on `<ha>/<component>/dfwatch_<node>_<stream>/<object>/config` (Home Assistant's
-//! `<discovery_prefix>/<component>/[<node_id>/]<object_id>/config`):
+//! Per stream, on `<ha>/<component>/dfwatch_<node>/<stream>_<key>/config` (Home Assistant's
+//! `<discovery_prefix>/<component>/[<node_id>/]<object_id>/config`; keys hold no `_`, so a
+//! topic names one stream, and the node has a level of its own, so nodes never share one):
 //! - `binary_sensor/.../fake`: on while a fake face is on screen (the stream's retained
 //!   verdict says `fake`), with the verdict's fields as attributes;
 //! - `sensor/.../score`: the leading track's fake probability (0 to 1; unknown without tracks);
@@ -50,18 +51,9 @@ impl Discovery {
     /// Whether `topic` is one of the discovery configs this node publishes.
     pub fn owns(&self, topic: &str) -> bool {
         COMPONENTS.iter().any(|c| {
-            topic.starts_with(&format!("{}/{c}/dfwatch_{}_", self.ha_prefix, self.node))
+            topic.starts_with(&format!("{}/{c}/dfwatch_{}/", self.ha_prefix, self.node))
                 && topic.ends_with("/config")
         })
-    }
-
-    /// The topic prefixes that hold exactly one stream's configs (each ends with `/`: ids
-    /// cannot contain `/`, so no other stream's topics share them).
-    pub fn stream_scopes(&self, stream: &StreamId) -> Vec<String> {
-        COMPONENTS
-            .iter()
-            .map(|c| format!("{}/{c}/dfwatch_{}_{stream}/", self.ha_prefix, self.node))
-            .collect()
     }
 
     fn device(&self) -> serde_json::Value {
@@ -86,14 +78,14 @@ impl Discovery {
 
     /// The retained config messages of one stream: `(topic, payload)`.
     pub fn stream_configs(&self, stream: &StreamId) -> Vec<(String, Vec<u8>)> {
-        let object = format!("dfwatch_{}_{stream}", self.node);
+        let node_level = format!("dfwatch_{}", self.node);
         let verdict = format!("{}streams/{stream}/verdict", self.node_prefix);
         let status = format!("{}streams/{stream}/status", self.node_prefix);
         let base = |name: &str, key: &str| {
             json!({
                 "name": name,
-                "unique_id": format!("{object}_{key}"),
-                "object_id": format!("{object}_{key}"),
+                // `:` is in no id: distinct for every node, stream and entity.
+                "unique_id": format!("dfwatch:{}:{stream}:{key}", self.node),
                 "device": self.device(),
                 "availability": self.availability(),
                 "availability_mode": "all",
@@ -109,6 +101,9 @@ impl Discovery {
                 "payload_off": "OFF",
                 "device_class": "problem",
                 "json_attributes_topic": verdict,
+                // The verdict's fields without the score (a state row per score change
+                // would fill Home Assistant's recorder; the score has its own sensor).
+                "json_attributes_template": "{{ {'verdict': value_json.verdict, 'tracks': value_json.tracks, 'fake_tracks': value_json.fake_tracks, 'open_alerts': value_json.open_alerts, 'model_trained': value_json.model_trained} | tojson }}",
                 "icon": "mdi:face-recognition",
             }),
         );
@@ -144,7 +139,10 @@ impl Discovery {
         .into_iter()
         .map(|(component, key, v)| {
             (
-                format!("{}/{component}/{object}/{key}/config", self.ha_prefix),
+                format!(
+                    "{}/{component}/{node_level}/{stream}_{key}/config",
+                    self.ha_prefix
+                ),
                 serde_json::to_vec(&v).unwrap_or_default(),
             )
         })

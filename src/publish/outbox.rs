@@ -60,6 +60,9 @@ pub struct Outbox {
     sinks: Vec<Sink>,
     /// Alert -> sinks that still owe it.
     holds: HashMap<u64, usize>,
+    /// `(sink, alert)` given up by a cap since [`Outbox::take_given_up`] (to record, so a
+    /// restart does not owe them again).
+    given_up: Vec<(SinkId, u64)>,
 }
 
 impl Outbox {
@@ -78,7 +81,13 @@ impl Outbox {
                 })
                 .collect(),
             holds: HashMap::new(),
+            given_up: Vec::new(),
         }
+    }
+
+    /// The `(sink, alert)` pairs caps gave up since the last call.
+    pub fn take_given_up(&mut self) -> Vec<(SinkId, u64)> {
+        std::mem::take(&mut self.given_up)
     }
 
     /// An alert became durable: every sink owes it. Returns the alerts no sink owes any
@@ -94,13 +103,19 @@ impl Outbox {
             s.owed.insert(seq);
             if s.connected {
                 s.queue.push_back(seq);
+                // Alerts no longer owed leave the queue lazily (`next` skips them); the
+                // queue stays within a constant factor of what is owed.
+                if s.queue.len() > 2 * s.owed.len() + 64 {
+                    let owed = &s.owed;
+                    s.queue.retain(|q| owed.contains(q));
+                }
             }
             while s.owed.len() > s.cfg.max_owed {
                 let Some(oldest) = s.owed.pop_first() else {
                     break;
                 };
-                s.queue.retain(|q| *q != oldest);
                 s.given_up += 1;
+                self.given_up.push((id, oldest));
                 if Self::release(&mut self.holds, oldest) {
                     released.push(oldest);
                 }
@@ -143,13 +158,25 @@ impl Outbox {
         s.queue.clear();
     }
 
-    /// The next alert to hand to the sink's transport, within its in-flight window.
+    /// The next alert to hand to the sink's transport, within its in-flight window. Alerts
+    /// the sink stopped owing while queued (given up, settled, forgotten) are skipped here,
+    /// which keeps those operations free of queue scans.
     pub fn next(&mut self, sink: SinkId) -> Option<u64> {
         let s = &mut self.sinks[sink];
         if !s.connected || s.handed.len() + s.inflight.len() >= s.cfg.max_in_flight {
             return None;
         }
-        s.queue.pop_front()
+        while let Some(seq) = s.queue.pop_front() {
+            if s.owed.contains(&seq) {
+                return Some(seq);
+            }
+        }
+        None
+    }
+
+    /// The oldest alert the sink owes.
+    pub fn first_owed(&self, sink: SinkId) -> Option<u64> {
+        self.sinks[sink].owed.first().copied()
     }
 
     /// The transport took a message: an alert (`Some`) or one outside the spool (`None`).
@@ -197,7 +224,6 @@ impl Outbox {
         if !s.owed.remove(&seq) {
             return None;
         }
-        s.queue.retain(|q| *q != seq);
         Self::release(&mut self.holds, seq).then_some(seq)
     }
 
@@ -217,9 +243,7 @@ impl Outbox {
             return;
         }
         for s in &mut self.sinks {
-            if s.owed.remove(&seq) {
-                s.queue.retain(|q| *q != seq);
-            }
+            s.owed.remove(&seq);
         }
     }
 
@@ -360,5 +384,33 @@ mod tests {
         assert_eq!(send_all(&mut o, 0, 0), [(2, 0)]);
         assert_eq!(o.stats(0).owed, 1);
         assert_eq!(o.name(0), "mqtt");
+    }
+
+    #[test]
+    fn a_sink_settles_what_it_had_and_skips_what_it_stopped_owing() {
+        let mut o = Outbox::new(vec![sink("mqtt", 10, 100), sink("hook", 1, 2)]);
+        o.connected(0);
+        o.connected(1);
+        for seq in [1, 2] {
+            assert!(o.add(seq).is_empty());
+        }
+        // The hook had 1 before a restart: settled, MQTT still owes it.
+        assert_eq!(o.settled(1, 1), None);
+        assert_eq!(o.next(1), Some(2), "1 is skipped: not owed any more");
+        o.handed(1, Some(2));
+        o.tagged(1, 2);
+        assert_eq!(o.next(1), None, "one in flight at a time");
+        // MQTT takes both: 1 is released (nobody owes it), 2 the hook still owes.
+        let sent = send_all(&mut o, 0, 100);
+        assert_eq!(o.acked_seq(0, sent[0].1), Some((1, true)));
+        assert_eq!(o.acked_seq(0, sent[1].1), Some((2, false)));
+        assert_eq!(o.acked_seq(1, 2), Some((2, true)));
+        // The cap gives up the oldest; the hook's floor moves past it.
+        for seq in [3, 4, 5] {
+            let released = o.add(seq);
+            assert!(released.is_empty() || released == [3]);
+        }
+        assert_eq!(o.first_owed(1), Some(4));
+        assert_eq!(o.stats(1).given_up, 1);
     }
 }

@@ -6,10 +6,11 @@
 //! Delivery is at least once, oldest first, one request at a time per webhook. Each request
 //! carries `Idempotency-Key: <alert_id>:<kind>:<seq>` (the spool's sequence number: the same
 //! for every retry and across restarts, distinct for distinct events), so a receiver drops
-//! duplicates. A 2xx answer is a delivery; a network error, a timeout, 408, 425, 429 or a 5xx
-//! is retried after a backoff with full jitter; any other answer (a 4xx, a redirect: never
-//! followed) refuses that event for good (counted and logged), so one bad event cannot block
-//! the ones behind it. The bearer token (from an environment variable or a file) and the
+//! duplicates. A 2xx answer is a delivery; an answer about the event itself (400, 409, 413,
+//! 415, 422) refuses it for good (counted and logged); anything else (a network error, a
+//! timeout, a 5xx, 401/403/404 from a rotated token or a moved receiver, a redirect: never
+//! followed) is retried after a backoff with full jitter, for at most `give_up_after` per
+//! event, so one event the receiver keeps failing on cannot block the ones behind it forever. The bearer token (from an environment variable or a file) and the
 //! URL's path and query (webhook URLs often hold secrets) never appear in logs or metrics: a
 //! webhook is named by its `name` and host.
 
@@ -35,7 +36,7 @@ pub const MAX_OWED_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 pub const MAX_WEBHOOKS: usize = 16;
 
 /// One `[[webhooks]]` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// `[A-Za-z0-9_-]{1,64}`: names it in logs, metrics and the spool.
@@ -57,12 +58,41 @@ pub struct WebhookConfig {
     /// Which alert events it gets: any of `new`, `update`, `end`.
     #[serde(default = "default_events")]
     pub events: Vec<String>,
-    /// Events it may owe at once; past it the oldest are given up (counted). 1 to 1000000.
+    /// Events it may owe at once; past it the oldest are given up (counted). 1 to 1000000,
+    /// and below `mqtt.spool_max_pending` (the spool holds them for it).
     #[serde(default = "default_max_owed")]
     pub max_owed: usize,
     /// Retry timing.
     #[serde(default = "default_backoff")]
     pub backoff: BackoffConfig,
+    /// How long one event is retried before it is given up (counted). Range 1m to 30d.
+    #[serde(default = "default_give_up_after", with = "humantime_serde")]
+    pub give_up_after: Duration,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL's path and query often hold a secret: only scheme, host and port.
+        let url = WebhookUrl::parse(&self.url)
+            .map(|u| u.shown())
+            .unwrap_or_else(|_| "(invalid)".into());
+        f.debug_struct("WebhookConfig")
+            .field("name", &self.name)
+            .field("url", &url)
+            .field("events", &self.events)
+            .field("timeout", &self.timeout)
+            .field("max_owed", &self.max_owed)
+            .field("give_up_after", &self.give_up_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `give_up_after`: 1 min to 30 days.
+pub const GIVE_UP_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(60)..=Duration::from_secs(30 * 86_400);
+
+fn default_give_up_after() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_timeout() -> Duration {
@@ -74,7 +104,7 @@ fn default_events() -> Vec<String> {
 }
 
 fn default_max_owed() -> usize {
-    10_000
+    1_000
 }
 
 fn default_backoff() -> BackoffConfig {
@@ -98,7 +128,10 @@ pub fn kind_name(k: EntryKind) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookUrl {
     pub tls: bool,
+    /// To connect to and name in TLS (IPv6 without brackets).
     pub host: String,
+    /// As the `Host` header and logs write it (IPv6 in brackets).
+    pub host_header: String,
     pub port: u16,
     /// Path and query, as sent in the request line.
     pub target: String,
@@ -118,21 +151,28 @@ impl WebhookUrl {
         if u.fragment().is_some() {
             return Err("a fragment (#...) is never sent; remove it".into());
         }
-        let host = u
+        let host_header = u
             .host_str()
             .filter(|h| !h.is_empty())
             .ok_or("no host")?
-            .trim_matches(['[', ']'])
             .to_string();
+        let host = host_header.trim_matches(['[', ']']).to_string();
+        if tls && rustls::pki_types::ServerName::try_from(host.clone()).is_err() {
+            return Err(format!("{host:?} is not a name TLS can verify"));
+        }
         let mut target = u.path().to_string();
         if let Some(q) = u.query() {
             target.push('?');
             target.push_str(q);
         }
+        if target.parse::<hyper::Uri>().is_err() {
+            return Err("its path and query do not make a request target".into());
+        }
         Ok(WebhookUrl {
             tls,
             port: u.port().unwrap_or(if tls { 443 } else { 80 }),
             host,
+            host_header,
             target,
         })
     }
@@ -142,7 +182,7 @@ impl WebhookUrl {
         format!(
             "{}://{}:{}",
             if self.tls { "https" } else { "http" },
-            self.host,
+            self.host_header,
             self.port
         )
     }
@@ -170,6 +210,7 @@ impl WebhookConfig {
         c.env_name("bearer_env", self.bearer_env.as_deref());
         c.duration("timeout", self.timeout, TIMEOUT_RANGE);
         c.count("max_owed", self.max_owed as u64, MAX_OWED_RANGE);
+        c.duration("give_up_after", self.give_up_after, GIVE_UP_RANGE);
         let known = ["new", "update", "end"];
         if self.events.is_empty() {
             c.error("events", "empty: list any of \"new\", \"update\", \"end\"");
@@ -259,18 +300,35 @@ impl Webhook {
             (None, None) => None,
         };
         if let Some(b) = &bearer
-            && (b.is_empty() || b.contains(['\r', '\n', '\0']))
+            && (b.is_empty()
+                || hyper::header::HeaderValue::from_str(&format!("Bearer {b}")).is_err())
         {
             return Err(PublishError::Webhook {
-                field: field("bearer"),
-                reason: "the token is empty or holds a line break".into(),
+                field: field(if cfg.bearer_env.is_some() {
+                    "bearer_env"
+                } else {
+                    "bearer_file"
+                }),
+                reason: "the token is empty or holds a line break or another control character"
+                    .into(),
             });
+        }
+        if bearer.is_some() && !url.tls && !is_loopback(&url.host) {
+            tracing::warn!(webhook = %cfg.name, to = %url.shown(), "Webhook: a bearer token goes over plain http:// to a host that is not this machine; use https://.");
         }
         let tls = if url.tls {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(cert);
+            }
+            if roots.is_empty() && cfg.ca_file.is_none() {
+                return Err(PublishError::Webhook {
+                    field: field("url"),
+                    reason: "https:// needs CA certificates: the system has none (install \
+                             ca-certificates) and no ca_file is set"
+                        .into(),
+                });
             }
             if let Some(p) = &cfg.ca_file {
                 let p = base_dir.join(p);
@@ -280,7 +338,8 @@ impl Webhook {
                         reason: format!("cannot read {}: {e}", p.display()),
                     })?;
                 let mut added = 0;
-                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                use rustls::pki_types::pem::PemObject;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
                     let cert = cert.map_err(|e| PublishError::Webhook {
                         field: field("ca_file"),
                         reason: format!("{}: {e}", p.display()),
@@ -359,9 +418,9 @@ impl Webhook {
         });
         let host =
             if (self.url.tls && self.url.port == 443) || (!self.url.tls && self.url.port == 80) {
-                self.url.host.clone()
+                self.url.host_header.clone()
             } else {
-                format!("{}:{}", self.url.host, self.url.port)
+                format!("{}:{}", self.url.host_header, self.url.port)
             };
         let mut req = hyper::Request::post(self.url.target.as_str())
             .header(hyper::header::HOST, host)
@@ -393,13 +452,24 @@ impl Webhook {
     }
 }
 
-/// What an HTTP status means for the event.
+/// Whether `host` is this machine (a bearer token over plain HTTP stays on it).
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What an HTTP status means for the event. Only answers about the event itself refuse it
+/// (400, 409, 413, 415, 422); anything that would refuse every event (401, 403, 404, a
+/// redirect, ...) means the webhook is down for now and is retried, so a rotated token or a
+/// moved receiver never throws the backlog away.
 pub fn classify(status: u16) -> Outcome {
     match status {
         200..=299 => Outcome::Delivered,
-        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("HTTP {status}")),
-        300..=399 => Outcome::Refused(format!("HTTP {status} (redirects are not followed)")),
-        _ => Outcome::Refused(format!("HTTP {status}")),
+        400 | 409 | 413 | 415 | 422 => Outcome::Refused(format!("HTTP {status}")),
+        300..=399 => Outcome::Retry(format!("HTTP {status} (redirects are not followed)")),
+        _ => Outcome::Retry(format!("HTTP {status}")),
     }
 }
 
@@ -421,11 +491,15 @@ impl Delivery {
 
 /// A webhook's worker: takes one delivery at a time and tries it until the receiver takes or
 /// refuses it (retries after the backoff), then reports `(sink, seq, outcome)`.
+///
+/// `floor` is the oldest event the webhook still owes (the publisher moves it up when its cap
+/// or the spool gives events up): a delivery below it is abandoned rather than retried on.
 pub async fn worker(
     hook: Arc<Webhook>,
     sink: usize,
     mut deliveries: tokio::sync::mpsc::Receiver<Delivery>,
     results: tokio::sync::mpsc::Sender<(usize, u64, Outcome)>,
+    floor: Arc<AtomicU64>,
 ) {
     let mut backoff = Backoff::new(hook.cfg.backoff);
     let mut rng = fastrand::Rng::new();
@@ -433,8 +507,18 @@ pub async fn worker(
     while let Some(d) = deliveries.recv().await {
         let key = d.key();
         let event = kind_name(d.kind);
+        let first_try = std::time::Instant::now();
         let outcome = loop {
             match hook.post(&key, event, &d.payload).await {
+                Outcome::Retry(why) if first_try.elapsed() >= hook.cfg.give_up_after => {
+                    break Outcome::Refused(format!(
+                        "still failing after {} ({why}); given up",
+                        humantime::format_duration(hook.cfg.give_up_after)
+                    ));
+                }
+                Outcome::Retry(_) if d.seq < floor.load(Ordering::Relaxed) => {
+                    break Outcome::Retry("given up by the webhook's cap or the spool".into());
+                }
                 Outcome::Retry(why) => {
                     hook.counters.retried.fetch_add(1, Ordering::Relaxed);
                     let wait = backoff.on_failure(std::time::Instant::now(), rng.f64());

@@ -16,9 +16,9 @@ fn documented(component: &str) -> BTreeSet<&'static str> {
         "device",
         "device_class",
         "icon",
+        "json_attributes_template",
         "json_attributes_topic",
         "name",
-        "object_id",
         "state_topic",
         "unique_id",
         "value_template",
@@ -123,24 +123,39 @@ fn the_templates_read_fields_the_daemon_publishes() {
     }
 }
 
+/// Ids may hold `_`: node `a_b` with stream `c` and node `a` with stream `b_c`, or streams
+/// `cam` and `cam_fake` of one node, must never share a topic or a unique id.
 #[test]
-fn a_streams_scopes_hold_its_configs_and_no_other_streams() {
-    let d = discovery();
-    let a = StreamId::new("cam").unwrap();
-    let b = StreamId::new("cam_2").unwrap();
-    let scopes = d.stream_scopes(&a);
-    for (topic, _) in d.stream_configs(&a) {
+fn topics_and_unique_ids_never_collide_across_nodes_and_streams() {
+    let pairs = [
+        (("a_b", "c"), ("a", "b_c")),
+        (("edge", "cam"), ("edge", "cam_fake")),
+        (("edge", "cam"), ("edge", "cam_2")),
+        (("edge", "cam"), ("edge_1", "cam")),
+    ];
+    let ids = |node: &str, stream: &str| {
+        let d = Discovery::new("homeassistant", "dfwatch", &NodeId::new(node).unwrap());
+        d.stream_configs(&StreamId::new(stream).unwrap())
+            .into_iter()
+            .flat_map(|(topic, payload)| {
+                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                [topic, v["unique_id"].as_str().unwrap().to_string()]
+            })
+            .collect::<BTreeSet<_>>()
+    };
+    for ((n1, s1), (n2, s2)) in pairs {
+        let (a, b) = (ids(n1, s1), ids(n2, s2));
         assert!(
-            scopes.iter().any(|s| topic.starts_with(s.as_str())),
-            "{topic}"
+            a.is_disjoint(&b),
+            "{n1}/{s1} and {n2}/{s2}: {:?}",
+            a.intersection(&b)
         );
     }
-    for (topic, _) in d.stream_configs(&b) {
-        assert!(
-            !scopes.iter().any(|s| topic.starts_with(s.as_str())),
-            "{topic}"
-        );
+    let edge = Discovery::new("homeassistant", "dfwatch", &NodeId::new("edge").unwrap());
+    let edge_1 = Discovery::new("homeassistant", "dfwatch", &NodeId::new("edge_1").unwrap());
+    for (topic, _) in edge_1.stream_configs(&StreamId::new("cam").unwrap()) {
+        assert!(!edge.owns(&topic), "{topic}");
+        assert!(edge_1.owns(&topic), "{topic}");
     }
-    assert!(!d.owns("homeassistant/sensor/dfwatch_other-node_cam/score/config"));
-    assert_eq!(d.birth_topic(), "homeassistant/status");
+    assert_eq!(edge.birth_topic(), "homeassistant/status");
 }

@@ -99,7 +99,10 @@ pub(super) const MAX_CLEARED_SCOPES: usize = 1024;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PublisherStats {
     pub connected: bool,
+    /// Alerts in the spool that a sink (MQTT or a webhook) still owes.
     pub pending: usize,
+    /// Of those, the ones the broker has not acknowledged.
+    pub mqtt_owed: usize,
     pub published: u64,
     pub acked: u64,
     pub reconnects: u64,

@@ -21,38 +21,77 @@ use crate::publish::webhook::{Delivery, Outcome, Webhook};
 /// The MQTT sink's index in the outbox; webhook `i` is sink `1 + i`.
 const MQTT: SinkId = 0;
 /// The MQTT sink's name in the spool's per-sink acknowledgements.
-const MQTT_NAME: &str = "mqtt";
+const MQTT_NAME: &str = crate::publish::spool::MQTT_SINK;
 
 /// The webhooks' side of the task: a worker per webhook (ended with the run that started it)
 /// and the channel their outcomes come back on.
 struct Hooks {
     hooks: Vec<Arc<Webhook>>,
     senders: Vec<mpsc::Sender<Delivery>>,
+    results_tx: mpsc::Sender<(SinkId, u64, Outcome)>,
     results: mpsc::Receiver<(SinkId, u64, Outcome)>,
-    _workers: Vec<AbortOnDrop>,
+    /// Per webhook: the oldest event it still owes (its worker abandons anything below).
+    floors: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    workers: Vec<AbortOnDrop>,
 }
 
 impl Hooks {
     fn start(hooks: &[Arc<Webhook>]) -> Hooks {
         let (results_tx, results) = mpsc::channel(hooks.len().max(1) * 2);
-        let mut senders = Vec::new();
-        let mut workers = Vec::new();
-        for (i, h) in hooks.iter().enumerate() {
-            // One delivery at a time: the outbox keeps the rest, oldest first.
-            let (tx, rx) = mpsc::channel(1);
-            senders.push(tx);
-            workers.push(AbortOnDrop(tokio::spawn(crate::publish::webhook::worker(
-                h.clone(),
-                1 + i,
-                rx,
-                results_tx.clone(),
-            ))));
-        }
-        Hooks {
+        let mut h = Hooks {
             hooks: hooks.to_vec(),
-            senders,
+            senders: Vec::new(),
+            results_tx,
             results,
-            _workers: workers,
+            floors: Vec::new(),
+            workers: Vec::new(),
+        };
+        for i in 0..hooks.len() {
+            h.floors.push(Arc::default());
+            let (tx, worker) = h.spawn_worker(i);
+            h.senders.push(tx);
+            h.workers.push(worker);
+        }
+        h
+    }
+
+    /// Webhook `i`'s worker: one delivery at a time (the outbox keeps the rest, oldest first).
+    fn spawn_worker(&self, i: usize) -> (mpsc::Sender<Delivery>, AbortOnDrop) {
+        let (tx, rx) = mpsc::channel(1);
+        let worker = AbortOnDrop(tokio::spawn(crate::publish::webhook::worker(
+            self.hooks[i].clone(),
+            1 + i,
+            rx,
+            self.results_tx.clone(),
+            self.floors[i].clone(),
+        )));
+        (tx, worker)
+    }
+
+    /// Whether webhook sink `sink` takes events of `kind` (MQTT takes every kind).
+    fn wants(&self, sink: SinkId, kind: crate::publish::spool::EntryKind) -> bool {
+        sink == MQTT || self.hooks[sink - 1].cfg.wants(kind)
+    }
+
+    /// A durable alert: webhooks that take no events of its kind never owe it.
+    fn settle_unwanted(&self, outbox: &mut Outbox, spool: &mut Spool, seq: u64) {
+        let Some(kind) = spool.get(seq).map(|e| e.kind) else {
+            return;
+        };
+        for sink in 1..outbox.len() {
+            if !self.wants(sink, kind)
+                && let Some(done) = outbox.settled(sink, seq)
+            {
+                spool.ack(done);
+            }
+        }
+    }
+
+    /// Moves each worker's floor up to the oldest event its webhook still owes.
+    fn share_floors(&self, outbox: &Outbox) {
+        for (i, f) in self.floors.iter().enumerate() {
+            let first = outbox.first_owed(1 + i).unwrap_or(u64::MAX);
+            f.store(first, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -65,7 +104,8 @@ impl Hooks {
 
     /// Hands each webhook what the outbox says is next (one at a time); events of kinds a
     /// webhook does not take are settled at once.
-    fn pump(&self, outbox: &mut Outbox, spool: &mut Spool) {
+    fn pump(&mut self, outbox: &mut Outbox, spool: &mut Spool) {
+        let mut restart = Vec::new();
         for (i, hook) in self.hooks.iter().enumerate() {
             let sink = 1 + i;
             while let Some(seq) = outbox.next(sink) {
@@ -90,12 +130,26 @@ impl Hooks {
                         outbox.handed(sink, Some(seq));
                         outbox.tagged(sink, seq);
                     }
-                    Err(_) => {
+                    Err(mpsc::error::TrySendError::Full(_)) => {
                         outbox.refused(sink, seq);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        // The worker is gone (a panic): what it held is forgotten and sent
+                        // again by a new one.
+                        tracing::error!(webhook = %hook.cfg.name, "Webhook worker stopped; starting it again.");
+                        outbox.disconnected(sink);
+                        outbox.connected(sink);
+                        restart.push(i);
                         break;
                     }
                 }
             }
+        }
+        for i in restart {
+            let (tx, worker) = self.spawn_worker(i);
+            self.senders[i] = tx;
+            self.workers[i] = worker;
         }
     }
 }
@@ -126,6 +180,10 @@ struct Session {
     /// was retried at once, for ever, without its connect timeout running out.
     running: Option<(EventRx, AbortOnDrop)>,
     connected: bool,
+    /// Retained topics still to (re)send on this connection: what rumqttc's request queue
+    /// had no room for (a reconnect or Home Assistant's birth sends many at once), sent as
+    /// room frees. At most one entry per retained topic.
+    retained_due: VecDeque<String>,
 }
 
 type EventRx = mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>;
@@ -164,6 +222,49 @@ impl Session {
             idle: Some(Box::new(events)),
             running: None,
             connected: false,
+            retained_due: VecDeque::new(),
+        }
+    }
+
+    /// Queues retained `topics` to be sent on this connection, then sends what fits.
+    fn send_retained<'a>(
+        &mut self,
+        outbox: &mut Outbox,
+        retained: &std::collections::BTreeMap<String, Vec<u8>>,
+        topics: impl IntoIterator<Item = &'a String>,
+    ) {
+        for t in topics {
+            if !self.retained_due.contains(t) {
+                self.retained_due.push_back(t.clone());
+            }
+        }
+        self.drain_retained(outbox, retained);
+    }
+
+    /// Sends the due retained messages (their current payloads) while rumqttc takes them.
+    fn drain_retained(
+        &mut self,
+        outbox: &mut Outbox,
+        retained: &std::collections::BTreeMap<String, Vec<u8>>,
+    ) {
+        if !self.connected {
+            self.retained_due.clear();
+            return;
+        }
+        while let Some(topic) = self.retained_due.front() {
+            let Some(payload) = retained.get(topic) else {
+                self.retained_due.pop_front(); // cleared meanwhile
+                continue;
+            };
+            if self
+                .client
+                .try_publish(topic.as_str(), QoS::AtLeastOnce, true, payload.clone())
+                .is_err()
+            {
+                return;
+            }
+            outbox.handed(MQTT, None);
+            self.retained_due.pop_front();
         }
     }
 
@@ -499,6 +600,7 @@ async fn run(
         for gone in outbox.add(seq) {
             spool.ack(gone);
         }
+        hooks.settle_unwanted(&mut outbox, spool, seq);
         // What a sink took before the restart, it does not get again.
         for name in acked_by {
             if let Some(sink) = (0..outbox.len()).find(|s| hooks.sink_name(*s) == name)
@@ -508,8 +610,12 @@ async fn run(
             }
         }
     }
+    for (sink, seq) in outbox.take_given_up() {
+        spool.sink_ack(seq, &hooks.sink_name(sink));
+    }
     hooks.pump(&mut outbox, spool);
-    let share_sinks = |outbox: &Outbox| {
+    let share_sinks = |outbox: &Outbox, hooks: &Hooks| {
+        hooks.share_floors(outbox);
         if let Ok(mut s) = sinks.lock() {
             *s = (0..outbox.len())
                 .map(|i| (outbox.name(i).to_string(), outbox.stats(i)))
@@ -520,10 +626,11 @@ async fn run(
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last_failure: Option<String> = None;
     let mut rng = fastrand::Rng::new();
-    let publish_stats = |s: &Session, spool: &Spool, t: &Tally| {
+    let publish_stats = |s: &Session, spool: &Spool, t: &Tally, outbox: &Outbox| {
         stats.send_replace(PublisherStats {
             connected: s.connected,
             pending: spool.len(),
+            mqtt_owed: outbox.stats(MQTT).owed,
             published: t.published,
             acked: t.acked,
             reconnects: t.reconnects,
@@ -577,8 +684,8 @@ async fn run(
                             if cleared.iter().any(|c| topic.starts_with(c.as_str())) {
                                 continue;
                             }
-                            session.send_unspooled(&mut outbox, &topic, true, payload.clone());
-                            retained.insert(topic, payload);
+                            retained.insert(topic.clone(), payload);
+                            session.send_retained(&mut outbox, retained, [&topic]);
                         }
                         Request::ClearRetained { scope } => {
                             let scope = format!("{}{scope}", p.node_prefix);
@@ -592,21 +699,31 @@ async fn run(
                         }
                         Request::Announce { stream } => {
                             if let Some(d) = &p.discovery {
-                                let mut r = Retained { map: retained, cleared, to_clear };
-                                for scope in d.stream_scopes(&stream) {
-                                    r.allow(&scope);
+                                let configs = d.stream_configs(&stream);
+                                for (topic, payload) in &configs {
+                                    to_clear.remove(topic);
+                                    retained.insert(topic.clone(), payload.clone());
                                 }
-                                for (topic, payload) in d.stream_configs(&stream) {
-                                    session.send_unspooled(&mut outbox, &topic, true, payload.clone());
-                                    r.map.insert(topic, payload);
-                                }
+                                session.send_retained(
+                                    &mut outbox,
+                                    retained,
+                                    configs.iter().map(|(t, _)| t),
+                                );
                             }
                         }
                         Request::Retract { stream } => {
+                            // Exact topics: nothing to refuse later (a re-added stream
+                            // announces again), so no cleared scope is kept.
                             if let Some(d) = &p.discovery {
-                                let mut r = Retained { map: retained, cleared, to_clear };
-                                for scope in d.stream_scopes(&stream) {
-                                    r.clear(&mut session, &mut outbox, scope);
+                                for (topic, _) in d.stream_configs(&stream) {
+                                    if retained.remove(&topic).is_none() {
+                                        continue;
+                                    }
+                                    if session.connected {
+                                        session.send_unspooled(&mut outbox, &topic, true, Vec::new());
+                                    } else {
+                                        to_clear.insert(topic);
+                                    }
                                 }
                             }
                         }
@@ -631,7 +748,7 @@ async fn run(
                 if !alerts.is_empty() {
                     writer.flush(spool, alerts);
                 }
-                publish_stats(&session, spool, tally);
+                publish_stats(&session, spool, tally, &outbox);
             }
             Some(done) = writer.done.recv() => {
                 match done {
@@ -652,10 +769,15 @@ async fn run(
                             for gone in outbox.add(seq) {
                                 spool.ack(gone);
                             }
+                            hooks.settle_unwanted(&mut outbox, spool, seq);
+                        }
+                        // What a webhook's cap gave up stays given up after a restart.
+                        for (sink, seq) in outbox.take_given_up() {
+                            spool.sink_ack(seq, &hooks.sink_name(sink));
                         }
                         session.pump(&mut outbox, p, spool, &mut tally.published);
                         hooks.pump(&mut outbox, spool);
-                        share_sinks(&outbox);
+                        share_sinks(&outbox, &hooks);
                     }
                     LogDone::Compacted { result: Ok(()) } => {
                         if !tally.durable {
@@ -668,7 +790,7 @@ async fn run(
                         spool.compaction_failed();
                     }
                 }
-                publish_stats(&session, spool, tally);
+                publish_stats(&session, spool, tally, &outbox);
             }
             Some((sink, seq, outcome)) = hooks.results.recv() => {
                 // Delivered, or refused for good (counted by the worker): either way the
@@ -681,13 +803,14 @@ async fn run(
                 if outbox.stats(sink).in_flight == 0 {
                     writer.flush(spool, Vec::new());
                 }
-                share_sinks(&outbox);
-                publish_stats(&session, spool, tally);
+                share_sinks(&outbox, &hooks);
+                publish_stats(&session, spool, tally, &outbox);
             }
             _ = tick.tick() => {
+                session.drain_retained(&mut outbox, retained);
                 writer.flush(spool, Vec::new());
-                share_sinks(&outbox);
-                publish_stats(&session, spool, tally);
+                share_sinks(&outbox, &hooks);
+                publish_stats(&session, spool, tally, &outbox);
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                 retry_at = None;
@@ -708,9 +831,7 @@ async fn run(
                             // Home Assistant's births (and its retained status) re-announce.
                             let _ = session.client.try_subscribe(d.birth_topic(), QoS::AtLeastOnce);
                         }
-                        for (topic, payload) in retained.iter() {
-                            session.send_unspooled(&mut outbox, topic, true, payload.clone());
-                        }
+                        session.send_retained(&mut outbox, retained, retained.keys());
                         for topic in std::mem::take(to_clear) {
                             session.send_unspooled(&mut outbox, &topic, true, Vec::new());
                         }
@@ -727,6 +848,7 @@ async fn run(
                             let _ = acks.send(seq);
                         }
                         sink_took(spool, took, MQTT_NAME);
+                        session.drain_retained(&mut outbox, retained);
                         // Acks are made durable in batches: a lost ack only means a duplicate.
                         if outbox.stats(MQTT).in_flight == 0 || tally.acked % 1024 == 0 {
                             writer.flush(spool, Vec::new());
@@ -739,9 +861,11 @@ async fn run(
                             && m.payload.as_ref() == crate::publish::homeassistant::BIRTH
                         {
                             tracing::info!("Home Assistant is online; discovery configs sent again.");
-                            for (topic, payload) in retained.iter().filter(|(t, _)| d.owns(t)) {
-                                session.send_unspooled(&mut outbox, topic, true, payload.clone());
-                            }
+                            session.send_retained(
+                                &mut outbox,
+                                retained,
+                                retained.keys().filter(|t| d.owns(t)),
+                            );
                         }
                     }
                     Ok(_) => {}
@@ -767,7 +891,7 @@ async fn run(
                         outbox.disconnected(MQTT);
                         // Durable answers and new alerts go on while it waits.
                         retry_at = Some(tokio::time::Instant::now() + wait);
-                        publish_stats(&session, spool, tally);
+                        publish_stats(&session, spool, tally, &outbox);
                     }
                 }
                 // Counters are cheap to read but waking watchers on every packet is not.
@@ -775,7 +899,7 @@ async fn run(
                     || outbox.stats(MQTT).in_flight == 0
                     || tally.acked % 256 == 0
                 {
-                    publish_stats(&session, spool, tally);
+                    publish_stats(&session, spool, tally, &outbox);
                 }
             }
         }

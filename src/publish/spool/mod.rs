@@ -33,6 +33,10 @@ use std::time::Duration;
 
 pub use log::{LogCommand, LogDone, SpoolLog, spawn_writer};
 pub use record::EntryKind;
+
+/// The MQTT sink's name in per-sink acknowledgements: what it has is dropped first when the
+/// spool is over its byte cap.
+pub const MQTT_SINK: &str = "mqtt";
 use record::{Record, decode, encode_ack, encode_put};
 
 /// A pending entry.
@@ -378,7 +382,20 @@ impl Spool {
         let mut dropped = 0u64;
         while self.index.bytes > self.limits.max_bytes {
             dropped += 1;
-            if let Some(&seq) = self.index.updates.first() {
+            // First what the broker has already: only another sink (a webhook) loses it.
+            let taken = self
+                .pending
+                .values()
+                .find(|e| e.acked_by.iter().any(|s| s == MQTT_SINK))
+                .map(|e| (e.seq, e.kind));
+            if let Some((seq, kind)) = taken {
+                let why = match kind {
+                    EntryKind::Update => DropReason::Update,
+                    EntryKind::End => DropReason::Ended,
+                    EntryKind::New => DropReason::OpenNew,
+                };
+                self.drop_entry(seq, why);
+            } else if let Some(&seq) = self.index.updates.first() {
                 self.drop_entry(seq, DropReason::Update);
             } else if let Some((_, key)) = self.index.ended.first_key_value() {
                 let key = key.clone();

@@ -11,6 +11,7 @@ fn config(url: &str) -> WebhookConfig {
         events: default_events(),
         max_owed: default_max_owed(),
         backoff: default_backoff(),
+        give_up_after: default_give_up_after(),
     }
 }
 
@@ -30,6 +31,18 @@ fn urls_are_checked_and_logs_never_show_their_path_or_query() {
     assert_eq!(
         (plain.tls, plain.port, plain.target.as_str()),
         (false, 8080, "/in")
+    );
+    // IPv6: connected to without brackets, named with them.
+    let v6 = WebhookUrl::parse("http://[::1]:8080/in").unwrap();
+    assert_eq!(
+        (v6.host.as_str(), v6.host_header.as_str()),
+        ("::1", "[::1]")
+    );
+    assert_eq!(v6.shown(), "http://[::1]:8080");
+    let shown = format!("{:?}", config("https://x/hook/SECRET?k=1"));
+    assert!(
+        !shown.contains("SECRET") && !shown.contains("k=1"),
+        "{shown}"
     );
     for (bad, says) in [
         ("ftp://x/y", "scheme"),
@@ -77,10 +90,14 @@ fn validation_names_each_mistake_with_its_path() {
 fn answers_are_delivered_retried_or_refused() {
     assert_eq!(classify(200), Outcome::Delivered);
     assert_eq!(classify(204), Outcome::Delivered);
-    for retry in [408, 425, 429, 500, 502, 503] {
+    // Answers that would refuse every event (a rotated token, a moved receiver) are the
+    // webhook being down: retried, never a reason to throw the backlog away.
+    for retry in [
+        301, 302, 401, 403, 404, 407, 408, 410, 421, 425, 429, 500, 502, 503,
+    ] {
         assert!(matches!(classify(retry), Outcome::Retry(_)), "{retry}");
     }
-    for refuse in [301, 302, 400, 401, 403, 404, 410, 413] {
+    for refuse in [400, 409, 413, 415, 422] {
         assert!(matches!(classify(refuse), Outcome::Refused(_)), "{refuse}");
     }
 }
