@@ -111,8 +111,8 @@ fn measure(args: &Args) -> anyhow::Result<()> {
     let f0 = frame(1);
     let maps: Vec<Affine> = (0..256).map(face_map).collect();
     dev.begin(256)?;
-    let (w, h, stride) = dev.upload(&f0, &maps)?;
-    dev.launch(w, h, stride, 256, 0)?;
+    let up = dev.upload(&f0, &maps)?;
+    dev.launch(&up, 256, 0)?;
     dev.engine.ops.stream.synchronize()?;
     let timed = |dev: &mut CudaFaceDevice,
                  f: &mut dyn FnMut(&mut CudaFaceDevice) -> anyhow::Result<()>|
@@ -129,7 +129,7 @@ fn measure(args: &Args) -> anyhow::Result<()> {
         Ok(t.elapsed().as_secs_f64() / n as f64)
     };
     let crop_only = timed(&mut dev, &mut |d| {
-        d.launch(w, h, stride, 256, 0)?;
+        d.launch(&up, 256, 0)?;
         Ok(())
     })?;
     let upload = timed(&mut dev, &mut |d| {

@@ -253,8 +253,8 @@ impl Config {
             self.node.shutdown_grace,
             SHUTDOWN_GRACE_RANGE,
         );
-        // Detection and the crop's quality run on the CPU on packed RGB, with either backend.
-        if self.ingest.format == crate::types::PixelFormat::Nv12 {
+        // The CPU backend crops packed RGB; NV12 is for the GPU crop.
+        if self.cpu() && self.ingest.format == crate::types::PixelFormat::Nv12 {
             errors.push(ConfigError::new("ingest.format", NV12_REFUSED));
         }
         // The default rate applies to every stream without its own (API streams included).
@@ -312,6 +312,10 @@ impl Config {
         }
     }
 
+    fn cpu(&self) -> bool {
+        self.model.backend == crate::model::Backend::Cpu
+    }
+
     /// The cadence rule is only worth stating when its inputs passed their own checks.
     fn cadence_checkable(&self, fps: f64) -> bool {
         let mut scratch = Vec::new();
@@ -332,7 +336,7 @@ impl Config {
     pub fn validate_stream(&self, s: &StreamConfig, path: &str, errors: &mut Vec<ConfigError>) {
         let before = errors.len();
         s.validate(path, &self.base_dir, errors);
-        if s.format == Some(crate::types::PixelFormat::Nv12) {
+        if self.cpu() && s.format == Some(crate::types::PixelFormat::Nv12) {
             errors.push(ConfigError::new(format!("{path}.format"), NV12_REFUSED));
         }
         // A stream at the default rate is covered by the check of [ingest].
@@ -356,9 +360,9 @@ impl Config {
 pub const SHUTDOWN_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(600);
 
-/// Why `nv12` frames are refused for now.
-const NV12_REFUSED: &str = "\"nv12\" is not supported yet: face detection and the crop's \
-     quality run on the CPU on \"rgb8\" frames, with either model.backend";
+/// Why `nv12` frames are refused on the CPU backend.
+const NV12_REFUSED: &str = "\"nv12\" is for model.backend = \"cuda\" (the device crops NV12 \
+     frames); the CPU backend crops \"rgb8\"";
 
 const KNOWN_SECTIONS: &[&str] = &[
     "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",

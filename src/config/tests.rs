@@ -55,7 +55,7 @@ fn a_full_config_parses_with_overrides_and_durations() {
 }
 
 #[test]
-fn nv12_is_refused_while_detection_and_quality_need_rgb() {
+fn nv12_is_refused_on_the_cpu_backend_that_crops_rgb() {
     let e = parse(
         r#"
         [ingest]
@@ -70,7 +70,7 @@ fn nv12_is_refused_while_detection_and_quality_need_rgb() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("ingest.format: \"nv12\" is not supported yet"),
+        e.contains("ingest.format: \"nv12\" is for model.backend = \"cuda\""),
         "{e}"
     );
     assert!(e.contains("streams[0].format"), "{e}");
@@ -245,4 +245,21 @@ fn the_cadence_error_shows_the_keys_and_the_arithmetic() {
     }
     // A longer window fixes it.
     parse("[ingest]\nanalysis_fps = 1.0\n[evidence]\nwindow = \"5s\"\n").unwrap();
+}
+
+/// NV12 is what the GPU backend's crop takes (the path contains `gpu`: CI runs it in the
+/// cuda build).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_backend_takes_nv12() {
+    let c = parse(
+        r#"
+        [model]
+        backend = "cuda"
+
+        [ingest]
+        format = "nv12"
+        "#,
+    );
+    assert!(c.is_ok(), "{:?}", c.err().map(|e| e.to_string()));
 }

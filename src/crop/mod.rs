@@ -15,6 +15,7 @@ pub mod align;
 pub mod quality;
 pub mod resize;
 pub mod warp;
+pub mod yuv;
 
 use crate::types::{Frame, PixelFormat};
 
@@ -136,6 +137,26 @@ pub fn crop_rgb(
         size,
         alignment,
     })
+}
+
+/// The fused warp of an RGB8 or NV12 `frame` into `size x size` packed RGB8 through
+/// `inverse` (crop pixel -> frame pixel): what the GPU crop kernels compute before
+/// normalising (NV12: each neighbour converted, then interpolated).
+pub fn fused_warp(frame: &Frame, inverse: &Affine, size: usize) -> Result<Vec<u8>, CropError> {
+    match frame.format {
+        PixelFormat::Nv12 => Ok(yuv::warp_affine_bilinear_nv12(
+            &yuv::nv12_view(frame)?,
+            inverse,
+            size,
+            size,
+        )),
+        PixelFormat::Rgb8 => Ok(warp::warp_affine_bilinear(
+            rgb_view(frame)?,
+            inverse,
+            size,
+            size,
+        )),
+    }
 }
 
 /// Encodes a packed RGB8 crop as JPEG (for the opt-in face-crop topic).

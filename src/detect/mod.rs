@@ -178,9 +178,22 @@ impl FaceDetector {
 
     /// Faces in an RGB8 frame, in frame pixels.
     pub fn detect_frame(&mut self, frame: &Frame) -> Result<Vec<Detection>, DetectError> {
+        if frame.format == PixelFormat::Nv12 {
+            // The GPU backend's frames: converted on the CPU for the detector (only the
+            // frames detection runs on).
+            let view = crate::crop::yuv::nv12_view(frame)
+                .map_err(|e| DetectError::Frame(e.to_string()))?;
+            let rgb = view.to_rgb();
+            return self.detect_rgb(RgbView {
+                data: &rgb,
+                width: view.width,
+                height: view.height,
+                stride: 3 * view.width,
+            });
+        }
         if frame.format != PixelFormat::Rgb8 {
             return Err(DetectError::Frame(format!(
-                "detection needs RGB8 frames, got {:?} (set ingest.format = \"rgb8\")",
+                "detection needs RGB8 or NV12 frames, got {:?}",
                 frame.format
             )));
         }

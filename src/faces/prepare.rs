@@ -98,7 +98,6 @@ pub fn prepare_for_device(
     spec: &CropSpec,
     keep_rgb: bool,
 ) -> Result<DeviceFace, CropError> {
-    let view = crop::rgb_view(frame)?;
     if !(16..=1024).contains(&spec.size) {
         return Err(CropError::Size(spec.size));
     }
@@ -113,11 +112,15 @@ pub fn prepare_for_device(
     let (first, side) = crop::quality::central_window(spec.size);
     let o = first as f64;
     let window_map = inverse.after(&Affine([[1.0, 0.0, o], [0.0, 1.0, o]]));
-    let window = crop::warp::warp_affine_bilinear(view, &window_map, side, side);
+    // The device's own sampling (RGB, or NV12 converted per neighbour).
+    let window = crop::fused_warp(frame, &window_map, side)?;
     let blur = crop::quality::blur_variance_window(&window, spec.size);
     let q = crop::quality::measure_with_blur(bbox, landmarks, &alignment, blur);
-    let rgb =
-        keep_rgb.then(|| crop::warp::warp_affine_bilinear(view, &inverse, spec.size, spec.size));
+    let rgb = if keep_rgb {
+        Some(crop::fused_warp(frame, &inverse, spec.size)?)
+    } else {
+        None
+    };
     Ok(DeviceFace {
         inverse,
         quality: crop::quality::weight(&q),

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use super::vit::cpu::{CpuEngine, Precision};
 use super::vit::{EngineError, VitShape};
 use crate::crop::align::Affine;
-use crate::crop::warp::RgbView;
 use crate::encode::{BatchEncoder, EncodeError, FaceInput};
 use crate::model::ModelBundle;
 use crate::model::safetensors::SafeTensors;
@@ -45,11 +44,6 @@ pub trait FaceDevice {
     fn used_bytes(&self) -> Option<usize> {
         None
     }
-}
-
-/// A frame's packed RGB8 pixels, checked to hold its rows.
-pub(crate) fn rgb_view(frame: &Frame) -> Result<RgbView<'_>, EngineError> {
-    crate::crop::rgb_view(frame).map_err(|e| EngineError::Layout(format!("the GPU crop: {e}")))
 }
 
 /// What the device thread is asked.
@@ -462,12 +456,12 @@ impl FaceDevice for CpuTwinDevice {
                 self.batch
             )));
         }
-        let view = rgb_view(frame)?;
         self.uploads += 1;
         let size = self.engine.shape().image_size;
         let len = self.engine.shape().crop_len();
         for (k, m) in maps.iter().enumerate() {
-            let rgb = crate::crop::warp::warp_affine_bilinear(view, m, size, size);
+            let rgb = crate::crop::fused_warp(frame, m, size)
+                .map_err(|e| EngineError::Layout(format!("the GPU crop: {e}")))?;
             let slot = &mut self.pixels[(first + k) * len..(first + k + 1) * len];
             crate::encode::normalise_rgb(&rgb, size, self.mean, self.std, slot);
         }

@@ -7,19 +7,50 @@
 //! What only a GPU confirms (the crop against its CPU twin, speed) is `dfwatch bench gpu` and
 //! `dfwatch gpu-check`, run by tools/gpu-check.sh.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::backend::{FaceDevice, Tower, rgb_view};
+use super::backend::{FaceDevice, Tower};
 use super::crop::{CropParams, kernel_maps};
 use super::vit::cuda::CudaEngine;
 use super::vit::{Act, EngineError, Plan, VitShape};
 use crate::crop::align::Affine;
 use crate::model::ModelBundle;
 use crate::model::safetensors::SafeTensors;
-use crate::types::Frame;
+use crate::types::{Frame, PixelFormat};
 
 fn dev(e: impl std::fmt::Debug) -> EngineError {
     EngineError::Device(format!("{e:?}"))
+}
+
+/// Where the uploaded frame's pixels lie in the device buffer.
+#[derive(Debug, Clone, Copy)]
+pub enum Planes {
+    Rgb {
+        stride: usize,
+    },
+    Nv12 {
+        luma: usize,
+        luma_stride: usize,
+        chroma: usize,
+        chroma_stride: usize,
+        k: YuvArgs,
+    },
+}
+
+/// The YUV coefficients as the kernel's `YuvParams` (passed by value).
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct YuvArgs(pub crate::crop::yuv::YuvCoefficients);
+
+// SAFETY: a #[repr(C)] struct of seven f32, the layout of `struct YuvParams` in kernels/crop.cu.
+unsafe impl DeviceRepr for YuvArgs {}
+
+/// A frame on the device, for [`CudaFaceDevice::launch`].
+#[derive(Debug, Clone, Copy)]
+pub struct Uploaded {
+    pub width: usize,
+    pub height: usize,
+    pub planes: Planes,
 }
 
 /// The engine and the crop on one GPU.
@@ -32,6 +63,8 @@ pub struct CudaFaceDevice {
     frame: Option<CudaSlice<u8>>,
     maps: Option<CudaSlice<f32>>,
     plan: Option<Plan>,
+    /// Bytes of the last upload in `frame`.
+    uploaded_len: usize,
     uploads: u64,
     /// Bytes uploaded (frames and maps), for the bench's upload share.
     pub uploaded_bytes: u64,
@@ -58,6 +91,7 @@ impl CudaFaceDevice {
             frame: None,
             maps: None,
             plan: None,
+            uploaded_len: 0,
             uploads: 0,
             uploaded_bytes: 0,
         })
@@ -76,18 +110,45 @@ impl CudaFaceDevice {
         self.engine.ops.stream.synchronize().map_err(dev)
     }
 
-    /// Copies the frame's pixels and the faces' maps to the device; returns the frame's width,
-    /// height and row stride for [`Self::launch`].
-    pub fn upload(
-        &mut self,
-        frame: &Frame,
-        maps: &[Affine],
-    ) -> Result<(usize, usize, usize), EngineError> {
-        let view = rgb_view(frame)?;
-        let bytes = view.stride * (view.height - 1) + 3 * view.width;
-        let host = &view.data[..bytes];
+    /// Copies the frame's pixels (RGB8, or both NV12 planes) and the faces' maps to the
+    /// device; returns what [`Self::launch`] needs of the frame.
+    pub fn upload(&mut self, frame: &Frame, maps: &[Affine]) -> Result<Uploaded, EngineError> {
+        let layout = |e: crate::crop::CropError| EngineError::Layout(format!("the GPU crop: {e}"));
+        // The bytes from the first plane's start to the last plane's end, and the layout.
+        let (start, end, up) = match frame.format {
+            PixelFormat::Rgb8 => {
+                let v = crate::crop::rgb_view(frame).map_err(layout)?;
+                let p = frame.planes[0];
+                let bytes = v.stride * (v.height - 1) + 3 * v.width;
+                let up = Uploaded {
+                    width: v.width,
+                    height: v.height,
+                    planes: Planes::Rgb { stride: v.stride },
+                };
+                (p.offset, p.offset + bytes, up)
+            }
+            PixelFormat::Nv12 => {
+                let v = crate::crop::yuv::nv12_view(frame).map_err(layout)?;
+                let (l, c) = (frame.planes[0], frame.planes[1]);
+                let start = l.offset.min(c.offset);
+                let end = (l.offset + v.luma.len()).max(c.offset + v.chroma.len());
+                let up = Uploaded {
+                    width: v.width,
+                    height: v.height,
+                    planes: Planes::Nv12 {
+                        luma: l.offset - start,
+                        luma_stride: v.luma_stride,
+                        chroma: c.offset - start,
+                        chroma_stride: v.chroma_stride,
+                        k: YuvArgs(v.k),
+                    },
+                };
+                (start, end, up)
+            }
+        };
+        let host = &frame.data[start..end];
         let values = kernel_maps(maps);
-        Self::buffer(&self.engine, &mut self.frame, bytes)?;
+        Self::buffer(&self.engine, &mut self.frame, host.len())?;
         Self::buffer(&self.engine, &mut self.maps, values.len().max(1))?;
         let (Some(d_frame), Some(d_maps)) = (self.frame.as_mut(), self.maps.as_mut()) else {
             return Err(EngineError::Layout("device buffers missing".into()));
@@ -98,20 +159,14 @@ impl CudaFaceDevice {
             stream.memcpy_htod(&values, d_maps).map_err(dev)?;
         }
         self.uploads += 1;
-        self.uploaded_bytes += (bytes + 4 * values.len()) as u64;
-        Ok((view.width, view.height, view.stride))
+        self.uploaded_bytes += (host.len() + 4 * values.len()) as u64;
+        self.uploaded_len = host.len();
+        Ok(up)
     }
 
-    /// One launch of the crop kernel over the uploaded frame (`width x height`, rows of
-    /// `stride` bytes) and its first `faces` maps, into the batch's slots from `first` on.
-    pub fn launch(
-        &mut self,
-        width: usize,
-        height: usize,
-        stride: usize,
-        faces: usize,
-        first: usize,
-    ) -> Result<(), EngineError> {
+    /// One launch of the crop kernel of the uploaded frame's format over its first `faces`
+    /// maps, into the batch's slots from `first` on.
+    pub fn launch(&mut self, up: &Uploaded, faces: usize, first: usize) -> Result<(), EngineError> {
         let plan = self
             .plan
             .as_ref()
@@ -125,8 +180,22 @@ impl CudaFaceDevice {
                 plan.batch
             )));
         }
-        let frame_len = self.frame.as_ref().map_or(0, |f| f.len());
-        if frame_len < stride * (height.max(1) - 1) + 3 * width {
+        // What the kernel reads of the frame buffer must lie in what was uploaded.
+        let need = match up.planes {
+            Planes::Rgb { stride } => stride * (up.height.max(1) - 1) + 3 * up.width,
+            Planes::Nv12 {
+                luma,
+                luma_stride,
+                chroma,
+                chroma_stride,
+                ..
+            } => (luma + luma_stride * (up.height.max(1) - 1) + up.width).max(
+                chroma
+                    + chroma_stride * (up.height.div_ceil(2).max(1) - 1)
+                    + 2 * up.width.div_ceil(2),
+            ),
+        };
+        if self.uploaded_len < need {
             return Err(EngineError::Layout("no frame uploaded for the crop".into()));
         }
         let (Some(d_frame), Some(d_maps)) = (self.frame.as_ref(), self.maps.as_ref()) else {
@@ -135,10 +204,11 @@ impl CudaFaceDevice {
         // The bucket's input range, from slot `first` on (fp16: 2 bytes a value).
         let out =
             self.engine.ops.ptr(plan.buf(Act::Crops))? + 2 * (first * shape.crop_len()) as u64;
-        let params = CropParams::new(width, height, shape.image_size, self.mean, self.std)
+        let params = CropParams::new(up.width, up.height, shape.image_size, self.mean, self.std)
             .map_err(|e| EngineError::Layout(e.to_string()))?;
-        let stride = i32::try_from(stride)
-            .map_err(|_| EngineError::Layout(format!("row stride {stride}")))?;
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| EngineError::Layout(format!("{what} {v}")))
+        };
         let plane = shape.image_size * shape.image_size;
         let cfg = LaunchConfig {
             grid_dim: (
@@ -151,17 +221,50 @@ impl CudaFaceDevice {
             shared_mem_bytes: 0,
         };
         let stream = self.engine.ops.stream.clone();
-        let mut b = stream.launch_builder(&self.engine.ops.crop_rgb);
-        b.arg(d_frame)
-            .arg(&stride)
-            .arg(d_maps)
-            .arg(&params)
-            .arg(&out);
-        // SAFETY: the arguments follow crop_rgb_fp16's signature (frame bytes, row stride, maps,
-        // params by value, output as a device address); the frame buffer holds the uploaded
-        // frame's rows (checked above), the maps buffer 6 floats for each of `faces`, and `out`
-        // the faces' 3 x S x S halves inside the bucket's input (first + faces <= the bucket).
-        unsafe { b.launch(cfg) }.map_err(dev)?;
+        let base = {
+            let (p, _sync) = d_frame.device_ptr(&stream);
+            p
+        };
+        match up.planes {
+            Planes::Rgb { stride } => {
+                let stride = int(stride, "row stride")?;
+                let mut b = stream.launch_builder(&self.engine.ops.crop_rgb);
+                b.arg(&base).arg(&stride).arg(d_maps).arg(&params).arg(&out);
+                // SAFETY: the arguments follow crop_rgb_fp16's signature (frame bytes, row
+                // stride, maps, params by value, output as a device address); the frame buffer
+                // holds the uploaded rows (checked above), the maps buffer 6 floats for each
+                // of `faces`, and `out` the faces' 3 x S x S halves inside the bucket's input
+                // (first + faces <= the bucket).
+                unsafe { b.launch(cfg) }.map_err(dev)?;
+            }
+            Planes::Nv12 {
+                luma,
+                luma_stride,
+                chroma,
+                chroma_stride,
+                k,
+            } => {
+                let (l, c) = (base + luma as u64, base + chroma as u64);
+                let (ls, cs) = (
+                    int(luma_stride, "luma stride")?,
+                    int(chroma_stride, "chroma stride")?,
+                );
+                let mut b = stream.launch_builder(&self.engine.ops.crop_nv12);
+                b.arg(&l)
+                    .arg(&ls)
+                    .arg(&c)
+                    .arg(&cs)
+                    .arg(d_maps)
+                    .arg(&params)
+                    .arg(&k)
+                    .arg(&out);
+                // SAFETY: the arguments follow crop_nv12_fp16's signature (luma plane and its
+                // stride, chroma plane and its stride, maps, CropParams and YuvParams by value,
+                // output); both planes lie in the uploaded bytes (checked above), the maps and
+                // the output as for the RGB kernel.
+                unsafe { b.launch(cfg) }.map_err(dev)?;
+            }
+        }
         Ok(())
     }
 
@@ -190,8 +293,8 @@ impl FaceDevice for CudaFaceDevice {
     }
 
     fn crop(&mut self, frame: &Frame, maps: &[Affine], first: usize) -> Result<(), EngineError> {
-        let (width, height, stride) = self.upload(frame, maps)?;
-        self.launch(width, height, stride, maps.len(), first)
+        let up = self.upload(frame, maps)?;
+        self.launch(&up, maps.len(), first)
     }
 
     fn encode(&mut self, n: usize) -> Result<Vec<f32>, EngineError> {

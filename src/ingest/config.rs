@@ -26,8 +26,8 @@ pub struct IngestConfig {
     /// Frames per second handed downstream from each stream (frames in between are skipped
     /// before colour conversion, so they cost only their decode). A stream may override it.
     pub analysis_fps: f64,
-    /// Pixel layout asked of GStreamer: `rgb8` (`nv12` is refused by validation for now: face
-    /// detection and the crop's quality read RGB on the CPU).
+    /// Pixel layout asked of GStreamer: `rgb8`, or `nv12` with `model.backend = "cuda"` (the
+    /// device crops it; detection converts the frames it runs on).
     pub format: PixelFormat,
     /// Which decoders to use: `auto` prefers NVIDIA's nvcodec decoders when GStreamer has
     /// them and falls back to software; `software` never uses hardware decoders; `nvidia`

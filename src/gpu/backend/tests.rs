@@ -271,3 +271,90 @@ fn a_device_that_cannot_be_built_is_a_start_up_error_naming_why() {
         .expect("refused");
     assert!(e.to_string().contains("NVIDIA driver"), "{e}");
 }
+
+/// NV12 frames (the GPU backend takes them): the twin device's crop of a face of an NV12 frame
+/// gives the embedding of the same face on the frame converted to RGB, and the face stage's
+/// host share (map, quality) works on it too.
+#[test]
+fn nv12_faces_embed_like_the_same_faces_in_rgb() {
+    use crate::types::{YuvColor, YuvMatrix};
+    let bundle = crate::model::ModelBundle::load(std::path::Path::new(TINY)).unwrap();
+    let nv12 = Arc::new(crate::crop::yuv::tests::nv12_frame(
+        320,
+        240,
+        YuvColor {
+            matrix: YuvMatrix::Bt709,
+            full_range: false,
+        },
+    ));
+    let rgb_data = crate::crop::yuv::nv12_view(&nv12).unwrap().to_rgb();
+    let rgb = Arc::new(
+        Frame::packed_rgb(
+            StreamId::new("cam").unwrap(),
+            0,
+            None,
+            Instant::now(),
+            (320, 240),
+            rgb_data.into(),
+        )
+        .unwrap(),
+    );
+    let mut enc = twin_encoder(&bundle).unwrap();
+    let maps = [
+        Affine([[0.45, -0.05, 60.0], [0.05, 0.45, 40.0]]),
+        Affine([[0.3, 0.0, 150.0], [0.0, 0.3, 90.0]]),
+    ];
+    let faces = |f: &Arc<Frame>| -> Vec<FaceInput> {
+        maps.iter()
+            .map(|m| FaceInput::Aligned {
+                frame: f.clone(),
+                inverse: *m,
+            })
+            .collect()
+    };
+    let (a, b) = (faces(&nv12), faces(&rgb));
+    let ea = enc.encode_inputs(&a.iter().collect::<Vec<_>>()).unwrap();
+    let eb = enc.encode_inputs(&b.iter().collect::<Vec<_>>()).unwrap();
+    let d = bundle.architecture().embed_dim as usize;
+    for (x, y) in ea.chunks_exact(d).zip(eb.chunks_exact(d)) {
+        let c = crate::score::math::cosine(x, y);
+        assert!(c > 0.999, "cosine {c}");
+    }
+    // The host's share of an NV12 face: the quality from the same sampling as the device.
+    let spec = crate::faces::CropSpec {
+        size: 224,
+        mean: bundle.architecture().mean,
+        std: bundle.architecture().std,
+        method: crate::crop::CropMethod::Fused,
+    };
+    let lm = [
+        [130.0, 110.0],
+        [170.0, 110.0],
+        [150.0, 135.0],
+        [135.0, 160.0],
+        [165.0, 160.0],
+    ];
+    let bbox = crate::types::BBox {
+        x0: 100.0,
+        y0: 80.0,
+        x1: 200.0,
+        y1: 190.0,
+    };
+    let on_nv12 = crate::faces::prepare_for_device(&nv12, &bbox, &lm, &spec, true).unwrap();
+    let on_rgb = crate::faces::prepare_for_device(&rgb, &bbox, &lm, &spec, true).unwrap();
+    assert!(
+        (on_nv12.quality - on_rgb.quality).abs() < 0.02,
+        "{} vs {}",
+        on_nv12.quality,
+        on_rgb.quality
+    );
+    let worst = on_nv12
+        .rgb
+        .unwrap()
+        .iter()
+        .zip(on_rgb.rgb.unwrap())
+        .map(|(x, y)| x.abs_diff(y))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "{worst}");
+}

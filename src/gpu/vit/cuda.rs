@@ -104,8 +104,10 @@ impl Drop for LtGemm {
 pub struct CudaOps {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    /// `crop_rgb_fp16` of kernels/crop.cu, for the daemon's GPU crop into the batch.
+    /// `crop_rgb_fp16` and `crop_nv12_fp16` of kernels/crop.cu, for the daemon's GPU crop
+    /// into the batch.
     pub crop_rgb: CudaFunction,
+    pub crop_nv12: CudaFunction,
     k: Kernels,
     lt: LtHandle,
     workspace: CudaSlice<u8>,
@@ -156,6 +158,7 @@ impl CudaOps {
         let module = load("vit.cu")?;
         let crop_module = load("crop.cu")?;
         let crop_rgb = crop_module.load_function("crop_rgb_fp16").map_err(dev)?;
+        let crop_nv12 = crop_module.load_function("crop_nv12_fp16").map_err(dev)?;
         let f = |n: &str| module.load_function(n).map_err(dev);
         let k = Kernels {
             patchify: f("patchify")?,
@@ -173,6 +176,7 @@ impl CudaOps {
             ctx,
             stream,
             crop_rgb,
+            crop_nv12,
             k,
             lt,
             workspace,
