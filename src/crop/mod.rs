@@ -108,16 +108,7 @@ pub fn crop_rgb(
     size: usize,
     method: CropMethod,
 ) -> Result<Crop, CropError> {
-    if !(16..=1024).contains(&size) {
-        return Err(CropError::Size(size));
-    }
-    if let Some(index) = landmarks
-        .iter()
-        .position(|l| !(l[0].is_finite() && l[1].is_finite()))
-    {
-        return Err(CropError::Landmark { index });
-    }
-    let alignment = sjedd_alignment(landmarks).ok_or(CropError::Degenerate)?;
+    let alignment = checked_alignment(landmarks, size)?;
     let rgb = match method {
         CropMethod::Reference => {
             let warped = warp::warp_affine_opencv(src, &alignment, WARP_SIZE, WARP_SIZE);
@@ -157,6 +148,21 @@ pub fn fused_warp(frame: &Frame, inverse: &Affine, size: usize) -> Result<Vec<u8
             size,
         )),
     }
+}
+
+/// The alignment of a face for a crop of side `size`: the size in range, every landmark
+/// finite, the landmarks not degenerate.
+pub fn checked_alignment(landmarks: &[[f32; 2]; 5], size: usize) -> Result<Affine, CropError> {
+    if !(16..=1024).contains(&size) {
+        return Err(CropError::Size(size));
+    }
+    if let Some(index) = landmarks
+        .iter()
+        .position(|l| !(l[0].is_finite() && l[1].is_finite()))
+    {
+        return Err(CropError::Landmark { index });
+    }
+    sjedd_alignment(landmarks).ok_or(CropError::Degenerate)
 }
 
 /// Encodes a packed RGB8 crop as JPEG (for the opt-in face-crop topic).

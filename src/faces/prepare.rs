@@ -98,16 +98,7 @@ pub fn prepare_for_device(
     spec: &CropSpec,
     keep_rgb: bool,
 ) -> Result<DeviceFace, CropError> {
-    if !(16..=1024).contains(&spec.size) {
-        return Err(CropError::Size(spec.size));
-    }
-    if let Some(index) = landmarks
-        .iter()
-        .position(|l| !(l[0].is_finite() && l[1].is_finite()))
-    {
-        return Err(CropError::Landmark { index });
-    }
-    let alignment = crop::align::sjedd_alignment(landmarks).ok_or(CropError::Degenerate)?;
+    let alignment = crop::checked_alignment(landmarks, spec.size)?;
     let inverse = crop::fused_inverse(&alignment, spec.size).ok_or(CropError::Degenerate)?;
     let (first, side) = crop::quality::central_window(spec.size);
     let o = first as f64;

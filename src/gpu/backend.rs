@@ -460,8 +460,7 @@ impl FaceDevice for CpuTwinDevice {
         let size = self.engine.shape().image_size;
         let len = self.engine.shape().crop_len();
         for (k, m) in maps.iter().enumerate() {
-            let rgb = crate::crop::fused_warp(frame, m, size)
-                .map_err(|e| EngineError::Layout(format!("the GPU crop: {e}")))?;
+            let rgb = crate::crop::fused_warp(frame, m, size)?;
             let slot = &mut self.pixels[(first + k) * len..(first + k + 1) * len];
             crate::encode::normalise_rgb(&rgb, size, self.mean, self.std, slot);
         }

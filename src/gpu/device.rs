@@ -66,8 +66,6 @@ pub struct CudaFaceDevice {
     /// Bytes of the last upload in `frame`.
     uploaded_len: usize,
     uploads: u64,
-    /// Bytes uploaded (frames and maps), for the bench's upload share.
-    pub uploaded_bytes: u64,
 }
 
 impl CudaFaceDevice {
@@ -93,7 +91,6 @@ impl CudaFaceDevice {
             plan: None,
             uploaded_len: 0,
             uploads: 0,
-            uploaded_bytes: 0,
         })
     }
 
@@ -113,11 +110,10 @@ impl CudaFaceDevice {
     /// Copies the frame's pixels (RGB8, or both NV12 planes) and the faces' maps to the
     /// device; returns what [`Self::launch`] needs of the frame.
     pub fn upload(&mut self, frame: &Frame, maps: &[Affine]) -> Result<Uploaded, EngineError> {
-        let layout = |e: crate::crop::CropError| EngineError::Layout(format!("the GPU crop: {e}"));
         // The bytes from the first plane's start to the last plane's end, and the layout.
         let (start, end, up) = match frame.format {
             PixelFormat::Rgb8 => {
-                let v = crate::crop::rgb_view(frame).map_err(layout)?;
+                let v = crate::crop::rgb_view(frame)?;
                 let p = frame.planes[0];
                 let bytes = v.stride * (v.height - 1) + 3 * v.width;
                 let up = Uploaded {
@@ -128,7 +124,7 @@ impl CudaFaceDevice {
                 (p.offset, p.offset + bytes, up)
             }
             PixelFormat::Nv12 => {
-                let v = crate::crop::yuv::nv12_view(frame).map_err(layout)?;
+                let v = crate::crop::yuv::nv12_view(frame)?;
                 let (l, c) = (frame.planes[0], frame.planes[1]);
                 let start = l.offset.min(c.offset);
                 let end = (l.offset + v.luma.len()).max(c.offset + v.chroma.len());
@@ -159,7 +155,6 @@ impl CudaFaceDevice {
             stream.memcpy_htod(&values, d_maps).map_err(dev)?;
         }
         self.uploads += 1;
-        self.uploaded_bytes += (host.len() + 4 * values.len()) as u64;
         self.uploaded_len = host.len();
         Ok(up)
     }

@@ -185,19 +185,22 @@ mod cuda {
         }
     }
 
-    /// Device `ordinal` alone (a context on it, none on the others).
-    pub fn device(ordinal: usize) -> Result<DeviceInfo, GpuError> {
+    /// CUDA devices the driver lists (the driver checked first).
+    fn device_count() -> Result<usize, GpuError> {
         // SAFETY: see libraries().
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(GpuError::MissingLibrary("libcuda.so (NVIDIA driver)"));
         }
         let n = cudarc::driver::CudaContext::device_count()
             .map_err(|e| GpuError::Driver(format!("{e:?}")))?;
-        if ordinal >= n.max(0) as usize {
-            return Err(GpuError::NoDevice {
-                ordinal,
-                count: n.max(0) as usize,
-            });
+        Ok(n.max(0) as usize)
+    }
+
+    /// Device `ordinal` alone (a context on it, none on the others).
+    pub fn device(ordinal: usize) -> Result<DeviceInfo, GpuError> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(GpuError::NoDevice { ordinal, count });
         }
         let ctx = cudarc::driver::CudaContext::new(ordinal)
             .map_err(|e| GpuError::Driver(format!("device {ordinal}: {e:?}")))?;
@@ -209,23 +212,7 @@ mod cuda {
     }
 
     pub fn devices() -> Result<Vec<DeviceInfo>, GpuError> {
-        // SAFETY: see libraries().
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(GpuError::MissingLibrary("libcuda.so (NVIDIA driver)"));
-        }
-        let n = cudarc::driver::CudaContext::device_count()
-            .map_err(|e| GpuError::Driver(format!("{e:?}")))?;
-        let mut out = Vec::new();
-        for ordinal in 0..n.max(0) as usize {
-            let ctx = cudarc::driver::CudaContext::new(ordinal)
-                .map_err(|e| GpuError::Driver(format!("device {ordinal}: {e:?}")))?;
-            out.push(DeviceInfo {
-                ordinal,
-                name: ctx.name().unwrap_or_default(),
-                compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
-            });
-        }
-        Ok(out)
+        (0..device_count()?).map(device).collect()
     }
 
     pub fn compile(

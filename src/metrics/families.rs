@@ -409,13 +409,13 @@ pub fn render(n: &NodeSample<'_>) -> String {
         (
             "dfwatch_webhook_retries_total",
             "counter",
-            "Webhook attempts that failed and were tried again (network, timeout, 408/425/429, 5xx).",
+            "Webhook attempts that failed and were tried again (network, timeout, 5xx, 401/403/404, redirects: anything but 2xx and the refusals).",
             |w| w.retried as f64,
         ),
         (
             "dfwatch_webhook_refused_total",
             "counter",
-            "Alert events a webhook refused for good (another 4xx or a redirect), given up.",
+            "Alert events given up for good: refused by the receiver (400, 409, 413, 415, 422) or still failing after give_up_after.",
             |w| w.refused as f64,
         ),
         (

@@ -58,6 +58,13 @@ pub enum EngineError {
     Device(String),
 }
 
+/// A frame the GPU crop cannot read (its format, its planes).
+impl From<crate::crop::CropError> for EngineError {
+    fn from(e: crate::crop::CropError) -> Self {
+        EngineError::Layout(format!("the GPU crop: {e}"))
+    }
+}
+
 /// The activations of one forward, by role. Each gets one planned range of the arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Act {

@@ -68,19 +68,15 @@ impl Hooks {
         (tx, worker)
     }
 
-    /// Whether webhook sink `sink` takes events of `kind` (MQTT takes every kind).
-    fn wants(&self, sink: SinkId, kind: crate::publish::spool::EntryKind) -> bool {
-        sink == MQTT || self.hooks[sink - 1].cfg.wants(kind)
-    }
-
-    /// A durable alert: webhooks that take no events of its kind never owe it.
+    /// A durable alert joining the outbox: webhooks that take no events of its kind never owe
+    /// it (so such events never count against their caps, and `pump` never sees them).
     fn settle_unwanted(&self, outbox: &mut Outbox, spool: &mut Spool, seq: u64) {
         let Some(kind) = spool.get(seq).map(|e| e.kind) else {
             return;
         };
-        for sink in 1..outbox.len() {
-            if !self.wants(sink, kind)
-                && let Some(done) = outbox.settled(sink, seq)
+        for (i, hook) in self.hooks.iter().enumerate() {
+            if !hook.cfg.wants(kind)
+                && let Some(done) = outbox.settled(1 + i, seq)
             {
                 spool.ack(done);
             }
@@ -102,8 +98,7 @@ impl Hooks {
         }
     }
 
-    /// Hands each webhook what the outbox says is next (one at a time); events of kinds a
-    /// webhook does not take are settled at once.
+    /// Hands each webhook what the outbox says is next (one at a time).
     fn pump(&mut self, outbox: &mut Outbox, spool: &mut Spool) {
         let mut restart = Vec::new();
         for (i, hook) in self.hooks.iter().enumerate() {
@@ -113,12 +108,6 @@ impl Hooks {
                     outbox.forget(seq);
                     continue;
                 };
-                if !hook.cfg.wants(entry.kind) {
-                    if let Some(done) = outbox.settled(sink, seq) {
-                        spool.ack(done);
-                    }
-                    continue;
-                }
                 let d = Delivery {
                     seq,
                     alert_id: entry.key.clone(),
@@ -156,14 +145,15 @@ impl Hooks {
 
 /// A sink has its copy of `seq`: the spool lets it go when no sink owes it, else records the
 /// sink's copy (so a restart does not send it to that sink again).
-fn sink_took(spool: &mut Spool, acked: Option<(u64, bool)>, name: &str) -> bool {
+fn sink_took(spool: &mut Spool, acked: Option<(u64, bool)>, name: &str) {
     match acked {
-        Some((seq, true)) => spool.ack(seq),
+        Some((seq, true)) => {
+            spool.ack(seq);
+        }
         Some((seq, false)) => {
             spool.sink_ack(seq, name);
-            false
         }
-        None => false,
+        None => {}
     }
 }
 
