@@ -13,6 +13,7 @@ pub mod crop;
 pub mod decide;
 pub mod detect;
 pub mod encode;
+pub mod events;
 pub mod evidence;
 pub mod faces;
 pub mod fault;

@@ -426,6 +426,7 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         .and_then(|c| check_providers(&c).map(|_| c))
         .and_then(|c| check_gpu(&c).map(|_| c))
         .and_then(|c| check_webhooks(&c).map(|_| c))
+        .and_then(|c| check_events(&c).map(|_| c))
         .map_err(|errors| {
             eprintln!("{}: invalid config:", path.display());
             for e in &errors.0 {
@@ -563,6 +564,7 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
             let providers = check_providers(&c)?;
             let gpu = check_gpu(&c)?;
             check_webhooks(&c)?;
+            check_events(&c)?;
             Ok((c, providers, gpu))
         });
         if json {
@@ -661,6 +663,20 @@ fn check_webhooks(c: &Config) -> Result<(), dfwatch::validation::ConfigErrors> {
     } else {
         Err(dfwatch::validation::ConfigErrors(errors))
     }
+}
+
+/// The event store's file as the daemon will open it (a symbolic link, a device, a parent
+/// that is a file are refused).
+fn check_events(c: &Config) -> Result<(), dfwatch::validation::ConfigErrors> {
+    let file = c.events.file(&c.base_dir, &dfwatch::types::state_dir());
+    dfwatch::events::db::check_file(&file)
+        .map(|_| ())
+        .map_err(|e| {
+            dfwatch::validation::ConfigErrors::one(dfwatch::validation::ConfigError::new(
+                "events.path",
+                format!("{}: {e}", file.display()),
+            ))
+        })
 }
 
 /// The machine's share of `model.backend = "cuda"` (the build's is Config::parse's).

@@ -448,8 +448,13 @@ pub struct FaceMeta {
     pub bbox: BBox,
     /// `crop::quality::weight` of the crop, 0..=1.
     pub quality: f32,
-    /// The RGB crop, kept only for streams that publish face crops.
+    /// The RGB crop, kept only for streams that publish face crops or store media.
     pub crop: Option<Vec<u8>>,
+    /// Publish the crop with a `new` alert (`publish_face_crops`).
+    pub publish_crop: bool,
+    /// The frame the face was scored on, kept only for streams that store evidence media
+    /// (`store_media`): the decision stage holds the strongest one per track.
+    pub frame: Option<Arc<Frame>>,
     /// The stream's counters (the decision stage counts scored faces there).
     pub metrics: Arc<crate::metrics::StreamMetrics>,
 }

@@ -402,6 +402,84 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     assert_eq!(sha(&sha_before), sha(&sha_after));
     tried += 2;
 
+    // The events API: every query parameter is checked and named; ids that are not alert ids
+    // (paths, say) find nothing; a forged session cookie reads nothing.
+    let auth = bearer(TOKEN);
+    for (path, says) in [
+        ("/api/events?limit=100000", "limit"),
+        ("/api/events?limit=0", "limit"),
+        ("/api/events?cursor=..%2F..%2Fetc", "cursor"),
+        ("/api/events?since=yesterday", "since"),
+        ("/api/events?until=2026-13-45T99:00:00Z", "until"),
+        ("/api/events?verdict=maybe", "verdict"),
+        ("/api/events?stream=a%2Fb", "stream"),
+        ("/api/events?color=red", "color"),
+        ("/api/alerts?limit=1000000", "limit"),
+        ("/api/events/export?since=%00", "since"),
+    ] {
+        let (code, resp) = request(port, "GET", path, Some(&auth), b"");
+        assert_eq!(code, 400, "{path}: {resp}");
+        assert!(resp.contains(says), "{path}: {resp}");
+    }
+    for path in [
+        "/api/events/..%2F..%2Fetc%2Fpasswd",
+        "/api/events/01JDF0A7Z3K9Q8R6T5V4W3X2Y1",
+        "/api/events/01JDF0A7Z3K9Q8R6T5V4W3X2Y1/snapshot.jpg",
+        "/api/events/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA/face.jpg",
+    ] {
+        assert_eq!(
+            request(port, "GET", path, Some(&auth), b"").0,
+            404,
+            "{path}"
+        );
+    }
+    for (body, says) in [
+        (b"not json".as_slice(), "body"),
+        (
+            br#"{"review": "confirmed", "extra": 1}"#.as_slice(),
+            "extra",
+        ),
+        (br#"{"review": ["confirmed"]}"#.as_slice(), "review"),
+    ] {
+        let (code, resp) = request(
+            port,
+            "POST",
+            "/api/events/01JDF0A7Z3K9Q8R6T5V4W3X2Y1/review",
+            Some(&auth),
+            body,
+        );
+        assert_eq!(code, 400, "{resp}");
+        assert!(resp.contains(says), "{resp}");
+    }
+    let long_note = format!(
+        r#"{{"review": "confirmed", "note": "{}"}}"#,
+        "n".repeat(1001)
+    );
+    let (code, resp) = request(
+        port,
+        "POST",
+        "/api/events/01JDF0A7Z3K9Q8R6T5V4W3X2Y1/review",
+        Some(&auth),
+        long_note.as_bytes(),
+    );
+    assert_eq!(code, 400, "{resp}");
+    // Reads only with a live session: a made-up cookie is no session (a GET without a token
+    // answers 401 here, read_auth = "token").
+    {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(SECS(10))).unwrap();
+        let req = format!(
+            "GET /api/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: dfwatch_session={}\r\n\r\n",
+            "0".repeat(64)
+        );
+        std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut out);
+        assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    }
+    api_bodies.push(request(port, "GET", "/api/events", Some(&auth), b"").1);
+    tried += 20;
+
     // A client that keeps failing the token is throttled (last: this address is then
     // refused for a minute).
     for _ in 0..5 {

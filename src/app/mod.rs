@@ -328,7 +328,8 @@ impl StreamFactory {
             track: self.config.track.clone(),
             fps: s.analysis_fps.unwrap_or(self.config.ingest.analysis_fps),
             crop: self.crop.clone(),
-            keep_crops: s.publish_face_crops,
+            publish_crops: s.publish_face_crops,
+            keep_media: s.store_media,
             device_crop: self.device_crop,
             encode: self.encode.clone(),
             metrics: metrics.clone(),
@@ -491,6 +492,8 @@ impl Daemon {
         announce_untrained(&model_info);
 
         let (publisher, spool_dir) = start_publisher(&config, &state_dir)?;
+        let events_file = config.events.file(&config.base_dir, &state_dir);
+        let store = crate::events::EventStore::open(&config.events, &events_file)?;
 
         // The shared stages: encode queue -> encoder -> embeddings -> decision task.
         let metrics = Arc::new(AnalysisMetrics::default());
@@ -511,18 +514,22 @@ impl Daemon {
             metrics.clone(),
         )?;
         let (decision_tx, decision_rx) = mpsc::channel(DECISION_COMMANDS);
-        let decider = Decider::new(
+        let mut decider = Decider::new(
             config.node.id.clone(),
             scoring,
             config.evidence.clone(),
             metrics.clone(),
             UlidGenerator::new(),
         );
+        decider.set_held_frames(config.events.held_frames);
         let decision_task = tokio::spawn(decision::run(
             decider,
             emb_rx,
             decision_rx,
-            publisher.clone(),
+            decision::Sinks {
+                publisher: publisher.clone(),
+                store: store.clone(),
+            },
             metrics.clone(),
         ));
 
@@ -544,6 +551,8 @@ impl Daemon {
             ready: AtomicBool::new(false),
             model: std::sync::RwLock::new(model_info.clone()),
             publisher: publisher.clone(),
+            events: store,
+            sessions: Default::default(),
             analysis: metrics.clone(),
             streams: Default::default(),
             commands: commands_tx,
@@ -850,6 +859,7 @@ impl Daemon {
             ("http", section(&current.http, &new.http)),
             ("gpu", section(&current.gpu, &new.gpu)),
             ("webhooks", section(&current.webhooks, &new.webhooks)),
+            ("events", section(&current.events, &new.events)),
             ("model.backend", current.model.backend != new.model.backend),
         ] {
             if changed {
@@ -1046,6 +1056,14 @@ impl Daemon {
         http_cancel.cancel();
         if let Some(t) = http_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
+        // The alerts' ends reach the event store's file before the process goes.
+        let store = state.events.clone();
+        let flushed = tokio::task::spawn_blocking(move || store.flush(Duration::from_secs(2)))
+            .await
+            .unwrap_or(false);
+        if !flushed {
+            tracing::warn!("The event store did not take every alert event before the stop.");
         }
         drop(state);
         let left = deadline

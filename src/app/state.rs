@@ -118,6 +118,10 @@ pub struct AppState {
     pub ready: AtomicBool,
     pub model: RwLock<ModelInfo>,
     pub publisher: Arc<PublisherHandle>,
+    /// Alert history and evidence media (`/api/events`, `/api/alerts`).
+    pub events: crate::events::EventStore,
+    /// Browser sessions from `POST /api/session` (reads only, e.g. the SSE endpoint).
+    pub sessions: crate::http::session::Sessions,
     pub analysis: Arc<AnalysisMetrics>,
     pub streams: RwLock<BTreeMap<StreamId, StreamView>>,
     pub commands: mpsc::Sender<Command>,
@@ -223,6 +227,9 @@ impl AppState {
             http: &self.connections,
             publisher_restarts: self.publisher.restarts().count(),
             webhooks: self.publisher.webhook_stats(),
+            events: self.events.metrics(),
+            sessions: self.sessions.len(),
+            sessions_evicted: self.sessions.evicted.get(),
         };
         crate::metrics::families::render(&sample)
     }

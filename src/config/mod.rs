@@ -105,6 +105,8 @@ pub struct Config {
     pub gpu: crate::gpu::GpuConfig,
     /// `[[webhooks]]`: HTTP endpoints every alert event is POSTed to, through the spool.
     pub webhooks: Vec<crate::publish::webhook::WebhookConfig>,
+    /// `[events]`: the event store (alert history, evidence media) and its retention.
+    pub events: crate::events::EventsConfig,
     /// Directory of the file this came from: plain relative paths in stream URIs resolve
     /// against it.
     #[serde(skip)]
@@ -196,6 +198,7 @@ impl Config {
         let mqtt = section(&mut table, "mqtt", errors);
         let http = section(&mut table, "http", errors);
         let gpu = section(&mut table, "gpu", errors);
+        let events = section(&mut table, "events", errors);
         let webhooks =
             array_section::<crate::publish::webhook::WebhookConfig>(&mut table, "webhooks", errors);
         let webhook_index: Vec<usize> = webhooks.iter().map(|(i, _)| *i).collect();
@@ -226,6 +229,7 @@ impl Config {
             http,
             gpu,
             webhooks,
+            events,
             base_dir: PathBuf::new(),
         };
         (cfg, stream_index, webhook_index)
@@ -248,6 +252,7 @@ impl Config {
         self.mqtt.validate("mqtt", errors);
         self.http.validate("http", errors);
         self.gpu.validate("gpu", errors);
+        self.events.validate("events", errors);
         crate::validation::Checker::new("node", errors).duration(
             "shutdown_grace",
             self.node.shutdown_grace,
@@ -366,7 +371,7 @@ const NV12_REFUSED: &str = "\"nv12\" is for model.backend = \"cuda\" (the device
 
 const KNOWN_SECTIONS: &[&str] = &[
     "node", "streams", "ingest", "model", "encoder", "onnx", "detect", "track", "evidence", "mqtt",
-    "http", "gpu", "webhooks",
+    "http", "gpu", "webhooks", "events",
 ];
 
 /// Takes `[key]` out of `table` and parses it, recording errors with their full path. A missing

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::encode::Embedded;
+use crate::events::AlertMedia;
 use crate::evidence::{
     AlertEvent, AlertKind, EndReason, Evidence, EvidenceConfig, Observation, UlidGenerator, Verdict,
 };
@@ -59,6 +60,9 @@ pub enum Output {
         payload: Vec<u8>,
         /// The face crop as a JPEG, with a `new` alert of a stream that opted in.
         face_jpeg: Option<Vec<u8>>,
+        /// For the event store (streams with `store_media`): the track's strongest face,
+        /// when it is new to the store (with `new`, and whenever a stronger face came since).
+        media: Option<AlertMedia>,
     },
     /// A retained message under `<prefix>/<node>/`, e.g. `streams/<id>/verdict`.
     Retained { topic: String, payload: Vec<u8> },
@@ -88,6 +92,16 @@ struct TrackNote {
     seen: u32,
 }
 
+/// The strongest face of a track on a stream that stores media.
+struct Held {
+    media: AlertMedia,
+    /// Stronger than what the store was last given.
+    fresh: bool,
+}
+
+/// Frames held for snapshots unless [`Decider::set_held_frames`] says otherwise.
+pub const DEFAULT_HELD_FRAMES: usize = 32;
+
 /// The sans-IO decision stage for any number of streams.
 pub struct Decider {
     node: NodeId,
@@ -100,6 +114,10 @@ pub struct Decider {
     open: BTreeMap<StreamId, BTreeMap<TrackId, String>>,
     /// The last summary published per stream (published again only when it changes).
     published: HashMap<StreamId, StreamVerdict>,
+    /// Per track of a `store_media` stream: the frame of its strongest face, at most
+    /// `max_held` of them (a frame is megabytes).
+    held: HashMap<(StreamId, TrackId), Held>,
+    max_held: usize,
 }
 
 fn verdict_str(v: Verdict) -> &'static str {
@@ -137,7 +155,14 @@ impl Decider {
             verdicts: BTreeMap::new(),
             open: BTreeMap::new(),
             published: HashMap::new(),
+            held: HashMap::new(),
+            max_held: DEFAULT_HELD_FRAMES,
         }
+    }
+
+    /// How many frames may be held for snapshots (`[events] held_frames`).
+    pub fn set_held_frames(&mut self, n: usize) {
+        self.max_held = n.max(1);
     }
 
     pub fn model(&self) -> &ModelInfo {
@@ -184,10 +209,21 @@ impl Decider {
             quality: meta.quality,
         };
         let mut out = Vec::new();
+        let mut crop = meta.crop;
+        if let Some(frame) = meta.frame {
+            self.hold(
+                &meta.stream,
+                meta.track,
+                score.logit_q0,
+                frame,
+                meta.bbox,
+                &crop,
+            );
+        }
         if let Some(ev) = self.evidence.observe(obs, wall, &mut self.ids) {
             // Present only for streams that opted in (publish_face_crops).
-            let crop = if ev.kind == AlertKind::New {
-                meta.crop
+            let crop = if ev.kind == AlertKind::New && meta.publish_crop {
+                crop.take()
             } else {
                 None
             };
@@ -223,6 +259,8 @@ impl Decider {
             self.dress(ev, None, wall, &mut out);
         }
         self.notes.remove(&(stream.clone(), track));
+        self.held.remove(&(stream.clone(), track));
+        self.count_held();
         if let Some(v) = self.verdicts.get_mut(stream) {
             v.remove(&track);
         }
@@ -241,6 +279,8 @@ impl Decider {
             self.dress(ev, None, wall, &mut out);
         }
         self.notes.retain(|(s, _), _| s != stream);
+        self.held.retain(|(s, _), _| s != stream);
+        self.count_held();
         self.verdicts.remove(stream);
         self.open.remove(stream);
         self.published.remove(stream);
@@ -255,6 +295,8 @@ impl Decider {
             self.dress(ev, None, wall, &mut out);
         }
         self.notes.clear();
+        self.held.clear();
+        self.count_held();
         self.verdicts.clear();
         self.evidence = Evidence::new(self.evidence.config().clone(), scoring.levels());
         self.scoring = scoring;
@@ -273,6 +315,54 @@ impl Decider {
             self.dress(ev, None, wall, &mut out);
         }
         out
+    }
+
+    /// Keeps the face's frame when it is its track's strongest so far (and a frame may be
+    /// held).
+    fn hold(
+        &mut self,
+        stream: &StreamId,
+        track: TrackId,
+        logit: f64,
+        frame: Arc<crate::types::Frame>,
+        bbox: crate::types::BBox,
+        crop: &Option<Vec<u8>>,
+    ) {
+        let media = || AlertMedia {
+            frame,
+            bbox,
+            crop: crop.as_ref().map(|c| {
+                let size = (c.len() as f64 / 3.0).sqrt() as usize;
+                (c.clone(), size)
+            }),
+            logit,
+        };
+        let key = (stream.clone(), track);
+        let room = self.held.len() < self.max_held;
+        match self.held.get_mut(&key) {
+            Some(h) if logit > h.media.logit => {
+                h.media = media();
+                h.fresh = true;
+            }
+            Some(_) => {}
+            None if room => {
+                self.held.insert(
+                    key,
+                    Held {
+                        media: media(),
+                        fresh: true,
+                    },
+                );
+                self.count_held();
+            }
+            None => self.metrics.held_frames_refused.inc(),
+        }
+    }
+
+    fn count_held(&self) {
+        self.metrics
+            .held_frames
+            .store(self.held.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Dresses an evidence event as a payload, counts it and tracks the open alerts.
@@ -337,6 +427,16 @@ impl Decider {
                 }
             }
         });
+        // The store gets the strongest face with the new alert, and again when a stronger
+        // one came since.
+        let media = self
+            .held
+            .get_mut(&(ev.stream.clone(), ev.track))
+            .filter(|h| h.fresh)
+            .map(|h| {
+                h.fresh = false;
+                h.media.clone()
+            });
         out.push(Output::Alert {
             alert_id: id,
             kind: ev.kind,
@@ -344,6 +444,7 @@ impl Decider {
             track: ev.track,
             payload: json,
             face_jpeg,
+            media,
         });
     }
 

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Decider, Output, Scoring};
 use crate::channel::Receiver;
 use crate::encode::Encoded;
+use crate::events::{Change, EventStore, Incoming};
 use crate::evidence::{AlertKind, EvidenceConfig};
 use crate::metrics::AnalysisMetrics;
 use crate::publish::mqtt::PublisherHandle;
@@ -39,9 +40,10 @@ pub async fn run(
     mut decider: Decider,
     input: Receiver<Input>,
     mut commands: mpsc::Receiver<Command>,
-    publisher: Arc<PublisherHandle>,
+    sinks: Sinks,
     metrics: Arc<AnalysisMetrics>,
 ) {
+    let publisher = &sinks;
     let mut commands_open = true;
     loop {
         tokio::select! {
@@ -49,17 +51,17 @@ pub async fn run(
             biased;
             item = input.recv_async() => {
                 let Some(item) = item else { break };
-                decide(&mut decider, item, &publisher, &metrics).await;
+                decide(&mut decider, item, publisher, &metrics).await;
             }
             cmd = commands.recv(), if commands_open => {
                 match cmd {
                     None => commands_open = false,
                     Some(Command::ModelSwapped { scoring, done }) => {
                         while let Some(item) = input.try_recv() {
-                            decide(&mut decider, item, &publisher, &metrics).await;
+                            decide(&mut decider, item, publisher, &metrics).await;
                         }
                         let (name, sha) = (scoring.model.name.clone(), scoring.model.manifest_sha256.clone());
-                        hand_over(&publisher, decider.on_model_swap(*scoring, SystemTime::now())).await;
+                        hand_over(publisher, decider.on_model_swap(*scoring, SystemTime::now())).await;
                         tracing::info!(model = %name, sha256 = %sha, "Model swapped in; open evidence windows ended.");
                         let _ = done.send(());
                     }
@@ -71,17 +73,12 @@ pub async fn run(
             }
         }
     }
-    hand_over(&publisher, decider.finish(SystemTime::now())).await;
+    hand_over(publisher, decider.finish(SystemTime::now())).await;
 }
 
 /// One input item through the decider; the latency of a face is measured once its outputs
 /// are handed over.
-async fn decide(
-    decider: &mut Decider,
-    item: Input,
-    publisher: &PublisherHandle,
-    metrics: &AnalysisMetrics,
-) {
+async fn decide(decider: &mut Decider, item: Input, publisher: &Sinks, metrics: &AnalysisMetrics) {
     // Supervised per item: a panic costs that item (counted, reported) and the stage goes on
     // with its state.
     let mono = match &item {
@@ -112,22 +109,42 @@ async fn decide(
     }
 }
 
-/// Hands outputs to the publisher in order.
-pub async fn hand_over(publisher: &PublisherHandle, outputs: Vec<Output>) {
+/// Where the decision stage's outputs go: the publisher (spool, MQTT, webhooks) and the
+/// event store (history and media).
+pub struct Sinks {
+    pub publisher: Arc<PublisherHandle>,
+    pub store: EventStore,
+}
+
+/// Hands outputs to the publisher in order, and alert events to the event store (which
+/// never blocks).
+pub async fn hand_over(sinks: &Sinks, outputs: Vec<Output>) {
+    let publisher = &sinks.publisher;
     for o in outputs {
         match o {
             Output::Alert {
                 alert_id,
                 kind,
+                stream,
+                track,
                 payload,
                 face_jpeg,
-                ..
+                media,
             } => {
-                let kind = match kind {
-                    AlertKind::New => EntryKind::New,
-                    AlertKind::Update => EntryKind::Update,
-                    AlertKind::End { .. } => EntryKind::End,
+                let (kind, change) = match kind {
+                    AlertKind::New => (EntryKind::New, Change::New),
+                    AlertKind::Update => (EntryKind::Update, Change::Update),
+                    AlertKind::End { .. } => (EntryKind::End, Change::End),
                 };
+                sinks.store.record(Incoming {
+                    alert_id: alert_id.clone(),
+                    change,
+                    stream: stream.to_string(),
+                    track: track.0,
+                    at: SystemTime::now(),
+                    payload: payload.clone(),
+                    media,
+                });
                 if let Err(e) = publisher.enqueue_alert(&alert_id, kind, payload).await {
                     tracing::error!(alert_id = %alert_id, error = %e, "Alert not handed to the publisher.");
                 }

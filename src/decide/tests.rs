@@ -72,6 +72,8 @@ fn embedded(
             },
             quality: 0.8,
             crop: Some(vec![128; 3 * 16 * 16]),
+            publish_crop: true,
+            frame: None,
             metrics: metrics.clone(),
         },
         embedding: embedding(f.fake),
@@ -267,4 +269,119 @@ fn alert_ids_come_from_the_generator_in_order() {
         .collect();
     assert_eq!(ids.len(), 3);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+/// A face of a `store_media` stream: its frame (seq `i`, for identity) travels with it; its
+/// embedding grows stronger with `i`.
+fn face_with_frame(
+    track: u64,
+    i: u64,
+    t0: Instant,
+    m: &Arc<crate::metrics::StreamMetrics>,
+) -> Embedded<FaceMeta> {
+    let mut e = embedded(
+        Face {
+            stream: "cam",
+            track,
+            at_ms: 600 * i,
+            fake: true,
+        },
+        t0,
+        m,
+    );
+    let frame = crate::types::Frame::packed_rgb(
+        StreamId::new("cam").unwrap(),
+        i,
+        None,
+        t0,
+        (8, 8),
+        Arc::from(vec![0u8; 3 * 8 * 8]),
+    )
+    .unwrap();
+    e.meta.frame = Some(Arc::new(frame));
+    e.meta.publish_crop = false;
+    e.embedding = vec![20.0 + i as f32; LabelGraph::ffpp().len()];
+    e
+}
+
+#[test]
+fn the_strongest_frame_goes_to_the_store_with_the_alert_and_again_when_a_stronger_comes() {
+    let (mut d, metrics) = decider();
+    d.set_held_frames(1);
+    let t0 = Instant::now();
+    let m = Arc::new(crate::metrics::StreamMetrics::default());
+    let wall = SystemTime::now();
+    let mut out = Vec::new();
+    for i in 0..5 {
+        out.extend(d.on_embedding(face_with_frame(1, i, t0, &m), wall));
+    }
+    let media: Vec<(AlertKind, Option<AlertMedia>, bool)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Alert {
+                kind,
+                media,
+                face_jpeg,
+                ..
+            } => Some((*kind, media.clone(), face_jpeg.is_some())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(media.len(), 1, "one new alert");
+    let (kind, held, published) = &media[0];
+    assert_eq!(*kind, AlertKind::New);
+    assert!(!published, "this stream does not publish face crops");
+    let held = held
+        .as_ref()
+        .expect("the new alert carries the strongest face");
+    assert_eq!(held.frame.seq, 4, "the strongest face so far is the newest");
+    assert_eq!(held.crop.as_ref().unwrap().1, 16);
+    // A second track finds the one frame taken: no snapshot for it, counted.
+    d.on_embedding(face_with_frame(2, 0, t0, &m), wall);
+    assert_eq!(metrics.held_frames_refused.get(), 1);
+    assert_eq!(
+        metrics
+            .held_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // A weaker face changes nothing; the end carries nothing new ...
+    let mut weaker = face_with_frame(1, 5, t0, &m);
+    weaker.embedding = vec![1.0; LabelGraph::ffpp().len()];
+    d.on_embedding(weaker, wall);
+    let end = d.on_track_end(&StreamId::new("cam").unwrap(), TrackId(1), wall);
+    let end_media = end.iter().find_map(|o| match o {
+        Output::Alert {
+            kind: AlertKind::End { .. },
+            media,
+            ..
+        } => Some(media.clone()),
+        _ => None,
+    });
+    assert_eq!(end_media, Some(None), "{end:?}");
+    // ... and the ended track's frame is let go.
+    assert_eq!(
+        metrics
+            .held_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn a_stronger_face_after_the_alert_goes_to_the_store_with_the_end() {
+    let (mut d, _) = decider();
+    let t0 = Instant::now();
+    let m = Arc::new(crate::metrics::StreamMetrics::default());
+    let wall = SystemTime::now();
+    for i in 0..5 {
+        d.on_embedding(face_with_frame(1, i, t0, &m), wall);
+    }
+    d.on_embedding(face_with_frame(1, 9, t0, &m), wall);
+    let end = d.on_track_end(&StreamId::new("cam").unwrap(), TrackId(1), wall);
+    let seq = end.iter().find_map(|o| match o {
+        Output::Alert { media: Some(m), .. } => Some(m.frame.seq),
+        _ => None,
+    });
+    assert_eq!(seq, Some(9));
 }

@@ -50,8 +50,10 @@ pub struct FaceStage {
     /// The stream's analysis rate.
     pub fps: f64,
     pub crop: CropSpec,
-    /// Keep each crop's RGB for the alert (streams that publish face crops).
-    pub keep_crops: bool,
+    /// Publish each alert's face crop (`publish_face_crops`).
+    pub publish_crops: bool,
+    /// Keep the frame and crop of each face for the event store's media (`store_media`).
+    pub keep_media: bool,
     /// The encoder crops on its device (`model.backend = "cuda"`): faces go to it aligned,
     /// not cropped.
     pub device_crop: bool,
@@ -179,6 +181,11 @@ impl FaceStage {
         Ok(())
     }
 
+    /// The crop's RGB travels with the face (to be published or stored).
+    fn keep_crops(&self) -> bool {
+        self.publish_crops || self.keep_media
+    }
+
     /// Tells the decision stage, in order, about every track that ended.
     fn report(&self, events: Vec<TrackEvent>) -> Result<(), Gone> {
         for ev in events {
@@ -225,7 +232,7 @@ impl FaceStage {
                 &job.bbox,
                 &job.landmarks,
                 &self.crop,
-                self.keep_crops,
+                self.keep_crops(),
             )
             .map(|d| {
                 let input = FaceInput::Aligned {
@@ -243,7 +250,7 @@ impl FaceStage {
                 std::mem::take(pixels),
             )
             .map(|p| {
-                let rgb = self.keep_crops.then_some(p.rgb);
+                let rgb = self.keep_crops().then_some(p.rgb);
                 (FaceInput::Pixels(p.pixels), p.quality, rgb)
             })
         };
@@ -266,6 +273,8 @@ impl FaceStage {
                 bbox: job.bbox,
                 quality,
                 crop,
+                publish_crop: self.publish_crops,
+                frame: self.keep_media.then(|| frame.clone()),
                 metrics: self.metrics.clone(),
             },
         })

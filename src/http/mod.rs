@@ -8,18 +8,22 @@
 //! | `/api/streams` | GET | read | every stream with status and counters (errors by kind only) |
 //! | `/api/streams` | POST | bearer | add a runtime-only stream (JSON of a `[[streams]]` entry) |
 //! | `/api/streams/{id}` | DELETE | bearer | remove a stream |
-//! | `/api/alerts` | GET | read | recent alert payloads, newest last (`?limit=N`) |
+//! | `/api/alerts`, `/api/events...` | GET, DELETE, POST | read, bearer | alert history from the event store ([`events`]) |
+//! | `/api/session` | POST | bearer | a session cookie for a browser's reads ([`session`]) |
+//! | `/api/session` | DELETE | cookie | ends that session |
 //! | `/api/reload` | POST | bearer | re-read the config file (as SIGHUP) |
 //!
 //! Mutating calls need `Authorization: Bearer <token>`, loopback included; reads need it
-//! when `http.listen` is not loopback (`http.read_auth`). The token is checked before a body
+//! (or a session cookie) when `http.listen` is not loopback (`http.read_auth`). The token is checked before a body
 //! is read; bodies are capped at 64 KiB; a client that keeps failing is throttled
 //! ([`guard`]). API callers never name files or environment variables: a stream's
 //! credentials are a set the operator defined in `[http.api_credentials]`.
 
 pub mod config;
+pub mod events;
 pub mod guard;
 pub mod listener;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,12 +32,11 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post};
-use serde::Deserialize;
 use tokio::sync::oneshot;
 
 pub use config::{HttpConfig, ReadAuth};
@@ -92,6 +95,55 @@ async fn require_token(
             refusal.into_response()
         }
     }
+}
+
+/// Reads: a browser session's cookie, else the token check.
+async fn require_reader(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.method() == axum::http::Method::GET && s.sessions.valid(req.headers(), Instant::now()) {
+        return next.run(req).await;
+    }
+    require_token(State(s), ConnectInfo(addr), req, next).await
+}
+
+/// `POST /api/session` (bearer): a session cookie for reads from a browser
+/// ([`session`]).
+async fn create_session(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
+) -> Response {
+    match s.sessions.create(Instant::now()) {
+        Ok(cookie) => {
+            guard::audit(caller, "create_session", "-", "created");
+            (
+                StatusCode::NO_CONTENT,
+                [(axum::http::header::SET_COOKIE, cookie)],
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "No session: reading /dev/urandom failed.");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// `DELETE /api/session`: ends the caller's session (its cookie is the credential).
+async fn end_session(State(s): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
+    let ended = s.sessions.end(&headers);
+    (
+        if ended {
+            StatusCode::NO_CONTENT
+        } else {
+            StatusCode::NOT_FOUND
+        },
+        [(axum::http::header::SET_COOKIE, session::cleared())],
+    )
+        .into_response()
 }
 
 async fn livez(State(s): State<Arc<AppState>>) -> Response {
@@ -298,29 +350,15 @@ async fn reload(
     }
 }
 
-#[derive(Deserialize)]
-struct AlertsQuery {
-    limit: Option<usize>,
-}
-
-async fn alerts(State(s): State<Arc<AppState>>, Query(q): Query<AlertsQuery>) -> Response {
-    let all = s.publisher.recent_alerts();
-    let limit = q.limit.unwrap_or(all.len()).min(all.len());
-    let items: Vec<serde_json::Value> = all[all.len() - limit..]
-        .iter()
-        .filter_map(|p| serde_json::from_slice(p).ok())
-        .collect();
-    Json(items).into_response()
-}
-
 /// The router over `state`; serve it with the callers' addresses
 /// (`into_make_service_with_connect_info::<SocketAddr>()`, as [`serve`] does).
 pub fn router(state: Arc<AppState>) -> Router {
     let token = from_fn_with_state(state.clone(), require_token);
+    let reader = from_fn_with_state(state.clone(), require_reader);
     let reads_need_token = state.api.reads_need_token;
     let read = |r: MethodRouter<Arc<AppState>>| {
         if reads_need_token {
-            r.route_layer(token.clone())
+            r.route_layer(reader.clone())
         } else {
             r
         }
@@ -337,7 +375,26 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/streams/{id}",
             delete(remove_stream).route_layer(token.clone()),
         )
-        .route("/api/alerts", read(get(alerts)))
+        .route("/api/alerts", read(get(events::alerts)))
+        .route("/api/events", read(get(events::list)))
+        .route("/api/events/export", read(get(events::export)))
+        .route("/api/events/stream", read(get(events::stream)))
+        .route(
+            "/api/events/{id}",
+            read(get(events::get_one)).merge(delete(events::delete).route_layer(token.clone())),
+        )
+        .route("/api/events/{id}/snapshot.jpg", read(get(events::snapshot)))
+        .route("/api/events/{id}/face.jpg", read(get(events::face)))
+        .route(
+            "/api/events/{id}/review",
+            post(events::review).route_layer(token.clone()),
+        )
+        .route(
+            "/api/session",
+            post(create_session)
+                .route_layer(token.clone())
+                .merge(delete(end_session)),
+        )
         .route("/api/reload", post(reload).route_layer(token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(from_fn_with_state(

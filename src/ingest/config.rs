@@ -242,6 +242,12 @@ pub struct StreamConfig {
     /// retained, never spooled). Off by default: face crops are biometric data.
     #[serde(default)]
     pub publish_face_crops: bool,
+    /// Keep evidence media in the event store with this stream's alerts: the frame the
+    /// track's strongest face was scored on (face box drawn) and the aligned face crop
+    /// (`GET /api/events/<id>/snapshot.jpg`, `.../face.jpg`; retention in `[events]`).
+    /// Off by default: frames and face crops are biometric data.
+    #[serde(default)]
+    pub store_media: bool,
 }
 
 fn default_true() -> bool {
@@ -263,6 +269,7 @@ impl StreamConfig {
             rtsp_transport: RtspTransport::default(),
             credentials: None,
             publish_face_crops: false,
+            store_media: false,
         }
     }
 

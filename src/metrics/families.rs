@@ -37,6 +37,11 @@ pub struct NodeSample<'a> {
     pub publisher_restarts: u64,
     /// Each webhook's counters.
     pub webhooks: Vec<crate::publish::mqtt::WebhookStats>,
+    /// The event store's counters and gauges.
+    pub events: &'a crate::events::StoreMetrics,
+    /// Browser sessions now, and those ended early by the sessions' bound.
+    pub sessions: usize,
+    pub sessions_evicted: u64,
 }
 
 /// Every family, in the Prometheus text format.
@@ -436,6 +441,124 @@ pub fn render(n: &NodeSample<'_>) -> String {
         for w in &n.webhooks {
             e.sample(name, &[("webhook", &w.name)], pick(w));
         }
+    }
+    let ev = n.events;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    for (name, kind, help, v) in [
+        (
+            "dfwatch_events_written_total",
+            "counter",
+            "Alert events written to the event store.",
+            ev.written.get() as f64,
+        ),
+        (
+            "dfwatch_events_dropped_total",
+            "counter",
+            "Alert events not in the event store because its writer's queue was full.",
+            ev.dropped.get() as f64,
+        ),
+        (
+            "dfwatch_events_write_errors_total",
+            "counter",
+            "Event store writes the database refused (full disk, I/O error, damage).",
+            ev.write_errors.get() as f64,
+        ),
+        (
+            "dfwatch_events_db_resets_total",
+            "counter",
+            "Times a damaged event database was moved aside and a fresh one started.",
+            ev.resets.get() as f64,
+        ),
+        (
+            "dfwatch_events_deleted_total",
+            "counter",
+            "Events deleted through the API.",
+            ev.deleted.get() as f64,
+        ),
+        (
+            "dfwatch_events_media_written_total",
+            "counter",
+            "Evidence media (snapshots, face crops) stored.",
+            ev.media_written.get() as f64,
+        ),
+        (
+            "dfwatch_events",
+            "gauge",
+            "Events in the event store.",
+            load(&ev.events),
+        ),
+        (
+            "dfwatch_events_media_bytes",
+            "gauge",
+            "Bytes of evidence media in the event store (at most events.max_media_bytes).",
+            load(&ev.media_bytes),
+        ),
+        (
+            "dfwatch_events_subscribers",
+            "gauge",
+            "Live subscribers of /api/events/stream.",
+            load(&ev.subscribers),
+        ),
+        (
+            "dfwatch_events_subscribers_refused_total",
+            "counter",
+            "Subscribers of /api/events/stream refused because the most were connected.",
+            ev.subscribers_refused.get() as f64,
+        ),
+        (
+            "dfwatch_events_held_frames",
+            "gauge",
+            "Frames the decision stage holds for snapshots (at most events.held_frames).",
+            load(&n.analysis.held_frames),
+        ),
+        (
+            "dfwatch_api_sessions",
+            "gauge",
+            "Browser sessions (POST /api/session) live now.",
+            n.sessions as f64,
+        ),
+        (
+            "dfwatch_api_sessions_evicted_total",
+            "counter",
+            "Browser sessions ended early to stay within the sessions' bound.",
+            n.sessions_evicted as f64,
+        ),
+    ] {
+        e.family(name, kind, help).sample(name, &[], v);
+    }
+    e.family(
+        "dfwatch_events_pruned_total",
+        "counter",
+        "What the event store's bounds removed: age (events past events.max_age), count (events past events.max_events), media (snapshots and crops of the oldest events, for events.max_media_bytes), too_large (one item larger than the cap), updates (old updates of long alerts).",
+    );
+    for (reason, a) in [
+        ("age", &ev.pruned_age),
+        ("count", &ev.pruned_count),
+        ("media", &ev.pruned_media),
+        ("too_large", &ev.pruned_media_too_large),
+        ("updates", &ev.pruned_updates),
+    ] {
+        e.sample(
+            "dfwatch_events_pruned_total",
+            &[("reason", reason)],
+            load(a),
+        );
+    }
+    e.family(
+        "dfwatch_events_media_dropped_total",
+        "counter",
+        "Evidence media not stored: held_frames (a track got no held frame: events.held_frames were held), queue (too many frames waiting for the writer), encode (the JPEG failed).",
+    );
+    for (reason, v) in [
+        ("held_frames", n.analysis.held_frames_refused.get()),
+        ("queue", ev.media_dropped_queue.get()),
+        ("encode", ev.media_dropped_encode.get()),
+    ] {
+        e.sample(
+            "dfwatch_events_media_dropped_total",
+            &[("reason", reason)],
+            v as f64,
+        );
     }
     e.family(
         "dfwatch_http_connections",

@@ -55,6 +55,10 @@ pub struct AnalysisMetrics {
     /// Panics the encoder and the decision stage caught and went on from.
     pub encoder_restarts: crate::fault::Restarts,
     pub decide_restarts: crate::fault::Restarts,
+    /// Frames the decision stage holds for evidence snapshots, and tracks that got none
+    /// because `[events] held_frames` were already held.
+    pub held_frames: std::sync::atomic::AtomicU64,
+    pub held_frames_refused: Counter,
 }
 
 impl Default for AnalysisMetrics {
@@ -67,6 +71,8 @@ impl Default for AnalysisMetrics {
             alerts: Default::default(),
             encoder_restarts: Default::default(),
             decide_restarts: Default::default(),
+            held_frames: Default::default(),
+            held_frames_refused: Counter::default(),
         }
     }
 }

@@ -169,6 +169,8 @@ pub fn analyze(
                     bbox: f.bbox,
                     quality,
                     crop: None,
+                    publish_crop: false,
+                    frame: None,
                     metrics: counters.clone(),
                 },
                 embedding: emb,

@@ -26,7 +26,6 @@
 pub mod config;
 mod task;
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,12 +130,6 @@ pub struct WebhookStats {
     pub given_up: u64,
 }
 
-/// Recent alert payloads, oldest first (for `/api/alerts`); replayed from the spool at start.
-type History = Arc<std::sync::Mutex<VecDeque<Arc<[u8]>>>>;
-
-/// Alert payloads kept for `/api/alerts`.
-pub const HISTORY_LEN: usize = 200;
-
 /// The running publisher.
 pub struct PublisherHandle {
     tx: mpsc::Sender<Request>,
@@ -144,7 +137,6 @@ pub struct PublisherHandle {
     webhooks: Vec<(String, Arc<crate::publish::webhook::WebhookCounters>)>,
     /// The outbox's counters per sink (`mqtt`, then `webhook:<name>`), as the task last saw.
     sinks: Arc<std::sync::Mutex<Vec<(String, crate::publish::outbox::SinkStats)>>>,
-    history: History,
     acks: tokio::sync::broadcast::Sender<u64>,
     stats: tokio::sync::watch::Receiver<PublisherStats>,
     cancel: CancellationToken,
@@ -311,14 +303,6 @@ impl PublisherHandle {
         *self.stats.borrow()
     }
 
-    /// The most recent alert payloads (JSON), newest last, at most [`HISTORY_LEN`].
-    pub fn recent_alerts(&self) -> Vec<Arc<[u8]>> {
-        self.history
-            .lock()
-            .map(|h| h.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
     /// Spool sequence numbers as the broker acknowledges them (for latency measurements;
     /// a slow receiver loses the oldest).
     pub fn acks(&self) -> tokio::sync::broadcast::Receiver<u64> {
@@ -367,13 +351,10 @@ pub fn spawn_with_webhooks(
         max_bytes: cfg.spool_max_bytes,
         max_age: cfg.spool_max_age,
     };
-    let spool = Spool::open(spool_dir, limits, HISTORY_LEN).map_err(|e| PublishError::Spool {
+    let spool = Spool::open(spool_dir, limits).map_err(|e| PublishError::Spool {
         path: spool_dir.display().to_string(),
         reason: e.to_string(),
     })?;
-    let history: History = Arc::new(std::sync::Mutex::new(
-        spool.history().map(Arc::from).collect(),
-    ));
     let (tx, rx) = mpsc::channel(1024);
     let (stats_tx, stats_rx) = tokio::sync::watch::channel(PublisherStats {
         pending: spool.len(),
@@ -397,7 +378,6 @@ pub fn spawn_with_webhooks(
         rx,
         stats_tx,
         acks.clone(),
-        history.clone(),
         cancel.clone(),
         restarts.clone(),
     ));
@@ -405,7 +385,6 @@ pub fn spawn_with_webhooks(
         tx,
         webhooks: hooks,
         sinks,
-        history,
         acks,
         stats: stats_rx,
         cancel,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::MAX_CLEARED_SCOPES;
 use super::config::{MAX_IN_FLIGHT, Prepared};
-use super::{HISTORY_LEN, History, PublisherStats, Request};
+use super::{PublisherStats, Request};
 use crate::backoff::Backoff;
 use crate::publish::outbox::{Outbox, SinkConfig, SinkId};
 use crate::publish::spool::{LogDone, Spool};
@@ -485,7 +485,6 @@ pub(super) async fn supervise(
     rx: mpsc::Receiver<Request>,
     stats: tokio::sync::watch::Sender<PublisherStats>,
     acks: tokio::sync::broadcast::Sender<u64>,
-    history: History,
     cancel: CancellationToken,
     restarts: Arc<crate::fault::Restarts>,
 ) {
@@ -521,7 +520,7 @@ pub(super) async fn supervise(
     };
     loop {
         let run = std::panic::AssertUnwindSafe(run(
-            &p, &webhooks, &sinks, &mut kept, &stats, &acks, &history, &cancel,
+            &p, &webhooks, &sinks, &mut kept, &stats, &acks, &cancel,
         ));
         match run.catch_unwind().await {
             Ok(()) => break,
@@ -548,7 +547,6 @@ async fn run(
     kept: &mut Kept,
     stats: &tokio::sync::watch::Sender<PublisherStats>,
     acks: &tokio::sync::broadcast::Sender<u64>,
-    history: &History,
     cancel: &CancellationToken,
 ) {
     let Kept {
@@ -722,12 +720,6 @@ async fn run(
                             session.send_unspooled(&mut outbox, &topic, false, jpeg);
                         }
                         Request::Alert { alert_id, kind, payload, done } => {
-                            if let Ok(mut h) = history.lock() {
-                                h.push_back(Arc::from(payload.as_slice()));
-                                while h.len() > HISTORY_LEN {
-                                    h.pop_front();
-                                }
-                            }
                             let seq = spool
                                 .append(&alert_id, kind, crate::publish::spool::now_ms(), payload)
                                 .seq();

@@ -19,13 +19,13 @@
 //! first (oldest first), then whole alerts that have ended (their new, updates and end, the
 //! oldest end first), and only then the oldest `new` of an alert still open. Entries older
 //! than `max_age` are dropped whatever they are. Every drop is counted by reason. The
-//! bookkeeping is indexed: no operation scans the pending entries. The spool also remembers
-//! the last `history` payloads for the HTTP API.
+//! bookkeeping is indexed: no operation scans the pending entries. (Alert history is the event
+//! store's: `crate::events`.)
 
 pub mod log;
 pub mod record;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
@@ -181,19 +181,7 @@ pub struct Spool {
     limits: SpoolLimits,
     /// A write failed: the next snapshot rewrites everything pending.
     rewrite_due: bool,
-    history: VecDeque<Vec<u8>>,
-    history_len: usize,
     stats: SpoolStats,
-}
-
-/// Keeps the last `len` payloads.
-fn remember(history: &mut VecDeque<Vec<u8>>, len: usize, payload: &[u8]) {
-    if len > 0 {
-        history.push_back(payload.to_vec());
-        if history.len() > len {
-            history.pop_front();
-        }
-    }
 }
 
 /// Milliseconds since the Unix epoch now.
@@ -207,7 +195,7 @@ pub fn now_ms() -> u64 {
 impl Spool {
     /// Opens (or creates) the spool in `dir`, replaying its log (see the module doc), then
     /// applies the limits.
-    pub fn open(dir: &Path, limits: SpoolLimits, history_len: usize) -> io::Result<Spool> {
+    pub fn open(dir: &Path, limits: SpoolLimits) -> io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("spool.log");
         let mut data = Vec::new();
@@ -231,8 +219,6 @@ impl Spool {
             log_records: decoded.records.len(),
             limits,
             rewrite_due: false,
-            history: VecDeque::new(),
-            history_len,
             stats: SpoolStats {
                 torn_bytes_dropped: (data.len() - decoded.valid_end) as u64,
                 damaged_bytes_skipped: decoded.skipped_bytes() as u64,
@@ -250,7 +236,6 @@ impl Spool {
                     payload,
                 } => {
                     spool.next_seq = spool.next_seq.max(seq + 1);
-                    remember(&mut spool.history, history_len, payload);
                     spool.insert(Entry {
                         seq: *seq,
                         key: key.clone(),
@@ -444,7 +429,6 @@ impl Spool {
             );
             result = Appended::Coalesced { seq, replaced: old };
         }
-        remember(&mut self.history, self.history_len, &payload);
         self.insert(Entry {
             seq,
             key: key.to_string(),
@@ -564,11 +548,6 @@ impl Spool {
 
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
-    }
-
-    /// The most recent payloads, oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &[u8]> {
-        self.history.iter().map(Vec::as_slice)
     }
 
     pub fn stats(&self) -> SpoolStats {
