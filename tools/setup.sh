@@ -17,6 +17,10 @@ APT_PACKAGES=(
   python3 python3-venv python3-pip openssl
 )
 
+# The tests also drive the web page in a real browser (tests/page.rs: Debian's chromium,
+# headless, through chromedriver's WebDriver).
+if [ "$DEV" = 1 ]; then APT_PACKAGES+=(chromium chromium-driver fonts-dejavu-core); fi
+
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()

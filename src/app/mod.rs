@@ -402,6 +402,7 @@ impl RunningStream {
         let _ = tokio::task::spawn_blocking(move || face.join()).await;
         let _ = self.forwarder.await;
         state.streams.write().expect("streams lock").remove(&id);
+        state.verdicts.remove(id.as_str());
         tracing::info!(stream = %id, "Stream stopped.");
     }
 }
@@ -522,6 +523,7 @@ impl Daemon {
             UlidGenerator::new(),
         );
         decider.set_held_frames(config.events.held_frames);
+        let verdicts = Arc::new(crate::decide::VerdictBoard::default());
         let decision_task = tokio::spawn(decision::run(
             decider,
             emb_rx,
@@ -529,6 +531,7 @@ impl Daemon {
             decision::Sinks {
                 publisher: publisher.clone(),
                 store: store.clone(),
+                verdicts: verdicts.clone(),
             },
             metrics.clone(),
         ));
@@ -553,6 +556,7 @@ impl Daemon {
             publisher: publisher.clone(),
             events: store,
             sessions: Default::default(),
+            verdicts,
             analysis: metrics.clone(),
             streams: Default::default(),
             commands: commands_tx,

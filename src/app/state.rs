@@ -108,6 +108,9 @@ pub struct StreamReport {
     /// Panics the stream's face stage caught and went on from, and the last one's reason.
     pub analysis_restarts: u64,
     pub analysis_error: Option<String>,
+    /// The stream's verdict summary, as on MQTT `.../streams/<id>/verdict`; `null` before
+    /// its first scored face.
+    pub verdict: Option<serde_json::Value>,
 }
 
 /// Shared by the supervisor loop, the stages and the HTTP handlers.
@@ -122,6 +125,8 @@ pub struct AppState {
     pub events: crate::events::EventStore,
     /// Browser sessions from `POST /api/session` (reads only, e.g. the SSE endpoint).
     pub sessions: crate::http::session::Sessions,
+    /// Each stream's latest verdict summary (as on `.../streams/<id>/verdict`).
+    pub verdicts: Arc<crate::decide::VerdictBoard>,
     pub analysis: Arc<AnalysisMetrics>,
     pub streams: RwLock<BTreeMap<StreamId, StreamView>>,
     pub commands: mpsc::Sender<Command>,
@@ -168,6 +173,7 @@ impl AppState {
                     coverage: v.analysis.coverage(),
                     analysis_restarts: v.analysis.restarts.count(),
                     analysis_error: v.analysis.restarts.last_reason(),
+                    verdict: self.verdicts.get(id.as_str()),
                 }
             })
             .collect()

@@ -84,6 +84,41 @@ pub struct StreamVerdict {
     pub score: Option<f64>,
 }
 
+/// The latest [`StreamVerdict`] of each stream, for the HTTP API (`/api/streams`, the page);
+/// MQTT has the same as retained messages. At most [`VerdictBoard::MAX`] streams (a stream's
+/// entry goes when the stream is removed).
+#[derive(Debug, Default)]
+pub struct VerdictBoard {
+    map: std::sync::Mutex<BTreeMap<String, serde_json::Value>>,
+}
+
+impl VerdictBoard {
+    pub const MAX: usize = 4096;
+
+    pub fn set(&self, stream: &str, verdict: serde_json::Value) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= Self::MAX && !m.contains_key(stream) {
+            return;
+        }
+        m.insert(stream.to_string(), verdict);
+    }
+
+    pub fn get(&self, stream: &str) -> Option<serde_json::Value> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stream)
+            .cloned()
+    }
+
+    pub fn remove(&self, stream: &str) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(stream);
+    }
+}
+
 /// Per-track bookkeeping the payload needs beyond the evidence state.
 #[derive(Debug, Clone, Copy)]
 struct TrackNote {

@@ -114,6 +114,8 @@ async fn decide(decider: &mut Decider, item: Input, publisher: &Sinks, metrics: 
 pub struct Sinks {
     pub publisher: Arc<PublisherHandle>,
     pub store: EventStore,
+    /// Each stream's latest verdict summary, for the HTTP API.
+    pub verdicts: Arc<super::VerdictBoard>,
 }
 
 /// Hands outputs to the publisher in order, and alert events to the event store (which
@@ -154,6 +156,13 @@ pub async fn hand_over(sinks: &Sinks, outputs: Vec<Output>) {
                 }
             }
             Output::Retained { topic, payload } => {
+                if let Some(stream) = topic
+                    .strip_prefix("streams/")
+                    .and_then(|t| t.strip_suffix("/verdict"))
+                    && let Ok(v) = serde_json::from_slice(&payload)
+                {
+                    sinks.verdicts.set(stream, v);
+                }
                 let _ = publisher.publish_retained(&topic, payload).await;
             }
         }

@@ -148,6 +148,9 @@ pub struct EventSummary {
     pub has_face: bool,
     /// The change counter at this event's last change (the SSE id).
     pub seq: u64,
+    /// The latest payload's explanation: `sentence`, and `attributes` and `regions` with
+    /// their probabilities, most probable first.
+    pub explanation: serde_json::Value,
 }
 
 /// A filter for [`Db::list`].
@@ -735,6 +738,11 @@ impl Db {
             has_snapshot: r.get("has_snapshot")?,
             has_face: r.get("has_face")?,
             seq: r.get::<_, i64>("seq")?.max(0) as u64,
+            explanation: r
+                .get::<_, Option<String>>("latest")?
+                .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+                .map(|mut v| v["explanation"].take())
+                .unwrap_or_default(),
         })
     }
 
@@ -742,7 +750,9 @@ impl Db {
         EXISTS (SELECT 1 FROM media m WHERE m.alert_id = e.alert_id AND m.kind = 'snapshot')
             AS has_snapshot,
         EXISTS (SELECT 1 FROM media m WHERE m.alert_id = e.alert_id AND m.kind = 'face')
-            AS has_face
+            AS has_face,
+        (SELECT l.payload FROM lifecycle l WHERE l.alert_id = e.alert_id ORDER BY l.id DESC
+            LIMIT 1) AS latest
         FROM events e";
 
     /// One event's summary.

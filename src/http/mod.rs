@@ -2,6 +2,7 @@
 //!
 //! | route | method | auth | what |
 //! |---|---|---|---|
+//! | `/`, `/page.css`, `/page.js` | GET | - | the web page ([`page`]; its reads are the API's) |
 //! | `/livez` | GET | - | 200 while the supervisor loop ticks |
 //! | `/readyz` | GET | - | 200 once config, model, spool, publisher and HTTP are up; body: states |
 //! | `/metrics` | GET | - | Prometheus text format |
@@ -23,6 +24,7 @@ pub mod config;
 pub mod events;
 pub mod guard;
 pub mod listener;
+pub mod page;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -364,6 +366,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         }
     };
     Router::new()
+        .route("/", get(page::index))
+        .route("/page.css", get(page::css))
+        .route("/page.js", get(page::js))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
