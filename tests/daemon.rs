@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::RtspServer;
 use daemon_support::{
-    Daemon, SECS, TOKEN, bundle, face_clip, http, metric, metrics, on_topic, write_config_with,
+    Daemon, SECS, TOKEN, TUNED_CADENCE, bundle, face_clip, http, metric, metrics, on_topic,
+    write_config_with,
 };
 use mqtt_support::{Broker, free_port, receiver, subscriber, subscriber_on, wait_until};
 
@@ -40,19 +41,6 @@ struct Setup {
     http_port: u16,
     config: PathBuf,
 }
-
-/// Faster cadence and thresholds than the shipped defaults, so tests of other behaviour see
-/// alerts sooner. The tests of the defaults' own promise leave these sections out.
-const TUNED_CADENCE: &str = r#"
-[track]
-score_every = "300ms"
-
-[evidence]
-window = "3s"
-min_frames = 3
-min_duration = "600ms"
-update_every = "1s"
-"#;
 
 fn write_config(
     dir: &Path,

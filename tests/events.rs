@@ -11,21 +11,8 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use daemon_support::{Daemon, SECS, TOKEN, bundle, face_clip, http, on_topic, write_config_with};
+use daemon_support::{Daemon, SECS, TOKEN, bundle, face_clip, http, media_stream_config, on_topic};
 use mqtt_support::{Broker, free_port, subscriber, wait_until};
-
-/// Faster cadence than the shipped defaults, so the alert comes within seconds (the
-/// defaults' own promise is tested in tests/defaults.rs).
-const TUNED_CADENCE: &str = r#"
-[track]
-score_every = "300ms"
-
-[evidence]
-window = "3s"
-min_frames = 3
-min_duration = "600ms"
-update_every = "1s"
-"#;
 
 /// A request with extra headers; the status, the response head and the body as bytes.
 fn request(port: u16, method: &str, path: &str, headers: &str) -> (u16, String, Vec<u8>) {
@@ -102,24 +89,8 @@ async fn alerts_are_kept_with_media_streamed_live_and_survive_a_sigkill() {
     broker.start().await;
     let got = subscriber(broker.port, "events-e2e");
     let port = free_port();
-    let stream = format!(
-        "[[streams]]\nid = \"cam\"\nuri = \"{}\"\non_eos = \"loop\"\nstore_media = true\n",
-        clip.display()
-    );
-    let config = write_config_with(
-        tmp.path(),
-        port,
-        &broker.url(),
-        &model,
-        &stream,
-        TUNED_CADENCE,
-    );
     // Reads behind the token, as on a non-loopback listener.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "token_file = \"token\"\n",
-        "token_file = \"token\"\nread_auth = \"token\"\n",
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = media_stream_config(tmp.path(), port, &broker.url(), &model, &clip);
     let mut daemon = Daemon::start(&config, tmp.path(), &[]);
     wait_until("/readyz ready", SECS(60), || {
         http(port, "GET", "/readyz", None, "").0 == 200

@@ -13,20 +13,9 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use daemon_support::{Daemon, SECS, TOKEN, bundle, face_clip, http, on_topic, write_config_with};
+use daemon_support::{Daemon, SECS, TOKEN, bundle, face_clip, http, media_stream_config, on_topic};
 use mqtt_support::{Broker, free_port, subscriber, wait_until};
 use serde_json::{Value, json};
-
-const TUNED_CADENCE: &str = r#"
-[track]
-score_every = "300ms"
-
-[evidence]
-window = "3s"
-min_frames = 3
-min_duration = "600ms"
-update_every = "1s"
-"#;
 
 /// One WebDriver call; the answer's `value` (a WebDriver error fails the test, naming it).
 fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -286,23 +275,7 @@ async fn the_page_shows_streams_and_live_alerts_pages_back_and_takes_a_review() 
     broker.start().await;
     let got = subscriber(broker.port, "page-e2e");
     let port = free_port();
-    let stream = format!(
-        "[[streams]]\nid = \"cam\"\nuri = \"{}\"\non_eos = \"loop\"\nstore_media = true\n",
-        clip.display()
-    );
-    let config = write_config_with(
-        tmp.path(),
-        port,
-        &broker.url(),
-        &model,
-        &stream,
-        TUNED_CADENCE,
-    );
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "token_file = \"token\"\n",
-        "token_file = \"token\"\nread_auth = \"token\"\n",
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = media_stream_config(tmp.path(), port, &broker.url(), &model, &clip);
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let seeded = seed_history(&state, 12);

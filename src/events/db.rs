@@ -385,7 +385,7 @@ impl Db {
             .conn
             .query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))?
             .max(0) as u64;
-        let seq = db.next_seq_tx()?;
+        let seq = bump_seq(&db.conn)?;
         db.conn.execute(
             "UPDATE events SET state = 'interrupted', seq = ?1 WHERE state = 'open'",
             [seq],
@@ -411,22 +411,10 @@ impl Db {
         self.limits = limits;
     }
 
-    fn next_seq_tx(&self) -> Result<i64, DbError> {
-        Ok(self.conn.query_row(
-            "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value",
-            [],
-            |r| r.get(0),
-        )?)
-    }
-
     /// Records one lifecycle step in one transaction; returns the event's summary after it.
     pub fn record(&mut self, r: &Record<'_>) -> Result<Option<EventSummary>, DbError> {
         let tx = self.conn.transaction()?;
-        let seq: i64 = tx.query_row(
-            "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value",
-            [],
-            |row| row.get(0),
-        )?;
+        let seq: i64 = bump_seq(&tx)?;
         let at = unix_ms(r.at);
         let f = facts(r.payload);
         let payload = std::str::from_utf8(r.payload).unwrap_or("{}");
@@ -438,59 +426,37 @@ impl Db {
             )
             .optional()?
             .is_some();
-        let mut added = false;
-        if exists {
-            let (state, ended) = match r.change {
-                Change::End => ("ended", Some(at)),
-                _ => ("open", None),
-            };
-            tx.execute(
-                "UPDATE events SET state = ?2, verdict = ?3, score = ?4,
-                    max_score = MAX(max_score, ?4), sentence = ?5,
-                    end_reason = COALESCE(?6, end_reason), updated_ms = ?7,
-                    ended_ms = COALESCE(?8, ended_ms), seq = ?9
-                 WHERE alert_id = ?1",
-                params![
-                    r.alert_id,
-                    state,
-                    f.verdict,
-                    f.score,
-                    f.sentence,
-                    f.end_reason,
-                    at,
-                    ended,
-                    seq
-                ],
-            )?;
-        } else {
-            // An update or end whose new was not recorded (a full queue, a store that was
-            // reset) still makes an event: history with a gap beats none.
-            let state = if r.change == Change::End {
-                "ended"
-            } else {
-                "open"
-            };
-            let ended = (r.change == Change::End).then_some(at);
-            tx.execute(
-                "INSERT INTO events (alert_id, stream, track, state, verdict, score, max_score,
-                    sentence, end_reason, started_ms, updated_ms, ended_ms, seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
-                params![
-                    r.alert_id,
-                    r.stream,
-                    i64::try_from(r.track).unwrap_or(i64::MAX),
-                    state,
-                    f.verdict,
-                    f.score,
-                    f.sentence,
-                    f.end_reason,
-                    at,
-                    ended,
-                    seq
-                ],
-            )?;
-            added = true;
-        }
+        // An update or end whose new was not recorded (a full queue, a store that was
+        // reset) still makes an event: history with a gap beats none.
+        let (state, ended) = match r.change {
+            Change::End => ("ended", Some(at)),
+            _ => ("open", None),
+        };
+        tx.execute(
+            "INSERT INTO events (alert_id, stream, track, state, verdict, score, max_score,
+                sentence, end_reason, started_ms, updated_ms, ended_ms, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?9, ?10, ?11)
+             ON CONFLICT (alert_id) DO UPDATE SET state = excluded.state,
+                verdict = excluded.verdict, score = excluded.score,
+                max_score = MAX(max_score, excluded.score), sentence = excluded.sentence,
+                end_reason = COALESCE(excluded.end_reason, end_reason),
+                updated_ms = excluded.updated_ms,
+                ended_ms = COALESCE(excluded.ended_ms, ended_ms), seq = excluded.seq",
+            params![
+                r.alert_id,
+                r.stream,
+                i64::try_from(r.track).unwrap_or(i64::MAX),
+                state,
+                f.verdict,
+                f.score,
+                f.sentence,
+                f.end_reason,
+                at,
+                ended,
+                seq
+            ],
+        )?;
+        let added = !exists;
         tx.execute(
             "INSERT INTO lifecycle (alert_id, change, at_ms, payload) VALUES (?1, ?2, ?3, ?4)",
             params![r.alert_id, r.change.as_str(), at, payload],
@@ -574,11 +540,7 @@ impl Db {
             return Ok(false);
         }
         let tx = self.conn.transaction()?;
-        let seq: i64 = tx.query_row(
-            "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value",
-            [],
-            |row| row.get(0),
-        )?;
+        let seq: i64 = bump_seq(&tx)?;
         tx.execute(
             "INSERT OR REPLACE INTO media (alert_id, kind, bytes, jpeg) VALUES (?1, ?2, ?3, ?4)",
             params![alert_id, kind.as_str(), n as i64, jpeg],
@@ -696,11 +658,7 @@ impl Db {
         now: SystemTime,
     ) -> Result<Option<EventSummary>, DbError> {
         let tx = self.conn.transaction()?;
-        let seq: i64 = tx.query_row(
-            "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value",
-            [],
-            |row| row.get(0),
-        )?;
+        let seq: i64 = bump_seq(&tx)?;
         let n = tx.execute(
             "UPDATE events SET review = ?2, review_note = ?3, reviewed_ms = ?4, seq = ?5
              WHERE alert_id = ?1",
@@ -896,6 +854,15 @@ impl Db {
             })?
             .max(0) as u64)
     }
+}
+
+/// The change counter, one step on: every change stamps its event with it (the SSE id).
+fn bump_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value",
+        [],
+        |r| r.get(0),
+    )
 }
 
 /// What the daemon needs of the database's path before it opens it (`validate` checks the

@@ -201,6 +201,41 @@ pub fn on_topic(got: &Got, suffix: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Faster cadence and thresholds than the shipped defaults, so tests of other behaviour see
+/// alerts sooner. The tests of the defaults' own promise leave these sections out.
+pub const TUNED_CADENCE: &str = r#"
+[track]
+score_every = "300ms"
+
+[evidence]
+window = "3s"
+min_frames = 3
+min_duration = "600ms"
+update_every = "1s"
+"#;
+
+/// One stream `cam` looping `clip` with `store_media = true`, the tuned cadence, and reads
+/// behind the token (`read_auth = "token"`, as on a non-loopback listener).
+pub fn media_stream_config(
+    dir: &Path,
+    http_port: u16,
+    mqtt_url: &str,
+    model: &Path,
+    clip: &Path,
+) -> PathBuf {
+    let stream = format!(
+        "[[streams]]\nid = \"cam\"\nuri = \"{}\"\non_eos = \"loop\"\nstore_media = true\n",
+        clip.display()
+    );
+    let config = write_config_with(dir, http_port, mqtt_url, model, &stream, TUNED_CADENCE);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "token_file = \"token\"\n",
+        "token_file = \"token\"\nread_auth = \"token\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 /// A config whose `[track]` and `[evidence]` sections are `cadence` (empty: the defaults).
 pub fn write_config_with(
     dir: &Path,
