@@ -177,6 +177,20 @@ async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
     let (code, body) = http(port, "GET", "/api/alerts?limit=5", None, "");
     assert_eq!(code, 200);
     assert!(body.contains(a["alert_id"].as_str().unwrap()), "{body}");
+    // Reads are open on this loopback listener: a page elsewhere that points a name of its
+    // own at 127.0.0.1 (DNS rebinding) is refused by Host.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(SECS(10))).unwrap();
+        c.write_all(
+            b"GET /api/events HTTP/1.1\r\nHost: rebinding.example:8787\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 421"), "{out}");
+    }
     // Only one track, so only one new alert however long the face stays fake.
     tokio::time::sleep(SECS(3)).await;
     let news = on_topic(&got, "/alerts")

@@ -312,6 +312,9 @@ async fn the_page_shows_streams_and_live_alerts_pages_back_and_takes_a_review() 
             "!document.getElementById('synthetic').hidden",
         )
         .await;
+    // A page left unsigned for a while keeps its address usable: reads without a token are
+    // not counted as failed guesses, and the page stops asking until it is signed in.
+    tokio::time::sleep(SECS(7)).await;
     browser.type_into("#token", TOKEN);
     browser.click("#signin-form button[type=submit]");
     browser

@@ -103,6 +103,7 @@ pub fn api_stream(data: &[u8]) {
         credentials,
         max_streams: 4,
         reads_need_token: true,
+        loopback_hosts_only: false,
     };
     if let Ok(s) = dfwatch::http::api_stream(data, &policy) {
         if let Some(c) = &s.credentials {

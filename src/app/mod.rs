@@ -566,6 +566,7 @@ impl Daemon {
                 credentials: config.http.api_credentials.clone(),
                 max_streams: config.http.api_max_streams,
                 reads_need_token: config.http.reads_need_token(),
+                loopback_hosts_only: config.http.loopback_hosts_only(),
             },
             guard: Default::default(),
             connections: crate::http::Connections::new(crate::http::Limits::of(&config.http)),

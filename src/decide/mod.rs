@@ -462,12 +462,13 @@ impl Decider {
                 }
             }
         });
-        // The store gets the strongest face with the new alert, and again when a stronger
-        // one came since.
+        // The store gets the strongest face with every new alert (a track can raise a second
+        // one after the first cleared), and again when a stronger one came since.
+        let is_new = ev.kind == AlertKind::New;
         let media = self
             .held
             .get_mut(&(ev.stream.clone(), ev.track))
-            .filter(|h| h.fresh)
+            .filter(|h| h.fresh || is_new)
             .map(|h| {
                 h.fresh = false;
                 h.media.clone()

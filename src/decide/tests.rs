@@ -385,3 +385,53 @@ fn a_stronger_face_after_the_alert_goes_to_the_store_with_the_end() {
     });
     assert_eq!(seq, Some(9));
 }
+
+#[test]
+fn a_second_alert_on_the_same_track_gets_the_strongest_face_too() {
+    let (mut d, _) = decider();
+    let t0 = Instant::now();
+    let m = Arc::new(crate::metrics::StreamMetrics::default());
+    let wall = SystemTime::now();
+    let news = |out: &[Output]| -> Vec<Option<u64>> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Alert {
+                    kind: AlertKind::New,
+                    media,
+                    ..
+                } => Some(media.as_ref().map(|m| m.frame.seq)),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for i in 0..5 {
+        out.extend(d.on_embedding(face_with_frame(1, i, t0, &m), wall));
+    }
+    assert_eq!(news(&out), [Some(4)]);
+    // The face turns real for long enough to clear the alert, then fake again (weaker than
+    // before): the second new alert still carries the track's strongest face.
+    let mut out = Vec::new();
+    for i in 5..20 {
+        let mut f = face_with_frame(1, i, t0, &m);
+        f.embedding = vec![-60.0; LabelGraph::ffpp().len()];
+        out.extend(d.on_embedding(f, wall));
+    }
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Alert {
+                kind: AlertKind::End { .. },
+                ..
+            }
+        )),
+        "the first alert cleared"
+    );
+    let mut out = Vec::new();
+    for i in 20..40 {
+        let mut f = face_with_frame(1, i, t0, &m);
+        f.embedding = vec![21.0; LabelGraph::ffpp().len()];
+        out.extend(d.on_embedding(f, wall));
+    }
+    assert_eq!(news(&out), [Some(4)]);
+}

@@ -27,6 +27,8 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub const MAX_UPDATES_PER_EVENT: i64 = 256;
 /// Largest page of `list`.
 pub const MAX_PAGE: usize = 500;
+/// Events deleted in one transaction by retention.
+pub const CHUNK: u64 = 1000;
 /// Corrupt databases kept aside (older ones are deleted).
 pub const KEEP_CORRUPT: usize = 2;
 
@@ -211,6 +213,8 @@ pub struct Db {
     media_bytes: u64,
     events: u64,
     pub pruned: Pruned,
+    /// See [`Db::reset`].
+    detached: bool,
 }
 
 const SCHEMA: &str = "
@@ -355,9 +359,11 @@ impl Db {
             .optional()?;
         match version {
             None => {
+                // The change counter starts at the clock (ms): a database started afresh
+                // after damage counts on above every id a client saw from the old one.
                 conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema', ?1), ('seq', 0)",
-                    [SCHEMA_VERSION],
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?1), ('seq', ?2)",
+                    params![SCHEMA_VERSION, unix_ms(SystemTime::now())],
                 )?;
             }
             Some(v) if v == SCHEMA_VERSION => {}
@@ -374,6 +380,7 @@ impl Db {
             media_bytes: 0,
             events: 0,
             pruned: Pruned::default(),
+            detached: false,
         };
         db.media_bytes = db
             .conn
@@ -569,59 +576,71 @@ impl Db {
         Ok(())
     }
 
-    /// Removes the `n` oldest events with their lifecycle and media.
+    /// Removes up to `n` (at most [`CHUNK`]) of the oldest events with their lifecycle and
+    /// media.
     fn delete_oldest(&mut self, n: u64) -> Result<u64, DbError> {
         let ids: Vec<String> = {
             let mut st = self
                 .conn
                 .prepare("SELECT alert_id FROM events ORDER BY alert_id LIMIT ?1")?;
-            st.query_map([i64::try_from(n).unwrap_or(i64::MAX)], |r| r.get(0))?
+            st.query_map([n.min(CHUNK) as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?
         };
-        for id in &ids {
-            self.delete(id)?;
-        }
-        Ok(ids.len() as u64)
+        self.delete_ids(&ids)
     }
 
-    /// Deletes one event and its media; `false` when there was none.
-    pub fn delete(&mut self, alert_id: &str) -> Result<bool, DbError> {
-        let bytes: i64 = self.conn.query_row(
-            "SELECT COALESCE(SUM(bytes), 0) FROM media WHERE alert_id = ?1",
-            [alert_id],
-            |r| r.get(0),
-        )?;
+    /// Deletes events with their lifecycle and media in one transaction (one sync however
+    /// many); returns how many there were.
+    fn delete_ids(&mut self, ids: &[String]) -> Result<u64, DbError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM media WHERE alert_id = ?1", [alert_id])?;
-        tx.execute("DELETE FROM lifecycle WHERE alert_id = ?1", [alert_id])?;
-        let n = tx.execute("DELETE FROM events WHERE alert_id = ?1", [alert_id])?;
+        let (mut bytes, mut n) = (0i64, 0u64);
+        for id in ids {
+            bytes += tx.query_row(
+                "SELECT COALESCE(SUM(bytes), 0) FROM media WHERE alert_id = ?1",
+                [id],
+                |r| r.get::<_, i64>(0),
+            )?;
+            tx.execute("DELETE FROM media WHERE alert_id = ?1", [id])?;
+            tx.execute("DELETE FROM lifecycle WHERE alert_id = ?1", [id])?;
+            n += tx.execute("DELETE FROM events WHERE alert_id = ?1", [id])? as u64;
+        }
+        bump_seq(&tx)?;
         tx.commit()?;
         self.media_bytes = self.media_bytes.saturating_sub(bytes.max(0) as u64);
-        if n > 0 {
-            self.events = self.events.saturating_sub(1);
-        }
-        Ok(n > 0)
+        self.events = self.events.saturating_sub(n);
+        Ok(n)
     }
 
-    /// Retention by age: events not changed within `max_age` of `now` go, oldest first.
-    /// Returns how many.
+    /// Deletes one event and its media; `false` when there was none. A deletion advances
+    /// the change counter like any change.
+    pub fn delete(&mut self, alert_id: &str) -> Result<bool, DbError> {
+        Ok(self.delete_ids(&[alert_id.to_string()])? > 0)
+    }
+
+    /// Retention, one chunk at a time (the caller releases the database between calls, so
+    /// API reads are never held up for long): up to [`CHUNK`] events not changed within
+    /// `max_age` of `now`, then up to [`CHUNK`] past `max_events`, oldest first; then the
+    /// media of the oldest events while their total is over `max_media_bytes` (after the
+    /// cap was lowered). Returns how many events went: [`CHUNK`] or more means call again.
     pub fn sweep(&mut self, now: SystemTime) -> Result<u64, DbError> {
         let cutoff = unix_ms(now)
             .saturating_sub(i64::try_from(self.limits.max_age.as_millis()).unwrap_or(i64::MAX));
         let ids: Vec<String> = {
             let mut st = self.conn.prepare(
-                "SELECT alert_id FROM events WHERE updated_ms < ?1 ORDER BY alert_id LIMIT 1000",
+                "SELECT alert_id FROM events WHERE updated_ms < ?1 ORDER BY alert_id LIMIT ?2",
             )?;
-            st.query_map([cutoff], |r| r.get(0))?
+            st.query_map(params![cutoff, CHUNK as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?
         };
-        for id in &ids {
-            self.delete(id)?;
-        }
-        self.pruned.age += ids.len() as u64;
+        let aged = self.delete_ids(&ids)?;
+        self.pruned.age += aged;
+        let mut counted = 0;
         if self.events > self.limits.max_events {
-            let n = self.delete_oldest(self.events - self.limits.max_events)?;
-            self.pruned.count += n;
+            counted = self.delete_oldest(self.events - self.limits.max_events)?;
+            self.pruned.count += counted;
         }
         while self.media_bytes > self.limits.max_media_bytes {
             let oldest: Option<String> = self
@@ -636,10 +655,10 @@ impl Db {
             self.drop_media(&oldest)?;
             self.pruned.media += 1;
         }
-        if !ids.is_empty() {
+        if aged + counted > 0 {
             self.give_back_pages()?;
         }
-        Ok(ids.len() as u64)
+        Ok(aged + counted)
     }
 
     fn give_back_pages(&self) -> Result<(), DbError> {
@@ -828,21 +847,34 @@ impl Db {
     }
 
     /// Moves the damaged file aside and opens a fresh one in its place (the counters of
-    /// what retention removed carry over). Returns where the old file went.
-    pub fn reset(&mut self) -> Result<PathBuf, DbError> {
-        // The damaged connection closes before its file moves.
-        drop(std::mem::replace(
-            &mut self.conn,
-            Connection::open_in_memory()?,
-        ));
-        let aside = move_aside(&self.path).map_err(|e| DbError::Path {
-            path: self.path.display().to_string(),
-            what: format!("corrupt, and cannot be moved aside: {e}"),
-        })?;
+    /// what retention removed carry over). Returns where the old file went. When this fails
+    /// (the file cannot be moved, the disk is full), the database stays detached: every call
+    /// fails until a later reset succeeds ([`Db::detached`]).
+    pub fn reset(&mut self) -> Result<Option<PathBuf>, DbError> {
+        if !self.detached {
+            // The damaged connection closes before its file moves.
+            drop(std::mem::replace(
+                &mut self.conn,
+                Connection::open_in_memory()?,
+            ));
+            self.detached = true;
+        }
+        let aside = match std::fs::symlink_metadata(&self.path) {
+            Ok(_) => Some(move_aside(&self.path).map_err(|e| DbError::Path {
+                path: self.path.display().to_string(),
+                what: format!("corrupt, and cannot be moved aside: {e}"),
+            })?),
+            Err(_) => None,
+        };
         let pruned = self.pruned;
         *self = Db::open_checked(&self.path, self.limits)?;
         self.pruned = pruned;
         Ok(aside)
+    }
+
+    /// The connection was closed by a reset that has not succeeded yet.
+    pub fn detached(&self) -> bool {
+        self.detached
     }
 
     /// The change counter now.

@@ -177,6 +177,8 @@ pub struct StoreMetrics {
     /// were connected.
     pub subscribers: AtomicU64,
     pub subscribers_refused: Counter,
+    /// Exports refused because the most were running.
+    pub exports_refused: Counter,
 }
 
 struct Shared {
@@ -186,6 +188,8 @@ struct Shared {
     /// Alert events in the queue that carry a frame.
     media_in_flight: AtomicUsize,
     media_cap: usize,
+    /// Exports running now.
+    exports: AtomicUsize,
 }
 
 /// The event store: a handle to its writer thread and its database.
@@ -217,6 +221,7 @@ impl EventStore {
             live,
             media_in_flight: AtomicUsize::new(0),
             media_cap: cfg.held_frames.max(1),
+            exports: AtomicUsize::new(0),
         });
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
         let writer = shared.clone();
@@ -275,7 +280,9 @@ impl EventStore {
 
     /// Runs `f` on the database (blocking: call it off the async runtime).
     pub fn read<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, DbError> {
-        f(&self.shared.lock())
+        let mut db = self.shared.lock();
+        let r = f(&db);
+        self.shared.checked(&mut db, r)
     }
 
     /// Deletes an event and its media; `false` when there was none.
@@ -321,19 +328,56 @@ impl EventStore {
     /// Waits until the writer has taken everything queued before this call (tests, and the
     /// daemon's stop).
     pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.queue.send(Job::Flush(tx)).is_err() {
-            return false;
+        let mut job = Job::Flush(tx);
+        // A full queue is waited for only until the deadline.
+        loop {
+            match self.queue.try_send(job) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(j)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    job = j;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return false,
+            }
         }
-        rx.recv_timeout(timeout).is_ok()
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
     }
 
-    pub fn subscribers(&self) -> SubscriberGuard {
-        self.shared
-            .metrics
-            .subscribers
-            .fetch_add(1, Ordering::Relaxed);
-        SubscriberGuard(self.shared.clone())
+    /// A place among the live subscribers, `None` when `max` are connected (counted).
+    pub fn subscriber(&self, max: u64) -> Option<SubscriberGuard> {
+        let m = &self.shared.metrics;
+        if m.subscribers.fetch_add(1, Ordering::Relaxed) >= max {
+            m.subscribers.fetch_sub(1, Ordering::Relaxed);
+            m.subscribers_refused.inc();
+            return None;
+        }
+        Some(SubscriberGuard(self.shared.clone()))
+    }
+
+    /// A place among the running exports, `None` when `max` run (counted).
+    pub fn exporter(&self, max: usize) -> Option<ExportGuard> {
+        let s = &self.shared;
+        if s.exports.fetch_add(1, Ordering::Relaxed) >= max {
+            s.exports.fetch_sub(1, Ordering::Relaxed);
+            s.metrics.exports_refused.inc();
+            return None;
+        }
+        Some(ExportGuard(self.shared.clone()))
+    }
+}
+
+/// Counts a running export while it lives.
+pub struct ExportGuard(Arc<Shared>);
+
+impl Drop for ExportGuard {
+    fn drop(&mut self) {
+        self.0.exports.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -359,11 +403,12 @@ impl Shared {
             Err(e) => e,
         };
         self.metrics.write_errors.inc();
-        if e.is_corrupt() {
+        if e.is_corrupt() || db.detached() {
             match db.reset() {
                 Ok(aside) => {
                     self.metrics.resets.inc();
-                    tracing::error!(path = %db.path().display(), error = %e, moved_to = %aside.display(), "The event store's database was damaged while running; it was moved aside and a fresh one started.");
+                    let aside = aside.map(|p| p.display().to_string()).unwrap_or_default();
+                    tracing::error!(path = %db.path().display(), error = %e, moved_to = %aside, "The event store's database was damaged while running; it was moved aside and a fresh one started.");
                 }
                 Err(e2) => {
                     tracing::error!(path = %db.path().display(), error = %e2, "The event store's damaged database could not be replaced.");
@@ -392,17 +437,25 @@ impl Shared {
         let mut next_sweep = std::time::Instant::now();
         loop {
             if std::time::Instant::now() >= next_sweep {
-                let mut db = self.lock();
-                let r = db.sweep(SystemTime::now());
-                if let Ok(n) = self.checked(&mut db, r)
-                    && n > 0
-                {
+                // A chunk per lock: API reads get their turn between chunks.
+                let mut deleted = 0;
+                loop {
+                    let mut db = self.lock();
+                    let r = db.sweep(SystemTime::now());
+                    let n = self.checked(&mut db, r).unwrap_or(0);
+                    self.refresh_gauges(&db);
+                    drop(db);
+                    deleted += n;
+                    if n < db::CHUNK {
+                        break;
+                    }
+                }
+                if deleted > 0 {
                     tracing::info!(
-                        deleted = n,
-                        "Event store: events past [events] max_age deleted."
+                        deleted,
+                        "Event store: events past [events] max_age or max_events deleted."
                     );
                 }
-                self.refresh_gauges(&db);
                 next_sweep = std::time::Instant::now() + SWEEP_EVERY;
             }
             let ev = match rx.recv_timeout(SWEEP_EVERY) {
@@ -423,8 +476,16 @@ impl Shared {
         if media.is_some() {
             self.media_in_flight.fetch_sub(1, Ordering::Relaxed);
         }
-        // The JPEGs first, without the lock: API reads go on meanwhile.
-        let jpegs = media.map(|m| m.render());
+        // The JPEGs first, without the lock: API reads go on meanwhile. A panic drawing them
+        // costs the media, not the writer.
+        let jpegs = media.and_then(|m| match crate::fault::catch(|| m.render()) {
+            Ok(j) => Some(j),
+            Err(why) => {
+                self.metrics.media_dropped_encode.inc();
+                tracing::warn!(alert_id = %ev.alert_id, reason = %why, "Evidence media not drawn.");
+                None
+            }
+        });
         let mut db = self.lock();
         let r = db.record(&db::Record {
             alert_id: &ev.alert_id,
@@ -466,7 +527,7 @@ impl Shared {
             }
         }
         self.refresh_gauges(&db);
-        drop(db);
+        // Told under the lock: subscribers hear changes in the order they were committed.
         if let Some(s) = summary {
             let _ = self.live.send(Live {
                 change: ev.change,
@@ -475,6 +536,7 @@ impl Shared {
                 event: Some(s),
             });
         }
+        drop(db);
     }
 }
 

@@ -124,6 +124,14 @@ impl HttpConfig {
         }
     }
 
+    /// Requests must name this machine in `Host` (an IP address or `localhost`): reads are
+    /// open on a loopback listener, and a web page elsewhere could otherwise reach them by
+    /// pointing a name of its own at 127.0.0.1 (DNS rebinding) and read the event store's
+    /// media.
+    pub fn loopback_hosts_only(&self) -> bool {
+        !self.reads_need_token() && self.listen.ip().is_loopback()
+    }
+
     /// The API token: from the environment, the file, or generated into `state_dir`.
     pub fn token(&self, base_dir: &Path, state_dir: &Path) -> anyhow::Result<String> {
         use anyhow::Context;

@@ -42,6 +42,8 @@ use crate::events::{DbError, Filter, MediaKind, Review, db::MAX_PAGE};
 pub const MAX_SUBSCRIBERS: u64 = 32;
 /// Events a reconnecting subscriber is replayed at most.
 pub const MAX_REPLAY: usize = 500;
+/// Exports running at once.
+pub const MAX_EXPORTS: usize = 2;
 /// Longest review note.
 pub const MAX_NOTE_CHARS: usize = 1000;
 /// `/api/alerts`: default and largest `limit`.
@@ -328,10 +330,19 @@ pub async fn export(State(s): State<Arc<AppState>>, Query(q): Query<ExportQuery>
         Ok(v) => v,
         Err(why) => return bad(why),
     };
-    const PAGE: usize = 200;
+    // A page of events with their lifecycles is at most PAGE * 258 payloads.
+    const PAGE: usize = 20;
+    let Some(slot) = s.events.exporter(MAX_EXPORTS) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "30")],
+            Json(serde_json::json!({"error": "busy", "detail": format!("{MAX_EXPORTS} exports running already")})),
+        )
+            .into_response();
+    };
     let pages = futures_util::stream::unfold(
-        (s, None::<String>, false),
-        move |(s, after, done)| async move {
+        (s, None::<String>, false, slot),
+        move |(s, after, done, slot)| async move {
             if done {
                 return None;
             }
@@ -356,14 +367,17 @@ pub async fn export(State(s): State<Arc<AppState>>, Query(q): Query<ExportQuery>
             match page {
                 Ok((bytes, last, end)) => Some((
                     Ok::<_, std::io::Error>(bytes::Bytes::from(bytes)),
-                    (s, last.or(after), end),
+                    (s, last.or(after), end, slot),
                 )),
                 // The body is already under way: the error aborts the response (no final
                 // chunk), so the client sees an incomplete transfer, not a short export that
                 // looks whole; the log says why.
                 Err(e) => {
                     tracing::warn!(error = %e, "The events export stopped early.");
-                    Some((Err(std::io::Error::other(e.to_string())), (s, after, true)))
+                    Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        (s, after, true, slot),
+                    ))
                 }
             }
         },
@@ -398,17 +412,14 @@ fn reset(why: &str) -> SseEvent {
 
 /// Server-sent events of every change committed to the store.
 pub async fn stream(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let m = s.events.metrics();
-    if m.subscribers.load(Ordering::Relaxed) >= MAX_SUBSCRIBERS {
-        m.subscribers_refused.inc();
+    let Some(guard) = s.events.subscriber(MAX_SUBSCRIBERS) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "10")],
             Json(serde_json::json!({"error": "busy", "detail": format!("{MAX_SUBSCRIBERS} live subscribers already")})),
         )
             .into_response();
-    }
-    let guard = s.events.subscribers();
+    };
     // Subscribe before the replay is read: nothing committed in between is missed (a change
     // may come twice; its seq tells).
     let rx = s.events.subscribe();
@@ -419,9 +430,16 @@ pub async fn stream(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     let mut first: Vec<SseEvent> = Vec::new();
     let mut replayed_to = 0u64;
     if let Some(last) = last {
-        match on_db(&s, move |db| db.changed_since(last, MAX_REPLAY + 1)).await {
-            Ok(events) if events.len() > MAX_REPLAY => first.push(reset("too_many_missed")),
-            Ok(events) => {
+        match on_db(&s, move |db| {
+            Ok((db.seq()?, db.changed_since(last, MAX_REPLAY + 1)?))
+        })
+        .await
+        {
+            // An id from the future: the database was started afresh (or the client made it
+            // up): what it holds cannot be patched, only reloaded.
+            Ok((now, _)) if last > now => first.push(reset("unknown_last_event_id")),
+            Ok((_, events)) if events.len() > MAX_REPLAY => first.push(reset("too_many_missed")),
+            Ok((_, events)) => {
                 for e in events {
                     replayed_to = replayed_to.max(e.seq);
                     let change = if e.state == "open" {

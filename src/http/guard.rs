@@ -28,6 +28,8 @@ pub struct ApiPolicy {
     pub max_streams: usize,
     /// GET /api/streams and /api/alerts need the token too.
     pub reads_need_token: bool,
+    /// Only `Host: <IP address>` or `localhost` is served ([`super::HttpConfig::loopback_hosts_only`]).
+    pub loopback_hosts_only: bool,
 }
 
 /// Failed attempts before a client is throttled ...

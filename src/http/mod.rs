@@ -109,7 +109,48 @@ async fn require_reader(
     if req.method() == axum::http::Method::GET && s.sessions.valid(req.headers(), Instant::now()) {
         return next.run(req).await;
     }
+    // No token offered is no guess at one: a page that has not signed in yet (or whose
+    // session expired) is told 401 without being counted towards the throttle.
+    if !req
+        .headers()
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        return guard::Refusal::Unauthorised.into_response();
+    }
     require_token(State(s), ConnectInfo(addr), req, next).await
+}
+
+/// `Host` must name this machine by address or as `localhost` where reads are open on a
+/// loopback listener (see [`HttpConfig::loopback_hosts_only`]).
+async fn require_local_host(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if s.api.loopback_hosts_only && !local_host(req.headers()) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            Json(serde_json::json!({"error": "host", "detail": "this listener answers only to its address or localhost in Host (reads are open on loopback; set http.read_auth = \"token\" to serve other names)"})),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// `Host` is an IP address or `localhost`, with or without a port.
+fn local_host(headers: &axum::http::HeaderMap) -> bool {
+    let Some(host) = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        // HTTP/1.0 without Host: nothing a browser sends.
+        return true;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, _)) => h,
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// `POST /api/session` (bearer): a session cookie for reads from a browser
@@ -402,6 +443,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/reload", post(reload).route_layer(token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(from_fn_with_state(state.clone(), require_local_host))
         .layer(from_fn_with_state(
             state.clone(),
             listener::request_deadline,
@@ -448,6 +490,34 @@ mod tests {
             "Basic secret-token-0123456789".parse().unwrap(),
         );
         assert!(!authorised(&h, "secret-token-0123456789"));
+    }
+
+    #[test]
+    fn only_addresses_and_localhost_are_local_hosts() {
+        let with = |h: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, h.parse().unwrap());
+            local_host(&m)
+        };
+        for ok in [
+            "127.0.0.1:8787",
+            "127.0.0.1",
+            "localhost:8787",
+            "LOCALHOST",
+            "[::1]:8787",
+            "[::1]",
+        ] {
+            assert!(with(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:8787",
+            "evil.example",
+            "127.0.0.1.nip.io:8787",
+            "localhost.evil:80",
+            "[::1",
+        ] {
+            assert!(!with(bad), "{bad}");
+        }
     }
 
     #[test]

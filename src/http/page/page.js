@@ -8,6 +8,9 @@ const STREAMS_EVERY_MS = 3000;
 let token = null;
 let cursor = null;
 let live = null;
+// Set when a read was refused (reads need the token here and there is no session): polling
+// and reconnecting wait for a sign-in rather than knock on a closed door.
+let needAuth = false;
 
 const $ = (id) => document.getElementById(id);
 
@@ -74,6 +77,16 @@ function needSignIn(why) {
   say("signin-msg", why, true);
 }
 
+function refused() {
+  needAuth = true;
+  if (live) {
+    live.close();
+    live = null;
+  }
+  setConn("offline", "Signed out: sign in to see live updates");
+  needSignIn("Sign in to read: this daemon's API asks for the token.");
+}
+
 // Streams: state, decoder, coverage, reconnects, live verdict.
 async function loadStreams() {
   let r;
@@ -85,7 +98,7 @@ async function loadStreams() {
   }
   if (r.status === 401) {
     say("streams-msg", "Reading needs the API token here: sign in above.", true);
-    needSignIn("Sign in to read: this daemon's API asks for the token.");
+    refused();
     return;
   }
   if (!r.ok) {
@@ -214,6 +227,7 @@ async function loadEvents(reset) {
   }
   if (r.status === 401) {
     say("events-msg", "Reading needs the API token here: sign in above.", true);
+    refused();
     return;
   }
   if (!r.ok) {
@@ -262,15 +276,21 @@ function setConn(state, text) {
 // Live events over server-sent events. The browser reconnects by itself after a dropped
 // connection (sending Last-Event-ID, so the daemon replays what changed); after a refusal it
 // does not, so the page tries again.
-function connectLive() {
+function connectLive(fresh) {
+  if (needAuth) return;
   if (live) live.close();
   const es = new EventSource("/api/events/stream");
   live = es;
-  es.onopen = () => setConn("live", "Live");
+  es.onopen = () => {
+    setConn("live", "Live");
+    // A new connection carries no Last-Event-ID: what changed meanwhile comes with a reload.
+    if (fresh) loadEvents(true);
+  };
   es.onerror = () => {
     if (es.readyState === EventSource.CLOSED) {
+      if (needAuth) return;
       setConn("offline", "Offline: live updates stopped, retrying…");
-      setTimeout(() => { if (live === es) connectLive(); }, 5000);
+      setTimeout(() => { if (live === es) connectLive(true); }, 5000);
     } else {
       setConn("reconnecting", "Connection lost: reconnecting…");
     }
@@ -305,6 +325,7 @@ async function signIn(ev) {
   }
   if (r.status === 204) {
     token = given;
+    needAuth = false;
     $("token").value = "";
     say("signin-msg", "Signed in: reviews are on for this tab.");
     await Promise.all([loadStreams(), loadEvents(true)]);
@@ -323,7 +344,7 @@ function start() {
   loadStreams();
   loadEvents(true);
   connectLive();
-  setInterval(loadStreams, STREAMS_EVERY_MS);
+  setInterval(() => { if (!needAuth) loadStreams(); }, STREAMS_EVERY_MS);
 }
 
 start();
