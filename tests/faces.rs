@@ -136,15 +136,7 @@ fn paste(
 
 #[test]
 fn every_face_of_a_composited_frame_is_found_near_its_known_landmarks() {
-    let (rgb, w, h) = photo();
-    let (fw, fh) = (1280usize, 720usize);
-    let mut frame = vec![90u8; 3 * fw * fh];
-    let truth = [
-        paste(&mut frame, fw, (&rgb, w, h), 0.6, false, (30, 60)),
-        paste(&mut frame, fw, (&rgb, w, h), 0.45, true, (420, 380)),
-        paste(&mut frame, fw, (&rgb, w, h), 1.0, false, (740, 150)),
-        paste(&mut frame, fw, (&rgb, w, h), 0.3, true, (380, 40)),
-    ];
+    let (frame, fw, fh, truth) = composite();
     let mut det = detector(DetectConfig::default());
     let faces = detect(&mut det, &frame, fw, fh);
     assert_eq!(faces.len(), truth.len(), "{faces:?}");
@@ -182,6 +174,119 @@ fn every_face_of_a_composited_frame_is_found_near_its_known_landmarks() {
         ..DetectConfig::default()
     });
     assert_eq!(detect(&mut capped, &frame, fw, fh).len(), 2);
+}
+
+/// A 1280x720 frame with four copies of the astronaut (two mirrored, from 0.3 to 1.0 scale),
+/// and where their landmarks are.
+fn composite() -> (Vec<u8>, usize, usize, Vec<[[f32; 2]; 5]>) {
+    let (rgb, w, h) = photo();
+    let (fw, fh) = (1280usize, 720usize);
+    let mut frame = vec![90u8; 3 * fw * fh];
+    let truth = vec![
+        paste(&mut frame, fw, (&rgb, w, h), 0.6, false, (30, 60)),
+        paste(&mut frame, fw, (&rgb, w, h), 0.45, true, (420, 380)),
+        paste(&mut frame, fw, (&rgb, w, h), 1.0, false, (740, 150)),
+        paste(&mut frame, fw, (&rgb, w, h), 0.3, true, (380, 40)),
+    ];
+    (frame, fw, fh, truth)
+}
+
+fn as_frame(rgb: &[u8], w: usize, h: usize) -> dfwatch::types::Frame {
+    dfwatch::types::Frame::packed_rgb(
+        dfwatch::types::StreamId::new("cam").unwrap(),
+        0,
+        None,
+        std::time::Instant::now(),
+        (w as u32, h as u32),
+        std::sync::Arc::from(rgb.to_vec()),
+    )
+    .unwrap()
+}
+
+/// Between full searches the face stage looks only around the tracks' predictions: there
+/// it must find what the full search finds, as precisely, from a prediction that is off.
+#[test]
+fn searching_around_predictions_finds_what_the_full_search_does() {
+    let (frame, fw, fh, truth) = composite();
+    let mut det = detector(DetectConfig::default());
+    let full = detect(&mut det, &frame, fw, fh);
+    assert_eq!(full.len(), truth.len());
+    let f = as_frame(&frame, fw, fh);
+    // Predictions off by 8% of the face to the right and 5% up, 10% too large.
+    let predicted: Vec<dfwatch::types::BBox> = full
+        .iter()
+        .map(|d| {
+            let (w, h) = (d.bbox.width(), d.bbox.height());
+            dfwatch::types::BBox {
+                x0: d.bbox.x0 + 0.08 * w - 0.05 * w,
+                y0: d.bbox.y0 - 0.05 * h - 0.05 * h,
+                x1: d.bbox.x1 + 0.08 * w + 0.05 * w,
+                y1: d.bbox.y1 - 0.05 * h + 0.05 * h,
+            }
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let around = det
+        .detect_frame_around(&f, &predicted)
+        .expect("MTCNN searches around")
+        .unwrap();
+    let around_time = t.elapsed();
+    let t = std::time::Instant::now();
+    let _ = det.detect_frame(&f).unwrap();
+    let full_time = t.elapsed();
+    eprintln!(
+        "1280x720, 4 faces: full search {full_time:?}, around the predictions {around_time:?}"
+    );
+    assert_eq!(around.len(), truth.len(), "{around:?}");
+    for t in &truth {
+        let eyes = dist(t[0], t[1]);
+        let g = around
+            .iter()
+            .min_by(|a, b| dist(a.landmarks[2], t[2]).total_cmp(&dist(b.landmarks[2], t[2])))
+            .unwrap();
+        let worst = g
+            .landmarks
+            .iter()
+            .zip(t)
+            .map(|(p, k)| dist(*p, *k))
+            .fold(0.0f32, f32::max);
+        eprintln!("around: eyes {eyes:.0} px apart, worst landmark error {worst:.1} px");
+        // The full search's tolerance (see the composited test).
+        assert!(worst < (0.15 * eyes).max(3.5), "{g:?} vs {t:?}");
+    }
+    // Where no face is, nothing is found (the tracks' faces left): the face stage then
+    // searches the next frame whole.
+    let empty = [dfwatch::types::BBox {
+        x0: 1000.0,
+        y0: 560.0,
+        x1: 1150.0,
+        y1: 710.0,
+    }];
+    let none = det.detect_frame_around(&f, &empty).unwrap().unwrap();
+    assert!(none.is_empty(), "{none:?}");
+    // The astronaut, as the reference pipeline places its landmarks.
+    let (rgb, w, h) = photo();
+    let one = detect(&mut det, &rgb, w, h);
+    let b = one[0].bbox;
+    let shifted = [dfwatch::types::BBox {
+        x0: b.x0 + 6.0,
+        y0: b.y0 - 4.0,
+        x1: b.x1 + 6.0,
+        y1: b.y1 - 4.0,
+    }];
+    let again = det
+        .detect_frame_around(&as_frame(&rgb, w, h), &shifted)
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    let worst = again[0]
+        .landmarks
+        .iter()
+        .zip(&PY_LANDMARKS)
+        .map(|(g, k)| dist(*g, *k))
+        .fold(0.0f32, f32::max);
+    eprintln!("astronaut around a shifted box: worst landmark distance {worst:.2} px");
+    assert!(worst < 3.0, "{:?}", again[0].landmarks);
 }
 
 #[test]

@@ -19,6 +19,11 @@ use serde_json::{Value, json};
 
 /// One WebDriver call; the answer's `value` (a WebDriver error fails the test, naming it).
 fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
+    wd_result(port, method, path, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One WebDriver call; a WebDriver error comes back as `Err("<method> <path>: <error>: ...")`.
+fn wd_result(port: u16, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("chromedriver");
     s.set_read_timeout(Some(SECS(60))).unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -55,12 +60,12 @@ fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
     let v: Value = serde_json::from_str(&json)
         .unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}: {text}"));
     if let Some(err) = v["value"]["error"].as_str() {
-        panic!(
+        return Err(format!(
             "WebDriver {method} {path}: {err}: {}",
             v["value"]["message"]
-        );
+        ));
     }
-    v["value"].clone()
+    Ok(v["value"].clone())
 }
 
 /// chromedriver on a free port, and one headless chromium session.
@@ -136,9 +141,25 @@ impl Browser {
             .to_string()
     }
 
+    /// Clicks the element `css` names. Live updates replace cards in place, so an element
+    /// found a moment ago may be gone: it is found again then.
     fn click(&self, css: &str) {
-        let e = self.find(css);
-        self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
+        for _ in 0..10 {
+            let e = self.find(css);
+            match wd_result(
+                self.port,
+                "POST",
+                &format!("/session/{}/element/{e}/click", self.session),
+                Some(json!({})),
+            ) {
+                Ok(_) => return,
+                Err(why) if why.contains("stale element") => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("{css} kept going stale");
     }
 
     fn type_into(&self, css: &str, text: &str) {

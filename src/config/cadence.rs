@@ -69,12 +69,16 @@ impl Cadence {
     }
 
     /// Worst case from a steadily fake face appearing to its `new` alert, before the
-    /// pipeline's own latency (encode, score, publish): waiting for the next detection
-    /// frame, `birth_hits - 1` more detections, the span the verdict needs, the margin.
+    /// pipeline's own latency (encode, score, publish): waiting for the next full search
+    /// (`detect_every` frames), `birth_hits - 1` more frames (the track is re-detected on
+    /// each around its prediction), the span the verdict needs, the margin.
     pub fn alert_delay(&self, track: &TrackConfig) -> Duration {
-        let detection = self.frame.saturating_mul(track.detect_every.max(1));
-        detection
-            .saturating_mul(track.birth_hits.max(1))
+        self.frame
+            .saturating_mul(track.detect_every.max(1))
+            .saturating_add(
+                self.frame
+                    .saturating_mul(track.birth_hits.max(1).saturating_sub(1)),
+            )
             .saturating_add(self.span_needed)
             .saturating_add(self.margin)
     }
@@ -90,8 +94,8 @@ impl Cadence {
         let needed = self.span_needed.saturating_add(self.margin);
         format!(
             "at {fps} fps ({rate_key}) a steady face is scored at best every {period} \
-             (track.score_every = {every} rounded up to {n} whole frame(s) of {frame}, \
-             track.detect_every = {d}); a verdict needs evidence.min_frames = {m} faces \
+             (track.score_every = {every} rounded up to {n} whole frame(s) of {frame}); a \
+             verdict needs evidence.min_frames = {m} faces \
              spanning at least evidence.min_duration = {md}: {span}, plus one frame of \
              margin for jitter = {needed}, more than evidence.window = {window}. Raise \
              evidence.window to at least {needed}, lower evidence.min_frames or \
@@ -101,7 +105,6 @@ impl Cadence {
             every = human(track.score_every),
             n = self.frames_per_score,
             frame = human(self.frame),
-            d = track.detect_every,
             m = evidence.min_frames,
             md = human(evidence.min_duration),
             span = human(self.span_needed),
@@ -139,8 +142,9 @@ mod tests {
             ),
             (3, ms(600), ms(2400), ms(200))
         );
-        // First detection, birth on the second, 2.4 s of faces, one frame of margin.
-        assert_eq!(c.alert_delay(&t), ms(3000));
+        // The next full search (5 frames, 1 s), birth on the second hit (the next frame,
+        // searched around the prediction), 2.4 s of faces, one frame of margin.
+        assert_eq!(c.alert_delay(&t), ms(3800));
     }
 
     #[test]
@@ -168,7 +172,7 @@ mod tests {
     }
 
     #[test]
-    fn detect_every_and_min_duration_stretch_the_span() {
+    fn min_duration_stretches_the_span_and_detect_every_does_not() {
         let t = TrackConfig {
             score_every: ms(300),
             detect_every: 3,
@@ -179,17 +183,21 @@ mod tests {
             min_duration: ms(2500),
             ..EvidenceConfig::default()
         };
-        // 300 ms at 10 fps is 3 frames (already a multiple of 3): 300 ms; min_duration
-        // 2.5 s rounds up to 9 periods = 2.7 s, more than 1 period for 2 faces.
+        // 300 ms at 10 fps is 3 frames: 300 ms; min_duration 2.5 s rounds up to 9 periods =
+        // 2.7 s, more than 1 period for 2 faces.
         let c = Cadence::new(10.0, &t, &e);
         assert_eq!((c.scoring_period, c.span_needed), (ms(300), ms(2700)));
         assert!(c.fits());
-        // At 1 fps: 1 frame, rounded up to 3 detection frames = 3 s; min_duration rounds up
-        // to one period; 3 s + 1 s of margin fits the 4 s window exactly.
+        // At 1 fps: one frame, 1 s (tracks are re-detected around their predictions between
+        // full searches, so detect_every does not stretch it); min_duration rounds up to 3
+        // periods; 3 s + 1 s of margin fits the 4 s window exactly.
         let c = Cadence::new(1.0, &t, &e);
-        assert_eq!((c.scoring_period, c.span_needed), (ms(3000), ms(3000)));
+        assert_eq!((c.scoring_period, c.span_needed), (ms(1000), ms(3000)));
         assert!(c.fits());
-        let e5 = EvidenceConfig { min_frames: 3, ..e };
+        // The full search's cadence is in the alert delay: 3 frames until a new face is
+        // found, 1 more for its birth, the span, the margin.
+        assert_eq!(c.alert_delay(&t), ms(3000 + 1000 + 3000 + 1000));
+        let e5 = EvidenceConfig { min_frames: 5, ..e };
         assert!(!Cadence::new(1.0, &t, &e5).fits());
         // Below 1.5 fps the shipped defaults need a longer window.
         let defaults = (TrackConfig::default(), EvidenceConfig::default());

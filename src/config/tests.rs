@@ -237,7 +237,6 @@ fn the_cadence_error_shows_the_keys_and_the_arithmetic() {
     for part in [
         "at 1 fps (ingest.analysis_fps)",
         "track.score_every = 500ms",
-        "track.detect_every = 1",
         "evidence.min_frames = 5",
         "4s, plus one frame of margin for jitter = 5s, more than evidence.window = 4s",
     ] {

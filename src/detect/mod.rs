@@ -46,11 +46,30 @@ pub enum DetectError {
 pub trait Detector: Send {
     /// Faces of at least `min_face` pixels in `img` (RGB, values 0..255), in its pixels.
     fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError>;
+
+    /// Faces near `around` (boxes in `img`'s pixels where faces are expected), found
+    /// without searching the whole image; `None` when the model cannot (the caller runs
+    /// [`Detector::detect`] instead).
+    fn detect_around(
+        &mut self,
+        _img: &RgbF32,
+        _around: &[BBox],
+    ) -> Option<Result<Vec<Detection>, DetectError>> {
+        None
+    }
 }
 
 impl Detector for mtcnn::Mtcnn {
     fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError> {
         mtcnn::Mtcnn::detect(self, img, min_face)
+    }
+
+    fn detect_around(
+        &mut self,
+        img: &RgbF32,
+        around: &[BBox],
+    ) -> Option<Result<Vec<Detection>, DetectError>> {
+        Some(mtcnn::Mtcnn::detect_around(self, img, around))
     }
 }
 
@@ -176,38 +195,50 @@ impl FaceDetector {
         }
     }
 
-    /// Faces in an RGB8 frame, in frame pixels.
+    /// Faces in an RGB8 or NV12 frame, in frame pixels: the whole frame searched.
     pub fn detect_frame(&mut self, frame: &Frame) -> Result<Vec<Detection>, DetectError> {
-        if frame.format == PixelFormat::Nv12 {
-            // The GPU backend's frames: converted on the CPU for the detector (only the
-            // frames detection runs on).
-            let view = crate::crop::yuv::nv12_view(frame)
-                .map_err(|e| DetectError::Frame(e.to_string()))?;
-            let rgb = view.to_rgb();
-            return self.detect_rgb(RgbView {
-                data: &rgb,
-                width: view.width,
-                height: view.height,
-                stride: 3 * view.width,
-            });
-        }
-        if frame.format != PixelFormat::Rgb8 {
-            return Err(DetectError::Frame(format!(
-                "detection needs RGB8 or NV12 frames, got {:?}",
-                frame.format
-            )));
-        }
-        let p = frame.planes[0];
-        self.detect_rgb(RgbView {
-            data: &frame.data[p.offset..],
-            width: frame.width as usize,
-            height: frame.height as usize,
-            stride: p.stride,
-        })
+        with_rgb(frame, |view| self.detect_rgb(view))
+    }
+
+    /// Faces near `around` (boxes in frame pixels, e.g. where a tracker predicts its faces),
+    /// without searching the whole frame; `None` when the model cannot (see
+    /// [`Detector::detect_around`]).
+    pub fn detect_frame_around(
+        &mut self,
+        frame: &Frame,
+        around: &[BBox],
+    ) -> Option<Result<Vec<Detection>, DetectError>> {
+        let r = with_rgb(frame, |view| {
+            let (img, sx, sy) = self.scaled(view)?;
+            let scaled: Vec<BBox> = around
+                .iter()
+                .map(|b| BBox {
+                    x0: b.x0 / sx,
+                    y0: b.y0 / sy,
+                    x1: b.x1 / sx,
+                    y1: b.y1 / sy,
+                })
+                .collect();
+            match self.model.detect_around(&img, &scaled) {
+                None => Ok(None),
+                Some(found) => Ok(Some(self.finish(found?, sx, sy))),
+            }
+        });
+        r.transpose()
     }
 
     /// Faces in a packed RGB8 image, in its pixels.
     pub fn detect_rgb(&mut self, view: RgbView<'_>) -> Result<Vec<Detection>, DetectError> {
+        let (img, sx, sy) = self.scaled(view)?;
+        let found = self
+            .model
+            .detect(&img, (self.cfg.min_face_px / sx.max(sy)).max(12.0))?;
+        Ok(self.finish(found, sx, sy))
+    }
+
+    /// The image the model sees (the longer side at most `max_side`, downscaled from the
+    /// 8-bit pixels: no full-size float copy of a large frame) and its scale to the frame.
+    fn scaled(&self, view: RgbView<'_>) -> Result<(RgbF32, f32, f32), DetectError> {
         if view.width < 12 || view.height < 12 {
             return Err(DetectError::Frame(format!(
                 "{}x{} is too small to hold a face",
@@ -223,7 +254,6 @@ impl FaceDetector {
         }
         let longer = view.width.max(view.height) as f32;
         let s = (self.cfg.max_side as f32 / longer).min(1.0);
-        // Downscaled from the 8-bit pixels: no full-size float copy of a large frame.
         let img = if s < 1.0 {
             let w = (view.width as f32 * s).round().max(12.0) as usize;
             let h = (view.height as f32 * s).round().max(12.0) as usize;
@@ -235,9 +265,13 @@ impl FaceDetector {
             view.width as f32 / img.width as f32,
             view.height as f32 / img.height as f32,
         );
-        let mut faces: Vec<Detection> = self
-            .model
-            .detect(&img, (self.cfg.min_face_px / sx.max(sy)).max(12.0))?
+        Ok((img, sx, sy))
+    }
+
+    /// The model's faces in frame pixels, under the score threshold, the minimum size and
+    /// the face cap.
+    fn finish(&self, found: Vec<Detection>, sx: f32, sy: f32) -> Vec<Detection> {
+        let mut faces: Vec<Detection> = found
             .into_iter()
             .map(|d| Detection {
                 bbox: BBox {
@@ -264,6 +298,40 @@ impl FaceDetector {
         } else if self.cfg.max_faces > 0 {
             faces.truncate(self.cfg.max_faces);
         }
-        Ok(faces)
+        faces
+    }
+}
+
+/// Runs `f` on the frame's pixels as packed RGB8: NV12 frames (the GPU backend's) are
+/// converted on the CPU, only for the frames detection runs on.
+fn with_rgb<T>(
+    frame: &Frame,
+    f: impl FnOnce(RgbView<'_>) -> Result<T, DetectError>,
+) -> Result<T, DetectError> {
+    match frame.format {
+        PixelFormat::Nv12 => {
+            let view = crate::crop::yuv::nv12_view(frame)
+                .map_err(|e| DetectError::Frame(e.to_string()))?;
+            let rgb = view.to_rgb();
+            f(RgbView {
+                data: &rgb,
+                width: view.width,
+                height: view.height,
+                stride: 3 * view.width,
+            })
+        }
+        PixelFormat::Rgb8 => {
+            let p = frame.planes[0];
+            let data = frame
+                .data
+                .get(p.offset..)
+                .ok_or_else(|| DetectError::Frame("plane offset past the data".into()))?;
+            f(RgbView {
+                data,
+                width: frame.width as usize,
+                height: frame.height as usize,
+                stride: p.stride,
+            })
+        }
     }
 }

@@ -182,6 +182,46 @@ impl Mtcnn {
     /// 12 px, P-Net's window) in an RGB image (values 0..255). Landmarks are in 0-based
     /// pixels.
     pub fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError> {
+        let boxes = self.proposals(img, min_face)?;
+        self.refine(img, boxes)
+    }
+
+    /// Faces near `around` (boxes in `img`'s 0-based pixels, e.g. where a tracker predicts
+    /// its faces): each box, squared, goes straight to R-Net and O-Net as if P-Net had
+    /// proposed it, so the pyramid is skipped. A face the box no longer holds is not found.
+    pub fn detect_around(
+        &mut self,
+        img: &RgbF32,
+        around: &[BBox],
+    ) -> Result<Vec<Detection>, DetectError> {
+        let boxes: Vec<Cand> = around
+            .iter()
+            .filter(|b| {
+                [b.x0, b.y0, b.x1, b.y1].iter().all(|v| v.is_finite())
+                    && b.width() >= 1.0
+                    && b.height() >= 1.0
+            })
+            .map(|b| {
+                // 0-based edges -> the lineage's 1-based inclusive corners.
+                let mut c = [
+                    f64::from(b.x0) + 1.0,
+                    f64::from(b.y0) + 1.0,
+                    f64::from(b.x1),
+                    f64::from(b.y1),
+                ];
+                square(&mut c);
+                Cand {
+                    b: c.map(f64::trunc),
+                    score: 1.0,
+                    reg: [0.0; 4],
+                }
+            })
+            .collect();
+        self.refine(img, boxes)
+    }
+
+    /// Stage 1: the pyramid through P-Net; candidates regressed and squared.
+    fn proposals(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Cand>, DetectError> {
         let s = self.settings;
         let (w, h) = (img.width as f64, img.height as f64);
         // Stage 1: the pyramid through P-Net.
@@ -251,7 +291,16 @@ impl Mtcnn {
             square(&mut c.b);
             c.b = c.b.map(f64::trunc);
         }
+        Ok(boxes)
+    }
 
+    /// Stages 2 and 3 on candidate boxes: R-Net refines, O-Net scores, regresses and places
+    /// the landmarks.
+    fn refine(&mut self, img: &RgbF32, boxes: Vec<Cand>) -> Result<Vec<Detection>, DetectError> {
+        if boxes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = self.settings;
         // Stage 2: R-Net refines.
         let crops = |boxes: &[Cand], size: usize| -> Vec<RgbF32> {
             boxes

@@ -63,6 +63,45 @@ pub struct FaceStage {
     pub stop: Arc<AtomicBool>,
 }
 
+/// When the detector searches a frame whole: every `detect_every` analysed frames, and on
+/// the frame after a track was not found around its predicted position. In between, it
+/// looks only around the tracks' predictions (MTCNN: R-Net and O-Net on those regions, no
+/// pyramid), so a new face waits at most `detect_every` analysed frames to be found.
+#[derive(Debug, Clone, Copy)]
+pub struct Search {
+    every: u32,
+    /// Frames until the next full search (0: this one).
+    until_full: u32,
+    uncertain: bool,
+}
+
+impl Search {
+    pub fn new(detect_every: u32) -> Self {
+        Search {
+            every: detect_every.max(1),
+            until_full: 0,
+            uncertain: false,
+        }
+    }
+
+    /// Whether the next frame is searched whole (and counts the frame).
+    pub fn next_is_full(&mut self) -> bool {
+        if self.until_full == 0 || self.uncertain {
+            self.until_full = self.every - 1;
+            self.uncertain = false;
+            true
+        } else {
+            self.until_full -= 1;
+            false
+        }
+    }
+
+    /// A track was not where it was predicted: the next frame is searched whole.
+    pub fn uncertain(&mut self) {
+        self.uncertain = true;
+    }
+}
+
 /// Why the stage stopped handing work on.
 enum Gone {
     /// The encode queue has no reader: the daemon is shutting down.
@@ -81,8 +120,7 @@ impl FaceStage {
     /// The stage's loop on the calling thread.
     pub fn run(mut self) {
         let mut tracker = Tracker::new(self.track.clone(), self.fps);
-        let every = u64::from(self.track.detect_every.max(1));
-        let mut n = 0u64;
+        let mut search = Search::new(self.track.detect_every);
         let mut pixels = Vec::new();
         loop {
             if self.stop.load(Ordering::Relaxed) {
@@ -93,11 +131,10 @@ impl FaceStage {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let detect = n.is_multiple_of(every);
-            n += 1;
+            let full = search.next_is_full();
             let done = crate::fault::catch(|| {
                 crate::fault::inject("faces");
-                self.frame(&mut tracker, frame, detect, &mut pixels)
+                self.frame(&mut tracker, frame, full, &mut search, &mut pixels)
             });
             match done {
                 Ok(Ok(())) => {}
@@ -118,6 +155,7 @@ impl FaceStage {
                         return;
                     }
                     tracker = Tracker::new(self.track.clone(), self.fps);
+                    search = Search::new(self.track.detect_every);
                     self.metrics.tracks_live.store(0, Ordering::Relaxed);
                     std::thread::sleep(wait);
                 }
@@ -130,30 +168,59 @@ impl FaceStage {
         }));
     }
 
-    /// One analysed frame: detection (or prediction), tracking, and the due faces to the
-    /// encode queue.
+    /// One analysed frame: detection (the whole frame, or around the tracks), tracking, and
+    /// the due faces to the encode queue.
     fn frame(
         &mut self,
         tracker: &mut Tracker,
         frame: Frame,
-        detect: bool,
+        full: bool,
+        search: &mut Search,
         pixels: &mut Vec<f32>,
     ) -> Result<(), Gone> {
         let m = self.metrics.clone();
         m.frames_analysed.inc();
         let now = frame.mono;
-        let (faces, events) = if detect {
+        let around = if full {
+            Vec::new()
+        } else {
+            tracker.regions(now)
+        };
+        let (faces, events) = if !full && around.is_empty() {
+            // No track to look for, and no full search due: nothing to detect.
+            tracker.predict(now)
+        } else {
             let t0 = thread_cpu_ns();
-            let found = self.detector.detect_frame(&frame);
+            let found = if full {
+                m.detector_runs.inc();
+                self.detector.detect_frame(&frame)
+            } else {
+                match self.detector.detect_frame_around(&frame, &around) {
+                    Some(found) => {
+                        m.detector_around_runs.inc();
+                        found
+                    }
+                    // The model cannot search around: the whole frame instead.
+                    None => {
+                        m.detector_runs.inc();
+                        self.detector.detect_frame(&frame)
+                    }
+                }
+            };
             m.detect_ns.add(thread_cpu_ns().saturating_sub(t0));
-            m.detector_runs.inc();
             match found {
                 Ok(dets) => {
+                    // A track not found where it was predicted (it moved fast, turned, a
+                    // scene cut): the next frame is searched whole.
+                    if !full && dets.len() < around.len() {
+                        search.uncertain();
+                    }
                     m.faces_detected.add(dets.len() as u64);
                     let with_q: Vec<_> = dets.iter().map(|d| (*d, quick_quality(d))).collect();
                     tracker.update(&with_q, now)
                 }
                 Err(e) => {
+                    search.uncertain();
                     let errors = m.detector_errors.get();
                     m.detector_errors.inc();
                     if errors.is_power_of_two() || errors == 0 {
@@ -162,8 +229,6 @@ impl FaceStage {
                     tracker.predict(now)
                 }
             }
-        } else {
-            tracker.predict(now)
         };
         self.report(events)?;
         m.tracks_live.store(tracker.len() as u64, Ordering::Relaxed);

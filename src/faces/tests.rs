@@ -82,16 +82,42 @@ fn run_stage_with(
     device_crop: bool,
     crop: CropSpec,
 ) -> (Vec<EncodeItem>, Arc<StreamMetrics>) {
+    // The script answers one frame per call: every frame is searched whole (the searches
+    // between full ones have a test of their own, with a detector that knows its frames).
+    let track = TrackConfig {
+        detect_every: 1,
+        ..track
+    };
     let fps = 5.0;
     let n = script.len();
+    let t0 = Instant::now();
+    let detector = FaceDetector::with_model(
+        Box::new(Scripted(Arc::new(Mutex::new(script.into())))),
+        &DetectConfig::default(),
+    );
+    stage_over(
+        (0..n).map(|i| frame(i, t0, fps)).collect(),
+        detector,
+        track,
+        (capacity, device_crop, crop),
+    )
+}
+
+/// A face stage over `frames` (5 fps) with `detector` on this thread, into an encode queue
+/// of `capacity`; what it queued, in order, and its counters.
+fn stage_over(
+    frames: Vec<Frame>,
+    detector: FaceDetector,
+    track: TrackConfig,
+    (capacity, device_crop, crop): (usize, bool, CropSpec),
+) -> (Vec<EncodeItem>, Arc<StreamMetrics>) {
     let (ftx, frx) = bounded(
         "frames",
-        NonZeroUsize::new(n + 1).unwrap(),
+        NonZeroUsize::new(frames.len() + 1).unwrap(),
         FullPolicy::Block,
     );
-    let t0 = Instant::now();
-    for i in 0..n {
-        ftx.send(frame(i, t0, fps)).unwrap();
+    for f in frames {
+        ftx.send(f).unwrap();
     }
     drop(ftx);
     let (etx, erx) = bounded_keeping(
@@ -101,16 +127,12 @@ fn run_stage_with(
         EncodeItem::must_keep,
     );
     let metrics = Arc::new(StreamMetrics::default());
-    let detector = FaceDetector::with_model(
-        Box::new(Scripted(Arc::new(Mutex::new(script.into())))),
-        &DetectConfig::default(),
-    );
     FaceStage {
         stream: StreamId::new("cam").unwrap(),
         frames: frx,
         detector,
         track,
-        fps,
+        fps: 5.0,
         crop,
         publish_crops: false,
         keep_media: false,
@@ -352,4 +374,130 @@ fn the_gpu_path_with_the_twin_device_embeds_each_face_like_the_cpu_crop() {
         }
     }
     assert!(batched > 0, "no batch held more than one face");
+}
+
+/// A world of faces per frame, as a detector sees it: the frame's index is written in its
+/// first pixel; `detect` finds every face of the frame, `detect_around` those whose box
+/// overlaps one of the regions it is given.
+struct World {
+    faces: Vec<Vec<Detection>>,
+    calls: Arc<Mutex<Vec<(usize, &'static str)>>>,
+}
+
+impl World {
+    fn index(img: &RgbF32) -> usize {
+        img.px(0, 0, 0) as usize
+    }
+}
+
+impl Detector for World {
+    fn detect(&mut self, img: &RgbF32, _: f32) -> Result<Vec<Detection>, DetectError> {
+        let i = World::index(img);
+        self.calls.lock().unwrap().push((i, "full"));
+        Ok(self.faces[i].clone())
+    }
+
+    fn detect_around(
+        &mut self,
+        img: &RgbF32,
+        around: &[crate::types::BBox],
+    ) -> Option<Result<Vec<Detection>, DetectError>> {
+        let i = World::index(img);
+        self.calls.lock().unwrap().push((i, "around"));
+        Some(Ok(self.faces[i]
+            .iter()
+            .filter(|f| {
+                around
+                    .iter()
+                    .any(|r| crate::detect::nms::iou(r, &f.bbox) > 0.3)
+            })
+            .copied()
+            .collect()))
+    }
+}
+
+#[test]
+fn between_full_searches_tracks_are_found_around_their_predictions_and_new_faces_wait_at_most_detect_every_frames()
+ {
+    let fps = 5.0;
+    let n = 30;
+    // Face A from the start until frame 15; face B from frame 7 on.
+    let faces: Vec<Vec<Detection>> = (0..n)
+        .map(|i| {
+            let mut v = Vec::new();
+            if i <= 15 {
+                v.push(face(90.0));
+            }
+            if i >= 7 {
+                v.push(face(230.0));
+            }
+            v
+        })
+        .collect();
+    let t0 = Instant::now();
+    let frames: Vec<Frame> = (0..n)
+        .map(|i| {
+            let f = frame(i, t0, fps);
+            let mut data = f.data.to_vec();
+            data[..3].copy_from_slice(&[i as u8; 3]);
+            Frame::packed_rgb(
+                f.stream.clone(),
+                f.seq,
+                f.pts,
+                f.mono,
+                (320, 240),
+                data.into(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let calls: Arc<Mutex<Vec<(usize, &'static str)>>> = Default::default();
+    let detector = FaceDetector::with_model(
+        Box::new(World {
+            faces,
+            calls: calls.clone(),
+        }),
+        &DetectConfig::default(),
+    );
+    let track = TrackConfig {
+        detect_every: 5,
+        ..TrackConfig::default()
+    };
+    let (items, metrics) = stage_over(frames, detector, track, (256, false, small_crop()));
+    let calls = calls.lock().unwrap().clone();
+    let full: Vec<usize> = calls
+        .iter()
+        .filter(|c| c.1 == "full")
+        .map(|c| c.0)
+        .collect();
+    // Every 5th frame whole, and frame 17 after A was missing where predicted on 16.
+    assert_eq!(full, [0, 5, 10, 15, 17, 22, 27], "{calls:?}");
+    assert_eq!(calls.len(), n, "one search per frame: {calls:?}");
+    assert_eq!(metrics.detector_runs.get(), 7);
+    assert_eq!(metrics.detector_around_runs.get(), 23);
+    // B appeared on frame 7 and was found by the full search of frame 10 (3 frames: at most
+    // detect_every), born on frame 11 from the search around its prediction, and scored.
+    let frame_of =
+        |j: &EncodeJob<FaceMeta>| (j.meta.pts.unwrap().as_secs_f64() * fps).round() as usize;
+    let first_b = items
+        .iter()
+        .find_map(|i| match i {
+            Queued::Face(j) if j.meta.track.0 == 2 => Some(frame_of(j)),
+            _ => None,
+        })
+        .expect("face B scored");
+    assert_eq!(first_b, 11);
+    // Faces are scored at the default cadence between full searches too: A on frames 1, 4,
+    // 7, 10, 13 (every 3rd at 5 fps), found around its prediction on all but 10.
+    let a: Vec<usize> = items
+        .iter()
+        .filter_map(|i| match i {
+            Queued::Face(j) if j.meta.track.0 == 1 => Some(frame_of(j)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(a, [1, 4, 7, 10, 13], "{}", shape(&items).join(" "));
+    // One track per face, and A's end after it left.
+    assert!(shape(&items).contains(&"E1".to_string()));
+    assert!(!shape(&items).iter().any(|s| s == "F3"));
 }

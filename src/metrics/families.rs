@@ -106,7 +106,7 @@ pub fn render(n: &NodeSample<'_>) -> String {
     }
     // One value per stream: (name, help, value). Kind: counter for `_total`, else gauge.
     type Pick = fn(&StreamSample) -> f64;
-    let per_stream: [(&str, &str, Pick); 12] = [
+    let per_stream: [(&str, &str, Pick); 14] = [
         (
             "dfwatch_stream_reconnects_total",
             "Re-establishments after a loss.",
@@ -126,6 +126,16 @@ pub fn render(n: &NodeSample<'_>) -> String {
             "dfwatch_frames_analysed_total",
             "Frames the face stage processed.",
             |r| r.analysis.frames_analysed.get() as f64,
+        ),
+        (
+            "dfwatch_detector_full_runs_total",
+            "Frames the detector searched whole (every track.detect_every analysed frames, and after a track was not found where predicted).",
+            |r| r.analysis.detector_runs.get() as f64,
+        ),
+        (
+            "dfwatch_detector_around_runs_total",
+            "Frames the detector searched only around the tracks' predicted positions.",
+            |r| r.analysis.detector_around_runs.get() as f64,
         ),
         (
             "dfwatch_faces_detected_total",

@@ -10,7 +10,9 @@ use super::{BATCH_BUCKETS, Counter, Histogram, LATENCY_BUCKETS};
 #[derive(Debug, Default)]
 pub struct StreamMetrics {
     pub frames_analysed: Counter,
+    /// Full searches of a frame, and searches only around the tracks' predictions.
     pub detector_runs: Counter,
+    pub detector_around_runs: Counter,
     pub detector_errors: Counter,
     pub faces_detected: Counter,
     /// Faces the tracker asked to have scored.

@@ -202,14 +202,15 @@ fn the_default_cadence_is_whole_frames_and_jitter_never_costs_a_frame() {
 }
 
 #[test]
-fn frames_per_score_rounds_up_to_detection_frames() {
+fn frames_per_score_is_whole_frames_whatever_the_full_search_cadence() {
     let cfg = TrackConfig {
         score_every: Duration::from_millis(300),
         detect_every: 3,
         ..TrackConfig::default()
     };
-    // 300 ms at 5 fps is 1.5 -> 2 frames, then up to a multiple of 3.
-    assert_eq!(cfg.frames_per_score(5.0), 3);
+    // 300 ms at 5 fps is 1.5 -> 2 frames; between full searches, tracks are detected
+    // around their predictions, so detect_every does not stretch it.
+    assert_eq!(cfg.frames_per_score(5.0), 2);
     assert_eq!(cfg.frames_per_score(30.0), 9);
     let every_frame = TrackConfig {
         score_every: Duration::from_millis(100),
