@@ -414,10 +414,6 @@ impl Db {
         self.media_bytes
     }
 
-    pub fn set_limits(&mut self, limits: Limits) {
-        self.limits = limits;
-    }
-
     /// Records one lifecycle step in one transaction; returns the event's summary after it.
     pub fn record(&mut self, r: &Record<'_>) -> Result<Option<EventSummary>, DbError> {
         let tx = self.conn.transaction()?;
@@ -425,14 +421,7 @@ impl Db {
         let at = unix_ms(r.at);
         let f = facts(r.payload);
         let payload = std::str::from_utf8(r.payload).unwrap_or("{}");
-        let exists: bool = tx
-            .query_row(
-                "SELECT 1 FROM events WHERE alert_id = ?1",
-                [r.alert_id],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
+        let exists = has_event(&tx, r.alert_id)?;
         // An update or end whose new was not recorded (a full queue, a store that was
         // reset) still makes an event: history with a gap beats none.
         let (state, ended) = match r.change {
@@ -504,16 +493,7 @@ impl Db {
             self.pruned.media_too_large += 1;
             return Ok(false);
         }
-        let exists = self
-            .conn
-            .query_row(
-                "SELECT 1 FROM events WHERE alert_id = ?1",
-                [alert_id],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        if !exists {
+        if !has_event(&self.conn, alert_id)? {
             return Ok(false);
         }
         let old: u64 = self
@@ -526,22 +506,7 @@ impl Db {
             .optional()?
             .unwrap_or(0)
             .max(0) as u64;
-        let mut freed_any = false;
-        while self.media_bytes - old + n > self.limits.max_media_bytes {
-            let oldest: Option<String> = self
-                .conn
-                .query_row(
-                    "SELECT alert_id FROM media WHERE alert_id != ?1
-                     ORDER BY alert_id LIMIT 1",
-                    [alert_id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let Some(oldest) = oldest else { break };
-            self.drop_media(&oldest)?;
-            self.pruned.media += 1;
-            freed_any = true;
-        }
+        let freed_any = self.evict_media(n, old, Some(alert_id))?;
         if self.media_bytes - old + n > self.limits.max_media_bytes {
             self.pruned.media_too_large += 1;
             return Ok(false);
@@ -562,6 +527,34 @@ impl Db {
             self.give_back_pages()?;
         }
         Ok(true)
+    }
+
+    /// Removes the media of the oldest events (all but `spare`'s) while the total, less
+    /// `credit` bytes about to be replaced, plus `need` new bytes is over `max_media_bytes`;
+    /// counted. Returns whether anything went.
+    fn evict_media(
+        &mut self,
+        need: u64,
+        credit: u64,
+        spare: Option<&str>,
+    ) -> Result<bool, DbError> {
+        let mut freed = false;
+        while self.media_bytes - credit + need > self.limits.max_media_bytes {
+            let oldest: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT alert_id FROM media WHERE ?1 IS NULL OR alert_id != ?1
+                     ORDER BY alert_id LIMIT 1",
+                    [spare],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(oldest) = oldest else { break };
+            self.drop_media(&oldest)?;
+            self.pruned.media += 1;
+            freed = true;
+        }
+        Ok(freed)
     }
 
     fn drop_media(&mut self, alert_id: &str) -> Result<(), DbError> {
@@ -642,19 +635,7 @@ impl Db {
             counted = self.delete_oldest(self.events - self.limits.max_events)?;
             self.pruned.count += counted;
         }
-        while self.media_bytes > self.limits.max_media_bytes {
-            let oldest: Option<String> = self
-                .conn
-                .query_row(
-                    "SELECT alert_id FROM media ORDER BY alert_id LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let Some(oldest) = oldest else { break };
-            self.drop_media(&oldest)?;
-            self.pruned.media += 1;
-        }
+        self.evict_media(0, 0, None)?;
         if aged + counted > 0 {
             self.give_back_pages()?;
         }
@@ -886,6 +867,18 @@ impl Db {
             })?
             .max(0) as u64)
     }
+}
+
+/// The event `alert_id` is in the database.
+fn has_event(conn: &Connection, alert_id: &str) -> rusqlite::Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM events WHERE alert_id = ?1",
+            [alert_id],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
 }
 
 /// The change counter, one step on: every change stamps its event with it (the SSE id).

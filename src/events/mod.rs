@@ -154,7 +154,8 @@ pub struct StoreMetrics {
     pub written: Counter,
     /// Alert events lost because the writer's queue was full.
     pub dropped: Counter,
-    /// Alert events (or media) the database refused (full disk, I/O error).
+    /// Database calls that failed, writes and API reads alike (full disk, I/O error,
+    /// damage).
     pub write_errors: Counter,
     /// Media items stored.
     pub media_written: Counter,
@@ -189,7 +190,7 @@ struct Shared {
     media_in_flight: AtomicUsize,
     media_cap: usize,
     /// Exports running now.
-    exports: AtomicUsize,
+    exports: AtomicU64,
 }
 
 /// The event store: a handle to its writer thread and its database.
@@ -221,7 +222,7 @@ impl EventStore {
             live,
             media_in_flight: AtomicUsize::new(0),
             media_cap: cfg.held_frames.max(1),
-            exports: AtomicUsize::new(0),
+            exports: AtomicU64::new(0),
         });
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
         let writer = shared.clone();
@@ -350,43 +351,50 @@ impl EventStore {
     }
 
     /// A place among the live subscribers, `None` when `max` are connected (counted).
-    pub fn subscriber(&self, max: u64) -> Option<SubscriberGuard> {
-        let m = &self.shared.metrics;
-        if m.subscribers.fetch_add(1, Ordering::Relaxed) >= max {
-            m.subscribers.fetch_sub(1, Ordering::Relaxed);
-            m.subscribers_refused.inc();
-            return None;
-        }
-        Some(SubscriberGuard(self.shared.clone()))
+    pub fn subscriber(&self, max: u64) -> Option<Slot> {
+        Slot::take(&self.shared, max, |s| {
+            (&s.metrics.subscribers, &s.metrics.subscribers_refused)
+        })
     }
 
     /// A place among the running exports, `None` when `max` run (counted).
-    pub fn exporter(&self, max: usize) -> Option<ExportGuard> {
-        let s = &self.shared;
-        if s.exports.fetch_add(1, Ordering::Relaxed) >= max {
-            s.exports.fetch_sub(1, Ordering::Relaxed);
-            s.metrics.exports_refused.inc();
+    pub fn exporter(&self, max: u64) -> Option<Slot> {
+        Slot::take(&self.shared, max, |s| {
+            (&s.exports, &s.metrics.exports_refused)
+        })
+    }
+}
+
+/// One of a bounded number of places (live subscribers, running exports), held while it
+/// lives.
+pub struct Slot {
+    shared: Arc<Shared>,
+    /// The count the place is in, and the counter of refusals.
+    of: fn(&Shared) -> (&AtomicU64, &Counter),
+}
+
+impl Slot {
+    fn take(
+        shared: &Arc<Shared>,
+        max: u64,
+        of: fn(&Shared) -> (&AtomicU64, &Counter),
+    ) -> Option<Slot> {
+        let (count, refused) = of(shared);
+        if count.fetch_add(1, Ordering::Relaxed) >= max {
+            count.fetch_sub(1, Ordering::Relaxed);
+            refused.inc();
             return None;
         }
-        Some(ExportGuard(self.shared.clone()))
+        Some(Slot {
+            shared: shared.clone(),
+            of,
+        })
     }
 }
 
-/// Counts a running export while it lives.
-pub struct ExportGuard(Arc<Shared>);
-
-impl Drop for ExportGuard {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.exports.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts a live subscriber while it lives.
-pub struct SubscriberGuard(Arc<Shared>);
-
-impl Drop for SubscriberGuard {
-    fn drop(&mut self) {
-        self.0.metrics.subscribers.fetch_sub(1, Ordering::Relaxed);
+        (self.of)(&self.shared).0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -505,12 +513,16 @@ impl Shared {
                 return;
             }
         };
+        let mut stored = false;
         for (kind, jpeg) in jpegs.into_iter().flatten() {
             match jpeg {
                 Ok(jpeg) => {
                     let r = db.put_media(&ev.alert_id, kind, &jpeg);
                     match self.checked(&mut db, r) {
-                        Ok(true) => self.metrics.media_written.inc(),
+                        Ok(true) => {
+                            self.metrics.media_written.inc();
+                            stored = true;
+                        }
                         Ok(false) => {}
                         Err(e) => {
                             tracing::warn!(alert_id = %ev.alert_id, error = %e, "Evidence media could not be written to the event store.");
@@ -522,9 +534,10 @@ impl Shared {
                     tracing::warn!(alert_id = %ev.alert_id, error = %e, "Evidence media not encoded.");
                 }
             }
-            if let Ok(Some(s)) = db.get(&ev.alert_id) {
-                summary = Some(s);
-            }
+        }
+        // The media moved the event's change counter on: its summary once more.
+        if stored && let Ok(Some(s)) = db.get(&ev.alert_id) {
+            summary = Some(s);
         }
         self.refresh_gauges(&db);
         // Told under the lock: subscribers hear changes in the order they were committed.

@@ -43,7 +43,7 @@ pub const MAX_SUBSCRIBERS: u64 = 32;
 /// Events a reconnecting subscriber is replayed at most.
 pub const MAX_REPLAY: usize = 500;
 /// Exports running at once.
-pub const MAX_EXPORTS: usize = 2;
+pub const MAX_EXPORTS: u64 = 2;
 /// Longest review note.
 pub const MAX_NOTE_CHARS: usize = 1000;
 /// `/api/alerts`: default and largest `limit`.
@@ -54,6 +54,16 @@ fn bad(what: impl Into<String>) -> Response {
     (
         StatusCode::BAD_REQUEST,
         Json(serde_json::json!({"error": "invalid", "detail": what.into()})),
+    )
+        .into_response()
+}
+
+/// 503 with `Retry-After`: a bounded number of places is taken.
+fn busy(retry_after_s: &'static str, detail: String) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, retry_after_s)],
+        Json(serde_json::json!({"error": "busy", "detail": detail})),
     )
         .into_response()
 }
@@ -333,12 +343,7 @@ pub async fn export(State(s): State<Arc<AppState>>, Query(q): Query<ExportQuery>
     // A page of events with their lifecycles is at most PAGE * 258 payloads.
     const PAGE: usize = 20;
     let Some(slot) = s.events.exporter(MAX_EXPORTS) else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "30")],
-            Json(serde_json::json!({"error": "busy", "detail": format!("{MAX_EXPORTS} exports running already")})),
-        )
-            .into_response();
+        return busy("30", format!("{MAX_EXPORTS} exports running already"));
     };
     let pages = futures_util::stream::unfold(
         (s, None::<String>, false, slot),
@@ -413,12 +418,7 @@ fn reset(why: &str) -> SseEvent {
 /// Server-sent events of every change committed to the store.
 pub async fn stream(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let Some(guard) = s.events.subscriber(MAX_SUBSCRIBERS) else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "10")],
-            Json(serde_json::json!({"error": "busy", "detail": format!("{MAX_SUBSCRIBERS} live subscribers already")})),
-        )
-            .into_response();
+        return busy("10", format!("{MAX_SUBSCRIBERS} live subscribers already"));
     };
     // Subscribe before the replay is read: nothing committed in between is missed (a change
     // may come twice; its seq tells).

@@ -470,7 +470,7 @@ pub fn render(n: &NodeSample<'_>) -> String {
         (
             "dfwatch_events_write_errors_total",
             "counter",
-            "Event store writes the database refused (full disk, I/O error, damage).",
+            "Event store database calls that failed, writes and API reads alike (full disk, I/O error, damage).",
             ev.write_errors.get() as f64,
         ),
         (
@@ -514,6 +514,12 @@ pub fn render(n: &NodeSample<'_>) -> String {
             "counter",
             "Subscribers of /api/events/stream refused because the most were connected.",
             ev.subscribers_refused.get() as f64,
+        ),
+        (
+            "dfwatch_events_exports_refused_total",
+            "counter",
+            "Exports of /api/events/export refused because the most were running.",
+            ev.exports_refused.get() as f64,
         ),
         (
             "dfwatch_events_held_frames",

@@ -87,25 +87,32 @@ function refused() {
   needSignIn("Sign in to read: this daemon's API asks for the token.");
 }
 
-// Streams: state, decoder, coverage, reconnects, live verdict.
-async function loadStreams() {
+// A read of the API: its JSON, or null after saying in `msg` why there is none (a refusal
+// also stops the page asking until it is signed in).
+async function read(path, msg, what) {
   let r;
   try {
-    r = await api("/api/streams");
+    r = await api(path);
   } catch (e) {
-    say("streams-msg", "The daemon does not answer.", true);
-    return;
+    say(msg, "The daemon does not answer.", true);
+    return null;
   }
   if (r.status === 401) {
-    say("streams-msg", "Reading needs the API token here: sign in above.", true);
+    say(msg, "Reading needs the API token here: sign in above.", true);
     refused();
-    return;
+    return null;
   }
   if (!r.ok) {
-    say("streams-msg", `Streams not available (HTTP ${r.status}).`, true);
-    return;
+    say(msg, `${what} not available (HTTP ${r.status}).`, true);
+    return null;
   }
-  const streams = await r.json();
+  return r.json();
+}
+
+// Streams: state, decoder, coverage, reconnects, live verdict.
+async function loadStreams() {
+  const streams = await read("/api/streams", "streams-msg", "Streams");
+  if (streams === null) return;
   const list = $("streams");
   list.replaceChildren(
     ...streams.map((s) => {
@@ -218,23 +225,8 @@ async function loadEvents(reset) {
   }
   const q = new URLSearchParams({ limit: String(PAGE) });
   if (!reset && cursor) q.set("cursor", cursor);
-  let r;
-  try {
-    r = await api(`/api/events?${q}`);
-  } catch (e) {
-    say("events-msg", "The daemon does not answer.", true);
-    return;
-  }
-  if (r.status === 401) {
-    say("events-msg", "Reading needs the API token here: sign in above.", true);
-    refused();
-    return;
-  }
-  if (!r.ok) {
-    say("events-msg", `Events not available (HTTP ${r.status}).`, true);
-    return;
-  }
-  const page = await r.json();
+  const page = await read(`/api/events?${q}`, "events-msg", "Events");
+  if (page === null) return;
   const list = $("events");
   for (const e of page.events) {
     if (!$(`ev-${e.alert_id}`)) list.append(eventCard(e));
