@@ -100,6 +100,73 @@ enum Cmd {
         #[arg(long, short, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// The paper's protocol over a labelled LIST (CSV: path,label[,method][,video_id]; videos
+    /// or aligned face crops, paths relative to the LIST): video- and frame-level AUC, AP,
+    /// EER and accuracy with bootstrap intervals, per-method AUC, the explanations against
+    /// what each FF++ method alters. Writes JSON (-o) and an HTML page beside it; resumable.
+    Eval {
+        #[arg(value_name = "LIST")]
+        list: PathBuf,
+        /// Model bundle directory.
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Frames per video, evenly spaced (the paper: 64 for the FF++ model, 32 for FFSC).
+        #[arg(long, default_value_t = 64)]
+        frames: usize,
+        /// Take [detect], [track], [onnx] from this config.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The JSON report (default: standard output); the page goes to the same path with
+        /// .html and the cache to .cache unless --html or --cache say otherwise.
+        #[arg(long, short, value_name = "REPORT")]
+        out: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        /// Per-file results, by file hash and model SHA-256 (a rerun resumes from it).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        #[arg(long)]
+        no_cache: bool,
+        /// Bootstrap resamples for the 95% intervals.
+        #[arg(long, default_value_t = 1000)]
+        bootstrap: usize,
+        /// Seed of the bootstrap (stated in the report).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// The [evidence] thresholds for a false-alarm budget: replays the LIST's videos through
+    /// the daemon's own face stage, tracker and decision stage over a grid of enter_fake,
+    /// exit_fake and window, counts false alarms per hour on the real videos and the delay
+    /// to an alert on the fake ones, and writes the section that meets the budget with the
+    /// shortest delay (and the curve it chose from).
+    Calibrate {
+        #[arg(value_name = "LIST")]
+        list: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// False alarms per stream-hour allowed on the real videos.
+        #[arg(long, value_name = "X")]
+        false_alarms_per_hour: f64,
+        /// The daemon's config (its [ingest] analysis_fps, [detect], [track], [evidence]).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Where the [evidence] section goes (default: standard output).
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The curve as JSON (default: beside --out, .curve.json).
+        #[arg(long, value_name = "FILE")]
+        curve: Option<PathBuf>,
+    },
+    /// Export the events an operator marked as false alarms in an event store as a LIST
+    /// (their stored face crops, labelled real) for `eval`.
+    ExportFalseAlarms {
+        /// The event store ([events] path), opened read-only.
+        #[arg(long, value_name = "FILE")]
+        events: PathBuf,
+        /// Directory for list.csv and the crops.
+        #[arg(long, short, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Print version, GStreamer version, cargo features and the video decoders available.
     Version {
         /// Print JSON instead of text.
@@ -162,11 +229,19 @@ fn main() -> ExitCode {
             };
         }
     };
-    // Benchmarks print tables; their stages' info lines would only interleave with them.
+    // Benchmarks print tables, and the offline commands a report and a progress bar; their
+    // stages' (and ONNX Runtime's) info lines would only interleave with them.
     // The embedded broker (rumqttd) logs every client connect and disconnect, and errors for
     // clients that only probe its port; our own connection problems are reported by the
     // publisher. DFWATCH_LOG=info,rumqttd=info brings them back.
-    let default_level = if matches!(cli.command, Cmd::Bench { .. }) {
+    let default_level = if matches!(
+        cli.command,
+        Cmd::Bench { .. }
+            | Cmd::Analyze { .. }
+            | Cmd::Eval { .. }
+            | Cmd::Calibrate { .. }
+            | Cmd::ExportFalseAlarms { .. }
+    ) {
         "warn,rumqttd=off"
     } else {
         "info,rumqttd=off"
@@ -247,7 +322,160 @@ fn main() -> ExitCode {
             config,
             out,
         } => analyze(&input, &model, frames, config, out),
+        Cmd::Eval {
+            list,
+            model,
+            frames,
+            config,
+            out,
+            html,
+            cache,
+            no_cache,
+            bootstrap,
+            seed,
+        } => offline_config(config).map_or_else(
+            |code| code,
+            |config| {
+                eval(
+                    list, model, frames, config, out, html, cache, no_cache, bootstrap, seed,
+                )
+            },
+        ),
+        Cmd::Calibrate {
+            list,
+            model,
+            false_alarms_per_hour,
+            config,
+            out,
+            curve,
+        } => offline_config(config).map_or_else(
+            |code| code,
+            |config| calibrate(list, model, config, false_alarms_per_hour, out, curve),
+        ),
+        Cmd::ExportFalseAlarms { events, out } => {
+            match dfwatch::offline::false_alarms::export(&events, &out) {
+                Ok((n, without)) => {
+                    eprintln!(
+                        "{n} false alarms with a face crop -> {}{}",
+                        out.join("list.csv").display(),
+                        if without > 0 {
+                            format!(" ({without} without a stored crop, named in comments)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+/// The config of an offline command: the file given, else the defaults (paths relative to
+/// the working directory).
+fn offline_config(config: Option<PathBuf>) -> Result<Config, ExitCode> {
+    match config {
+        Some(p) => load_config(&p),
+        None => Ok(Config {
+            base_dir: PathBuf::from("."),
+            ..Config::default()
+        }),
+    }
+}
+
+fn report_result(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(feature = "gstreamer")]
+#[allow(clippy::too_many_arguments)]
+fn eval(
+    list: PathBuf,
+    model: PathBuf,
+    frames: usize,
+    config: Config,
+    out: Option<PathBuf>,
+    html: Option<PathBuf>,
+    cache: Option<PathBuf>,
+    no_cache: bool,
+    resamples: usize,
+    seed: u64,
+) -> ExitCode {
+    use dfwatch::offline::eval::{EvalArgs, run};
+    report_result(run(EvalArgs {
+        list,
+        model,
+        frames,
+        config,
+        out,
+        html,
+        cache,
+        no_cache,
+        bootstrap: dfwatch::offline::metrics::Bootstrap { resamples, seed },
+    }))
+}
+
+#[cfg(feature = "gstreamer")]
+fn calibrate(
+    list: PathBuf,
+    model: PathBuf,
+    config: Config,
+    budget: f64,
+    out: Option<PathBuf>,
+    curve: Option<PathBuf>,
+) -> ExitCode {
+    use dfwatch::offline::calibrate::{CalibrateArgs, run};
+    report_result(run(CalibrateArgs {
+        list,
+        model,
+        config,
+        budget,
+        out,
+        curve,
+    }))
+}
+
+#[cfg(not(feature = "gstreamer"))]
+#[allow(clippy::too_many_arguments)]
+fn eval(
+    _: PathBuf,
+    _: PathBuf,
+    _: usize,
+    _: Config,
+    _: Option<PathBuf>,
+    _: Option<PathBuf>,
+    _: Option<PathBuf>,
+    _: bool,
+    _: usize,
+    _: u64,
+) -> ExitCode {
+    report_result(Err(anyhow::anyhow!(
+        "eval reads video through GStreamer; this build has no `gstreamer` feature"
+    )))
+}
+
+#[cfg(not(feature = "gstreamer"))]
+fn calibrate(
+    _: PathBuf,
+    _: PathBuf,
+    _: Config,
+    _: f64,
+    _: Option<PathBuf>,
+    _: Option<PathBuf>,
+) -> ExitCode {
+    report_result(Err(anyhow::anyhow!(
+        "calibrate reads video through GStreamer; this build has no `gstreamer` feature"
+    )))
 }
 
 fn gpu_info(json: bool, compile: bool, check_crop: Option<PathBuf>) -> ExitCode {
@@ -470,15 +698,9 @@ fn analyze(
     config: Option<PathBuf>,
     out: Option<PathBuf>,
 ) -> ExitCode {
-    let config = match config {
-        Some(p) => match load_config(&p) {
-            Ok(c) => c,
-            Err(code) => return code,
-        },
-        None => Config {
-            base_dir: PathBuf::from("."),
-            ..Config::default()
-        },
+    let config = match offline_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let bar = dfwatch::progress::bar(frames as u64, "analyze");
     let result =

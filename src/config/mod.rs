@@ -180,6 +180,16 @@ impl Config {
         }
     }
 
+    /// Every rule `validate` applies to a parsed file, on a config built or changed in code
+    /// (`dfwatch calibrate` checks each candidate `[evidence]` with it).
+    pub fn check(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let streams: Vec<usize> = (0..self.streams.len()).collect();
+        let webhooks: Vec<usize> = (0..self.webhooks.len()).collect();
+        self.validate(&streams, &webhooks, &mut errors);
+        errors
+    }
+
     /// Type-level parse: every section on its own, so one bad section hides no other error.
     /// Also returns each parsed stream's and webhook's index in the file (entries that failed
     /// to parse are left out, and later errors must still name the right `streams[i]`).

@@ -28,7 +28,7 @@ use crate::score::Scorer;
 use crate::types::{FaceEvent, FaceMeta, NodeId, StreamId, TrackId};
 
 /// The model as the decision stage uses it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scoring {
     pub scorer: Scorer,
     pub model: ModelInfo,
@@ -222,6 +222,17 @@ impl Decider {
                 return Vec::new();
             }
         };
+        self.on_scored(meta, score, wall)
+    }
+
+    /// One face already scored (by this decider's scorer): what [`Decider::on_embedding`]
+    /// does after scoring. `dfwatch calibrate` replays recorded faces through it.
+    pub fn on_scored(
+        &mut self,
+        meta: FaceMeta,
+        score: crate::score::FaceScore,
+        wall: SystemTime,
+    ) -> Vec<Output> {
         meta.metrics.faces_scored.inc();
         let key = (meta.stream.clone(), meta.track);
         let note = self.notes.entry(key).or_insert(TrackNote {

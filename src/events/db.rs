@@ -305,6 +305,49 @@ impl Db {
         }
     }
 
+    /// Opens an existing database to read only (what offline tools use, beside a running
+    /// daemon): never created, changed, moved aside or followed through a symlink.
+    pub fn open_read_only(path: &Path) -> Result<Db, DbError> {
+        let path_err = |what: String| DbError::Path {
+            path: path.display().to_string(),
+            what,
+        };
+        match check_file(path) {
+            Err(what) => return Err(path_err(what)),
+            Ok(false) => return Err(path_err("does not exist".into())),
+            Ok(true) => {}
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let tables: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'media')",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables != 2 {
+            return Err(path_err("is not a dfwatch event store".into()));
+        }
+        Ok(Db {
+            conn,
+            path: path.to_path_buf(),
+            // Never applied: nothing is written.
+            limits: Limits {
+                max_age: Duration::MAX,
+                max_events: u64::MAX,
+                max_media_bytes: u64::MAX,
+            },
+            media_bytes: 0,
+            events: 0,
+            pruned: Pruned::default(),
+            detached: false,
+        })
+    }
+
     fn open_checked(path: &Path, limits: Limits) -> Result<Db, DbError> {
         let path_err = |what: String| DbError::Path {
             path: path.display().to_string(),

@@ -16,6 +16,7 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 
+use super::rate::RateGate;
 use super::source::Source;
 use super::status::IngestError;
 use crate::types::{Frame, StreamId};
@@ -48,13 +49,14 @@ fn wait_async_done(bus: &gst::Bus, what: &str) -> Result<(), IngestError> {
     Ok(())
 }
 
-/// Decodes `count` frames evenly spread over the video at `uri` (a URI or a plain path,
-/// relative to `base_dir`) as packed RGB.
-pub fn sample_frames(
+/// `uridecodebin ! videoconvert ! appsink` (packed RGB, never paced, never dropping: at most
+/// `buffers` decoded frames wait) for the video at `uri` (a URI or a plain path, relative to
+/// `base_dir`), not started.
+fn rgb_pipeline(
     uri: &str,
     base_dir: &Path,
-    count: usize,
-) -> Result<SampledVideo, IngestError> {
+    buffers: u32,
+) -> Result<(gst::Pipeline, gst_app::AppSink), IngestError> {
     super::init().map_err(IngestError::Pipeline)?;
     let source = Source::parse(uri, base_dir).map_err(|e| IngestError::Pipeline(e.to_string()))?;
     let location = source.uri().to_string();
@@ -74,7 +76,7 @@ pub fn sample_frames(
                 .build(),
         )
         .sync(false)
-        .max_buffers(1)
+        .max_buffers(buffers)
         .build();
     pipeline
         .add_many([&decode, &convert, sink.upcast_ref()])
@@ -96,6 +98,107 @@ pub fn sample_frames(
             let _ = pad.link(&sinkpad);
         }
     });
+    Ok((pipeline, sink))
+}
+
+/// A decoded sample as a packed RGB frame (rows copied without padding); `mono` gives its
+/// monotonic time from its timestamp.
+fn rgb_frame(
+    sample: &gst::Sample,
+    stream: &StreamId,
+    seq: u64,
+    mono: impl FnOnce(Option<Duration>) -> Instant,
+) -> Option<Frame> {
+    let (buffer, caps) = (sample.buffer()?, sample.caps()?);
+    let info = gst_video::VideoInfo::from_caps(caps).ok()?;
+    let vf = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).ok()?;
+    let stride = vf.plane_stride()[0] as usize;
+    let (w, h) = (info.width(), info.height());
+    let row = 3 * w as usize;
+    let plane = vf.plane_data(0).ok()?;
+    let mut data = Vec::with_capacity(row * h as usize);
+    for r in 0..h as usize {
+        data.extend_from_slice(plane.get(r * stride..r * stride + row)?);
+    }
+    let pts = buffer.pts().map(|p| Duration::from_nanos(p.nseconds()));
+    Frame::packed_rgb(stream.clone(), seq, pts, mono(pts), (w, h), Arc::from(data)).ok()
+}
+
+/// Decodes the whole video at `uri` in order, as fast as it decodes, keeping `fps` frames a
+/// second of its own time line (the daemon's [`RateGate`] on the timestamps). Each kept
+/// frame's `mono` is `t0` plus its timestamp, so trackers and evidence windows see the
+/// video's time, not the decoding speed. `on_frame` returns `false` to stop early. Returns
+/// the last timestamp seen (the decoded length).
+pub fn decode_at_rate(
+    uri: &str,
+    base_dir: &Path,
+    fps: f64,
+    t0: Instant,
+    on_frame: &mut dyn FnMut(Frame) -> bool,
+) -> Result<Duration, IngestError> {
+    let (pipeline, sink) = rgb_pipeline(uri, base_dir, 4)?;
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    let stream = StreamId::new("calibrate").expect("literal id");
+    let mut gate = RateGate::new(fps);
+    let result = (|| {
+        pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|_| IngestError::Pipeline("the video could not be opened".into()))?;
+        let mut seq = 0u64;
+        let mut last = Duration::ZERO;
+        let mut waited = Duration::ZERO;
+        let tick = Duration::from_millis(200);
+        loop {
+            let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(200)) else {
+                if sink.is_eos() {
+                    break;
+                }
+                if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error])
+                    && let gst::MessageView::Error(e) = msg.view()
+                {
+                    return Err(IngestError::Pipeline(super::source::redact_known(
+                        &format!("decoding: {}", e.error()),
+                    )));
+                }
+                waited += tick;
+                if waited >= Duration::from_secs(30) {
+                    return Err(IngestError::Pipeline(
+                        "decoding: no frame within 30 s".into(),
+                    ));
+                }
+                continue;
+            };
+            waited = Duration::ZERO;
+            let pts = sample
+                .buffer()
+                .and_then(|b| b.pts())
+                .map(|p| Duration::from_nanos(p.nseconds()));
+            let Some(pts) = pts else { continue };
+            last = last.max(pts);
+            if !gate.admit(pts) {
+                continue;
+            }
+            if let Some(f) = rgb_frame(&sample, &stream, seq, |p| t0 + p.unwrap_or_default()) {
+                seq += 1;
+                if !on_frame(f) {
+                    break;
+                }
+            }
+        }
+        Ok(last)
+    })();
+    let _ = pipeline.set_state(gst::State::Null);
+    result
+}
+
+/// Decodes `count` frames evenly spread over the video at `uri` (a URI or a plain path,
+/// relative to `base_dir`) as packed RGB.
+pub fn sample_frames(
+    uri: &str,
+    base_dir: &Path,
+    count: usize,
+) -> Result<SampledVideo, IngestError> {
+    let (pipeline, sink) = rgb_pipeline(uri, base_dir, 1)?;
     let bus = pipeline.bus().expect("a pipeline has a bus");
     let result = (|| {
         pipeline
@@ -137,35 +240,9 @@ pub fn sample_frames(
             let Ok(sample) = sink.pull_preroll() else {
                 continue;
             };
-            let (Some(buffer), Some(caps)) = (sample.buffer(), sample.caps()) else {
-                continue;
-            };
-            let Ok(info) = gst_video::VideoInfo::from_caps(caps) else {
-                continue;
-            };
-            let Ok(vf) = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info) else {
-                continue;
-            };
-            let stride = vf.plane_stride()[0] as usize;
-            let (w, h) = (info.width(), info.height());
-            let row = 3 * w as usize;
-            let Ok(plane) = vf.plane_data(0) else {
-                continue;
-            };
-            let mut data = Vec::with_capacity(row * h as usize);
-            for r in 0..h as usize {
-                data.extend_from_slice(&plane[r * stride..r * stride + row]);
-            }
-            let frame = Frame::packed_rgb(
-                stream.clone(),
-                seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                buffer.pts().map(|p| Duration::from_nanos(p.nseconds())),
-                Instant::now(),
-                (w, h),
-                Arc::from(data),
-            );
-            if let Ok(f) = frame {
-                (width, height) = (w, h);
+            let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(f) = rgb_frame(&sample, &stream, n, |_| Instant::now()) {
+                (width, height) = (f.width, f.height);
                 frames.push(f);
             }
         }

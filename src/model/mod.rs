@@ -214,7 +214,7 @@ pub struct ModelBundle {
     pub safetensors_path: Option<PathBuf>,
 }
 
-pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+pub fn hex_sha256(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
