@@ -159,6 +159,11 @@ impl Analyzer {
         format!("{:?}", self.config.detect.model).to_lowercase()
     }
 
+    /// Everything that changes what the detector finds (`[detect]` as JSON), for cache keys.
+    pub fn detector_settings(&self) -> String {
+        serde_json::to_string(&self.config.detect).unwrap_or_default()
+    }
+
     /// Scores an aligned square face crop (PNG/JPEG) as `dfwatch score` does: brought to the
     /// model's size, normalised, encoded, scored.
     pub fn crop(&mut self, path: &Path) -> anyhow::Result<FaceScore> {

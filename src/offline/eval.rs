@@ -58,7 +58,7 @@ fn kind_of(path: &str) -> Kind {
     }
 }
 
-/// Reads a LIST: CSV with a header naming `path` and `label` (`real`/`fake`, or 0/1) and
+/// Reads a LIST: CSV with a header naming `path` and `label` (`real` or `fake`) and
 /// optionally `method` and `video_id`. Paths are files, relative to the LIST's directory.
 /// Every problem names its line.
 pub fn read_list(list: &Path) -> anyhow::Result<Vec<Row>> {
@@ -120,10 +120,14 @@ pub fn parse_list(bytes: &[u8], base: &Path) -> anyhow::Result<Vec<Row>> {
             anyhow::bail!("line {line}: {path:?} is a URL; eval reads local files only");
         }
         let label = get("label").with_context(|| format!("line {line}: no label"))?;
+        // Words only: datasets disagree on what 1 means (Celeb-DF's list marks real with 1).
         let fake = match label.to_ascii_lowercase().as_str() {
-            "fake" | "1" => true,
-            "real" | "0" => false,
-            other => anyhow::bail!("line {line}: label {other:?} is neither real nor fake"),
+            "fake" => true,
+            "real" => false,
+            other => anyhow::bail!(
+                "line {line}: label {other:?} is neither real nor fake (labels are words: \
+                 datasets disagree on what 1 means)"
+            ),
         };
         let file = base.join(&path);
         if let Some(first) = seen.insert(file.clone(), line) {
@@ -336,9 +340,12 @@ fn definitions() -> BTreeMap<&'static str, &'static str> {
     ])
 }
 
-/// Cache key of a file under a model and settings.
+/// Cache key of a file under a model and settings: the file's and the manifest's SHA-256,
+/// what the file is, the frames sampled and `[detect]`, and the version of dfwatch (a new
+/// version may score differently).
 fn cache_key(sha: &str, model: &str, kind: Kind, frames: usize, detect: &str) -> String {
-    let text = format!("v1|{sha}|{model}|{kind:?}|{frames}|{detect}");
+    let version = env!("CARGO_PKG_VERSION");
+    let text = format!("v1|{version}|{sha}|{model}|{kind:?}|{frames}|{detect}");
     crate::model::hex_sha256(text.as_bytes())
 }
 
@@ -422,6 +429,7 @@ pub fn eval(
     anyhow::ensure!(opts.frames > 0, "--frames must be at least 1");
     let identity = analyzer.identity();
     let detector = analyzer.detector_name();
+    let detector_settings = analyzer.detector_settings();
     if let Some(dir) = &opts.cache {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("the cache directory {}", dir.display()))?;
@@ -447,7 +455,7 @@ pub fn eval(
                 &identity.manifest_sha256,
                 row.kind,
                 opts.frames,
-                &detector,
+                &detector_settings,
             );
             if let Some(dir) = &opts.cache
                 && let Some(hit) = cache_read(dir, &key)
@@ -767,7 +775,7 @@ mod tests {
     #[test]
     fn a_list_names_each_problem_by_line() {
         let ok =
-            rows("path,label,method,video_id\na.mp4,real,,\nb.mp4,fake,Deepfakes,v2\nc.png,1,,\n")
+            rows("path,label,method,video_id\na.mp4,real,,\nb.mp4,fake,Deepfakes,v2\nc.png,FAKE,,\n")
                 .unwrap();
         assert_eq!(ok.len(), 3);
         assert_eq!(ok[0].file, Path::new("/data/a.mp4"));
@@ -778,6 +786,7 @@ mod tests {
             ("file,label\na,real\n", "unknown column"),
             ("path\na\n", "no \"label\" column"),
             ("path,label\na.mp4,maybe\n", "line 2: label \"maybe\""),
+            ("path,label\na.mp4,1\n", "labels are words"),
             (
                 "path,label\na.mp4,real\na.mp4,fake\n",
                 "line 3: \"a.mp4\" is already listed on line 2",
