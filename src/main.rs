@@ -354,12 +354,24 @@ fn main() -> ExitCode {
         ),
         Cmd::ExportFalseAlarms { events, out } => {
             match dfwatch::offline::false_alarms::export(&events, &out) {
-                Ok((n, without)) => {
+                Ok(done) => {
                     eprintln!(
-                        "{n} false alarms with a face crop -> {}{}",
+                        "{} false alarms with a face crop -> {}{}{}",
+                        done.crops,
                         out.join("list.csv").display(),
-                        if without > 0 {
-                            format!(" ({without} without a stored crop, named in comments)")
+                        if done.without_crop > 0 {
+                            format!(
+                                " ({} without a stored crop, named in comments)",
+                                done.without_crop
+                            )
+                        } else {
+                            String::new()
+                        },
+                        if done.bad_ids > 0 {
+                            format!(
+                                "; {} with an id that is not an alert id, skipped",
+                                done.bad_ids
+                            )
                         } else {
                             String::new()
                         }

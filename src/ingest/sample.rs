@@ -126,9 +126,10 @@ fn rgb_frame(
 
 /// Decodes the whole video at `uri` in order, as fast as it decodes, keeping `fps` frames a
 /// second of its own time line (the daemon's [`RateGate`] on the timestamps). Each kept
-/// frame's `mono` is `t0` plus its timestamp, so trackers and evidence windows see the
-/// video's time, not the decoding speed. `on_frame` returns `false` to stop early. Returns
-/// the last timestamp seen (the decoded length).
+/// frame's `mono` is `t0` plus its time since the first frame, so trackers and evidence
+/// windows see the video's time, not the decoding speed. `on_frame` returns `false` to stop
+/// early. Returns the length decoded: from the first frame's timestamp to the last's, plus
+/// one frame (recordings often start at a non-zero timestamp).
 pub fn decode_at_rate(
     uri: &str,
     base_dir: &Path,
@@ -145,7 +146,9 @@ pub fn decode_at_rate(
             .set_state(gst::State::Playing)
             .map_err(|_| IngestError::Pipeline("the video could not be opened".into()))?;
         let mut seq = 0u64;
+        let mut first: Option<Duration> = None;
         let mut last = Duration::ZERO;
+        let mut decoded = 0u64;
         let mut waited = Duration::ZERO;
         let tick = Duration::from_millis(200);
         loop {
@@ -174,18 +177,27 @@ pub fn decode_at_rate(
                 .and_then(|b| b.pts())
                 .map(|p| Duration::from_nanos(p.nseconds()));
             let Some(pts) = pts else { continue };
+            let start = *first.get_or_insert(pts);
             last = last.max(pts);
+            decoded += 1;
             if !gate.admit(pts) {
                 continue;
             }
-            if let Some(f) = rgb_frame(&sample, &stream, seq, |p| t0 + p.unwrap_or_default()) {
+            let since = |p: Option<Duration>| t0 + p.unwrap_or_default().saturating_sub(start);
+            if let Some(f) = rgb_frame(&sample, &stream, seq, since) {
                 seq += 1;
                 if !on_frame(f) {
                     break;
                 }
             }
         }
-        Ok(last)
+        let span = last.saturating_sub(first.unwrap_or_default());
+        let one = if decoded > 1 {
+            span / (decoded - 1).min(u64::from(u32::MAX)) as u32
+        } else {
+            Duration::ZERO
+        };
+        Ok(span + one)
     })();
     let _ = pipeline.set_state(gst::State::Null);
     result

@@ -92,6 +92,9 @@ pub fn analyze(
     Analyzer::new(model_dir, config)?.video(input, frames, Rules::PaperAndDaemon, progress)
 }
 
+/// Frames a video may be sampled at (the paper: 32 or 64); each is held decoded.
+pub const MAX_FRAMES: usize = 1024;
+
 /// Which readings [`Analyzer::video`] makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rules {
@@ -190,7 +193,10 @@ impl Analyzer {
         rules: Rules,
         progress: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<AnalyzeReport> {
-        anyhow::ensure!(frames > 0, "--frames must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_FRAMES).contains(&frames),
+            "--frames must be 1 to {MAX_FRAMES} (every sampled frame is held decoded)"
+        );
         let config = &self.config;
         let cwd = std::env::current_dir().context("the working directory")?;
         let video = crate::ingest::sample::sample_frames(input, &cwd, frames)

@@ -55,18 +55,36 @@ pub enum TraceItem {
 pub struct VideoTrace {
     pub path: String,
     pub fake: bool,
-    /// The decoded length (the last timestamp).
+    /// The decoded length (first to last timestamp, plus one frame).
     pub duration: Duration,
+    /// Frames the face stage analysed, and the detector's failures among them.
+    pub frames: u64,
+    pub detector_errors: u64,
     pub items: Vec<TraceItem>,
 }
 
-/// Faces kept per video at most (an hour at 5 fps with ten faces a frame); beyond, the
-/// video is refused rather than held in memory without end.
+/// Faces kept per video at most (an hour at 5 fps with ten faces a frame) and over the whole
+/// LIST (about 300 MB of traces); beyond, the video is refused rather than held in memory
+/// without end.
 pub const MAX_TRACE_FACES: usize = 180_000;
+pub const MAX_TOTAL_FACES: usize = 2_000_000;
+
+/// What the report says of each video.
+#[derive(Debug, Clone, Serialize)]
+pub struct VideoSummary {
+    pub path: String,
+    pub label: &'static str,
+    pub duration_s: f64,
+    pub frames: u64,
+    pub faces_scored: usize,
+    pub detector_errors: u64,
+    /// Why the video is not in the calibration.
+    pub error: Option<String>,
+}
 
 /// Decodes `row`'s video at the config's analysis rate and runs it through the face stage,
 /// the encoder and the scorer.
-pub fn trace_video(an: &mut Analyzer, row: &Row) -> anyhow::Result<VideoTrace> {
+pub fn trace_video(an: &mut Analyzer, row: &Row, max_faces: usize) -> anyhow::Result<VideoTrace> {
     anyhow::ensure!(
         row.kind == Kind::Video,
         "line {}: {} is a face crop; calibrate replays videos through the tracker",
@@ -87,6 +105,8 @@ pub fn trace_video(an: &mut Analyzer, row: &Row) -> anyhow::Result<VideoTrace> {
         EncodeItem::must_keep,
     );
     let stream = StreamId::new("calibrate").expect("literal id");
+    let metrics = Arc::new(StreamMetrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
     let stage = FaceStage {
         stream,
         frames: frames_rx,
@@ -98,8 +118,8 @@ pub fn trace_video(an: &mut Analyzer, row: &Row) -> anyhow::Result<VideoTrace> {
         keep_media: false,
         device_crop: false,
         encode: encode_tx,
-        metrics: Arc::new(StreamMetrics::default()),
-        stop: Arc::new(AtomicBool::new(false)),
+        metrics: metrics.clone(),
+        stop: stop.clone(),
     };
     let stage = stage.spawn().context("starting the face stage")?;
     let uri = row
@@ -121,16 +141,20 @@ pub fn trace_video(an: &mut Analyzer, row: &Row) -> anyhow::Result<VideoTrace> {
     let mut items = Vec::new();
     let mut faces = 0usize;
     let mut failure: Option<anyhow::Error> = None;
+    let cap = MAX_TRACE_FACES.min(max_faces);
     while let Some(item) = encode_rx.recv() {
         if failure.is_some() {
-            continue; // drain, so the stage and the decoder can finish
+            // The stage stops within 100 ms (and with it the decoder): drained until then.
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
         }
         match item {
             crate::encode::Queued::Face(job) => {
                 faces += 1;
-                if faces > MAX_TRACE_FACES {
+                if faces > cap {
                     failure = Some(anyhow::anyhow!(
-                        "more than {MAX_TRACE_FACES} faces scored; split the video"
+                        "more than {cap} faces to score (at most {MAX_TRACE_FACES} a video, \
+                         {MAX_TOTAL_FACES} a LIST); split the video or the LIST"
                     ));
                     continue;
                 }
@@ -140,12 +164,16 @@ pub fn trace_video(an: &mut Analyzer, row: &Row) -> anyhow::Result<VideoTrace> {
                     .map_err(anyhow::Error::from)
                     .and_then(|e| Ok(model.scoring.scorer.score(&e)?));
                 match scored {
-                    Ok(score) => items.push(TraceItem::Face(TracedFace {
+                    // Deciding needs only logit(q0) and the marginals: the label logits go.
+                    Ok(mut score) => items.push(TraceItem::Face(TracedFace {
                         t: job.meta.mono.saturating_duration_since(t0),
                         track: job.meta.track.0,
                         bbox: job.meta.bbox,
                         quality: job.meta.quality,
-                        score,
+                        score: {
+                            score.logits = Vec::new();
+                            score
+                        },
                     })),
                     Err(e) => failure = Some(e.context("encoding a face")),
                 }
@@ -166,10 +194,19 @@ pub fn trace_video(an: &mut Analyzer, row: &Row) -> anyhow::Result<VideoTrace> {
     if let Some(e) = failure {
         return Err(e.context(format!("line {}: {}", row.line, row.path)));
     }
+    let frames = metrics.frames_analysed.get();
+    anyhow::ensure!(
+        frames > 0,
+        "line {}: {}: no frame decoded",
+        row.line,
+        row.path
+    );
     Ok(VideoTrace {
         path: row.path.clone(),
         fake: row.fake,
         duration: decoded,
+        frames,
+        detector_errors: metrics.detector_errors.get(),
         items,
     })
 }
@@ -184,6 +221,8 @@ pub struct Outcome {
     /// `new` alerts on the real videos.
     pub false_alarms: usize,
     pub false_alarms_per_hour: f64,
+    /// The rate's 95% upper bound (Poisson, exact): what this much real footage can vouch for.
+    pub false_alarms_per_hour_upper_95: f64,
     pub fakes: usize,
     pub fakes_detected: usize,
     /// Median and mean delay over the detected fakes, seconds.
@@ -294,11 +333,40 @@ pub struct Calibration {
     pub refused: Vec<String>,
     /// Every candidate checked, in grid order.
     pub curve: Vec<Outcome>,
+    /// Each video of the LIST, and why one is left out.
+    pub videos: Vec<VideoSummary>,
+    /// The engine the faces were scored with (the daemon's may differ: a GPU engine in fp16
+    /// scores a little differently).
+    pub engine: &'static str,
 }
 
 const RULE: &str = "within the budget (false alarms per hour of real video <= X): most fakes \
                     detected, then the shortest median delay, then the fewest false alarms, \
                     then the highest enter_fake";
+
+/// The exact 95% upper confidence bound of a Poisson mean after `k` events: the mean at
+/// which seeing `k` or fewer has probability 0.05 (about 3.0 for none).
+pub fn poisson_upper_95(k: u64) -> f64 {
+    let cdf = |lambda: f64| {
+        let mut term = (-lambda).exp();
+        let mut sum = term;
+        for i in 1..=k {
+            term *= lambda / i as f64;
+            sum += term;
+        }
+        sum
+    };
+    let (mut lo, mut hi) = (k as f64, k as f64 + 10.0 * (k as f64 + 1.0).sqrt() + 10.0);
+    for _ in 0..200 {
+        let mid = (lo + hi) / 2.0;
+        if cdf(mid) > 0.05 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo + hi) / 2.0
+}
 
 fn median(sorted: &[f64]) -> Option<f64> {
     super::metrics::quantile(sorted, 0.5)
@@ -351,6 +419,7 @@ pub fn calibrate(
                     window: Duration::from_secs(w),
                     false_alarms: fa,
                     false_alarms_per_hour: per_hour,
+                    false_alarms_per_hour_upper_95: poisson_upper_95(fa as u64) / real_hours,
                     fakes: delays.len(),
                     fakes_detected: got.len(),
                     median_delay_s: median(&got),
@@ -405,15 +474,33 @@ pub fn calibrate(
         evidence_toml,
         refused,
         curve,
+        videos: traces
+            .iter()
+            .map(|t| VideoSummary {
+                path: t.path.clone(),
+                label: if t.fake { "fake" } else { "real" },
+                duration_s: t.duration.as_secs_f64(),
+                frames: t.frames,
+                faces_scored: t
+                    .items
+                    .iter()
+                    .filter(|i| matches!(i, TraceItem::Face(_)))
+                    .count(),
+                detector_errors: t.detector_errors,
+                error: None,
+            })
+            .collect(),
+        engine: "cpu-onnxruntime fp32",
     })
 }
 
-/// Traces every row of the LIST (videos only) with a progress callback.
+/// Traces every row of the LIST (videos only) with a progress callback. A video that cannot
+/// be read is left out and said (a summary with its error); the others go on.
 pub fn trace_list(
     an: &mut Analyzer,
     rows: &[Row],
     progress: &mut dyn FnMut(usize, usize, &str),
-) -> anyhow::Result<Vec<VideoTrace>> {
+) -> anyhow::Result<(Vec<VideoTrace>, Vec<VideoSummary>)> {
     if let Some(crop) = rows.iter().find(|r| r.kind != Kind::Video) {
         anyhow::bail!(
             "line {}: {} is a face crop; calibrate replays videos through the tracker (list \
@@ -423,12 +510,34 @@ pub fn trace_list(
         );
     }
     let mut traces = Vec::with_capacity(rows.len());
+    let mut failed = Vec::new();
+    let mut faces = 0usize;
     for (i, row) in rows.iter().enumerate() {
         progress(i, rows.len(), &row.path);
-        traces.push(trace_video(an, row)?);
+        match trace_video(an, row, MAX_TOTAL_FACES.saturating_sub(faces)) {
+            Ok(t) => {
+                faces += t.items.len();
+                if t.detector_errors > 0 {
+                    tracing::warn!(video = %row.path, errors = t.detector_errors, frames = t.frames, "The detector failed on some frames: the faces there are missing from the calibration.");
+                }
+                traces.push(t);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "A video is left out of the calibration.");
+                failed.push(VideoSummary {
+                    path: row.path.clone(),
+                    label: if row.fake { "fake" } else { "real" },
+                    duration_s: 0.0,
+                    frames: 0,
+                    faces_scored: 0,
+                    detector_errors: 0,
+                    error: Some(format!("{e:#}")),
+                });
+            }
+        }
     }
-    progress(rows.len(), rows.len(), "");
-    Ok(traces)
+    progress(rows.len(), rows.len(), "replaying the grid");
+    Ok((traces, failed))
 }
 
 /// `dfwatch calibrate` as the command line gives it.
@@ -457,21 +566,22 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         bar.set_message(what.to_string());
     });
     bar.finish_and_clear();
-    let traces = traces?;
-    let c = calibrate(
+    let (traces, failed) = traces?;
+    let mut c = calibrate(
         &args.config,
         &analyzer.model().scoring,
         &traces,
         args.budget,
     )?;
-    let curve_path = args
-        .curve
-        .clone()
-        .or_else(|| args.out.as_ref().map(|o| o.with_extension("curve.json")));
-    if let Some(p) = &curve_path {
-        std::fs::write(p, serde_json::to_string_pretty(&c)? + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
+    c.videos.extend(failed);
+    // The curve is always written: beside --out, or in the working directory.
+    let curve_path = args.curve.clone().unwrap_or_else(|| match &args.out {
+        Some(o) => o.with_extension("curve.json"),
+        None => std::path::PathBuf::from("dfwatch-calibrate.curve.json"),
+    });
+    std::fs::write(&curve_path, serde_json::to_string_pretty(&c)? + "\n")
+        .with_context(|| format!("writing {}", curve_path.display()))?;
+    let curve_path = Some(curve_path);
     let (Some(chosen), Some(section)) = (&c.chosen, &c.evidence_toml) else {
         let best = c
             .curve
@@ -479,13 +589,15 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
             .map(|o| o.false_alarms_per_hour)
             .min_by(f64::total_cmp);
         anyhow::bail!(
-            "no [evidence] setting of the grid keeps false alarms within {} per hour on {:.2}              hours of real video (the fewest: {}){}",
+            "no [evidence] setting of the grid keeps false alarms within {} per hour on {} of \
+             real video (the fewest: {}); the curve is in {}",
             args.budget,
-            c.real_hours,
+            crate::validation::human(Duration::from_secs((c.real_hours * 3600.0).round() as u64)),
             best.map(|b| format!("{b:.2} per hour"))
                 .unwrap_or("none checked".into()),
             curve_path
-                .map(|p| format!("; the curve is in {}", p.display()))
+                .as_ref()
+                .map(|p| p.display().to_string())
                 .unwrap_or_default()
         );
     };
@@ -493,8 +605,9 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let text = format!(
         "# Written by `dfwatch calibrate` for model {} {} (manifest {}).\n\
          # {} real videos ({}), {} fake; budget {} false alarms per stream-hour.\n\
-         # This setting: {:.2} false alarms per hour ({} in all); fakes detected {} of {}, \
-         median delay {}.\n# Chosen {}.\n{section}",
+         # This setting: {:.2} false alarms per hour ({} in all; 95% upper bound {:.2}); fakes \
+         detected {} of {}, median delay {}.\n# Chosen {}.\n# Scored with the CPU engine \
+         (fp32); a GPU engine in fp16 scores a little differently.\n{section}",
         model.name,
         model.version,
         &model.manifest_sha256[..model.manifest_sha256.len().min(12)],
@@ -504,6 +617,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         c.budget_per_hour,
         chosen.false_alarms_per_hour,
         chosen.false_alarms,
+        chosen.false_alarms_per_hour_upper_95,
         chosen.fakes_detected,
         chosen.fakes,
         chosen
@@ -519,6 +633,18 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     match &args.out {
         Some(p) => std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?,
         None => print!("{text}"),
+    }
+    if chosen.false_alarms_per_hour_upper_95 > args.budget {
+        eprintln!(
+            "warning: {} of real video cannot vouch for {} false alarms per hour: with {} seen, \
+             the rate may be as high as {:.2} per hour (95% upper bound); at least {:.1} hours \
+             without an alarm are needed",
+            crate::validation::human(Duration::from_secs((c.real_hours * 3600.0).round() as u64)),
+            args.budget,
+            chosen.false_alarms,
+            chosen.false_alarms_per_hour_upper_95,
+            poisson_upper_95(0) / args.budget.max(1e-9)
+        );
     }
     if chosen.fakes > 0 && chosen.fakes_detected == 0 {
         eprintln!(
@@ -630,6 +756,8 @@ mod tests {
                 path: format!("real{v}.mp4"),
                 fake: false,
                 duration: Duration::from_secs(300),
+                frames: 1500,
+                detector_errors: 0,
                 items,
             });
         }
@@ -644,6 +772,8 @@ mod tests {
                 path: format!("fake{v}.mp4"),
                 fake: true,
                 duration: Duration::from_secs(31),
+                frames: 150,
+                detector_errors: 0,
                 items,
             });
         }
@@ -692,6 +822,15 @@ mod tests {
             "{:?}",
             c.refused
         );
+    }
+
+    #[test]
+    fn poisson_bounds_match_the_tables() {
+        // The exact 95% upper bounds (chi-square / 2 at 2(k+1) degrees of freedom).
+        for (k, want) in [(0, 2.9957), (1, 4.7439), (3, 7.7537), (10, 16.9622)] {
+            let got = poisson_upper_95(k);
+            assert!((got - want).abs() < 1e-3, "{k}: {got} vs {want}");
+        }
     }
 
     #[test]

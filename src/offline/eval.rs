@@ -64,10 +64,12 @@ fn kind_of(path: &str) -> Kind {
 pub fn read_list(list: &Path) -> anyhow::Result<Vec<Row>> {
     let bytes = crate::files::read_capped(list, MAX_LIST_BYTES, crate::files::Links::Follow)
         .with_context(|| format!("LIST {}", list.display()))?;
+    // Absolute, so every command resolves a row the same way whatever its own base.
     let base = list
         .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(base).with_context(|| format!("LIST {}", list.display()))?;
     parse_list(&bytes, &base).with_context(|| format!("LIST {}", list.display()))
 }
 
@@ -349,20 +351,39 @@ fn cache_key(sha: &str, model: &str, kind: Kind, frames: usize, detect: &str) ->
     crate::model::hex_sha256(text.as_bytes())
 }
 
-fn cache_read(dir: &Path, key: &str) -> Option<FileScores> {
+/// A cached result, if there is one that fits the model (`nodes` label nodes); anything
+/// else (damaged, from another model, out of range) is a miss and is made again.
+fn cache_read(dir: &Path, key: &str, nodes: usize) -> Option<FileScores> {
     let bytes = crate::files::read_capped(
         &dir.join(format!("{key}.json")),
         MAX_CACHE_ENTRY_BYTES,
         crate::files::Links::Refuse,
     )
     .ok()?;
-    serde_json::from_slice(&bytes).ok()
+    let s: FileScores = serde_json::from_slice(&bytes).ok()?;
+    let prob = |v: &f64| v.is_finite() && (0.0..=1.0).contains(v);
+    let fits = s.frames.len() <= s.frames_sampled
+        && s.frames.iter().all(prob)
+        && s.marginals
+            .as_ref()
+            .is_none_or(|m| m.len() == nodes && m.iter().all(prob));
+    fits.then_some(s)
 }
 
 fn cache_write(dir: &Path, key: &str, scores: &FileScores) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{key}.tmp"));
+    let tmp = dir.join(format!(".{key}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec(scores)?)?;
     std::fs::rename(&tmp, dir.join(format!("{key}.json")))
+}
+
+/// Only regular files are read (links to one followed): a FIFO or a device in a LIST would
+/// block or never end.
+fn regular_file(path: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(path)?.is_file() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("is not a regular file"))
+    }
 }
 
 /// Scores one file through the analyzer.
@@ -391,8 +412,12 @@ fn score_file(an: &mut Analyzer, row: &Row, frames: usize) -> anyhow::Result<Fil
     }
 }
 
-/// Names the explanation makes from mean marginals (see [`FileResult`]).
+/// Names the explanation makes from mean marginals (see [`FileResult`]): none when the face
+/// is not called manipulated (q0, node 0's marginal, below 0.5), as `analyze` says it.
 fn named(graph: &crate::score::LabelGraph, marginals: &[f64]) -> (Option<String>, Vec<String>) {
+    if marginals.first().is_none_or(|&q0| q0 < 0.5) {
+        return (None, Vec::new());
+    }
     let mut global: Vec<(f64, &str)> = Vec::new();
     let mut local: Vec<(f64, &str)> = Vec::new();
     for (n, &q) in graph.nodes().iter().zip(marginals) {
@@ -418,6 +443,13 @@ struct Unit {
     marginals: Vec<Vec<f64>>,
 }
 
+impl Unit {
+    /// The mean q0 of all its scored frames (units without one are dropped first).
+    fn score(&self) -> f64 {
+        self.frames.iter().sum::<f64>() / self.frames.len().max(1) as f64
+    }
+}
+
 /// Runs the evaluation; `progress` is told each file done.
 pub fn eval(
     list: &Path,
@@ -426,7 +458,11 @@ pub fn eval(
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<EvalReport> {
-    anyhow::ensure!(opts.frames > 0, "--frames must be at least 1");
+    anyhow::ensure!(
+        (1..=super::analyze::MAX_FRAMES).contains(&opts.frames),
+        "--frames must be 1 to {}",
+        super::analyze::MAX_FRAMES
+    );
     let identity = analyzer.identity();
     let detector = analyzer.detector_name();
     let detector_settings = analyzer.detector_settings();
@@ -446,7 +482,8 @@ pub fn eval(
     };
     for (i, row) in rows.iter().enumerate() {
         progress(i, rows.len(), &row.path);
-        let sha = crate::model::sha256_file(&row.file)
+        let sha = regular_file(&row.file)
+            .and_then(|()| crate::model::sha256_file(&row.file))
             .with_context(|| format!("line {}: {}", row.line, row.file.display()));
         let mut cached = false;
         let result = sha.and_then(|sha| {
@@ -454,11 +491,15 @@ pub fn eval(
                 &sha,
                 &identity.manifest_sha256,
                 row.kind,
-                opts.frames,
+                if row.kind == Kind::Video {
+                    opts.frames
+                } else {
+                    1
+                },
                 &detector_settings,
             );
             if let Some(dir) = &opts.cache
-                && let Some(hit) = cache_read(dir, &key)
+                && let Some(hit) = cache_read(dir, &key, graph.len())
             {
                 cached = true;
                 return Ok((sha, hit));
@@ -526,7 +567,7 @@ pub fn eval(
         }
         files.push(file);
     }
-    progress(rows.len(), rows.len(), "");
+    progress(rows.len(), rows.len(), "bootstrap intervals");
     let units: Vec<Unit> = units
         .into_values()
         .filter(|u| !u.frames.is_empty())
@@ -541,8 +582,7 @@ pub fn eval(
                 if frame_level {
                     u.frames.iter().map(|&q| (q, u.fake)).collect()
                 } else {
-                    let mean = u.frames.iter().sum::<f64>() / u.frames.len() as f64;
-                    vec![(mean, u.fake)]
+                    vec![(u.score(), u.fake)]
                 }
             })
             .collect();
@@ -563,12 +603,16 @@ pub fn eval(
     let per_method = methods
         .iter()
         .map(|m| {
-            let l = level(false, &|u: &Unit| !u.fake || u.method.as_deref() == Some(m));
+            let samples: Vec<Vec<Sample>> = units
+                .iter()
+                .filter(|u| !u.fake || u.method.as_deref() == Some(m))
+                .map(|u| vec![(u.score(), u.fake)])
+                .collect();
             MethodMetrics {
                 method: m.clone(),
-                fake: l.fake,
-                real: l.real,
-                auc: l.auc,
+                fake: samples.iter().filter(|s| s[0].1).count(),
+                real: samples.iter().filter(|s| !s[0].1).count(),
+                auc: metrics::estimate(&samples, metrics::auc, boot),
             }
         })
         .collect();
@@ -696,6 +740,20 @@ pub struct EvalArgs {
 /// Runs `dfwatch eval`: reads the LIST, scores every file (with a progress bar), writes the
 /// JSON report and the page, and prints a summary on standard error.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if let (Some(o), Some(h)) = (&args.out, &args.html) {
+        anyhow::ensure!(
+            o != h,
+            "--out and --html name the same file {}",
+            o.display()
+        );
+    }
+    if let Some(o) = &args.out {
+        anyhow::ensure!(
+            o.extension().is_none_or(|e| e != "html"),
+            "--out {} is the JSON report; the page goes beside it (or to --html)",
+            o.display()
+        );
+    }
     let rows = read_list(&args.list)?;
     let mut analyzer = Analyzer::new(&args.model, &args.config)?;
     let cache = if args.no_cache {
@@ -774,9 +832,10 @@ mod tests {
 
     #[test]
     fn a_list_names_each_problem_by_line() {
-        let ok =
-            rows("path,label,method,video_id\na.mp4,real,,\nb.mp4,fake,Deepfakes,v2\nc.png,FAKE,,\n")
-                .unwrap();
+        let ok = rows(
+            "path,label,method,video_id\na.mp4,real,,\nb.mp4,fake,Deepfakes,v2\nc.png,FAKE,,\n",
+        )
+        .unwrap();
         assert_eq!(ok.len(), 3);
         assert_eq!(ok[0].file, Path::new("/data/a.mp4"));
         assert_eq!(ok[1].method.as_deref(), Some("Deepfakes"));

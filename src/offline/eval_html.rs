@@ -9,6 +9,7 @@ use super::metrics::Estimate;
 /// Rows of the per-file table shown (the JSON report has them all).
 const MAX_FILE_ROWS: usize = 2000;
 const BINS: usize = 20;
+const MAX_ROC_POINTS: usize = 2000;
 
 /// Escapes text for HTML content and attribute values.
 pub fn esc(s: &str) -> String {
@@ -54,9 +55,16 @@ fn roc_svg(levels: &[(&str, &LevelMetrics, &str)]) -> String {
         if l.roc.is_empty() {
             continue;
         }
+        // At most about MAX_ROC_POINTS points drawn (frame-level curves have one per
+        // distinct score), the last always.
+        let step = l.roc.len().div_ceil(MAX_ROC_POINTS).max(1);
+        let last = l.roc.len() - 1;
         let pts: Vec<String> = l
             .roc
             .iter()
+            .enumerate()
+            .filter(|(i, _)| i % step == 0 || *i == last)
+            .map(|(_, p)| p)
             .map(|p| {
                 format!(
                     "{:.1},{:.1}",

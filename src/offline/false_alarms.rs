@@ -1,50 +1,114 @@
 //! `dfwatch export-false-alarms`: the events an operator marked as false alarms in the event
 //! store, as a LIST `dfwatch eval` reads (their face crops, labelled real).
+//!
+//! The store is hostile input like any file: it is opened read-only and never followed
+//! through a symlink, an alert id must look like one before it names a file, and nothing
+//! else from it (stream names, notes) reaches the LIST.
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
 
-/// Writes the LIST of the events an operator marked as false alarms in the event store at
-/// `db`: each face crop the store kept as `<alert id>.jpg` in `out`, labelled real, its
-/// `video_id` the stream and track (so crops of one face form one unit). Events without a
-/// stored crop are named in comment lines. Returns (crops written, events without one).
-pub fn export(db: &Path, out: &Path) -> anyhow::Result<(usize, usize)> {
+/// What an export wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    /// Face crops written (rows of the LIST).
+    pub crops: usize,
+    /// False alarms without a stored crop (named in comment lines).
+    pub without_crop: usize,
+    /// False alarms whose id is not an alert id (skipped).
+    pub bad_ids: usize,
+}
+
+/// An alert id as the daemon makes them (a ULID: 26 characters of Crockford base 32); only
+/// such ids name files.
+fn is_alert_id(id: &str) -> bool {
+    id.len() == 26 && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Creates `path` afresh for writing, never through a symlink.
+fn create(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Writes `list.csv` in `out` with the events the store at `db` holds as false alarms: each
+/// stored face crop as `<alert id>.jpg`, labelled real, one unit per alert (`video_id` its
+/// alert id). Events without a stored crop are named in comment lines.
+pub fn export(db: &Path, out: &Path) -> anyhow::Result<Exported> {
     use crate::events::db::{Db, MediaKind, Review};
     let db = Db::open_read_only(db)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut list = String::from("path,label,method,video_id\n");
-    let (mut written, mut without) = (0usize, 0usize);
+    let mut list = String::from(
+        "# False alarms exported from the event store by `dfwatch export-false-alarms`. The\n\
+         # crops are the store's JPEGs of the aligned faces: their scores can differ a little\n\
+         # from those of the faces that raised the alerts.\n\
+         path,label,method,video_id\n",
+    );
+    let mut done = Exported {
+        crops: 0,
+        without_crop: 0,
+        bad_ids: 0,
+    };
     let mut after: Option<String> = None;
     loop {
         let page = db.export_page(None, after.as_deref(), 500)?;
         let Some(last) = page.last() else { break };
         after = Some(last.alert_id.clone());
         for e in page.iter().filter(|e| e.review == Some(Review::FalseAlarm)) {
-            // Alert ids are ULIDs (Crockford base 32): safe as file names; checked anyway.
-            if e.alert_id.is_empty() || !e.alert_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            if !is_alert_id(&e.alert_id) {
+                done.bad_ids += 1;
                 continue;
             }
             match db.media(&e.alert_id, MediaKind::Face)? {
                 Some(jpeg) => {
                     let name = format!("{}.jpg", e.alert_id);
-                    std::fs::write(out.join(&name), jpeg)
-                        .with_context(|| format!("writing {}", out.join(&name).display()))?;
-                    let unit = format!("{}/{}", e.stream, e.track_id).replace(['"', ','], "_");
-                    list.push_str(&format!("{name},real,,{unit}\n"));
-                    written += 1;
+                    let path = out.join(&name);
+                    create(&path)
+                        .and_then(|mut f| f.write_all(&jpeg))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    list.push_str(&format!("{name},real,,{}\n", e.alert_id));
+                    done.crops += 1;
                 }
                 None => {
                     list.push_str(&format!(
                         "# {}: no face crop stored (its stream had store_media = false)\n",
                         e.alert_id
                     ));
-                    without += 1;
+                    done.without_crop += 1;
                 }
             }
         }
     }
-    std::fs::write(out.join("list.csv"), list)
-        .with_context(|| format!("writing {}", out.join("list.csv").display()))?;
-    Ok((written, without))
+    let path = out.join("list.csv");
+    create(&path)
+        .and_then(|mut f| f.write_all(list.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_alert_ids_name_files() {
+        assert!(is_alert_id("01JAAAAAAAAAAAAAAAAAAAAAAA"));
+        for bad in [
+            "",
+            "../../etc/passwd",
+            "01JAAAAAAAAAAAAAAAAAAAAAA/",
+            "a\nb",
+            "01J",
+        ] {
+            assert!(!is_alert_id(bad), "{bad:?}");
+        }
+    }
 }

@@ -33,8 +33,12 @@ pub struct RocPoint {
     pub tpr: f64,
 }
 
-/// Counts of each class; `None` from every metric when either is zero.
+/// Counts of each class; `None` from every metric when either is zero, or when a score is
+/// not a finite number (no metric is made of a NaN).
 fn class_counts(samples: &[Sample]) -> Option<(usize, usize)> {
+    if samples.iter().any(|s| !s.0.is_finite()) {
+        return None;
+    }
     let pos = samples.iter().filter(|s| s.1).count();
     let neg = samples.len() - pos;
     (pos > 0 && neg > 0).then_some((pos, neg))
@@ -120,7 +124,7 @@ pub fn eer(samples: &[Sample]) -> Option<f64> {
 
 /// Fraction of samples whose call at `score >= threshold` matches the label.
 pub fn accuracy(samples: &[Sample], threshold: f64) -> Option<f64> {
-    if samples.is_empty() {
+    if samples.is_empty() || samples.iter().any(|s| !s.0.is_finite()) {
         return None;
     }
     let right = samples
@@ -215,9 +219,9 @@ pub fn estimate(
     })
 }
 
-/// Accuracy at 0.5, as a metric function.
+/// Accuracy at 0.5, as a metric function (one class is enough: on real videos only it is
+/// 1 - FPR at 0.5).
 pub fn accuracy_at_half(samples: &[Sample]) -> Option<f64> {
-    class_counts(samples)?;
     accuracy(samples, 0.5)
 }
 
@@ -251,6 +255,16 @@ mod tests {
         assert_eq!(eer(&s), None);
         assert_eq!(average_precision(&s), None);
         assert_eq!(accuracy(&s, 0.5), Some(0.5));
+        assert_eq!(accuracy_at_half(&s), Some(0.5));
+    }
+
+    #[test]
+    fn a_nan_score_gives_no_metric() {
+        let s = [(0.9, true), (f64::NAN, false), (0.1, false)];
+        assert_eq!(auc(&s), None);
+        assert_eq!(average_precision(&s), None);
+        assert_eq!(eer(&s), None);
+        assert_eq!(accuracy(&s, 0.5), None);
     }
 
     #[test]
