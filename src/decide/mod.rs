@@ -46,6 +46,29 @@ impl Scoring {
     }
 }
 
+/// The FF++ graph with identity text embeddings, so an embedding's values are its label
+/// logits (tests of the decision stage and of calibration).
+#[cfg(test)]
+pub(crate) fn identity_scoring() -> Scoring {
+    let g = crate::score::LabelGraph::ffpp();
+    let n = g.len();
+    let mut text = vec![0.0f32; n * n];
+    for j in 0..n {
+        text[j * n + j] = 1.0;
+    }
+    Scoring {
+        scorer: Scorer::new(g, &text, n).expect("an identity scorer"),
+        model: ModelInfo {
+            name: "test".into(),
+            version: "0".into(),
+            manifest_sha256: "0".repeat(64),
+            trained: false,
+            backend: "cpu-onnxruntime".into(),
+            precision: "fp32".into(),
+        },
+    }
+}
+
 /// Something to publish, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {

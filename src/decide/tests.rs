@@ -8,23 +8,7 @@ use crate::score::LabelGraph;
 use crate::types::BBox;
 
 fn scoring() -> Scoring {
-    let g = LabelGraph::ffpp();
-    let n = g.len();
-    let mut text = vec![0.0f32; n * n];
-    for j in 0..n {
-        text[j * n + j] = 1.0;
-    }
-    Scoring {
-        scorer: Scorer::new(g, &text, n).unwrap(),
-        model: ModelInfo {
-            name: "test".into(),
-            version: "0".into(),
-            manifest_sha256: "0".repeat(64),
-            trained: false,
-            backend: "cpu-onnxruntime".into(),
-            precision: "fp32".into(),
-        },
-    }
+    identity_scoring()
 }
 
 fn decider() -> (Decider, Arc<AnalysisMetrics>) {

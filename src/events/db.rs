@@ -205,6 +205,18 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A connection to the file at `path` in `mode` (read-only or read-write), never through a
+/// symlink, waiting up to 5 s for a lock another process holds.
+fn connect(path: &Path, mode: rusqlite::OpenFlags) -> Result<Connection, DbError> {
+    let conn = Connection::open_with_flags(
+        path,
+        mode | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 /// The open database.
 pub struct Db {
     conn: Connection,
@@ -317,13 +329,7 @@ impl Db {
             Ok(false) => return Err(path_err("does not exist".into())),
             Ok(true) => {}
         }
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let tables: i64 = conn.query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'media')",
             [],
@@ -369,13 +375,7 @@ impl Db {
                     .map_err(|e| path_err(format!("cannot create: {e}")))?;
             }
         }
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         // Incremental vacuum must be chosen before the first table exists; later it is a
         // no-op, and pages freed by retention go back to the file system.
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;

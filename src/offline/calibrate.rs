@@ -672,28 +672,9 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::payload::ModelInfo;
-    use crate::score::{LabelGraph, Scorer};
 
-    /// The FF++ graph with identity text embeddings: an embedding's values are its logits.
     fn scoring() -> Scoring {
-        let g = LabelGraph::ffpp();
-        let n = g.len();
-        let mut text = vec![0.0f32; n * n];
-        for j in 0..n {
-            text[j * n + j] = 1.0;
-        }
-        Scoring {
-            scorer: Scorer::new(g, &text, n).unwrap(),
-            model: ModelInfo {
-                name: "test".into(),
-                version: "0".into(),
-                manifest_sha256: "0".repeat(64),
-                trained: false,
-                backend: "cpu-onnxruntime".into(),
-                precision: "fp32".into(),
-            },
-        }
+        crate::decide::identity_scoring()
     }
 
     /// Every label logit `c`: the resulting logit(q0) rises with `c`.
