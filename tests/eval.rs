@@ -3,6 +3,7 @@
 //! synthetic bundles. Synthetic bundles cannot separate real from fake, so these test the
 //! plumbing: the report's metrics recomputed from its own per-file scores, per-file scores
 //! equal to `analyze`'s and `score`'s, the cache, the page, the delay calibration measures.
+#![cfg(feature = "gstreamer")]
 
 mod daemon_support;
 
@@ -486,4 +487,49 @@ fn false_alarms_in_the_event_store_become_a_list_eval_reads() {
         s(&out),
     ]);
     assert!(!bad.status.success());
+}
+
+/// Track continuity (#19's guard): the sample clip (var/sample/face.mp4, one face panned and
+/// zoomed for 10 s) through the daemon's face stage keeps one track, with the shipped search
+/// (whole frame every `track.detect_every` = 5 frames, around the track between) and with a
+/// whole-frame search on every frame.
+#[test]
+fn the_sample_clip_keeps_one_track_with_and_without_searching_around_tracks() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sample = root.join("var/sample/face.mp4");
+    assert!(sample.exists(), "run ./tools/setup.sh first");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::os::unix::fs::symlink(root.join("var"), d.join("var")).unwrap();
+    std::fs::copy(&sample, d.join("sample.mp4")).unwrap();
+    std::fs::write(d.join("list.csv"), "path,label\nsample.mp4,real\n").unwrap();
+    std::fs::write(d.join("every.toml"), "[track]\ndetect_every = 1\n").unwrap();
+    let model = bundle(d, 0.0);
+    let mut scored = Vec::new();
+    for config in [None, Some("every.toml")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfwatch"));
+        cmd.current_dir(d)
+            .args(["calibrate", "list.csv", "--model", s(&model)])
+            .args(["--false-alarms-per-hour", "100000", "--curve", "curve.json"]);
+        if let Some(c) = config {
+            cmd.args(["--config", c]);
+        }
+        ok(&cmd.output().unwrap());
+        let curve: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("curve.json")).unwrap()).unwrap();
+        let v = &curve["videos"][0];
+        assert_eq!(v["tracks"], 1, "{config:?}: {v}");
+        assert_eq!(v["detector_errors"], 0);
+        // 10 s at 5 fps analysed.
+        assert!(
+            (v["frames"].as_u64().unwrap() as i64 - 50).abs() <= 1,
+            "{v}"
+        );
+        scored.push(v["faces_scored"].as_u64().unwrap());
+    }
+    // Searching around the track finds the face as often as searching every frame whole.
+    assert!(
+        scored[0] >= scored[1] * 9 / 10 && scored[0] > 5,
+        "{scored:?}"
+    );
 }

@@ -77,6 +77,8 @@ pub struct VideoSummary {
     pub duration_s: f64,
     pub frames: u64,
     pub faces_scored: usize,
+    /// Track ids among its scored faces (a face that stays in view keeps one).
+    pub tracks: usize,
     pub detector_errors: u64,
     /// Why the video is not in the calibration.
     pub error: Option<String>,
@@ -486,6 +488,15 @@ pub fn calibrate(
                     .iter()
                     .filter(|i| matches!(i, TraceItem::Face(_)))
                     .count(),
+                tracks: t
+                    .items
+                    .iter()
+                    .filter_map(|i| match i {
+                        TraceItem::Face(f) => Some(f.track),
+                        _ => None,
+                    })
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
                 detector_errors: t.detector_errors,
                 error: None,
             })
@@ -530,6 +541,7 @@ pub fn trace_list(
                     duration_s: 0.0,
                     frames: 0,
                     faces_scored: 0,
+                    tracks: 0,
                     detector_errors: 0,
                     error: Some(format!("{e:#}")),
                 });

@@ -67,7 +67,9 @@ pub struct Scorer {
     graph: LabelGraph,
     dim: usize,
     /// Text embeddings, row per node, `n x dim`, widened to f64.
-    text: Vec<f64>,
+    /// As given (f32): products are formed in f64 inside the dot product, exactly as if
+    /// widened first.
+    text: Vec<f32>,
     /// For each node, a 0/1 column over the non-zero legal states (the exact path).
     columns: Vec<Vec<f64>>,
     /// The factored form of the same states (the fast path), for graphs that fit.
@@ -131,9 +133,10 @@ impl Factored {
     }
 }
 
-/// Sums `f` over every subset of `idx` (bit k of the subset = node `idx[k]`).
-fn subset_sums(f: &[f64], idx: &[usize]) -> Vec<f64> {
-    let mut sums = vec![0.0f64; 1 << idx.len()];
+/// Sums `f` over every subset of `idx` (bit k of the subset = node `idx[k]`) into `sums`
+/// (`2^idx.len()` long).
+fn subset_sums(f: &[f64], idx: &[usize], sums: &mut [f64]) {
+    sums[0] = 0.0;
     for (k, &j) in idx.iter().enumerate() {
         let half = 1 << k;
         let (lo, hi) = sums.split_at_mut(half);
@@ -141,8 +144,11 @@ fn subset_sums(f: &[f64], idx: &[usize]) -> Vec<f64> {
             *h = l + f[j];
         }
     }
-    sums
 }
+
+/// Scratch values the factored path needs per face, on the stack for graphs of up to six
+/// globals and six locals (FF++ and FFSC): `2 x (2^globals + 2^locals)` of them.
+const FACTORED_STACK: usize = 2 * (64 + 64);
 
 /// Below this relative mass the factored weights may have underflowed; the exact path runs.
 const FACTORED_MIN_MASS: f64 = 1e-200;
@@ -176,7 +182,7 @@ impl Scorer {
             .collect();
         Ok(Scorer {
             dim,
-            text: text.iter().map(|&v| f64::from(v)).collect(),
+            text: text.to_vec(),
             columns,
             factored: Factored::new(&graph),
             graph,
@@ -202,11 +208,10 @@ impl Scorer {
         if let Some(i) = embedding.iter().position(|v| !v.is_finite()) {
             return Err(ScoreError::EmbeddingNotFinite(i));
         }
-        let e: Vec<f64> = embedding.iter().map(|&v| f64::from(v)).collect();
         Ok(self
             .text
             .chunks_exact(self.dim)
-            .map(|t| math::dot(t, &e) / LOGIT_DIVISOR)
+            .map(|t| math::dot_f32(t, embedding) / LOGIT_DIVISOR)
             .collect())
     }
 
@@ -218,40 +223,52 @@ impl Scorer {
 
     /// Scores from precomputed logits `f` (one per node).
     pub fn score_logits(&self, logits: Vec<f64>) -> FaceScore {
-        self.score_factored(&logits)
-            .unwrap_or_else(|| self.score_exact(logits))
+        match self.score_factored(logits) {
+            Ok(s) => s,
+            Err(logits) => self.score_exact(logits),
+        }
     }
 
-    /// The fast path; `None` when the weights underflow (logits of hundreds and more).
-    fn score_factored(&self, f: &[f64]) -> Option<FaceScore> {
-        let fz = self.factored.as_ref()?;
-        let gsum = subset_sums(f, &fz.globals);
-        let lsum = subset_sums(f, &fz.locals);
-        let gmax = gsum.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lmax = lsum.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let eg: Vec<f64> = gsum
-            .iter()
-            .map(|&v| math::exp_nonpositive(v - gmax))
-            .collect();
-        let el: Vec<f64> = lsum
-            .iter()
-            .map(|&v| math::exp_nonpositive(v - lmax))
-            .collect();
+    /// The fast path; gives the logits back when the weights underflow (logits of hundreds
+    /// and more) or the graph is too wide for it. Allocates only the result.
+    fn score_factored(&self, f: Vec<f64>) -> Result<FaceScore, Vec<f64>> {
+        let Some(fz) = self.factored.as_ref() else {
+            return Err(f);
+        };
+        let (ng, nl) = (1usize << fz.globals.len(), 1usize << fz.locals.len());
+        let mut stack = [0.0f64; FACTORED_STACK];
+        let mut heap = Vec::new();
+        let scratch: &mut [f64] = if 2 * (ng + nl) <= FACTORED_STACK {
+            &mut stack[..2 * (ng + nl)]
+        } else {
+            heap.resize(2 * (ng + nl), 0.0);
+            &mut heap
+        };
+        // eg, el: the subsets' sums, then their weights relative to the largest; a, b below.
+        let (eg, rest) = scratch.split_at_mut(ng);
+        let (el, rest) = rest.split_at_mut(nl);
+        let (a, b) = rest.split_at_mut(ng);
+        subset_sums(&f, &fz.globals, eg);
+        subset_sums(&f, &fz.locals, el);
+        let gmax = eg.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lmax = el.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        for v in eg.iter_mut() {
+            *v = math::exp_nonpositive(*v - gmax);
+        }
+        for v in el.iter_mut() {
+            *v = math::exp_nonpositive(*v - lmax);
+        }
         // a[G] = sum of EL[L] over the legal L of G; b[L] = sum of EG[G] over the legal G of L.
         let dot = math::dot;
-        let a: Vec<f64> = fz
-            .legal_gl
-            .chunks_exact(el.len())
-            .map(|r| dot(r, &el))
-            .collect();
-        let b: Vec<f64> = fz
-            .legal_lg
-            .chunks_exact(eg.len())
-            .map(|r| dot(r, &eg))
-            .collect();
-        let sum = dot(&eg, &a);
+        for (r, out) in fz.legal_gl.chunks_exact(nl).zip(a.iter_mut()) {
+            *out = dot(r, el);
+        }
+        for (r, out) in fz.legal_lg.chunks_exact(ng).zip(b.iter_mut()) {
+            *out = dot(r, eg);
+        }
+        let sum = dot(eg, a);
         if !(sum >= FACTORED_MIN_MASS && sum.is_finite()) {
-            return None;
+            return Err(f);
         }
         let logit_q0 = f[0] + gmax + lmax + sum.ln();
         let log_z = math::log_add_exp(0.0, logit_q0);
@@ -261,20 +278,20 @@ impl Scorer {
         // Node at bit k of a subset: the mass of every subset with bit k set. Those subsets
         // are the upper halves of consecutive blocks of 2^(k+1).
         let mut on = |idx: &[usize], e: &[f64], acc: &[f64]| {
-            let mass: Vec<f64> = e.iter().zip(acc).map(|(x, y)| x * y).collect();
             for (k, &j) in idx.iter().enumerate() {
                 let half = 1 << k;
-                let m: f64 = mass
+                let m: f64 = e
                     .chunks_exact(2 * half)
-                    .map(|c| c[half..].iter().sum::<f64>())
+                    .zip(acc.chunks_exact(2 * half))
+                    .map(|(ce, ca)| dot(&ce[half..], &ca[half..]))
                     .sum();
                 marginals[j] = q0 * (m / sum);
             }
         };
-        on(&fz.globals, &eg, &a);
-        on(&fz.locals, &el, &b);
-        Some(FaceScore {
-            logits: f.to_vec(),
+        on(&fz.globals, eg, a);
+        on(&fz.locals, el, b);
+        Ok(FaceScore {
+            logits: f,
             log_z,
             logit_q0,
             q0,
