@@ -57,42 +57,25 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     if simd::avx2_fma() {
         return simd::dot_avx2_fma(a, b);
     }
-    dot_portable_no_fma(a, b)
-}
-
-#[inline(always)]
-fn dot_portable(a: &[f64], b: &[f64]) -> f64 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f64; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..LANES {
-            acc[k] = x[k].mul_add(y[k], acc[k]);
-        }
-    }
-    acc.iter().sum::<f64>() + tail
+    dot_lanes::<f64, false>(a, b)
 }
 
 /// Dot product of two f32 vectors in f64: each product and the sums are those of the values
-/// widened to f64 (exactly as [`dot`] on widened copies, without the copies).
+/// widened to f64 (as [`dot`] on widened copies, without the copies).
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if simd::avx2_fma() {
         return simd::dot_f32_avx2_fma(a, b);
     }
-    dot_f32_portable::<false>(a, b)
+    dot_lanes::<f32, false>(a, b)
 }
 
-/// `FMA`: fused multiply-adds (only where the hardware has them).
+/// The loop behind [`dot`] and [`dot_f32`]: values widened to f64, eight partial sums;
+/// `FMA` fuses the multiply-adds (only where the hardware has them: without it `mul_add` is
+/// a slow library call).
 #[inline(always)]
-fn dot_f32_portable<const FMA: bool>(a: &[f32], b: &[f32]) -> f64 {
+fn dot_lanes<T: Copy + Into<f64>, const FMA: bool>(a: &[T], b: &[T]) -> f64 {
     const LANES: usize = 8;
     let mut acc = [0.0f64; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -100,37 +83,16 @@ fn dot_f32_portable<const FMA: bool>(a: &[f32], b: &[f32]) -> f64 {
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .map(|(x, y)| (*x).into() * (*y).into())
         .sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..LANES {
-            let (x, y) = (f64::from(x[k]), f64::from(y[k]));
+            let (x, y): (f64, f64) = (x[k].into(), y[k].into());
             acc[k] = if FMA {
                 x.mul_add(y, acc[k])
             } else {
                 acc[k] + x * y
             };
-        }
-    }
-    acc.iter().sum::<f64>() + tail
-}
-
-/// Plain multiply-add for the portable build (`mul_add` without FMA hardware is a slow
-/// library call).
-#[inline(always)]
-fn dot_portable_no_fma(a: &[f64], b: &[f64]) -> f64 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f64; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..LANES {
-            acc[k] += x[k] * y[k];
         }
     }
     acc.iter().sum::<f64>() + tail
@@ -161,12 +123,12 @@ mod simd {
 
     #[target_feature(enable = "avx2,fma")]
     fn dot_avx2_fma_inner(a: &[f64], b: &[f64]) -> f64 {
-        super::dot_portable(a, b)
+        super::dot_lanes::<f64, true>(a, b)
     }
 
     #[target_feature(enable = "avx2,fma")]
     fn dot_f32_avx2_fma_inner(a: &[f32], b: &[f32]) -> f64 {
-        super::dot_f32_portable::<true>(a, b)
+        super::dot_lanes::<f32, true>(a, b)
     }
 
     /// Callers check [`avx2_fma`] first.
@@ -224,6 +186,22 @@ mod tests {
             let b: Vec<f64> = (0..n).map(|i| (i as f64 * 0.11).cos()).collect();
             let plain: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot(&a, &b) - plain).abs() < 1e-12, "n = {n}");
+        }
+    }
+
+    /// Whichever path this CPU takes (AVX2+FMA or the portable loop), f32 and f64 inputs
+    /// give the plain widened sum; the portable f32 loop is the f64 one on widened copies.
+    #[test]
+    fn every_dot_path_agrees() {
+        for n in [0usize, 1, 7, 8, 9, 512, 515] {
+            let a32: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let b32: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let a: Vec<f64> = a32.iter().map(|&v| f64::from(v)).collect();
+            let b: Vec<f64> = b32.iter().map(|&v| f64::from(v)).collect();
+            let portable = dot_lanes::<f64, false>(&a, &b);
+            assert_eq!(dot_lanes::<f32, false>(&a32, &b32), portable, "n = {n}");
+            assert!((dot(&a, &b) - portable).abs() < 1e-12, "n = {n}");
+            assert!((dot_f32(&a32, &b32) - portable).abs() < 1e-12, "n = {n}");
         }
     }
 

@@ -66,8 +66,7 @@ pub struct FaceScore {
 pub struct Scorer {
     graph: LabelGraph,
     dim: usize,
-    /// Text embeddings, row per node, `n x dim`, widened to f64.
-    /// As given (f32): products are formed in f64 inside the dot product, exactly as if
+    /// Text embeddings, row per node, `n x dim`, as given (f32): products are formed in f64 inside the dot product, exactly as if
     /// widened first.
     text: Vec<f32>,
     /// For each node, a 0/1 column over the non-zero legal states (the exact path).
@@ -275,15 +274,16 @@ impl Scorer {
         let q0 = (logit_q0 - log_z).exp();
         let mut marginals = vec![0.0f64; f.len()];
         marginals[0] = q0;
-        // Node at bit k of a subset: the mass of every subset with bit k set. Those subsets
-        // are the upper halves of consecutive blocks of 2^(k+1).
+        // Node at bit k of a subset: the mass of every subset with bit k set.
         let mut on = |idx: &[usize], e: &[f64], acc: &[f64]| {
             for (k, &j) in idx.iter().enumerate() {
-                let half = 1 << k;
+                let bit = 1usize << k;
                 let m: f64 = e
-                    .chunks_exact(2 * half)
-                    .zip(acc.chunks_exact(2 * half))
-                    .map(|(ce, ca)| dot(&ce[half..], &ca[half..]))
+                    .iter()
+                    .zip(acc)
+                    .enumerate()
+                    .filter(|(i, _)| i & bit != 0)
+                    .map(|(_, (x, y))| x * y)
                     .sum();
                 marginals[j] = q0 * (m / sum);
             }

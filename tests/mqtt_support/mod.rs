@@ -35,7 +35,10 @@ impl Broker {
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
                  persistence_location {}/\nautosave_interval 1\n\
                  # Started as root (CI), keep root: the files live in a private temp dir.\n\
-                 user root\n",
+                 user root\n\
+                 # Above mosquitto's default of 1000 queued QoS 1 messages per client, so a\n\
+                 # test subscriber slowed by a loaded machine loses none of a 1200 burst.\n\
+                 max_queued_messages 10000\n",
                 dir.display()
             ),
         )
