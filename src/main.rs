@@ -322,6 +322,7 @@ fn main() -> ExitCode {
             config,
             out,
         } => analyze(&input, &model, frames, config, out),
+        #[cfg(feature = "gstreamer")]
         Cmd::Eval {
             list,
             model,
@@ -336,11 +337,25 @@ fn main() -> ExitCode {
         } => offline_config(config).map_or_else(
             |code| code,
             |config| {
-                eval(
-                    list, model, frames, config, out, html, cache, no_cache, bootstrap, seed,
-                )
+                report_result(dfwatch::offline::eval::run(
+                    dfwatch::offline::eval::EvalArgs {
+                        list,
+                        model,
+                        frames,
+                        config,
+                        out,
+                        html,
+                        cache,
+                        no_cache,
+                        bootstrap: dfwatch::offline::metrics::Bootstrap {
+                            resamples: bootstrap,
+                            seed,
+                        },
+                    },
+                ))
             },
         ),
+        #[cfg(feature = "gstreamer")]
         Cmd::Calibrate {
             list,
             model,
@@ -350,45 +365,60 @@ fn main() -> ExitCode {
             curve,
         } => offline_config(config).map_or_else(
             |code| code,
-            |config| calibrate(list, model, config, false_alarms_per_hour, out, curve),
+            |config| {
+                use dfwatch::offline::calibrate::{CalibrateArgs, run};
+                report_result(run(CalibrateArgs {
+                    list,
+                    model,
+                    config,
+                    budget: false_alarms_per_hour,
+                    out,
+                    curve,
+                }))
+            },
         ),
-        Cmd::ExportFalseAlarms { events, out } => {
-            match dfwatch::offline::false_alarms::export(&events, &out) {
-                Ok(done) => {
-                    eprintln!(
-                        "{} false alarms with a face crop -> {}{}{}",
-                        done.crops,
-                        out.join("list.csv").display(),
-                        if done.without_crop > 0 {
-                            format!(
-                                " ({} without a stored crop, named in comments)",
-                                done.without_crop
-                            )
-                        } else {
-                            String::new()
-                        },
-                        if done.bad_ids > 0 {
-                            format!(
-                                "; {} with an id that is not an alert id, skipped",
-                                done.bad_ids
-                            )
-                        } else {
-                            String::new()
-                        }
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        #[cfg(not(feature = "gstreamer"))]
+        cmd @ (Cmd::Eval { .. } | Cmd::Calibrate { .. }) => {
+            let what = if matches!(cmd, Cmd::Eval { .. }) {
+                "eval"
+            } else {
+                "calibrate"
+            };
+            report_result(Err(anyhow::anyhow!(
+                "{what} reads video through GStreamer; this build has no `gstreamer` feature"
+            )))
         }
+        Cmd::ExportFalseAlarms { events, out } => report_result(
+            dfwatch::offline::false_alarms::export(&events, &out).map(|done| {
+                eprintln!(
+                    "{} false alarms with a face crop -> {}{}{}",
+                    done.crops,
+                    out.join("list.csv").display(),
+                    if done.without_crop > 0 {
+                        format!(
+                            " ({} without a stored crop, named in comments)",
+                            done.without_crop
+                        )
+                    } else {
+                        String::new()
+                    },
+                    if done.bad_ids > 0 {
+                        format!(
+                            "; {} with an id that is not an alert id, skipped",
+                            done.bad_ids
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }),
+        ),
     }
 }
 
 /// The config of an offline command: the file given, else the defaults (paths relative to
 /// the working directory).
+#[cfg(feature = "gstreamer")]
 fn offline_config(config: Option<PathBuf>) -> Result<Config, ExitCode> {
     match config {
         Some(p) => load_config(&p),
@@ -407,87 +437,6 @@ fn report_result(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-#[cfg(feature = "gstreamer")]
-#[allow(clippy::too_many_arguments)]
-fn eval(
-    list: PathBuf,
-    model: PathBuf,
-    frames: usize,
-    config: Config,
-    out: Option<PathBuf>,
-    html: Option<PathBuf>,
-    cache: Option<PathBuf>,
-    no_cache: bool,
-    resamples: usize,
-    seed: u64,
-) -> ExitCode {
-    use dfwatch::offline::eval::{EvalArgs, run};
-    report_result(run(EvalArgs {
-        list,
-        model,
-        frames,
-        config,
-        out,
-        html,
-        cache,
-        no_cache,
-        bootstrap: dfwatch::offline::metrics::Bootstrap { resamples, seed },
-    }))
-}
-
-#[cfg(feature = "gstreamer")]
-fn calibrate(
-    list: PathBuf,
-    model: PathBuf,
-    config: Config,
-    budget: f64,
-    out: Option<PathBuf>,
-    curve: Option<PathBuf>,
-) -> ExitCode {
-    use dfwatch::offline::calibrate::{CalibrateArgs, run};
-    report_result(run(CalibrateArgs {
-        list,
-        model,
-        config,
-        budget,
-        out,
-        curve,
-    }))
-}
-
-#[cfg(not(feature = "gstreamer"))]
-#[allow(clippy::too_many_arguments)]
-fn eval(
-    _: PathBuf,
-    _: PathBuf,
-    _: usize,
-    _: Config,
-    _: Option<PathBuf>,
-    _: Option<PathBuf>,
-    _: Option<PathBuf>,
-    _: bool,
-    _: usize,
-    _: u64,
-) -> ExitCode {
-    report_result(Err(anyhow::anyhow!(
-        "eval reads video through GStreamer; this build has no `gstreamer` feature"
-    )))
-}
-
-#[cfg(not(feature = "gstreamer"))]
-fn calibrate(
-    _: PathBuf,
-    _: PathBuf,
-    _: Config,
-    _: f64,
-    _: Option<PathBuf>,
-    _: Option<PathBuf>,
-) -> ExitCode {
-    report_result(Err(anyhow::anyhow!(
-        "calibrate reads video through GStreamer; this build has no `gstreamer` feature"
-    )))
 }
 
 fn gpu_info(json: bool, compile: bool, check_crop: Option<PathBuf>) -> ExitCode {

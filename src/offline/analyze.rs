@@ -355,15 +355,27 @@ impl Analyzer {
     }
 }
 
+/// The mean of each column of equal-length rows (the first row sets the length); `None`
+/// without a row.
+pub fn column_means<'a>(rows: impl Iterator<Item = &'a [f64]> + Clone) -> Option<Vec<f64>> {
+    let width = rows.clone().next()?.len();
+    let mut sums = vec![0.0f64; width];
+    let mut n = 0usize;
+    for row in rows {
+        for (s, v) in sums.iter_mut().zip(row) {
+            *s += v;
+        }
+        n += 1;
+    }
+    Some(sums.into_iter().map(|s| s / n as f64).collect())
+}
+
 /// The paper's video-level reading of several faces: mean q0 and mean marginals (`None`
 /// without a face). Only `q0`, its logit and the marginals are meaningful in the result.
 pub fn mean_score(scores: &[FaceScore]) -> Option<FaceScore> {
-    let first = scores.first()?;
     let n = scores.len() as f64;
+    let marginals = column_means(scores.iter().map(|s| s.marginals.as_slice()))?;
     let q0 = scores.iter().map(|s| s.q0).sum::<f64>() / n;
-    let marginals: Vec<f64> = (0..first.marginals.len())
-        .map(|j| scores.iter().map(|s| s.marginals[j]).sum::<f64>() / n)
-        .collect();
     Some(FaceScore {
         logits: vec![],
         log_z: 0.0,

@@ -374,6 +374,16 @@ fn median(sorted: &[f64]) -> Option<f64> {
     super::metrics::quantile(sorted, 0.5)
 }
 
+/// The config's `[evidence]` with one grid point's thresholds and window.
+fn grid_point(base: &EvidenceConfig, enter: f64, exit: f64, window: Duration) -> EvidenceConfig {
+    EvidenceConfig {
+        enter_fake: enter,
+        exit_fake: exit,
+        window,
+        ..base.clone()
+    }
+}
+
 /// Replays every grid point over the traces and picks the best within `budget`.
 pub fn calibrate(
     config: &Config,
@@ -398,9 +408,8 @@ pub fn calibrate(
         for &gap in &HYSTERESIS {
             for &w in &WINDOW_S {
                 let mut candidate = config.clone();
-                candidate.evidence.enter_fake = enter;
-                candidate.evidence.exit_fake = enter - gap;
-                candidate.evidence.window = Duration::from_secs(w);
+                candidate.evidence =
+                    grid_point(&config.evidence, enter, enter - gap, Duration::from_secs(w));
                 let errors = candidate.check();
                 if let Some(e) = errors.first() {
                     refused.push(format!(
@@ -449,10 +458,7 @@ pub fn calibrate(
         .cloned();
     let evidence_toml = match &chosen {
         Some(c) => {
-            let mut e = config.evidence.clone();
-            e.enter_fake = c.enter_fake;
-            e.exit_fake = c.exit_fake;
-            e.window = c.window;
+            let e = grid_point(&config.evidence, c.enter_fake, c.exit_fake, c.window);
             let mut section = toml::Value::try_from(&e).context("writing [evidence]")?;
             // The f32 as written in a config (0.1), not its f64 widening (0.10000000149...).
             if let Some(t) = section.as_table_mut()

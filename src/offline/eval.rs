@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::analyze::{Analyzer, Rules, mean_score};
+use super::analyze::{Analyzer, Rules, column_means};
 use super::metrics::{self, Bootstrap, Estimate, RocPoint, Sample};
 use super::score_images::ModelIdentity;
 use crate::score::{FaceScore, Level};
@@ -412,26 +412,22 @@ fn score_file(an: &mut Analyzer, row: &Row, frames: usize) -> anyhow::Result<Fil
     }
 }
 
-/// Names the explanation makes from mean marginals (see [`FileResult`]): none when the face
-/// is not called manipulated (q0, node 0's marginal, below 0.5), as `analyze` says it.
+/// What the explanation of a face with these marginals names (see [`FileResult`]): the rule
+/// of `analyze`'s sentence ([`crate::score::Explanation::named`]); q0 is node 0's marginal.
 fn named(graph: &crate::score::LabelGraph, marginals: &[f64]) -> (Option<String>, Vec<String>) {
-    if marginals.first().is_none_or(|&q0| q0 < 0.5) {
-        return (None, Vec::new());
-    }
-    let mut global: Vec<(f64, &str)> = Vec::new();
-    let mut local: Vec<(f64, &str)> = Vec::new();
-    for (n, &q) in graph.nodes().iter().zip(marginals) {
-        match n.level {
-            Level::Global if q >= 0.5 => global.push((q, &n.name)),
-            Level::Local if q >= 0.5 => local.push((q, &n.name)),
-            _ => {}
-        }
-    }
-    global.sort_by(|a, b| b.0.total_cmp(&a.0));
-    local.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let q0 = marginals.first().copied().unwrap_or(0.0);
+    let score = FaceScore {
+        logits: Vec::new(),
+        log_z: 0.0,
+        logit_q0: 0.0,
+        q0,
+        marginals: marginals.to_vec(),
+    };
+    let e = crate::score::Explanation::new(graph, &score);
+    let (attribute, regions) = e.named(q0);
     (
-        global.first().map(|g| g.1.to_string()),
-        local.iter().take(3).map(|l| l.1.to_string()).collect(),
+        attribute.map(|a| a.name.clone()),
+        regions.into_iter().map(|r| r.name.clone()).collect(),
     )
 }
 
@@ -623,20 +619,7 @@ pub fn eval(
             let means: Vec<Vec<f64>> = units
                 .iter()
                 .filter(|u| u.fake && u.method.as_deref() == Some(m))
-                .filter_map(|u| {
-                    let s: Vec<FaceScore> = u
-                        .marginals
-                        .iter()
-                        .map(|mm| FaceScore {
-                            logits: vec![],
-                            log_z: 0.0,
-                            logit_q0: 0.0,
-                            q0: 0.0,
-                            marginals: mm.clone(),
-                        })
-                        .collect();
-                    mean_score(&s).map(|s| s.marginals)
-                })
+                .filter_map(|u| column_means(u.marginals.iter().map(Vec::as_slice)))
                 .collect();
             (!means.is_empty()).then(|| explain_against(&graph, m, truth, &means))
         })

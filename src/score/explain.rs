@@ -38,7 +38,33 @@ fn strength(q: f64) -> Option<&'static str> {
     }
 }
 
+/// The rule of what a sentence names: for a face called manipulated (q0 >= 0.5), the most
+/// probable attribute if it is at 0.5 or more, and up to three regions at 0.5 or more, each
+/// list sorted strongest first.
+fn named<'a>(
+    q0: f64,
+    attributes: &'a [NodeMarginal],
+    regions: &'a [NodeMarginal],
+) -> (Option<&'a NodeMarginal>, Vec<&'a NodeMarginal>) {
+    if strength(q0).is_none() {
+        return (None, Vec::new());
+    }
+    let attribute = attributes.first().filter(|a| strength(a.q).is_some());
+    let regions = regions
+        .iter()
+        .filter(|r| strength(r.q).is_some())
+        .take(3)
+        .collect();
+    (attribute, regions)
+}
+
 impl Explanation {
+    /// The attribute and regions the sentence of a face with fake probability `q0` names
+    /// (what `dfwatch eval` checks against what a manipulation altered).
+    pub fn named(&self, q0: f64) -> (Option<&NodeMarginal>, Vec<&NodeMarginal>) {
+        named(q0, &self.attributes, &self.regions)
+    }
+
     pub fn new(graph: &LabelGraph, score: &FaceScore) -> Self {
         let by_level = |level: Level| {
             let mut v: Vec<NodeMarginal> = graph
@@ -56,24 +82,20 @@ impl Explanation {
         };
         let attributes = by_level(Level::Global);
         let regions = by_level(Level::Local);
+        let (attribute, strong) = named(score.q0, &attributes, &regions);
         let sentence = match strength(score.q0) {
             None => format!("no sign of manipulation (fake probability {:.2})", score.q0),
             Some(s) => {
                 let mut parts = vec![format!("face {s} manipulated ({:.2})", score.q0)];
-                match attributes
-                    .first()
-                    .and_then(|a| strength(a.q).map(|s| (a, s)))
-                {
+                match attribute.and_then(|a| strength(a.q).map(|s| (a, s))) {
                     Some((a, s)) => parts.push(format!("{} {s} altered ({:.2})", a.name, a.q)),
                     None if !attributes.is_empty() => {
                         parts.push("no single attribute stands out".into())
                     }
                     None => {}
                 }
-                let strong: Vec<String> = regions
+                let strong: Vec<String> = strong
                     .iter()
-                    .filter(|r| r.q >= 0.5)
-                    .take(3)
                     .map(|r| format!("{} {:.2}", r.name, r.q))
                     .collect();
                 if !strong.is_empty() {
