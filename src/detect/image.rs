@@ -146,6 +146,46 @@ pub fn resize_area_u8(src: RgbView<'_>, out_w: usize, out_h: usize) -> RgbF32 {
     }
 }
 
+/// The inclusive pixel box `[x0, x1] x [y0, y1]` of an 8-bit frame, area-resized to
+/// `size x size` straight from its pixels: the cost is the box's pixels, not the frame's, and
+/// nothing of the frame is copied. The part of the box outside the frame is black; the part
+/// inside is resized into the share of the patch it covers.
+pub fn region_u8(src: RgbView<'_>, x0: i64, y0: i64, x1: i64, y1: i64, size: usize) -> RgbF32 {
+    let size = size.max(1);
+    let mut out = RgbF32 {
+        data: vec![0.0f32; 3 * size * size],
+        width: size,
+        height: size,
+    };
+    let (bw, bh) = ((x1 - x0 + 1).max(1), (y1 - y0 + 1).max(1));
+    // The box clipped to the frame, and where that lands in the patch.
+    let (cx0, cy0) = (x0.max(0), y0.max(0));
+    let (cx1, cy1) = (x1.min(src.width as i64 - 1), y1.min(src.height as i64 - 1));
+    if cx0 > cx1 || cy0 > cy1 {
+        return out;
+    }
+    let place = |from: i64, to: i64, origin: i64, len: i64| -> (usize, usize) {
+        let at = |v: i64| ((v - origin) as f64 * size as f64 / len as f64).round() as usize;
+        let (a, b) = (at(from).min(size - 1), at(to + 1).min(size));
+        (a, b.max(a + 1))
+    };
+    let (ox0, ox1) = place(cx0, cx1, x0, bw);
+    let (oy0, oy1) = place(cy0, cy1, y0, bh);
+    let (cx0, cy0, cx1, cy1) = (cx0 as usize, cy0 as usize, cx1 as usize, cy1 as usize);
+    let inside = RgbView {
+        data: &src.data[cy0 * src.stride + 3 * cx0..],
+        width: cx1 - cx0 + 1,
+        height: cy1 - cy0 + 1,
+        stride: src.stride,
+    };
+    let part = resize_area_u8(inside, ox1 - ox0, oy1 - oy0);
+    for (r, row) in part.data.chunks_exact(3 * part.width).enumerate() {
+        let at = 3 * ((oy0 + r) * size + ox0);
+        out.data[at..at + row.len()].copy_from_slice(row);
+    }
+    out
+}
+
 /// The inclusive pixel box `[x0, x1] x [y0, y1]` of `src` (may extend past the image: the
 /// outside is black), resized to `size x size`.
 pub fn region(src: &RgbF32, x0: i64, y0: i64, x1: i64, y1: i64, size: usize) -> RgbF32 {
@@ -248,5 +288,49 @@ mod tests {
         assert!(r.data.iter().all(|v| *v == 0.0));
         let half = region(&src, 5, 0, 14, 9, 2);
         assert!(half.px(0, 0, 0) > 99.0 && half.px(1, 0, 0) < 1.0);
+    }
+
+    /// A box cut from the 8-bit frame is what `region` cuts from its float copy: bit for
+    /// bit inside the frame, black outside it, and nothing for a box off the frame.
+    #[test]
+    fn regions_cut_from_the_frame_match_the_float_copy() {
+        let (w, h, stride) = (97usize, 61usize, 97 * 3 + 2);
+        let bytes: Vec<u8> = (0..stride * h).map(|i| (i * 37 % 251) as u8).collect();
+        let view = RgbView {
+            data: &bytes,
+            width: w,
+            height: h,
+            stride,
+        };
+        let float = RgbF32::from_view(view);
+        for (x0, y0, x1, y1, size) in [
+            (10, 5, 57, 52, 24),
+            (0, 0, 96, 60, 48),
+            (40, 20, 41, 21, 24),
+        ] {
+            let a = region(&float, x0, y0, x1, y1, size);
+            let b = region_u8(view, x0, y0, x1, y1, size);
+            assert!(
+                a.data
+                    .iter()
+                    .zip(&b.data)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{x0},{y0},{x1},{y1}"
+            );
+        }
+        // Half off the frame's right edge: the right half of the patch is black.
+        let half = region_u8(view, 49, 10, 144, 57, 24);
+        assert!((12..24).all(|x| (0..24).all(|y| half.px(x, y, 0) == 0.0)));
+        assert!((0..11).any(|x| half.px(x, 12, 1) > 0.0));
+        // Straddling the top-left corner, the inside lands in the bottom-right quarter, as
+        // `region` places it (within a grey level: the padded box is averaged in one pass).
+        let a = region(&float, -20, -20, 19, 19, 8);
+        let b = region_u8(view, -20, -20, 19, 19, 8);
+        assert!((0..8).all(|y| (0..4).all(|x| b.px(x, y, 0) == 0.0 && b.px(y, x, 2) == 0.0)));
+        for (x, y) in [(4, 4), (6, 5), (7, 7)] {
+            assert!((a.px(x, y, 0) - b.px(x, y, 0)).abs() < 1.0, "{x},{y}");
+        }
+        let off = region_u8(view, 200, 0, 260, 60, 24);
+        assert!(off.data.iter().all(|v| *v == 0.0));
     }
 }

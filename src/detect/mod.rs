@@ -1,7 +1,8 @@
 //! Detect: faces with five landmarks in a frame.
 //!
 //! Owns the `[detect]` config section ([`DetectConfig`]). A [`FaceDetector`] downscales the
-//! frame to `detect.max_side`, runs a [`Detector`] (MTCNN today; any model that yields boxes,
+//! frame to `detect.max_side` for a full search (a search around tracked faces reads the
+//! frame itself, only where the faces are), runs a [`Detector`] (MTCNN today; any model that yields boxes,
 //! five landmarks and a score fits the trait), maps the results back to frame pixels, and
 //! applies the score threshold, the minimum face size, NMS, the face cap and the optional
 //! largest-face-only mode of the reference pipeline.
@@ -47,12 +48,12 @@ pub trait Detector: Send {
     /// Faces of at least `min_face` pixels in `img` (RGB, values 0..255), in its pixels.
     fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError>;
 
-    /// Faces near `around` (boxes in `img`'s pixels where faces are expected), found
-    /// without searching the whole image; `None` when the model cannot (the caller runs
-    /// [`Detector::detect`] instead).
+    /// Faces near `around` (boxes in the frame's pixels where faces are expected), found
+    /// in the full-resolution frame without searching all of it; `None` when the model
+    /// cannot (the caller runs [`Detector::detect`] instead).
     fn detect_around(
         &mut self,
-        _img: &RgbF32,
+        _frame: RgbView<'_>,
         _around: &[BBox],
     ) -> Option<Result<Vec<Detection>, DetectError>> {
         None
@@ -66,10 +67,10 @@ impl Detector for mtcnn::Mtcnn {
 
     fn detect_around(
         &mut self,
-        img: &RgbF32,
+        frame: RgbView<'_>,
         around: &[BBox],
     ) -> Option<Result<Vec<Detection>, DetectError>> {
-        Some(mtcnn::Mtcnn::detect_around(self, img, around))
+        Some(mtcnn::Mtcnn::detect_around(self, frame, around))
     }
 }
 
@@ -93,8 +94,9 @@ pub struct DetectConfig {
     /// Directory of the model's ONNX files (relative to the config file). Default:
     /// `var/models/mtcnn`.
     pub model_dir: Option<PathBuf>,
-    /// Frames are downscaled so their longer side is at most this before detection. Range
-    /// 64 to 4096.
+    /// Frames are downscaled so their longer side is at most this before a full search
+    /// (the search around tracked faces cuts its patches from the frame itself). Range 64
+    /// to 4096.
     pub max_side: u32,
     /// Faces scoring below this are dropped (the reference used 0.8). Range 0 to 1.
     pub score_threshold: f32,
@@ -209,19 +211,10 @@ impl FaceDetector {
         around: &[BBox],
     ) -> Option<Result<Vec<Detection>, DetectError>> {
         let r = with_rgb(frame, |view| {
-            let (img, sx, sy) = self.scaled(view)?;
-            let scaled: Vec<BBox> = around
-                .iter()
-                .map(|b| BBox {
-                    x0: b.x0 / sx,
-                    y0: b.y0 / sy,
-                    x1: b.x1 / sx,
-                    y1: b.y1 / sy,
-                })
-                .collect();
-            match self.model.detect_around(&img, &scaled) {
+            check_view(view)?;
+            match self.model.detect_around(view, around) {
                 None => Ok(None),
-                Some(found) => Ok(Some(self.finish(found?, sx, sy))),
+                Some(found) => Ok(Some(self.finish(found?, 1.0, 1.0))),
             }
         });
         r.transpose()
@@ -239,19 +232,7 @@ impl FaceDetector {
     /// The image the model sees (the longer side at most `max_side`, downscaled from the
     /// 8-bit pixels: no full-size float copy of a large frame) and its scale to the frame.
     fn scaled(&self, view: RgbView<'_>) -> Result<(RgbF32, f32, f32), DetectError> {
-        if view.width < 12 || view.height < 12 {
-            return Err(DetectError::Frame(format!(
-                "{}x{} is too small to hold a face",
-                view.width, view.height
-            )));
-        }
-        if view.stride < 3 * view.width
-            || view.data.len() < view.stride * (view.height - 1) + 3 * view.width
-        {
-            return Err(DetectError::Frame(
-                "buffer shorter than its size and stride".into(),
-            ));
-        }
+        check_view(view)?;
         let longer = view.width.max(view.height) as f32;
         let s = (self.cfg.max_side as f32 / longer).min(1.0);
         let img = if s < 1.0 {
@@ -304,6 +285,24 @@ impl FaceDetector {
 
 /// Runs `f` on the frame's pixels as packed RGB8: NV12 frames (the GPU backend's) are
 /// converted on the CPU, only for the frames detection runs on.
+/// A frame large enough to hold a face, whose buffer holds its size and stride.
+fn check_view(view: RgbView<'_>) -> Result<(), DetectError> {
+    if view.width < 12 || view.height < 12 {
+        return Err(DetectError::Frame(format!(
+            "{}x{} is too small to hold a face",
+            view.width, view.height
+        )));
+    }
+    if view.stride < 3 * view.width
+        || view.data.len() < view.stride * (view.height - 1) + 3 * view.width
+    {
+        return Err(DetectError::Frame(
+            "buffer shorter than its size and stride".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn with_rgb<T>(
     frame: &Frame,
     f: impl FnOnce(RgbView<'_>) -> Result<T, DetectError>,

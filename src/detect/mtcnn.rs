@@ -16,10 +16,29 @@
 
 use std::path::Path;
 
-use super::image::{RgbF32, region, resize_area};
+use super::image::{RgbF32, region, region_u8, resize_area};
 use super::{DetectError, Detection, nms::Nms, nms::nms};
+use crate::crop::warp::RgbView;
 use crate::onnx::{self, Session};
 use crate::types::BBox;
+
+/// Where R-Net's and O-Net's patches are cut from: the image the pyramid ran on, or (around
+/// predicted boxes, no pyramid) the 8-bit frame itself.
+#[derive(Clone, Copy)]
+enum Patches<'a> {
+    Image(&'a RgbF32),
+    Frame(RgbView<'a>),
+}
+
+impl Patches<'_> {
+    /// The inclusive 0-based box, resized to `size x size` (black outside the image).
+    fn cut(&self, x0: i64, y0: i64, x1: i64, y1: i64, size: usize) -> RgbF32 {
+        match *self {
+            Patches::Image(img) => region(img, x0, y0, x1, y1, size),
+            Patches::Frame(view) => region_u8(view, x0, y0, x1, y1, size),
+        }
+    }
+}
 
 /// Tuning of the cascade; defaults are the original paper's.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -183,23 +202,33 @@ impl Mtcnn {
     /// pixels.
     pub fn detect(&mut self, img: &RgbF32, min_face: f32) -> Result<Vec<Detection>, DetectError> {
         let boxes = self.proposals(img, min_face)?;
-        self.refine(img, boxes)
+        self.refine(Patches::Image(img), boxes)
     }
 
-    /// Faces near `around` (boxes in `img`'s 0-based pixels, e.g. where a tracker predicts
-    /// its faces): each box, squared, goes straight to R-Net and O-Net as if P-Net had
-    /// proposed it, so the pyramid is skipped. A face the box no longer holds is not found.
+    /// Faces near `around` (boxes in the frame's 0-based pixels, e.g. where a tracker
+    /// predicts its faces): each box, squared, goes straight to R-Net and O-Net as if P-Net
+    /// had proposed it, so the pyramid is skipped, and their patches are cut from the frame
+    /// itself (no downscaled copy of the whole frame is made). A face the box no longer
+    /// holds is not found.
     pub fn detect_around(
         &mut self,
-        img: &RgbF32,
+        frame: RgbView<'_>,
         around: &[BBox],
     ) -> Result<Vec<Detection>, DetectError> {
+        let (w, h) = (frame.width as f32, frame.height as f32);
         let boxes: Vec<Cand> = around
             .iter()
             .filter(|b| {
                 [b.x0, b.y0, b.x1, b.y1].iter().all(|v| v.is_finite())
                     && b.width() >= 1.0
                     && b.height() >= 1.0
+                    // On the frame, and not absurdly larger than it (a runaway prediction).
+                    && b.x1 > 0.0
+                    && b.y1 > 0.0
+                    && b.x0 < w
+                    && b.y0 < h
+                    && b.width() <= 4.0 * w
+                    && b.height() <= 4.0 * h
             })
             .map(|b| {
                 // 0-based edges -> the lineage's 1-based inclusive corners.
@@ -217,7 +246,7 @@ impl Mtcnn {
                 }
             })
             .collect();
-        self.refine(img, boxes)
+        self.refine(Patches::Frame(frame), boxes)
     }
 
     /// Stage 1: the pyramid through P-Net; candidates regressed and squared.
@@ -296,7 +325,11 @@ impl Mtcnn {
 
     /// Stages 2 and 3 on candidate boxes: R-Net refines, O-Net scores, regresses and places
     /// the landmarks.
-    fn refine(&mut self, img: &RgbF32, boxes: Vec<Cand>) -> Result<Vec<Detection>, DetectError> {
+    fn refine(
+        &mut self,
+        src: Patches<'_>,
+        boxes: Vec<Cand>,
+    ) -> Result<Vec<Detection>, DetectError> {
         if boxes.is_empty() {
             return Ok(Vec::new());
         }
@@ -307,7 +340,7 @@ impl Mtcnn {
                 .iter()
                 .map(|c| {
                     let b = c.b.map(|v| v as i64);
-                    region(img, b[0] - 1, b[1] - 1, b[2] - 1, b[3] - 1, size)
+                    src.cut(b[0] - 1, b[1] - 1, b[2] - 1, b[3] - 1, size)
                 })
                 .collect()
         };

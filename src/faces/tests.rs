@@ -399,10 +399,10 @@ impl Detector for World {
 
     fn detect_around(
         &mut self,
-        img: &RgbF32,
+        frame: crate::crop::warp::RgbView<'_>,
         around: &[crate::types::BBox],
     ) -> Option<Result<Vec<Detection>, DetectError>> {
-        let i = World::index(img);
+        let i = usize::from(frame.data[0]);
         self.calls.lock().unwrap().push((i, "around"));
         Some(Ok(self.faces[i]
             .iter()
