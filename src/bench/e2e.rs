@@ -116,8 +116,11 @@ fn thread_cpu() -> BTreeMap<u64, (&'static str, f64)> {
         let comm = comm.trim();
         let group = if comm.starts_with("faces-") {
             "detect+track+crop"
-        } else if comm == "encoder" || comm == "onnx-pool" {
-            "encode (ONNX pool)"
+        } else if comm == "encoder" {
+            "encode (its own thread)"
+        } else if comm == "onnx-pool" {
+            // The shared intra-op pool's workers run both models' operators.
+            "ONNX pool workers (detect and encode)"
         } else if comm.starts_with("dfwatch-rt") || comm.starts_with("tokio") {
             "score+evidence+http"
         } else if comm == "dfwatch" {
@@ -221,7 +224,7 @@ async fn measure(
     clip: &Path,
     model: &Path,
     fps: f64,
-    track: &str,
+    sections: &str,
     (warmup, seconds): (Duration, Duration),
 ) -> anyhow::Result<Row> {
     let dir = std::env::temp_dir().join(format!("dfwatch-bench-e2e-{}-{n}", std::process::id()));
@@ -238,7 +241,7 @@ async fn measure(
     std::fs::write(dir.join("token"), "bench-token-0123456789abcdef")?;
     let text = format!(
         "[node]\nid = \"bench\"\nshutdown_grace = \"4s\"\n\n[ingest]\nanalysis_fps = {fps}\n\n\
-         {streams}{track}[model]\nbundle = \"{}\"\n\n[mqtt]\nembedded = true\n\
+         {streams}{sections}[model]\nbundle = \"{}\"\n\n[mqtt]\nembedded = true\n\
          embedded_listen = \"127.0.0.1:{broker}\"\nspool_dir = \"{}\"\n\n[http]\n\
          listen = \"127.0.0.1:{http}\"\ntoken_file = \"token\"\n",
         model.display(),
@@ -367,6 +370,10 @@ struct Args {
     /// unset: the shipped default.
     #[arg(long)]
     detect_every: Option<u32>,
+    /// `onnx.threads` (the intra-op pool the detector and the encoder share); unset: the
+    /// shipped default (the cores).
+    #[arg(long)]
+    onnx_threads: Option<usize>,
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -377,10 +384,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         fps,
         model,
         detect_every,
+        onnx_threads,
     } = super::parse_args("e2e", args);
-    let track = detect_every
+    // Config sections the options set, written before [model].
+    let mut sections = detect_every
         .map(|d| format!("[track]\ndetect_every = {d}\n\n"))
         .unwrap_or_default();
+    if let Some(t) = onnx_threads {
+        sections.push_str(&format!("[onnx]\nthreads = {t}\n\n"));
+    }
     let clip = clip()?;
     let model = std::fs::canonicalize(&model)
         .with_context(|| format!("model bundle {} (run ./tools/setup.sh)", model.display()))?;
@@ -391,10 +403,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .build()?;
     println!(
         "bench e2e: 1280x720 30 fps H.264 streams with one moving face each, analysed at {fps} \
-         fps, model {}, track.detect_every = {}; {warmup} s warm-up, {seconds} s measured per \
-         N; on {}",
+         fps, model {}, track.detect_every = {}, onnx.threads = {}; {warmup} s warm-up, \
+         {seconds} s measured per N; on {}",
         model.display(),
         detect_every.unwrap_or(dfwatch::track::TrackConfig::default().detect_every),
+        onnx_threads.map_or("the cores".to_string(), |t| t.to_string()),
         machine()
     );
     println!(
@@ -422,7 +435,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             &clip,
             &model,
             fps,
-            &track,
+            &sections,
             (
                 Duration::from_secs_f64(warmup),
                 Duration::from_secs_f64(seconds),
@@ -468,7 +481,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 .join(", ")
         );
         for (k, v) in &row.groups {
-            println!("  {k:<22} {v:>6.2}");
+            println!("  {k:<38} {v:>6.2}");
         }
     }
     println!(

@@ -16,6 +16,11 @@ use dfwatch::model::ModelBundle;
 use dfwatch::onnx::{self, OnnxConfig};
 use dfwatch::score::Scorer;
 
+/// The accuracy an int8 encoder must keep to be worth enabling: no node logit more than this
+/// off fp32 over the check crops, and q0 ordering the crops as fp32 does this often.
+const INT8_MAX_LOGIT_ERROR: f64 = 0.1;
+const INT8_MIN_RANK_AGREEMENT: f64 = 0.995;
+
 /// `dfwatch bench encoder`: ViT-B/32 faces/s through dfwatch's CPU encoder beside
 /// onnxruntime's Python API on the same ONNX; int8 vs fp32.
 #[derive(clap::Parser)]
@@ -277,11 +282,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         (lo, hi)
     };
     let (lo, hi) = spread(&q_fp);
+    let agreement = rank_agreement(&q_fp, &q_i8);
     println!(
         "int8 vs fp32 over {} crops (fp32 q0 from {lo:.3} to {hi:.3}): largest logit error \
-         {worst:.4}, q0 rank agreement {:.4}",
+         {worst:.4}, q0 rank agreement {agreement:.4}",
         q_fp.len(),
-        rank_agreement(&q_fp, &q_i8)
+    );
+    let passed = worst <= INT8_MAX_LOGIT_ERROR && agreement >= INT8_MIN_RANK_AGREEMENT;
+    println!(
+        "int8 accuracy gate (largest logit error <= {INT8_MAX_LOGIT_ERROR}, q0 rank agreement \
+         >= {INT8_MIN_RANK_AGREEMENT}, on this bundle and these crops only): {}; the daemon \
+         runs the fp32 encoder either way (int8 is not wired into it)",
+        if passed { "passed" } else { "FAILED" }
     );
     println!("targets: dfwatch >= 0.95x onnxruntime python; int8 >= 2x fp32 faces/s");
     Ok(())
