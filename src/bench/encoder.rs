@@ -46,12 +46,15 @@ struct Args {
     /// Let ONNX Runtime's idle pool threads spin (its Python API's default).
     #[arg(long)]
     spin: bool,
+    /// Turns each side takes (at least 1): the baseline, then dfwatch, this many times.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
     let a: Args = super::parse_args("encoder", args);
-    if a.batches.contains(&0) || a.crops < 2 {
-        bail!("--batch values must be above 0 and --crops at least 2");
+    if a.batches.contains(&0) || a.crops < 2 || a.rounds == 0 {
+        bail!("--batch values must be above 0, --crops at least 2 and --rounds at least 1");
     }
     Ok(a)
 }
@@ -137,6 +140,20 @@ fn throughput(
     Ok(faces as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// One round at one batch size: the baseline's faces/s (if it ran), dfwatch fp32's, int8's.
+type Round = (Option<f64>, f64, f64);
+
+/// The median of `v` (the mean of the middle two for an even count); `None` when empty.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
 /// Fraction of pairs ordered the same way (Kendall's concordance, ties counted as agreeing).
 fn rank_agreement(a: &[f64], b: &[f64]) -> f64 {
     let mut agree = 0usize;
@@ -216,45 +233,57 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     ];
     py_args.extend(batch_list);
     let py_refs: Vec<&str> = py_args.iter().map(String::as_str).collect();
-    let baseline_out = python(&a, &py_refs)?;
-    let baseline: Vec<serde_json::Value> = baseline_out
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let base_rate = |b: usize| {
-        baseline
-            .iter()
-            .find(|v| v["batch"] == b)
-            .and_then(|v| v["faces_per_s"].as_f64())
-    };
 
     println!(
-        "bench encoder: {} ({} x {}, {} layers), ONNX Runtime {} with {} threads",
+        "bench encoder: {} ({} x {}, {} layers), ONNX Runtime {} with {} threads; {} rounds \
+         (the baseline and dfwatch take turns; medians, and the median of each round's ratio)",
         bundle.manifest.model.name,
         size,
         size,
         bundle.architecture().layers,
         info.library,
-        info.threads
+        info.threads,
+        a.rounds
     );
+    // Per batch size: each round's (baseline, fp32, int8) faces/s. This machine's speed
+    // drifts between runs, so the two sides take turns rather than run one after the other.
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); a.batches.len()];
+    for _ in 0..a.rounds {
+        let baseline_out = python(&a, &py_refs)?;
+        let baseline: Vec<serde_json::Value> = baseline_out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        for (i, &b) in a.batches.iter().enumerate() {
+            let base = baseline
+                .iter()
+                .find(|v| v["batch"] == b)
+                .and_then(|v| v["faces_per_s"].as_f64());
+            let b = b.min(max_batch);
+            let ours = throughput(&mut fp32, b, &pixels, a.seconds)?;
+            let q = throughput(&mut int8, b, &pixels, a.seconds)?;
+            rounds[i].push((base, ours, q));
+        }
+    }
     println!(
         "{:<8} {:>16} {:>22} {:>8} {:>16} {:>10}",
         "batch", "dfwatch fp32/s", "onnxruntime python/s", "ratio", "dfwatch int8/s", "int8/fp32"
     );
-    for &b in &a.batches {
-        let b = b.min(max_batch);
-        let ours = throughput(&mut fp32, b, &pixels, a.seconds)?;
-        let q = throughput(&mut int8, b, &pixels, a.seconds)?;
-        let base = base_rate(b);
+    for (&b, runs) in a.batches.iter().zip(&rounds) {
+        let pick = |f: &dyn Fn(&Round) -> Option<f64>| median(runs.iter().filter_map(f).collect());
+        let ours = pick(&|r| Some(r.1)).unwrap_or(f64::NAN);
+        let base = pick(&|r| r.0);
+        let ratio = pick(&|r| r.0.map(|v| r.1 / v));
+        let q = pick(&|r| Some(r.2)).unwrap_or(f64::NAN);
+        let speedup = pick(&|r| Some(r.2 / r.1)).unwrap_or(f64::NAN);
         println!(
             "{:<8} {:>16.1} {:>22} {:>8} {:>16.1} {:>10.2}",
-            b,
+            b.min(max_batch),
             ours,
             base.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
-            base.map(|v| format!("{:.3}", ours / v))
-                .unwrap_or("-".into()),
+            ratio.map(|v| format!("{v:.3}")).unwrap_or("-".into()),
             q,
-            q / ours
+            speedup
         );
     }
 
