@@ -2,10 +2,10 @@
 //!
 //! Owns the `[detect]` config section ([`DetectConfig`]). A [`FaceDetector`] downscales the
 //! frame to `detect.max_side` for a full search (a search around tracked faces reads the
-//! frame itself, only where the faces are), runs a [`Detector`] (MTCNN today; any model that yields boxes,
-//! five landmarks and a score fits the trait), maps the results back to frame pixels, and
-//! applies the score threshold, the minimum face size, NMS, the face cap and the optional
-//! largest-face-only mode of the reference pipeline.
+//! frame itself, only where the faces are), runs a [`Detector`] (MTCNN today; any model
+//! that yields boxes, five landmarks and a score fits the trait), maps the results back to
+//! frame pixels, and applies the score threshold, the minimum face size, NMS, the face cap
+//! and the optional largest-face-only mode of the reference pipeline.
 //!
 //! Landmark order everywhere: image-left eye, image-right eye, nose tip, image-left mouth
 //! corner, image-right mouth corner.
@@ -283,8 +283,6 @@ impl FaceDetector {
     }
 }
 
-/// Runs `f` on the frame's pixels as packed RGB8: NV12 frames (the GPU backend's) are
-/// converted on the CPU, only for the frames detection runs on.
 /// A frame large enough to hold a face, whose buffer holds its size and stride.
 fn check_view(view: RgbView<'_>) -> Result<(), DetectError> {
     if view.width < 12 || view.height < 12 {
@@ -303,6 +301,8 @@ fn check_view(view: RgbView<'_>) -> Result<(), DetectError> {
     Ok(())
 }
 
+/// Runs `f` on the frame's pixels as packed RGB8: NV12 frames (the GPU backend's) are
+/// converted on the CPU, only for the frames detection runs on.
 fn with_rgb<T>(
     frame: &Frame,
     f: impl FnOnce(RgbView<'_>) -> Result<T, DetectError>,
