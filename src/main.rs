@@ -759,6 +759,9 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
                         "file": f.display().to_string(),
                         "ok": true,
                         "errors": [],
+                        "warnings": c.warnings().iter().map(|e| serde_json::json!({
+                            "path": e.path, "message": e.message,
+                        })).collect::<Vec<_>>(),
                         "streams": c.streams.len(),
                         "alert_delay_s": c.cadence(fps).alert_delay(&c.track).as_secs_f64(),
                         "onnx_providers": providers,
@@ -786,6 +789,9 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
                     c.streams.len(),
                     dfwatch::validation::human(c.cadence(fps).alert_delay(&c.track))
                 );
+                for w in c.warnings() {
+                    println!("{}: warning: {w}", f.display());
+                }
                 if let Some(line) = gpu {
                     println!("{}: model.backend = \"cuda\": {line}", f.display());
                 }

@@ -16,10 +16,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::RtspServer;
+use common::{H264_LIVE, RtspServer};
 use daemon_support::{
     Daemon, SECS, TOKEN, TUNED_CADENCE, bundle, face_clip, http, metric, metrics, on_topic,
-    write_config_with,
+    stream_report, write_config_with,
 };
 use mqtt_support::{Broker, free_port, receiver, subscriber, subscriber_on, wait_until};
 
@@ -433,6 +433,66 @@ async fn sigterm_with_the_broker_down_ends_in_time_and_keeps_the_spool() {
         String::from_utf8_lossy(&log).contains("\"verdict\":\"fake\""),
         "the alert is on disk for the next start"
     );
+}
+
+/// Live RTSP, SRT and HLS sources (gst-rtsp-server in process, an SRT listener, an HLS
+/// writer served over HTTP) with the broker down, as in a fault run: the daemon is SIGKILLed
+/// and started again on the same state, and every stream comes back online, twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_with_the_broker_down_brings_rtsp_srt_and_hls_back_after_a_restart() {
+    common::init();
+    let rtsp = RtspServer::start(H264_LIVE, "rtph264pay", 0, None);
+    let srt_port = common::free_udp_port();
+    let _srt = common::Sender::start(&format!(
+        "{H264_LIVE} ! h264parse config-interval=-1 ! mpegtsmux alignment=7 ! \
+         srtsink uri=srt://127.0.0.1:{srt_port}?mode=listener wait-for-connection=false"
+    ));
+    let hls_dir = tempfile::tempdir().unwrap();
+    let d = hls_dir.path().display();
+    let _hls = common::Sender::start(&format!(
+        "{H264_LIVE} ! h264parse ! hlssink2 location={d}/seg%05d.ts \
+         playlist-location={d}/live.m3u8 target-duration=1 playlist-length=5 max-files=10"
+    ));
+    let hls_port = common::serve_dir(hls_dir.path().to_path_buf());
+    let streams = [
+        ("rtsp", rtsp.url()),
+        ("srt", format!("srt://127.0.0.1:{srt_port}?mode=caller")),
+        ("hls", format!("http://127.0.0.1:{hls_port}/live.m3u8")),
+    ]
+    .iter()
+    .map(|(id, uri)| format!("[[streams]]\nid = \"{id}\"\nuri = \"{uri}\"\n"))
+    .collect::<String>();
+    let down = format!("mqtt://127.0.0.1:{}", free_port());
+    let (s, _) = setup(&streams, &down, 8.0, 0);
+    let port = s.http_port;
+    let all_online = || {
+        ["rtsp", "srt", "hls"].iter().all(|id| {
+            stream_report(port, TOKEN, id).is_some_and(|r| r["status"]["state"] == "online")
+        })
+    };
+    for round in 0..3 {
+        let mut daemon = Daemon::start(&s.config, s.dir.path(), &[]);
+        let t0 = Instant::now();
+        let what = format!("RTSP, SRT and HLS online (start {round})");
+        let t = tokio::time::Instant::now();
+        while !all_online() {
+            let states: Vec<_> = ["rtsp", "srt", "hls"]
+                .iter()
+                .map(|id| stream_report(port, TOKEN, id).map(|r| r["status"].clone()))
+                .collect();
+            assert!(
+                t.elapsed() < SECS(60),
+                "timed out waiting for {what}: {states:?}\n{}",
+                daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!("{what} after {:.1?}", t0.elapsed());
+        if round < 2 {
+            daemon.signal("KILL");
+            daemon.wait_exit(SECS(10));
+        }
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The event store end to end: the `dfwatch` binary on a looping face clip with a model
 //! shifted towards fake, a stream that stores evidence media, reads behind the token (so a
-//! browser's session cookie is what the SSE stream is read with), and a SIGKILL in the
-//! middle.
+//! browser's session, its cookie and tab secret, is what the SSE stream is read with), and a
+//! SIGKILL in the middle.
 #![cfg(feature = "gstreamer")]
 
 mod daemon_support;
@@ -98,18 +98,18 @@ async fn alerts_are_kept_with_media_streamed_live_and_survive_a_sigkill() {
     .await;
 
     // A browser's way in: EventSource sends no Authorization header, so the page trades the
-    // token for a session cookie once.
+    // token for a session (a cookie and a tab secret) once.
     let (code, _, _) = request(port, "GET", "/api/events", "");
     assert_eq!(code, 401, "reads need the token or a session");
     let (code, head, _) = request(port, "POST", "/api/session", "");
     assert_eq!(code, 401, "a session needs the token");
-    let (code, head2, _) = request(
+    let (code, head2, session_body) = request(
         port,
         "POST",
         "/api/session",
         &format!("Authorization: Bearer {TOKEN}\r\n"),
     );
-    assert_eq!(code, 204, "{head} / {head2}");
+    assert_eq!(code, 200, "{head} / {head2}");
     let set = head2
         .lines()
         .find_map(|l| l.strip_prefix("set-cookie: "))
@@ -118,7 +118,14 @@ async fn alerts_are_kept_with_media_streamed_live_and_survive_a_sigkill() {
         set.contains("HttpOnly") && set.contains("SameSite=Strict"),
         "{set}"
     );
-    let cookie = format!("Cookie: {}\r\n", set.split(';').next().unwrap());
+    let session: serde_json::Value = serde_json::from_slice(&session_body).unwrap();
+    let tab = session["tab"].as_str().expect("a tab secret").to_string();
+    let cookie_only = format!("Cookie: {}\r\n", set.split(';').next().unwrap());
+    // The cookie alone (what a program on another port of this host can collect) reads
+    // nothing; with the tab secret it does.
+    let (code, _, _) = request(port, "GET", "/api/events", &cookie_only);
+    assert_eq!(code, 401, "a cookie without its tab secret");
+    let cookie = format!("{cookie_only}X-Dfwatch-Tab: {tab}\r\n");
     let live = sse(port, &cookie);
 
     // The fake face raises an alert: on MQTT, and within a few seconds on the SSE stream.

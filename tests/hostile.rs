@@ -98,6 +98,26 @@ fn request(port: u16, method: &str, path: &str, auth: Option<&str>, body: &[u8])
     (status, body.to_string())
 }
 
+/// A request written out whole: its status, head and body.
+fn raw(port: u16, request: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new(), String::new());
+    };
+    s.set_read_timeout(Some(SECS(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_string(), body.to_string())
+}
+
 /// POST /api/streams with the token.
 fn add_stream(port: u16, body: &str) -> (u16, String) {
     request(
@@ -440,6 +460,12 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
             "extra",
         ),
         (br#"{"review": ["confirmed"]}"#.as_slice(), "review"),
+        // One JSON object and nothing after it.
+        (
+            br#"{"review": "confirmed"} {"review": "false_alarm"}"#.as_slice(),
+            "trailing",
+        ),
+        (br#"{"review": "confirmed"}garbage"#.as_slice(), "trailing"),
     ] {
         let (code, resp) = request(
             port,
@@ -469,8 +495,9 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(SECS(10))).unwrap();
         let req = format!(
-            "GET /api/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: dfwatch_session={}\r\n\r\n",
-            "0".repeat(64)
+            "GET /api/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: dfwatch_session_{port}={}\r\nX-Dfwatch-Tab: {}\r\n\r\n",
+            "0".repeat(64),
+            "1".repeat(64)
         );
         std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
         let mut out = String::new();
@@ -479,6 +506,86 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     }
     api_bodies.push(request(port, "GET", "/api/events", Some(&auth), b"").1);
     tried += 20;
+
+    // Nobody locks the operator out by sending nothing: header-less writes (any local
+    // process) and another site's fetches from the operator's browser are refused without
+    // counting as guesses, the latter before the token is looked at; the token still works.
+    let failures = |port| metric(&metrics(port), "dfwatch_api_auth_failures_total").unwrap_or(0.0);
+    let before = failures(port);
+    for _ in 0..10 {
+        assert_eq!(request(port, "POST", "/api/reload", None, b"").0, 401);
+    }
+    for (site, origin, token) in [
+        (
+            "Sec-Fetch-Site: cross-site\r\n",
+            "Origin: http://evil.example\r\n",
+            "",
+        ),
+        ("Sec-Fetch-Site: same-site\r\n", "", ""),
+        ("", "Origin: http://127.0.0.1:1\r\n", ""),
+        ("", "Origin: null\r\n", ""),
+        // Even with the right token (a page cannot send one cross-site, but order matters).
+        (
+            "Sec-Fetch-Site: cross-site\r\n",
+            "",
+            "Authorization: Bearer wrong\r\n",
+        ),
+    ] {
+        for path in [
+            "/api/reload",
+            "/api/session",
+            "/api/events/01JDF0A7Z3K9Q8R6T5V4W3X2Y1/review",
+        ] {
+            let (code, head, body) = raw(
+                port,
+                &format!(
+                    "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{site}{origin}{token}\
+                     Content-Type: text/plain\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                ),
+            );
+            assert_eq!(code, 403, "{site}{origin}: {head}{body}");
+            assert!(body.contains("cross_site"), "{body}");
+        }
+    }
+    assert_eq!(failures(port), before, "no refusal above was a guess");
+    // The page's own requests (same origin) still work, and so does the token.
+    let (code, head, body) = raw(
+        port,
+        &format!(
+            "POST /api/session HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n\
+             Origin: http://127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\
+             Content-Length: 0\r\n\r\n"
+        ),
+    );
+    assert_eq!(code, 200, "{head}{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-content-type-options: nosniff"),
+        "{head}"
+    );
+    // The session reads, HEAD included (the cookie with its tab secret).
+    let session: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie:")
+                .then(|| l[11..].trim().to_string())
+        })
+        .and_then(|c| c.split(';').next().map(str::to_string))
+        .expect("a session cookie");
+    let tab = session["tab"].as_str().unwrap();
+    for method in ["GET", "HEAD"] {
+        let (code, head, _) = raw(
+            port,
+            &format!(
+                "{method} /api/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: {cookie}\r\n\
+                 X-Dfwatch-Tab: {tab}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(code, 200, "{method}: {head}");
+    }
+    tried += 19;
 
     // A client that keeps failing the token is throttled (last: this address is then
     // refused for a minute).
@@ -499,7 +606,7 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
     assert_eq!(code, 429);
     let text = metrics(port);
     assert!(
-        metric(&text, "dfwatch_api_auth_failures_total").unwrap() >= 6.0,
+        metric(&text, "dfwatch_api_auth_failures_total").unwrap() >= 5.0,
         "{text}"
     );
     assert!(metric(&text, "dfwatch_api_throttled_total").unwrap() >= 1.0);

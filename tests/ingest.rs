@@ -260,6 +260,29 @@ async fn truncated_and_random_files_fail_typed_while_a_good_stream_runs() {
     .expect("test finished in time");
 }
 
+/// The stream's own source is let through by what it is, not by how its URI is spelled: a
+/// file URI with a percent-encoded letter (which GStreamer's file source reports decoded)
+/// and a plain path with `.` and `..` segments both play, and no attempt is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_stream_plays_whatever_the_spelling_of_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.mp4");
+    make_h264_mp4(&clip, 60);
+    std::fs::create_dir(dir.path().join("configs")).unwrap();
+    let d = dir.path().display();
+    for (id, uri) in [
+        ("encoded", format!("file://{d}/cl%69p.mp4")),
+        ("dotted", format!("{d}/configs/./../clip.mp4")),
+    ] {
+        let (h, rx) = spawn(&stream(id, &uri), &fast_ingest(), 16);
+        let frames = collect_frames(&rx, SECS(20), SECS(1)).await;
+        assert!(!frames.is_empty(), "{id}: {:?}", h.status());
+        let st = h.status();
+        assert!(st.last_error.is_none(), "{id}: {st:?}");
+        h.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_file_is_reported_not_found() {
     let (h, _rx) = spawn(
@@ -504,6 +527,12 @@ async fn an_hls_playlist_cannot_make_the_daemon_open_local_files() {
             message.contains("file://") && message.contains("may not open"),
             "{message}"
         );
+        // A refusal by policy is a configuration error: the stream fails and stays failed,
+        // no attempt after the first.
+        tokio::time::sleep(SECS(2)).await;
+        let st = h.status();
+        assert_eq!(st.state, StreamState::Failed, "{st:?}");
+        assert_eq!(st.attempts, 1, "{st:?}");
         assert!(
             !opened.await.unwrap(),
             "the FIFO was opened by the pipeline"

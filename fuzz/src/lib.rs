@@ -104,6 +104,7 @@ pub fn api_stream(data: &[u8]) {
         max_streams: 4,
         reads_need_token: true,
         loopback_hosts_only: false,
+        trusted_proxies: Vec::new(),
     };
     if let Ok(s) = dfwatch::http::api_stream(data, &policy) {
         if let Some(c) = &s.credentials {

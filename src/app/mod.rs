@@ -74,16 +74,13 @@ pub const DEFAULT_SYNTH_BUNDLE: &str = "var/models/vitb32-synth";
 /// The bundle directory the config asks for.
 pub fn bundle_dir(config: &Config) -> PathBuf {
     match &config.model.bundle {
-        Some(p) if p.is_absolute() => p.clone(),
-        Some(p) => config.base_dir.join(p),
-        None => {
-            let trained = Path::new(DEFAULT_TRAINED_BUNDLE);
-            if trained.join("manifest.toml").exists() {
-                trained.to_path_buf()
-            } else {
-                PathBuf::from(DEFAULT_SYNTH_BUNDLE)
-            }
-        }
+        Some(p) => crate::files::resolve(&config.base_dir, p),
+        // In a checkout: under the working directory, else beside the executable.
+        None => [DEFAULT_TRAINED_BUNDLE, DEFAULT_SYNTH_BUNDLE]
+            .into_iter()
+            .flat_map(crate::files::in_checkout)
+            .find(|d| d.join("manifest.toml").exists())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SYNTH_BUNDLE)),
     }
 }
 
@@ -555,7 +552,7 @@ impl Daemon {
             model: std::sync::RwLock::new(model_info.clone()),
             publisher: publisher.clone(),
             events: store,
-            sessions: Default::default(),
+            sessions: crate::http::session::Sessions::new(config.http.listen.port()),
             verdicts,
             analysis: metrics.clone(),
             streams: Default::default(),
@@ -567,9 +564,12 @@ impl Daemon {
                 max_streams: config.http.api_max_streams,
                 reads_need_token: config.http.reads_need_token(),
                 loopback_hosts_only: config.http.loopback_hosts_only(),
+                trusted_proxies: config.http.trusted_proxies.clone(),
             },
             guard: Default::default(),
             connections: crate::http::Connections::new(crate::http::Limits::of(&config.http)),
+            subscribers: crate::http::events::subscriber_places(),
+            exports: crate::http::events::export_places(),
             encode_queue: encode_stats,
         });
         state.beat();
@@ -929,8 +929,11 @@ impl Daemon {
                 report.unchanged.push(id.to_string());
                 continue;
             }
+            let running = &self.running[&id];
+            // A stream failed by policy is tried again on a reload, changed or not.
+            let failed = running.handle.status().state == ingest::StreamState::Failed;
             match wanted.get(&id) {
-                Some(w) if same_stream_config(w, &self.running[&id].config) => {
+                Some(w) if same_stream_config(w, &running.config) && !failed => {
                     report.unchanged.push(id.to_string())
                 }
                 Some(_) => {
@@ -1120,8 +1123,7 @@ fn start_publisher(
         mqtt_cfg.url = format!("mqtt://{listen}");
     }
     let spool_dir = match &mqtt_cfg.spool_dir {
-        Some(p) if p.is_absolute() => p.clone(),
-        Some(p) => config.base_dir.join(p),
+        Some(p) => crate::files::resolve(&config.base_dir, p),
         None if std::env::var_os("STATE_DIRECTORY").is_some() => state_dir.join("spool"),
         None => PathBuf::from("var/spool"),
     };

@@ -136,6 +136,10 @@ pub struct AppState {
     pub guard: crate::http::Guard,
     /// The HTTP listener's bounds and their counters.
     pub connections: crate::http::Connections,
+    /// Live subscribers of `/api/events/stream` and running exports: bounded in all and
+    /// per client ([`crate::http::places`]).
+    pub subscribers: Arc<crate::http::places::Places>,
+    pub exports: Arc<crate::http::places::Places>,
     pub encode_queue: Box<dyn Fn() -> ChannelStats + Send + Sync>,
 }
 
@@ -180,7 +184,8 @@ impl AppState {
     }
 
     /// What an operator should look at while the daemon still serves: a spool that is not
-    /// durable, stages that panicked and went on in the last few minutes.
+    /// durable, stages that panicked and went on in the last few minutes, streams failed by
+    /// policy.
     pub fn degraded(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.publisher.stats().durable {
@@ -199,9 +204,20 @@ impl AppState {
                 out.push(format!("{stage} restarted after {why}"));
             }
         }
+        if let Some(why) = self.events.metrics().recent_reset() {
+            out.push(format!("event store reset: {why}"));
+        }
         for (id, v) in self.streams.read().expect("streams lock").iter() {
             if let Some(why) = v.analysis.restarts.recent() {
                 out.push(format!("stream {id}: face stage restarted after {why}"));
+            }
+            let status = v.status.borrow();
+            if status.state == crate::ingest::StreamState::Failed {
+                let why = status.last_error.as_ref().map(|e| e.message.as_str());
+                out.push(format!(
+                    "stream {id} failed: {} (not retried until a reload or an API change)",
+                    why.unwrap_or("refused")
+                ));
             }
         }
         out
@@ -231,6 +247,8 @@ impl AppState {
             api_throttled: self.guard.throttled.get(),
             api_clients_forgotten: self.guard.forgotten.get(),
             http: &self.connections,
+            subscribers: &self.subscribers,
+            exports: &self.exports,
             publisher_restarts: self.publisher.restarts().count(),
             webhooks: self.publisher.webhook_stats(),
             events: self.events.metrics(),

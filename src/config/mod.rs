@@ -137,11 +137,7 @@ impl Config {
         // A bundle the file names must be there: the daemon would refuse to start without it.
         // (Left unset, the daemon looks for the default bundles at start and says which.)
         if let Some(b) = &cfg.model.bundle {
-            let dir = if b.is_absolute() {
-                b.clone()
-            } else {
-                cfg.base_dir.join(b)
-            };
+            let dir = crate::files::resolve(&cfg.base_dir, b);
             if !dir.join("manifest.toml").is_file() {
                 return Err(ConfigErrors::one(ConfigError::new(
                     "model.bundle",
@@ -172,11 +168,59 @@ impl Config {
         let mut errors = Vec::new();
         let (mut cfg, stream_index, webhook_index) = Config::from_table(table, &mut errors);
         cfg.base_dir = base_dir.to_path_buf();
+        cfg.anchor_paths();
         cfg.validate(&stream_index, &webhook_index, &mut errors);
         if errors.is_empty() {
             Ok(cfg)
         } else {
             Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Relative paths resolved against the file's directory once, as it is loaded, with `.`
+    /// and `..` removed (see [`crate::files::resolve`]): every later reader, log line, API
+    /// answer and comparison sees one absolute spelling, whatever the working directory. A
+    /// stream written as a plain path becomes its `file://` URI.
+    fn anchor_paths(&mut self) {
+        let base = self.base_dir.clone();
+        let fix = |p: &mut Option<PathBuf>| {
+            if let Some(x) = p {
+                *x = crate::files::resolve(&base, x);
+            }
+        };
+        fix(&mut self.model.bundle);
+        fix(&mut self.detect.model_dir);
+        fix(&mut self.onnx.library);
+        fix(&mut self.events.path);
+        fix(&mut self.http.token_file);
+        for set in self.http.api_credentials.values_mut() {
+            fix(&mut set.password_file);
+        }
+        let m = &mut self.mqtt;
+        for p in [
+            &mut m.password_file,
+            &mut m.ca_file,
+            &mut m.client_cert_file,
+            &mut m.client_key_file,
+            &mut m.spool_dir,
+        ] {
+            fix(p);
+        }
+        for w in &mut self.webhooks {
+            fix(&mut w.bearer_file);
+            fix(&mut w.ca_file);
+        }
+        for s in &mut self.streams {
+            if let Some(c) = &mut s.credentials {
+                fix(&mut c.password_file);
+            }
+            // A plain path (no scheme) is a local file; a URI is left as written. One that
+            // does not parse is left too: `validate` names it.
+            if !s.uri.contains("://")
+                && let Ok(src) = crate::ingest::Source::parse(&s.uri, &base)
+            {
+                s.uri = src.uri().to_string();
+            }
         }
     }
 
@@ -348,6 +392,35 @@ impl Config {
     /// Every rule for one stream under this config (`path` prefixes the errors): its own
     /// section, the pixel format for the backend, and its scoring cadence. The daemon runs it
     /// for streams added through the API too.
+    /// What the daemon accepts but cannot do, known before it starts: an enabled stream's
+    /// local file that is not there or not a regular file (the stream would go offline with
+    /// `not_found`). `validate` prints these without failing: the file may appear before the
+    /// daemon starts or reloads, and the other streams run meanwhile.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        for (i, s) in self.streams.iter().enumerate().filter(|(_, s)| s.enabled) {
+            let Some(file) = crate::ingest::Source::parse(&s.uri, &self.base_dir)
+                .ok()
+                .and_then(|src| src.file_path())
+            else {
+                continue;
+            };
+            let why = match std::fs::metadata(&file) {
+                Ok(m) if m.is_file() => continue,
+                Ok(_) => "is not a regular file".to_string(),
+                Err(e) => e.to_string(),
+            };
+            out.push(ConfigError::new(
+                format!("streams[{i}].uri"),
+                format!(
+                    "{}: {why}; the stream will go offline with not_found",
+                    file.display()
+                ),
+            ));
+        }
+        out
+    }
+
     pub fn validate_stream(&self, s: &StreamConfig, path: &str, errors: &mut Vec<ConfigError>) {
         let before = errors.len();
         s.validate(path, &self.base_dir, errors);

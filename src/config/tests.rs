@@ -262,3 +262,84 @@ fn gpu_backend_takes_nv12() {
     );
     assert!(c.is_ok(), "{:?}", c.err().map(|e| e.to_string()));
 }
+
+#[test]
+fn relative_paths_are_anchored_at_the_file_and_spelled_once() {
+    let c = Config::parse(
+        r#"
+        [model]
+        bundle = "../var/models/x"
+
+        [detect]
+        model_dir = "./mtcnn/../mtcnn"
+
+        [mqtt]
+        spool_dir = "../var/spool"
+
+        [http]
+        token_file = "secrets/./token"
+
+        [[streams]]
+        id = "sample"
+        uri = "../var/sample/face.mp4"
+        credentials = { password_file = "../secrets/pw" }
+
+        [[streams]]
+        id = "cam"
+        uri = "rtsp://10.0.0.1/a/../b"
+        "#,
+        Path::new("/srv/checkout/configs"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.model.bundle.as_deref(),
+        Some(Path::new("/srv/checkout/var/models/x"))
+    );
+    assert_eq!(
+        c.detect.model_dir.as_deref(),
+        Some(Path::new("/srv/checkout/configs/mtcnn"))
+    );
+    assert_eq!(
+        c.mqtt.spool_dir.as_deref(),
+        Some(Path::new("/srv/checkout/var/spool"))
+    );
+    assert_eq!(
+        c.http.token_file.as_deref(),
+        Some(Path::new("/srv/checkout/configs/secrets/token"))
+    );
+    // A plain path becomes its one file:// spelling, which is what the guard, the logs and
+    // /api/streams show; a URI with a scheme is left as written.
+    assert_eq!(c.streams[0].uri, "file:///srv/checkout/var/sample/face.mp4");
+    assert_eq!(
+        c.streams[0]
+            .credentials
+            .as_ref()
+            .and_then(|x| x.password_file.as_deref()),
+        Some(Path::new("/srv/checkout/secrets/pw"))
+    );
+    assert_eq!(c.streams[1].uri, "rtsp://10.0.0.1/a/../b");
+    // Loading again (a reload) gives the same spelling: the stream is unchanged.
+    let again = Config::parse(
+        "[[streams]]\nid = \"sample\"\nuri = \"file:///srv/checkout/var/sample/face.mp4\"\n",
+        Path::new("/elsewhere"),
+    )
+    .unwrap();
+    assert_eq!(again.streams[0].uri, c.streams[0].uri);
+}
+
+#[test]
+fn validate_warns_of_a_missing_local_clip_without_refusing_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("there.mp4"), b"x").unwrap();
+    let c = Config::parse(
+        "[[streams]]\nid = \"a\"\nuri = \"there.mp4\"\n\
+         [[streams]]\nid = \"b\"\nuri = \"../gone.mp4\"\n\
+         [[streams]]\nid = \"c\"\nuri = \"gone.mp4\"\nenabled = false\n\
+         [[streams]]\nid = \"d\"\nuri = \"rtsp://10.0.0.1/x\"\n",
+        d.path(),
+    )
+    .unwrap();
+    let w = c.warnings();
+    assert_eq!(paths(&ConfigErrors(w.clone())), ["streams[1].uri"], "{w:?}");
+    assert!(w[0].message.contains("not_found"), "{}", w[0].message);
+}

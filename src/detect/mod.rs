@@ -138,25 +138,23 @@ impl DetectConfig {
         c.count("max_faces", self.max_faces as u64, 0..=1000);
     }
 
-    /// The model directory, resolved against the config's directory. Unset: `var/models/mtcnn`
-    /// under the working directory (a checkout after tools/setup.sh), else the Debian
-    /// package's `/usr/share/dfwatch/models/mtcnn`.
+    /// The model directory, resolved against the config's directory. Unset: a checkout's
+    /// `var/models/mtcnn` (under the working directory, else beside the executable), else the
+    /// Debian package's `/usr/share/dfwatch/models/mtcnn`.
     pub fn model_dir(&self, base_dir: &Path) -> PathBuf {
         match &self.model_dir {
-            Some(p) if p.is_absolute() => p.clone(),
-            Some(p) => base_dir.join(p),
-            None => {
-                let checkout = PathBuf::from("var/models/mtcnn");
-                let packaged = PathBuf::from(PACKAGED_MTCNN_DIR);
-                if !checkout.exists() && packaged.exists() {
-                    packaged
-                } else {
-                    checkout
-                }
-            }
+            Some(p) => crate::files::resolve(base_dir, p),
+            None => crate::files::in_checkout(CHECKOUT_MTCNN_DIR)
+                .into_iter()
+                .chain([PathBuf::from(PACKAGED_MTCNN_DIR)])
+                .find(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from(CHECKOUT_MTCNN_DIR)),
         }
     }
 }
+
+/// Where tools/setup.sh puts the MTCNN weights in a checkout.
+const CHECKOUT_MTCNN_DIR: &str = "var/models/mtcnn";
 
 /// A detector with the frame-level policy of [`DetectConfig`].
 pub struct FaceDetector {

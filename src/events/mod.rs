@@ -102,8 +102,7 @@ impl EventsConfig {
     /// The database file: `path` against `base_dir`, else `events.db` in `state_dir`.
     pub fn file(&self, base_dir: &Path, state_dir: &Path) -> PathBuf {
         match &self.path {
-            Some(p) if p.is_absolute() => p.clone(),
-            Some(p) => base_dir.join(p),
+            Some(p) => crate::files::resolve(base_dir, p),
             None => state_dir.join("events.db"),
         }
     }
@@ -164,6 +163,9 @@ pub struct StoreMetrics {
     pub media_dropped_encode: Counter,
     /// Times a damaged database was moved aside and a fresh one started.
     pub resets: Counter,
+    /// When the last reset (or failed reset) happened, and why: `/readyz` says degraded
+    /// for a while after one.
+    last_reset: std::sync::Mutex<Option<(std::time::Instant, String)>>,
     /// Deleted through the API.
     pub deleted: Counter,
     /// Gauges, refreshed by the writer.
@@ -174,12 +176,22 @@ pub struct StoreMetrics {
     pub pruned_media: AtomicU64,
     pub pruned_media_too_large: AtomicU64,
     pub pruned_updates: AtomicU64,
-    /// Live subscribers now, and those refused because [`crate::http::events::MAX_SUBSCRIBERS`]
-    /// were connected.
-    pub subscribers: AtomicU64,
-    pub subscribers_refused: Counter,
-    /// Exports refused because the most were running.
-    pub exports_refused: Counter,
+}
+
+impl StoreMetrics {
+    fn reset_happened(&self, why: String) {
+        *self.last_reset.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), why));
+    }
+
+    /// Why the database was last reset, while that is recent enough to call the daemon
+    /// degraded ([`crate::fault::DEGRADED_FOR`]).
+    pub fn recent_reset(&self) -> Option<String> {
+        let last = self.last_reset.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < crate::fault::DEGRADED_FOR)
+            .map(|(_, why)| why.clone())
+    }
 }
 
 struct Shared {
@@ -189,8 +201,6 @@ struct Shared {
     /// Alert events in the queue that carry a frame.
     media_in_flight: AtomicUsize,
     media_cap: usize,
-    /// Exports running now.
-    exports: AtomicU64,
 }
 
 /// The event store: a handle to its writer thread and its database.
@@ -214,6 +224,9 @@ impl EventStore {
         if let Some(why) = reset {
             metrics.resets.inc();
             tracing::error!(path = %file.display(), reason = %why, "The event store's database was damaged; it was moved aside and a fresh one started.");
+            metrics.reset_happened(format!(
+                "damage found at start ({why}); the database was moved aside"
+            ));
         }
         let (live, _) = tokio::sync::broadcast::channel(LIVE_BACKLOG);
         let shared = Arc::new(Shared {
@@ -222,7 +235,6 @@ impl EventStore {
             live,
             media_in_flight: AtomicUsize::new(0),
             media_cap: cfg.held_frames.max(1),
-            exports: AtomicU64::new(0),
         });
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
         let writer = shared.clone();
@@ -349,53 +361,6 @@ impl EventStore {
         rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
             .is_ok()
     }
-
-    /// A place among the live subscribers, `None` when `max` are connected (counted).
-    pub fn subscriber(&self, max: u64) -> Option<Slot> {
-        Slot::take(&self.shared, max, |s| {
-            (&s.metrics.subscribers, &s.metrics.subscribers_refused)
-        })
-    }
-
-    /// A place among the running exports, `None` when `max` run (counted).
-    pub fn exporter(&self, max: u64) -> Option<Slot> {
-        Slot::take(&self.shared, max, |s| {
-            (&s.exports, &s.metrics.exports_refused)
-        })
-    }
-}
-
-/// One of a bounded number of places (live subscribers, running exports), held while it
-/// lives.
-pub struct Slot {
-    shared: Arc<Shared>,
-    /// The count the place is in, and the counter of refusals.
-    of: fn(&Shared) -> (&AtomicU64, &Counter),
-}
-
-impl Slot {
-    fn take(
-        shared: &Arc<Shared>,
-        max: u64,
-        of: fn(&Shared) -> (&AtomicU64, &Counter),
-    ) -> Option<Slot> {
-        let (count, refused) = of(shared);
-        if count.fetch_add(1, Ordering::Relaxed) >= max {
-            count.fetch_sub(1, Ordering::Relaxed);
-            refused.inc();
-            return None;
-        }
-        Some(Slot {
-            shared: shared.clone(),
-            of,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        (self.of)(&self.shared).0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Shared {
@@ -417,9 +382,13 @@ impl Shared {
                     self.metrics.resets.inc();
                     let aside = aside.map(|p| p.display().to_string()).unwrap_or_default();
                     tracing::error!(path = %db.path().display(), error = %e, moved_to = %aside, "The event store's database was damaged while running; it was moved aside and a fresh one started.");
+                    self.metrics
+                        .reset_happened(format!("{e}; the database was moved to {aside}"));
                 }
                 Err(e2) => {
                     tracing::error!(path = %db.path().display(), error = %e2, "The event store's damaged database could not be replaced.");
+                    self.metrics
+                        .reset_happened(format!("{e}; replacing the database failed: {e2}"));
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! `[http]`: the listener, the API token, and what API callers may do.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,6 +46,76 @@ pub struct HttpConfig {
     /// 10m); past it the answer is 408.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Reverse proxies in front of the listener (addresses or CIDR blocks, e.g.
+    /// `"127.0.0.1"`, `"10.0.0.0/8"`, `"::1"`): for a request from one of them, the client is
+    /// the last address in `X-Forwarded-For` that is not itself a trusted proxy, and that
+    /// client is who a failed token guess counts against. Default none: `X-Forwarded-For`
+    /// is ignored (anyone could write it).
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address block: an IP address, or an address with a prefix length (`10.0.0.0/8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the block (an IPv4-mapped IPv6 address counts as its IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.as_str(), None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or a CIDR block (10.0.0.0/8)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        format!("{}/{}", c.addr, c.prefix)
+    }
 }
 
 /// See [`HttpConfig::read_auth`].
@@ -73,6 +143,7 @@ impl Default for HttpConfig {
             max_connections: 256,
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -142,11 +213,7 @@ impl HttpConfig {
             return check_token(t.trim(), &format!("environment variable {var}"));
         }
         if let Some(p) = &self.token_file {
-            let p = if p.is_absolute() {
-                p.clone()
-            } else {
-                base_dir.join(p)
-            };
+            let p = crate::files::resolve(base_dir, p);
             let t = crate::files::read_secret_file(&p)
                 .with_context(|| format!("http.token_file: cannot read {}", p.display()))?;
             return check_token(t.trim(), &p.display().to_string());

@@ -22,7 +22,6 @@
 //! first gets the events changed since, as `update` or `end` (deletions are not replayed); one that fell behind,
 //! or missed more than a replay holds, gets `event: reset` and should reload the list.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -34,16 +33,37 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::guard;
+use super::{guard, places};
 use crate::app::state::AppState;
 use crate::events::{DbError, Filter, MediaKind, Review, db::MAX_PAGE};
 
-/// Live subscribers at once (each holds a connection).
-pub const MAX_SUBSCRIBERS: u64 = 32;
+/// Live subscribers at once (each holds a connection), and for one client address; a new
+/// one beyond either ends the oldest ([`places`]).
+pub const MAX_SUBSCRIBERS: usize = 32;
+pub const MAX_SUBSCRIBERS_PER_CLIENT: usize = 4;
 /// Events a reconnecting subscriber is replayed at most.
 pub const MAX_REPLAY: usize = 500;
-/// Exports running at once.
-pub const MAX_EXPORTS: u64 = 2;
+/// Exports running at once, and for one client address (more are refused).
+pub const MAX_EXPORTS: usize = 2;
+pub const MAX_EXPORTS_PER_CLIENT: usize = 1;
+
+/// The places of live subscribers.
+pub fn subscriber_places() -> Arc<places::Places> {
+    places::Places::new(
+        MAX_SUBSCRIBERS,
+        MAX_SUBSCRIBERS_PER_CLIENT,
+        places::WhenFull::EvictOldest,
+    )
+}
+
+/// The places of running exports.
+pub fn export_places() -> Arc<places::Places> {
+    places::Places::new(
+        MAX_EXPORTS,
+        MAX_EXPORTS_PER_CLIENT,
+        places::WhenFull::Refuse,
+    )
+}
 /// Longest review note.
 pub const MAX_NOTE_CHARS: usize = 1000;
 /// `/api/alerts`: default and largest `limit`.
@@ -296,10 +316,14 @@ pub async fn review(
         guard::audit(caller, "review_event", "-", "refused: not an alert id");
         return not_found("(not an alert id)");
     };
-    let parsed: ReviewBody = match serde_path_to_error::deserialize(
-        &mut serde_json::Deserializer::from_slice(&body),
-    ) {
-        Ok(b) => b,
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let parsed: ReviewBody = match serde_path_to_error::deserialize(&mut de) {
+        // One JSON object and nothing after it (trailing bytes are no review).
+        Ok(b) if de.end().is_ok() => b,
+        Ok(_) => {
+            guard::audit(caller, "review_event", &id, "refused: invalid");
+            return bad("body: trailing characters after the JSON object");
+        }
         Err(e) => {
             guard::audit(caller, "review_event", &id, "refused: invalid");
             let at = e.path().to_string();
@@ -334,20 +358,38 @@ pub struct ExportQuery {
     since: Option<String>,
 }
 
-/// JSON lines, oldest first, read a page at a time while the body streams.
-pub async fn export(State(s): State<Arc<AppState>>, Query(q): Query<ExportQuery>) -> Response {
+/// The client a request counts against for the places' caps.
+fn client(s: &AppState, peer: std::net::SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+    guard::client_ip(peer.ip(), headers, &s.api.trusted_proxies)
+}
+
+/// JSON lines, oldest first, read a page at a time while the body streams; a client that
+/// stops reading for `http.request_timeout` loses it ([`places::stall_guarded`]).
+pub async fn export(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<ExportQuery>,
+) -> Response {
     let since = match time_ms("since", q.since.as_deref()) {
         Ok(v) => v,
         Err(why) => return bad(why),
     };
     // A page of events with their lifecycles is at most PAGE * 258 payloads.
     const PAGE: usize = 20;
-    let Some(slot) = s.events.exporter(MAX_EXPORTS) else {
-        return busy("30", format!("{MAX_EXPORTS} exports running already"));
+    let Some(place) = s.exports.take(client(&s, peer, &headers)) else {
+        return busy(
+            "30",
+            format!(
+                "{MAX_EXPORTS} exports running already, or {MAX_EXPORTS_PER_CLIENT} from this \
+                 client"
+            ),
+        );
     };
+    let stall = s.connections.limits.request_timeout;
     let pages = futures_util::stream::unfold(
-        (s, None::<String>, false, slot),
-        move |(s, after, done, slot)| async move {
+        (s, None::<String>, false),
+        move |(s, after, done)| async move {
             if done {
                 return None;
             }
@@ -372,17 +414,14 @@ pub async fn export(State(s): State<Arc<AppState>>, Query(q): Query<ExportQuery>
             match page {
                 Ok((bytes, last, end)) => Some((
                     Ok::<_, std::io::Error>(bytes::Bytes::from(bytes)),
-                    (s, last.or(after), end, slot),
+                    (s, last.or(after), end),
                 )),
                 // The body is already under way: the error aborts the response (no final
                 // chunk), so the client sees an incomplete transfer, not a short export that
                 // looks whole; the log says why.
                 Err(e) => {
                     tracing::warn!(error = %e, "The events export stopped early.");
-                    Some((
-                        Err(std::io::Error::other(e.to_string())),
-                        (s, after, true, slot),
-                    ))
+                    Some((Err(std::io::Error::other(e.to_string())), (s, after, true)))
                 }
             }
         },
@@ -392,7 +431,7 @@ pub async fn export(State(s): State<Arc<AppState>>, Query(q): Query<ExportQuery>
             (header::CONTENT_TYPE, "application/x-ndjson"),
             (header::CACHE_CONTROL, "private, no-store"),
         ],
-        axum::body::Body::from_stream(pages),
+        axum::body::Body::from_stream(places::stall_guarded(pages, place, stall)),
     )
         .into_response()
 }
@@ -415,11 +454,18 @@ fn reset(why: &str) -> SseEvent {
         .data(serde_json::json!({"reason": why}).to_string())
 }
 
-/// Server-sent events of every change committed to the store.
-pub async fn stream(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let Some(guard) = s.events.subscriber(MAX_SUBSCRIBERS) else {
+/// Server-sent events of every change committed to the store. The newest subscribers win
+/// a place: past the caps the oldest (of the same client first) is ended, and a client that
+/// stops reading for `http.request_timeout` while an event waits for it loses its place.
+pub async fn stream(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(place) = s.subscribers.take(client(&s, peer, &headers)) else {
         return busy("10", format!("{MAX_SUBSCRIBERS} live subscribers already"));
     };
+    let stall = s.connections.limits.request_timeout;
     // Subscribe before the replay is read: nothing committed in between is missed (a change
     // may come twice; its seq tells).
     let rx = s.events.subscribe();
@@ -460,8 +506,8 @@ pub async fn stream(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     }
     let state = s.clone();
     let live = futures_util::stream::unfold(
-        (rx, state, guard, replayed_to),
-        |(mut rx, state, guard, replayed_to)| async move {
+        (rx, state, replayed_to),
+        |(mut rx, state, replayed_to)| async move {
             loop {
                 if !state.ready.load(Ordering::Relaxed) {
                     // The daemon stops: the stream ends rather than hold the stop up.
@@ -475,15 +521,15 @@ pub async fn stream(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Respo
                     Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => reset("lagged"),
                     Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
                 };
-                return Some((Ok::<_, Infallible>(ev), (rx, state, guard, replayed_to)));
+                return Some((Ok::<_, std::io::Error>(ev), (rx, state, replayed_to)));
             }
         },
     );
     let all = futures_util::StreamExt::chain(
-        futures_util::stream::iter(first.into_iter().map(Ok::<_, Infallible>)),
+        futures_util::stream::iter(first.into_iter().map(Ok::<_, std::io::Error>)),
         live,
     );
-    Sse::new(all)
+    Sse::new(places::stall_guarded(all, place, stall))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }

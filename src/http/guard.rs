@@ -12,6 +12,7 @@ use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use super::config::Cidr;
 use crate::ingest::CredentialsConfig;
 use crate::metrics::Counter;
 
@@ -30,6 +31,35 @@ pub struct ApiPolicy {
     pub reads_need_token: bool,
     /// Only `Host: <IP address>` or `localhost` is served ([`super::HttpConfig::loopback_hosts_only`]).
     pub loopback_hosts_only: bool,
+    /// Proxies whose `X-Forwarded-For` names the client (`http.trusted_proxies`).
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// Who a request is from: the peer, or, when the peer is a trusted proxy, the last address
+/// of `X-Forwarded-For` that is not a trusted proxy itself (each proxy appends the address
+/// it heard from, so the right end is the one the nearest trusted proxy wrote). A header
+/// that does not parse, or names only trusted proxies, leaves the peer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            return peer;
+        };
+        if !is_trusted(ip) {
+            return ip;
+        }
+    }
+    peer
 }
 
 /// Failed attempts before a client is throttled ...
@@ -85,7 +115,10 @@ impl IntoResponse for Refusal {
 }
 
 impl Guard {
-    /// Checks `headers` against `token` for a request from `ip` at `now`.
+    /// Checks `headers` against `token` for a request from `ip` at `now`. Only a credential
+    /// that is present and wrong is a guess: a request with no `Authorization` at all (a
+    /// page not signed in, a cross-origin form, a stranger's script) is refused without
+    /// counting, so nobody can lock the operator out by sending nothing.
     pub fn check(
         &self,
         ip: IpAddr,
@@ -93,6 +126,9 @@ impl Guard {
         token: &str,
         now: Instant,
     ) -> Result<(), Refusal> {
+        if !headers.contains_key(header::AUTHORIZATION) {
+            return Err(Refusal::Unauthorised);
+        }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = clients.get(&ip) {
             let until = f.last + THROTTLE_WINDOW;
@@ -219,6 +255,89 @@ mod tests {
         assert_eq!(g.check(ip, &right, TOKEN, later), Ok(()));
         assert_eq!(g.auth_failures.get(), 5);
         assert_eq!(g.throttled.get(), 1);
+    }
+
+    #[test]
+    fn requests_without_a_credential_never_count_as_guesses() {
+        let g = Guard::default();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let t = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(
+                g.check(ip, &HeaderMap::new(), TOKEN, t),
+                Err(Refusal::Unauthorised)
+            );
+        }
+        assert_eq!(g.clients(), 0);
+        assert_eq!(g.auth_failures.get(), 0);
+        let right = bearer("Bearer secret-token-0123456789");
+        assert_eq!(g.check(ip, &right, TOKEN, t), Ok(()));
+    }
+
+    fn forwarded(v: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for x in v {
+            h.append("x-forwarded-for", x.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
+        let cidr = |s: &str| Cidr::try_from(s.to_string()).unwrap();
+        let trusted = [cidr("10.0.0.0/8"), cidr("::1")];
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // From a stranger, the header is anyone's words.
+        let stranger = ip("192.0.2.9");
+        assert_eq!(
+            client_ip(stranger, &forwarded(&["198.51.100.1"]), &trusted),
+            stranger
+        );
+        // Behind the proxy: the rightmost address that is not a trusted proxy.
+        let h = forwarded(&["203.0.113.5, 198.51.100.1", "10.9.9.9"]);
+        assert_eq!(client_ip(proxy, &h, &trusted), ip("198.51.100.1"));
+        assert_eq!(
+            client_ip(ip("::1"), &forwarded(&["2001:db8::7"]), &trusted),
+            ip("2001:db8::7")
+        );
+        // Garbage, or nothing but proxies: the peer itself.
+        assert_eq!(
+            client_ip(proxy, &forwarded(&["198.51.100.1, not-an-ip"]), &trusted),
+            proxy
+        );
+        assert_eq!(client_ip(proxy, &forwarded(&["10.0.0.1"]), &trusted), proxy);
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+        // Clients behind one proxy are throttled one by one, not as one address.
+        let g = Guard::default();
+        let t = Instant::now();
+        let wrong = bearer("Bearer nope");
+        let a = client_ip(proxy, &forwarded(&["198.51.100.1"]), &trusted);
+        for _ in 0..FAILURES_BEFORE_THROTTLE + 1 {
+            let _ = g.check(a, &wrong, TOKEN, t);
+        }
+        let b = client_ip(proxy, &forwarded(&["198.51.100.2"]), &trusted);
+        let right = bearer("Bearer secret-token-0123456789");
+        assert_eq!(g.check(b, &right, TOKEN, t), Ok(()));
+        assert!(matches!(
+            g.check(a, &right, TOKEN, t),
+            Err(Refusal::Throttled { .. })
+        ));
+    }
+
+    #[test]
+    fn cidr_blocks_parse_and_contain() {
+        let c = |s: &str| Cidr::try_from(s.to_string());
+        let net = c("192.168.0.0/16").unwrap();
+        assert!(net.contains("192.168.44.1".parse().unwrap()));
+        assert!(!net.contains("192.169.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:192.168.1.1".parse().unwrap()));
+        assert!(c("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(c("::/0").unwrap().contains("2001:db8::1".parse().unwrap()));
+        assert!(!c("::1").unwrap().contains("::2".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "::/129", "example.com", "10.0.0.0/x", ""] {
+            assert!(c(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,12 +10,12 @@
 //! | `/api/streams` | POST | bearer | add a runtime-only stream (JSON of a `[[streams]]` entry) |
 //! | `/api/streams/{id}` | DELETE | bearer | remove a stream |
 //! | `/api/alerts`, `/api/events...` | GET, DELETE, POST | read, bearer | alert history from the event store ([`events`]) |
-//! | `/api/session` | POST | bearer | a session cookie for a browser's reads ([`session`]) |
-//! | `/api/session` | DELETE | cookie | ends that session |
+//! | `/api/session` | POST | bearer | a session (cookie and tab secret) for a browser's reads ([`session`]) |
+//! | `/api/session` | DELETE | session | ends that session |
 //! | `/api/reload` | POST | bearer | re-read the config file (as SIGHUP) |
 //!
 //! Mutating calls need `Authorization: Bearer <token>`, loopback included; reads need it
-//! (or a session cookie) when `http.listen` is not loopback (`http.read_auth`). The token is checked before a body
+//! (or a browser session) when `http.listen` is not loopback (`http.read_auth`). The token is checked before a body
 //! is read; bodies are capped at 64 KiB; a client that keeps failing is throttled
 //! ([`guard`]). API callers never name files or environment variables: a stream's
 //! credentials are a set the operator defined in `[http.api_credentials]`.
@@ -25,6 +25,7 @@ pub mod events;
 pub mod guard;
 pub mod listener;
 pub mod page;
+pub mod places;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -87,37 +88,87 @@ async fn require_token(
     req: Request,
     next: Next,
 ) -> Response {
+    let client = guard::client_ip(addr.ip(), req.headers(), &s.api.trusted_proxies);
     match s
         .guard
-        .check(addr.ip(), req.headers(), &s.api.token, Instant::now())
+        .check(client, req.headers(), &s.api.token, Instant::now())
     {
         Ok(()) => next.run(req).await,
         Err(refusal) => {
-            tracing::debug!(caller = %addr, path = %req.uri().path(), ?refusal, "API request refused.");
+            tracing::debug!(caller = %addr, client = %client, path = %req.uri().path(), ?refusal, "API request refused.");
             refusal.into_response()
         }
     }
 }
 
-/// Reads: a browser session's cookie, else the token check.
+/// Reads: a browser session (its cookie and tab secret), else the token check.
 async fn require_reader(
     State(s): State<Arc<AppState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
-    if req.method() == axum::http::Method::GET && s.sessions.valid(req.headers(), Instant::now()) {
+    let read = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if read
+        && s.sessions
+            .valid(req.headers(), req.uri().query(), Instant::now())
+    {
         return next.run(req).await;
     }
-    // No token offered is no guess at one: a page that has not signed in yet (or whose
-    // session expired) is told 401 without being counted towards the throttle.
-    if !req
-        .headers()
-        .contains_key(axum::http::header::AUTHORIZATION)
-    {
-        return guard::Refusal::Unauthorised.into_response();
-    }
+    // (No token offered is no guess at one: the guard counts only wrong tokens.)
     require_token(State(s), ConnectInfo(addr), req, next).await
+}
+
+/// State-changing requests a browser sends on behalf of another site are refused before the
+/// token is looked at (so they cannot count as guesses either): `Sec-Fetch-Site` other than
+/// `same-origin` or `none` (typed by the user), or, from browsers that do not send it, an
+/// `Origin` that is not this listener's own. Requests with neither header (curl, scripts,
+/// services) are not a browser's and pass to the token check.
+async fn refuse_cross_site(req: Request, next: Next) -> Response {
+    use axum::http::Method;
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    if let Some(why) = cross_site(req.headers()) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({"error": "cross_site", "detail": why})),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Why a request's own headers say another site sent it, if they do.
+fn cross_site(headers: &axum::http::HeaderMap) -> Option<String> {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if let Some(site) = text("sec-fetch-site") {
+        return (!matches!(site, "same-origin" | "none")).then(|| {
+            format!("Sec-Fetch-Site: {site}: changes are taken only from this daemon's own page")
+        });
+    }
+    let origin = text("origin")?;
+    let host = text("host").unwrap_or("");
+    let own = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|h| !host.is_empty() && h.eq_ignore_ascii_case(host));
+    (!own).then(|| {
+        format!("Origin {origin:?} is not this listener ({host:?}): changes are taken only from this daemon's own page")
+    })
+}
+
+/// Every answer is what its `Content-Type` says: browsers must not guess (a JSON error read
+/// as HTML, say).
+async fn no_sniff(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    r
 }
 
 /// `Host` must name this machine by address or as `localhost` where reads are open on a
@@ -135,12 +186,12 @@ async fn require_local_host(State(s): State<Arc<AppState>>, req: Request, next: 
 
 /// `Host` is an IP address or `localhost`, with or without a port.
 fn local_host(headers: &axum::http::HeaderMap) -> bool {
+    // No Host (HTTP/1.0), or one that is not text: not a name this machine answers to.
     let Some(host) = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
     else {
-        // HTTP/1.0 without Host: nothing a browser sends.
-        return true;
+        return false;
     };
     let name = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
@@ -153,18 +204,28 @@ fn local_host(headers: &axum::http::HeaderMap) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
-/// `POST /api/session` (bearer): a session cookie for reads from a browser
-/// ([`session`]).
+/// `POST /api/session` (bearer): a session cookie and the tab secret that goes with it,
+/// for reads from a browser ([`session`]): `{"tab": "<hex>", "expires_in_s": N}`.
 async fn create_session(
     State(s): State<Arc<AppState>>,
     ConnectInfo(caller): ConnectInfo<SocketAddr>,
 ) -> Response {
     match s.sessions.create(Instant::now()) {
-        Ok(cookie) => {
+        Ok(new) => {
             guard::audit(caller, "create_session", "-", "created");
             (
-                StatusCode::NO_CONTENT,
-                [(axum::http::header::SET_COOKIE, cookie)],
+                StatusCode::OK,
+                [
+                    (axum::http::header::SET_COOKIE, new.set_cookie),
+                    (
+                        axum::http::header::CACHE_CONTROL,
+                        axum::http::HeaderValue::from_static("no-store"),
+                    ),
+                ],
+                Json(serde_json::json!({
+                    "tab": new.tab,
+                    "expires_in_s": session::SESSION_TTL.as_secs(),
+                })),
             )
                 .into_response()
         }
@@ -175,16 +236,19 @@ async fn create_session(
     }
 }
 
-/// `DELETE /api/session`: ends the caller's session (its cookie is the credential).
-async fn end_session(State(s): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
-    let ended = s.sessions.end(&headers);
+/// `DELETE /api/session`: ends the caller's session (its cookie and tab secret are the
+/// credential).
+async fn end_session(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let ended = s
+        .sessions
+        .end(req.headers(), req.uri().query(), Instant::now());
     (
         if ended {
             StatusCode::NO_CONTENT
         } else {
             StatusCode::NOT_FOUND
         },
-        [(axum::http::header::SET_COOKIE, session::cleared())],
+        [(axum::http::header::SET_COOKIE, s.sessions.cleared())],
     )
         .into_response()
 }
@@ -443,6 +507,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/reload", post(reload).route_layer(token))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_cross_site))
+        .layer(axum::middleware::map_response(no_sniff))
         .layer(from_fn_with_state(state.clone(), require_local_host))
         .layer(from_fn_with_state(
             state.clone(),
@@ -517,6 +583,58 @@ mod tests {
             "[::1",
         ] {
             assert!(!with(bad), "{bad}");
+        }
+        assert!(!local_host(&HeaderMap::new()), "no Host at all");
+        let mut m = HeaderMap::new();
+        m.insert(
+            header::HOST,
+            axum::http::HeaderValue::from_bytes(b"127.0.0.1\xff").unwrap(),
+        );
+        assert!(!local_host(&m), "a Host that is not UTF-8");
+    }
+
+    #[test]
+    fn changes_sent_by_another_site_are_told_apart_from_the_page_and_from_scripts() {
+        let with = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, v.parse().unwrap());
+            }
+            cross_site(&m)
+        };
+        // The page itself, and a person typing the address.
+        assert_eq!(with(&[("sec-fetch-site", "same-origin")]), None);
+        assert_eq!(with(&[("sec-fetch-site", "none")]), None);
+        assert_eq!(
+            with(&[
+                ("origin", "http://127.0.0.1:8787"),
+                ("host", "127.0.0.1:8787")
+            ]),
+            None
+        );
+        // curl and services send neither header.
+        assert_eq!(with(&[("host", "127.0.0.1:8787")]), None);
+        // Another site's page, with or without Fetch Metadata.
+        for bad in [
+            vec![("sec-fetch-site", "cross-site")],
+            vec![("sec-fetch-site", "same-site")],
+            vec![
+                ("sec-fetch-site", "cross-site"),
+                ("origin", "http://127.0.0.1:8787"),
+                ("host", "127.0.0.1:8787"),
+            ],
+            vec![
+                ("origin", "http://evil.example"),
+                ("host", "127.0.0.1:8787"),
+            ],
+            vec![("origin", "null"), ("host", "127.0.0.1:8787")],
+            vec![
+                ("origin", "http://127.0.0.1:9999"),
+                ("host", "127.0.0.1:8787"),
+            ],
+            vec![("origin", "http://127.0.0.1:8787")],
+        ] {
+            assert!(with(&bad).is_some(), "{bad:?}");
         }
     }
 

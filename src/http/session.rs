@@ -1,11 +1,22 @@
-//! Browser sessions for reads. A browser's `EventSource` cannot send an `Authorization`
-//! header, so a page exchanges the bearer token once (`POST /api/session`, bearer required)
-//! for a session cookie: `dfwatch_session`, `HttpOnly` (scripts cannot read it),
-//! `SameSite=Strict` (other sites' pages cannot send it), `Path=/api/`, valid for
-//! [`SESSION_TTL`]. The cookie authorises reads only (`GET`: streams, alerts, events, media,
-//! the SSE stream); every change still needs the bearer token, so a cookie can never be
-//! turned into a change from another origin. Sessions live in memory: a restart ends them.
-//! `DELETE /api/session` ends one.
+//! Browser sessions for reads. A browser's `EventSource` and `<img>` cannot send an
+//! `Authorization` header, so a page exchanges the bearer token once (`POST /api/session`,
+//! bearer required) for two secrets that only together make a session:
+//!
+//! - a cookie, `dfwatch_session_<port>` (the listen port in its name, so two daemons on one
+//!   host never share one), `HttpOnly` (scripts cannot read it), `SameSite=Strict` (other
+//!   sites' pages cannot send it), `Path=/api/`;
+//! - a tab secret, in the answer's body, kept in the page's memory and sent with each read
+//!   as `X-Dfwatch-Tab`, or as the `tab` query parameter where no header can go (the SSE
+//!   stream, evidence images).
+//!
+//! Cookies are not isolated by port: any program serving another port of this host sees
+//! the cookie when the browser visits it, and can plant one of the same name. Neither is
+//! enough here: the tab secret stays in this origin's page (the same-origin policy keeps it
+//! from pages on other ports), every cookie of the name is checked against it, and a session
+//! lives [`SESSION_TTL`] (the page renews it while it holds the token). The cookie and the
+//! tab authorise reads only (`GET`/`HEAD`: streams, alerts, events, media, the SSE stream);
+//! every change still needs the bearer token. Sessions live in memory: a restart ends them.
+//! `DELETE /api/session` (cookie and tab) ends one.
 //!
 //! Bound: [`MAX_SESSIONS`] at once; the oldest goes first (counted).
 
@@ -18,81 +29,163 @@ use sha2::{Digest, Sha256};
 
 use crate::metrics::Counter;
 
-/// The cookie's name.
-pub const COOKIE: &str = "dfwatch_session";
-/// How long a session is valid.
-pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The cookie's name, before the listen port.
+pub const COOKIE_PREFIX: &str = "dfwatch_session_";
+/// The request header carrying the tab secret.
+pub const TAB_HEADER: &str = "x-dfwatch-tab";
+/// The query parameter carrying it where no header can go.
+pub const TAB_QUERY: &str = "tab";
+/// How long a session is valid (the page renews it at half that while it has the token).
+pub const SESSION_TTL: Duration = Duration::from_secs(3600);
 /// Sessions kept at once.
 pub const MAX_SESSIONS: usize = 256;
 
-/// The live sessions, by the SHA-256 of their secret (the secret itself is not kept).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    expires: Instant,
+    tab: [u8; 32],
+}
+
+/// The live sessions, by the SHA-256 of their cookie secret (no secret itself is kept).
+#[derive(Debug)]
 pub struct Sessions {
-    book: Mutex<HashMap<[u8; 32], Instant>>,
+    cookie: String,
+    book: Mutex<HashMap<[u8; 32], Entry>>,
     /// Sessions created.
     pub created: Counter,
     /// Sessions ended early because the book was full.
     pub evicted: Counter,
 }
 
+/// A new session: the `Set-Cookie` value and the tab secret for the page.
+#[derive(Debug)]
+pub struct NewSession {
+    pub set_cookie: HeaderValue,
+    pub tab: String,
+}
+
 fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// The session secret of a request's `Cookie` header, if it carries one.
-fn cookie(headers: &HeaderMap) -> Option<&str> {
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// 32 random bytes from the kernel, as 64 hex digits.
+fn secret() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn well_formed(v: &str) -> bool {
+    v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The tab secret of a request: its header, else its `tab` query parameter.
+fn tab<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
     headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.trim())
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        .get(TAB_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            query?
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == TAB_QUERY)
+                .map(|(_, v)| v)
+        })
+        .map(str::trim)
+        .filter(|v| well_formed(v))
 }
 
 impl Sessions {
-    /// A new session at `now`: its `Set-Cookie` value.
-    pub fn create(&self, now: Instant) -> std::io::Result<HeaderValue> {
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))?;
-        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    /// The sessions of the listener on `port`.
+    pub fn new(port: u16) -> Sessions {
+        Sessions {
+            cookie: format!("{COOKIE_PREFIX}{port}"),
+            book: Mutex::new(HashMap::new()),
+            created: Counter::default(),
+            evicted: Counter::default(),
+        }
+    }
+
+    /// Every well-formed value of this listener's cookie in the request (a planted one may
+    /// stand beside the real one: each is tried).
+    fn cookies<'a>(&'a self, headers: &'a HeaderMap) -> impl Iterator<Item = &'a str> + 'a {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .filter(|(k, _)| *k == self.cookie)
+            .map(|(_, v)| v.trim())
+            .filter(|v| well_formed(v))
+    }
+
+    /// A new session at `now`.
+    pub fn create(&self, now: Instant) -> std::io::Result<NewSession> {
+        let (cookie, tab) = (secret()?, secret()?);
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        book.retain(|_, expires| *expires > now);
+        book.retain(|_, e| e.expires > now);
         while book.len() >= MAX_SESSIONS {
-            let Some(oldest) = book.iter().min_by_key(|(_, e)| **e).map(|(k, _)| *k) else {
+            let Some(oldest) = book.iter().min_by_key(|(_, e)| e.expires).map(|(k, _)| *k) else {
                 break;
             };
             book.remove(&oldest);
             self.evicted.inc();
         }
-        book.insert(digest(&secret), now + SESSION_TTL);
+        book.insert(
+            digest(&cookie),
+            Entry {
+                expires: now + SESSION_TTL,
+                tab: digest(&tab),
+            },
+        );
         self.created.inc();
-        HeaderValue::from_str(&format!(
-            "{COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/api/; Max-Age={}",
+        let set_cookie = HeaderValue::from_str(&format!(
+            "{}={cookie}; HttpOnly; SameSite=Strict; Path=/api/; Max-Age={}",
+            self.cookie,
             SESSION_TTL.as_secs()
         ))
-        .map_err(std::io::Error::other)
+        .map_err(std::io::Error::other)?;
+        Ok(NewSession { set_cookie, tab })
     }
 
-    /// The request carries a live session.
-    pub fn valid(&self, headers: &HeaderMap, now: Instant) -> bool {
-        let Some(secret) = cookie(headers) else {
-            return false;
-        };
+    /// The key of the live session the request proves: one of its cookies and its tab
+    /// secret belong to the same session.
+    fn find(&self, headers: &HeaderMap, query: Option<&str>, now: Instant) -> Option<[u8; 32]> {
+        let tab = digest(tab(headers, query)?);
         let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        book.get(&digest(secret)).is_some_and(|e| *e > now)
+        self.cookies(headers).map(digest).find(|key| {
+            book.get(key)
+                .is_some_and(|e| e.expires > now && same(&e.tab, &tab))
+        })
+    }
+
+    /// The request carries a live session (cookie and tab secret).
+    pub fn valid(&self, headers: &HeaderMap, query: Option<&str>, now: Instant) -> bool {
+        self.find(headers, query, now).is_some()
     }
 
     /// Ends the request's session; `true` when there was one.
-    pub fn end(&self, headers: &HeaderMap) -> bool {
-        let Some(secret) = cookie(headers) else {
+    pub fn end(&self, headers: &HeaderMap, query: Option<&str>, now: Instant) -> bool {
+        let Some(key) = self.find(headers, query, now) else {
             return false;
         };
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        book.remove(&digest(secret)).is_some()
+        book.remove(&key).is_some()
+    }
+
+    /// The `Set-Cookie` value that removes the cookie.
+    pub fn cleared(&self) -> HeaderValue {
+        HeaderValue::from_str(&format!(
+            "{}=; HttpOnly; SameSite=Strict; Path=/api/; Max-Age=0",
+            self.cookie
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static("dfwatch_session=; Max-Age=0"))
     }
 
     /// Live sessions now.
@@ -105,66 +198,100 @@ impl Sessions {
     }
 }
 
-/// The `Set-Cookie` value that removes the cookie.
-pub fn cleared() -> HeaderValue {
-    HeaderValue::from_static("dfwatch_session=; HttpOnly; SameSite=Strict; Path=/api/; Max-Age=0")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn with_cookie(set_cookie: &HeaderValue) -> HeaderMap {
-        let pair = set_cookie.to_str().unwrap().split(';').next().unwrap();
+    /// A request with the session's cookie (among others) and its tab header.
+    fn with(s: &NewSession, tab: bool) -> HeaderMap {
+        let pair = s.set_cookie.to_str().unwrap().split(';').next().unwrap();
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             format!("theme=dark; {pair}").parse().unwrap(),
         );
+        if tab {
+            h.insert(TAB_HEADER, s.tab.parse().unwrap());
+        }
         h
     }
 
     #[test]
-    fn a_session_reads_until_it_expires_or_ends() {
-        let s = Sessions::default();
+    fn a_session_needs_its_cookie_and_its_tab_until_it_expires_or_ends() {
+        let s = Sessions::new(8787);
         let t = Instant::now();
-        let set = s.create(t).unwrap();
-        let text = set.to_str().unwrap();
+        let new = s.create(t).unwrap();
+        let text = new.set_cookie.to_str().unwrap();
+        assert!(text.starts_with("dfwatch_session_8787="), "{text}");
         assert!(
             text.contains("HttpOnly") && text.contains("SameSite=Strict"),
             "{text}"
         );
-        let h = with_cookie(&set);
-        assert!(s.valid(&h, t));
-        assert!(s.valid(&h, t + SESSION_TTL - Duration::from_secs(1)));
-        assert!(!s.valid(&h, t + SESSION_TTL));
-        // A made-up or altered secret is no session.
+        let h = with(&new, true);
+        assert!(s.valid(&h, None, t));
+        assert!(s.valid(&h, None, t + SESSION_TTL - Duration::from_secs(1)));
+        assert!(!s.valid(&h, None, t + SESSION_TTL));
+        // The cookie alone (what another port of this host can collect) reads nothing.
+        let cookie_only = with(&new, false);
+        assert!(!s.valid(&cookie_only, None, t));
+        // Where no header can go, the tab comes as a query parameter.
+        let q = format!("s=3&tab={}", new.tab);
+        assert!(s.valid(&cookie_only, Some(&q), t));
+        assert!(!s.valid(&cookie_only, Some("tab=nope"), t));
+        // A made-up cookie, or another session's tab, is no session.
+        let other = s.create(t).unwrap();
+        let mut mixed = with(&new, false);
+        mixed.insert(TAB_HEADER, other.tab.parse().unwrap());
+        assert!(!s.valid(&mixed, None, t));
         let mut forged = HeaderMap::new();
         forged.insert(
             header::COOKIE,
-            format!("{COOKIE}={}", "a".repeat(64)).parse().unwrap(),
+            format!("dfwatch_session_8787={}", "a".repeat(64))
+                .parse()
+                .unwrap(),
         );
-        assert!(!s.valid(&forged, t));
-        assert!(!s.valid(&HeaderMap::new(), t));
-        assert!(s.end(&h));
-        assert!(!s.valid(&h, t));
-        assert!(!s.end(&h));
+        forged.insert(TAB_HEADER, new.tab.parse().unwrap());
+        assert!(!s.valid(&forged, None, t));
+        assert!(!s.valid(&HeaderMap::new(), None, t));
+        // Another port's daemon names its cookie apart.
+        assert!(!Sessions::new(8788).valid(&h, None, t));
+        assert!(s.end(&h, None, t));
+        assert!(!s.valid(&h, None, t));
+        assert!(!s.end(&h, None, t));
+    }
+
+    #[test]
+    fn a_planted_cookie_of_the_same_name_does_not_hide_the_real_one() {
+        let s = Sessions::new(8787);
+        let t = Instant::now();
+        let new = s.create(t).unwrap();
+        let pair = new.set_cookie.to_str().unwrap().split(';').next().unwrap();
+        let mut h = HeaderMap::new();
+        // Another port's page set a cookie of this name first (cookie tossing).
+        h.insert(
+            header::COOKIE,
+            format!("dfwatch_session_8787={}; {pair}", "b".repeat(64))
+                .parse()
+                .unwrap(),
+        );
+        h.insert(TAB_HEADER, new.tab.parse().unwrap());
+        assert!(s.valid(&h, None, t));
     }
 
     #[test]
     fn the_book_is_bounded_and_the_oldest_goes_first() {
-        let s = Sessions::default();
+        let s = Sessions::new(8787);
         let t = Instant::now();
-        let first = with_cookie(&s.create(t).unwrap());
+        let first = with(&s.create(t).unwrap(), true);
         for i in 1..MAX_SESSIONS {
             s.create(t + Duration::from_millis(i as u64)).unwrap();
         }
         assert_eq!(s.len(), MAX_SESSIONS);
-        assert!(s.valid(&first, t));
-        let newest = with_cookie(&s.create(t + Duration::from_secs(1)).unwrap());
+        assert!(s.valid(&first, None, t));
+        let newest = with(&s.create(t + Duration::from_secs(1)).unwrap(), true);
         assert_eq!(s.len(), MAX_SESSIONS);
         assert_eq!(s.evicted.get(), 1);
-        assert!(!s.valid(&first, t));
-        assert!(s.valid(&newest, t));
+        assert!(!s.valid(&first, None, t));
+        assert!(s.valid(&newest, None, t));
     }
 }

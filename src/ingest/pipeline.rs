@@ -123,7 +123,13 @@ impl Pipeline {
         let decoder = Arc::new(Mutex::new(None));
         watch_decoder(&pipeline, decoder.clone());
         let refused = Arc::new(Mutex::new(None));
-        guard_child_sources(&pipeline, &spec, redactor.clone(), refused.clone());
+        guard_child_sources(
+            &pipeline,
+            &decodebin,
+            &spec,
+            redactor.clone(),
+            refused.clone(),
+        );
         install_rate_gate(&scale, spec.fps, counters.clone())?;
         install_size_limit(&scale, &limit, spec.max_pixels, &spec.stream)?;
         link_video_pad(&decodebin, &scale);
@@ -280,23 +286,29 @@ pub(crate) fn classify_error(
     IngestError::Pipeline(text)
 }
 
-/// Refuses every source element created inside the pipeline (by uridecodebin, an HLS or DASH
-/// demuxer, ...) whose URI scheme the stream may not use: the element is locked in the NULL
-/// state, so it never opens its file or device, and an error on the bus ends the attempt.
-/// The stream's own source and RTSP's RTP receivers (`udp`) are allowed.
+/// Refuses every source element created inside the pipeline (by an HLS or DASH demuxer, ...)
+/// whose URI scheme the stream may not use: the element is locked in the NULL state, so it
+/// never opens its file or device, and an error on the bus ends the attempt.
+///
+/// The stream's own source is recognised by what it is, not by its URI's spelling (a file
+/// source reports its path normalised, an SRT source its options reordered): the URI handler
+/// that `decodebin` (the stream's uridecodebin) adds to itself. Sources inside it (a
+/// demuxer's downloads, in bins of their own) are children of other bins. RTSP's RTP
+/// receivers (`udp`) are allowed.
 fn guard_child_sources(
     pipeline: &gst::Pipeline,
+    decodebin: &gst::Element,
     spec: &PipelineSpec,
     redactor: Redactor,
     refused: Arc<Mutex<Option<String>>>,
 ) {
-    let own = spec.source.uri().to_string();
     let allowed = spec.child_schemes.clone();
     let rtsp = spec.source.kind == SourceKind::Rtsp;
     let stream = spec.stream.clone();
     // Straight to the pipeline's bus: a demuxer catches its sources' own errors (and
     // retries the download), so an error posted by the element might never arrive.
     let bus = pipeline.bus();
+    let own_parent = decodebin.downgrade();
     let check = move |element: &gst::Element| {
         let Some(handler) = element.dynamic_cast_ref::<gst::URIHandler>() else {
             return;
@@ -304,10 +316,10 @@ fn guard_child_sources(
         if handler.uri_type() != gst::URIType::Src {
             return;
         }
-        let uri = handler.uri().map(|u| u.to_string()).unwrap_or_default();
-        if uri == own {
+        if is_own_source(element, &own_parent) {
             return;
         }
+        let uri = handler.uri().map(|u| u.to_string()).unwrap_or_default();
         let scheme = uri
             .split_once(':')
             .map(|(s, _)| s.to_ascii_lowercase())
@@ -342,6 +354,17 @@ fn guard_child_sources(
             }
         }
     });
+}
+
+/// Whether `element` is the source the stream's uridecodebin made for the stream's URI: an
+/// element whose parent is that uridecodebin itself.
+fn is_own_source(element: &gst::Element, decodebin: &glib::WeakRef<gst::Element>) -> bool {
+    let Some(decodebin) = decodebin.upgrade() else {
+        return false;
+    };
+    element
+        .parent()
+        .is_some_and(|p| &p == decodebin.upcast_ref::<gst::Object>())
 }
 
 /// Sets credentials and transport options on the source element uridecodebin creates.

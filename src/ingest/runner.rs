@@ -69,6 +69,15 @@ pub(crate) async fn run(
         let kind = outcome.kind();
         let message = outcome.to_string();
         match sup.on_failure(outcome, Instant::now(), SystemTime::now(), rng.f64()) {
+            Next::GiveUp if sup.state() == StreamState::Failed => {
+                publish(&sup);
+                tracing::error!(
+                    stream = %id, kind, error = %message,
+                    "Stream refused by policy; failed, not retried (fix the config, then reload \
+                     or re-add the stream)."
+                );
+                return;
+            }
             Next::GiveUp => {
                 publish(&sup);
                 tracing::error!(stream = %id, kind, error = %message, "Stream failed for good; offline.");

@@ -149,11 +149,8 @@ impl Source {
     }
 
     fn from_path(path: &Path, base_dir: &Path) -> Result<Source, SourceError> {
-        let abs: PathBuf = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            base_dir.join(path)
-        };
+        // One spelling of the file wherever it shows (`configs/../x` is `x`).
+        let abs: PathBuf = crate::files::resolve(base_dir, path);
         let uri = Url::from_file_path(&abs).map_err(|()| {
             SourceError::BadPath(format!(
                 "{} cannot be made into a file URI (the config's directory must be absolute)",

@@ -24,9 +24,24 @@ pub enum StreamState {
     Offline,
     /// `enabled = false` in the config.
     Disabled,
+    /// Refused by policy (a source the stream may not open): a configuration error, not a
+    /// network fault, so it is not retried; `last_error` says what was refused. A reload or
+    /// an API change tries it again.
+    Failed,
 }
 
 impl StreamState {
+    /// Every state, in the order of the life cycle (Home Assistant's enum sensor lists them).
+    pub const ALL: [StreamState; 7] = [
+        StreamState::Starting,
+        StreamState::Online,
+        StreamState::Stalled,
+        StreamState::Reconnecting,
+        StreamState::Offline,
+        StreamState::Disabled,
+        StreamState::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StreamState::Starting => "starting",
@@ -35,6 +50,7 @@ impl StreamState {
             StreamState::Reconnecting => "reconnecting",
             StreamState::Offline => "offline",
             StreamState::Disabled => "disabled",
+            StreamState::Failed => "failed",
         }
     }
 }
@@ -95,12 +111,17 @@ impl IngestError {
         }
     }
 
+    /// A refusal by policy: the config must change before trying again can help.
+    pub fn is_policy(&self) -> bool {
+        matches!(self, IngestError::SourceNotAllowed(_))
+    }
+
     /// Whether trying again can help. Live sources retry everything that can change on the
     /// other side (a camera reboots, a password is rotated); a file whose content cannot be
     /// decoded will not decode next time either.
     pub fn is_retryable(&self, live: bool) -> bool {
         match self {
-            IngestError::Unavailable => false,
+            IngestError::Unavailable | IngestError::SourceNotAllowed(_) => false,
             IngestError::UnsupportedCodec(_)
             | IngestError::Decode(_)
             | IngestError::NotFound(_) => live,

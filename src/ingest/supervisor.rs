@@ -12,7 +12,7 @@ use crate::backoff::{Backoff, BackoffConfig};
 pub enum Next {
     /// Tear the pipeline down and try again after this wait.
     RetryAfter(Duration),
-    /// Tear the pipeline down and stop: the stream is offline.
+    /// Tear the pipeline down and stop: the stream is offline, or failed by policy.
     GiveUp,
 }
 
@@ -144,7 +144,12 @@ impl Supervisor {
         });
         self.attempt_started = None;
         if !retry {
-            self.enter(StreamState::Offline, wall);
+            let state = if err.is_policy() {
+                StreamState::Failed
+            } else {
+                StreamState::Offline
+            };
+            self.enter(state, wall);
             return Next::GiveUp;
         }
         let state = if matches!(err, IngestError::Stalled(_)) {
@@ -171,7 +176,10 @@ impl Supervisor {
     /// The daemon is stopping this stream.
     pub fn on_stopped(&mut self, wall: SystemTime) {
         self.attempt_started = None;
-        if self.status.state != StreamState::Disabled {
+        if !matches!(
+            self.status.state,
+            StreamState::Disabled | StreamState::Failed
+        ) {
             self.enter(StreamState::Offline, wall);
         }
     }
@@ -257,6 +265,26 @@ mod tests {
         live.on_attempt(t0, w);
         let n = live.on_failure(IngestError::Decode("bad".into()), t0, w, 0.5);
         assert!(matches!(n, Next::RetryAfter(_)));
+    }
+
+    #[test]
+    fn a_refusal_by_policy_fails_the_stream_without_a_retry() {
+        let t0 = Instant::now();
+        let w = SystemTime::now();
+        for live in [true, false] {
+            let mut s = Supervisor::new(settings(live), w);
+            s.on_attempt(t0, w);
+            let err = IngestError::SourceNotAllowed("file:// inside an HLS playlist".into());
+            assert_eq!(s.on_failure(err, t0, w, 0.5), Next::GiveUp);
+            assert_eq!(s.state(), StreamState::Failed);
+            let last = s.status().last_error.clone().unwrap();
+            assert_eq!(last.kind, "source_not_allowed");
+            assert!(last.message.contains("HLS playlist"), "{}", last.message);
+            // Nothing runs any more: no timeout fires, and a stop keeps the reason shown.
+            assert_eq!(s.poll(t0 + Duration::from_secs(100)), None);
+            s.on_stopped(w);
+            assert_eq!(s.state(), StreamState::Failed);
+        }
     }
 
     #[test]

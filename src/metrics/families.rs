@@ -34,6 +34,9 @@ pub struct NodeSample<'a> {
     pub api_clients_forgotten: u64,
     /// The HTTP listener's connections and what its bounds cost.
     pub http: &'a crate::http::Connections,
+    /// Live subscribers of the events stream and running exports, and what their bounds cost.
+    pub subscribers: &'a crate::http::places::Places,
+    pub exports: &'a crate::http::places::Places,
     pub publisher_restarts: u64,
     /// Each webhook's counters.
     pub webhooks: Vec<crate::publish::mqtt::WebhookStats>,
@@ -507,19 +510,25 @@ pub fn render(n: &NodeSample<'_>) -> String {
             "dfwatch_events_subscribers",
             "gauge",
             "Live subscribers of /api/events/stream.",
-            load(&ev.subscribers),
+            load(&n.subscribers.held),
         ),
         (
-            "dfwatch_events_subscribers_refused_total",
+            "dfwatch_events_subscribers_evicted_total",
             "counter",
-            "Subscribers of /api/events/stream refused because the most were connected.",
-            ev.subscribers_refused.get() as f64,
+            "Subscribers of /api/events/stream ended to make room for newer ones (in all, or of one client).",
+            n.subscribers.evicted.get() as f64,
         ),
         (
             "dfwatch_events_exports_refused_total",
             "counter",
-            "Exports of /api/events/export refused because the most were running.",
-            ev.exports_refused.get() as f64,
+            "Exports of /api/events/export refused because the most were running (in all, or for one client).",
+            n.exports.refused.get() as f64,
+        ),
+        (
+            "dfwatch_http_bodies_stalled_total",
+            "counter",
+            "Long answers (events stream, exports) abandoned because the client stopped reading them.",
+            (n.subscribers.stalled.get() + n.exports.stalled.get()) as f64,
         ),
         (
             "dfwatch_events_held_frames",

@@ -174,14 +174,14 @@ fn candidates(cfg: &OnnxConfig) -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         return vec![PathBuf::from(p)];
     }
-    let mut v = vec![PathBuf::from("var/lib/libonnxruntime.so")];
-    if let Ok(exe) = std::env::current_exe() {
-        // target/{debug,release}/dfwatch -> repository root; /usr/bin/dfwatch -> /usr.
-        for up in exe.ancestors().skip(1).take(3) {
-            v.push(up.join("var/lib/libonnxruntime.so"));
-            v.push(up.join("lib/libonnxruntime.so"));
-        }
-    }
+    // A checkout's copy (tools/setup.sh), then one beside the executable's prefix
+    // (/usr/bin/dfwatch -> /usr/lib).
+    let mut v = crate::files::in_checkout("var/lib/libonnxruntime.so");
+    v.extend(
+        crate::files::in_checkout("lib/libonnxruntime.so")
+            .into_iter()
+            .skip(1),
+    );
     // The Debian package's copy.
     v.push(PathBuf::from(PACKAGED_LIBRARY));
     v

@@ -126,7 +126,7 @@ impl Discovery {
                 "state_topic": status,
                 "value_template": "{{ value_json.state }}",
                 "device_class": "enum",
-                "options": ["starting", "online", "stalled", "reconnecting", "offline", "disabled"],
+                "options": crate::ingest::StreamState::ALL.map(|s| s.as_str()),
                 "json_attributes_topic": status,
                 "icon": "mdi:cctv",
             }),

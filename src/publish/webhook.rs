@@ -289,7 +289,7 @@ impl Webhook {
                 reason: format!("environment variable {var} is not set"),
             })?),
             (None, Some(p)) => {
-                let p = base_dir.join(p);
+                let p = crate::files::resolve(base_dir, p);
                 Some(
                     crate::files::read_secret_file(&p).map_err(|e| PublishError::Webhook {
                         field: field("bearer_file"),
@@ -331,7 +331,7 @@ impl Webhook {
                 });
             }
             if let Some(p) = &cfg.ca_file {
-                let p = base_dir.join(p);
+                let p = crate::files::resolve(base_dir, p);
                 let pem = crate::files::read_capped(&p, 1 << 20, crate::files::Links::Follow)
                     .map_err(|e| PublishError::Webhook {
                         field: field("ca_file"),

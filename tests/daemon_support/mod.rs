@@ -68,8 +68,28 @@ impl Daemon {
         env: &[(&str, String)],
         nofile: Option<u64>,
     ) -> Daemon {
+        Self::spawn(config, dir, env, nofile, None)
+    }
+
+    /// Like [`Daemon::start`], in the working directory `cwd` (the checkout's root for the
+    /// README's command, the state directory as systemd starts it), `config` named exactly
+    /// as given.
+    pub fn start_in(config: &Path, dir: &Path, cwd: &Path) -> Daemon {
+        Self::spawn(config, dir, &[], None, Some(cwd))
+    }
+
+    fn spawn(
+        config: &Path,
+        dir: &Path,
+        env: &[(&str, String)],
+        nofile: Option<u64>,
+        cwd: Option<&Path>,
+    ) -> Daemon {
         let log = dir.join("daemon.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfwatch"));
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
         cmd.args(["run", "--config"])
             .arg(config)
             .env("STATE_DIRECTORY", dir.join("state"))

@@ -4,8 +4,15 @@
 
 const PAGE = 10;
 const STREAMS_EVERY_MS = 3000;
-// The bearer token, for reviews only: in this tab's memory, never stored.
+// The bearer token, for reviews and for renewing the session: in this tab's memory, never
+// stored.
 let token = null;
+// The session's tab secret (beside its cookie, which scripts cannot read): sent with every
+// read, in this tab's memory only, so the cookie alone (which other ports of this host can
+// see) reads nothing.
+let tab = null;
+// Sessions last an hour; the page renews its own at half that while it holds the token.
+const RENEW_EVERY_MS = 30 * 60 * 1000;
 let cursor = null;
 let live = null;
 // Set when a read was refused (reads need the token here and there is no session): polling
@@ -41,6 +48,7 @@ async function api(path, opts) {
   const headers = {};
   if (o.body !== undefined) headers["Content-Type"] = "application/json";
   if (o.bearer) headers["Authorization"] = "Bearer " + o.bearer;
+  if (tab) headers["X-Dfwatch-Tab"] = tab;
   return fetch(path, {
     method: o.method || "GET",
     headers,
@@ -48,6 +56,11 @@ async function api(path, opts) {
     credentials: "same-origin",
     cache: "no-store",
   });
+}
+
+// The tab secret as a query parameter, where no header can go (images, EventSource).
+function tabQuery(sep) {
+  return tab ? `${sep}tab=${encodeURIComponent(tab)}` : "";
 }
 
 function when(rfc3339) {
@@ -158,13 +171,13 @@ function eventCard(e) {
   const media = [];
   if (e.has_snapshot) {
     media.push(el("figure", {},
-      el("img", { src: `/api/events/${e.alert_id}/snapshot.jpg?s=${e.seq}`, loading: "lazy",
+      el("img", { src: `/api/events/${e.alert_id}/snapshot.jpg?s=${e.seq}${tabQuery("&")}`, loading: "lazy",
         alt: `Frame of the strongest face of track ${e.track_id} on ${e.stream}, face box drawn` }),
       el("figcaption", { text: "strongest frame" })));
   }
   if (e.has_face) {
     media.push(el("figure", { class: "face" },
-      el("img", { src: `/api/events/${e.alert_id}/face.jpg?s=${e.seq}`, loading: "lazy",
+      el("img", { src: `/api/events/${e.alert_id}/face.jpg?s=${e.seq}${tabQuery("&")}`, loading: "lazy",
         alt: `Aligned face crop of track ${e.track_id}` }),
       el("figcaption", { text: "face crop" })));
   }
@@ -271,7 +284,7 @@ function setConn(state, text) {
 function connectLive(fresh) {
   if (needAuth) return;
   if (live) live.close();
-  const es = new EventSource("/api/events/stream");
+  const es = new EventSource(`/api/events/stream${tabQuery("?")}`);
   live = es;
   es.onopen = () => {
     setConn("live", "Live");
@@ -315,7 +328,8 @@ async function signIn(ev) {
     needSignIn("The daemon does not answer.");
     return;
   }
-  if (r.status === 204) {
+  if (r.status === 200) {
+    tab = (await r.json()).tab;
     token = given;
     needAuth = false;
     $("token").value = "";
@@ -329,6 +343,21 @@ async function signIn(ev) {
   }
 }
 
+// A new session before the old one expires, while this tab holds the token; the live
+// stream moves to it.
+async function renewSession() {
+  if (!token) return;
+  try {
+    const r = await api("/api/session", { method: "POST", bearer: token });
+    if (r.status === 200) {
+      tab = (await r.json()).tab;
+      if (live) connectLive(true);
+    }
+  } catch (e) {
+    // The daemon does not answer: the next read says so.
+  }
+}
+
 function start() {
   $("signin-form").addEventListener("submit", signIn);
   $("older").addEventListener("click", () => loadEvents(false));
@@ -337,6 +366,7 @@ function start() {
   loadEvents(true);
   connectLive();
   setInterval(() => { if (!needAuth) loadStreams(); }, STREAMS_EVERY_MS);
+  setInterval(renewSession, RENEW_EVERY_MS);
 }
 
 start();
