@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod offline;
 pub mod onnx;
+pub mod preflight;
 pub mod progress;
 pub mod publish;
 pub mod score;

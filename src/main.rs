@@ -612,10 +612,7 @@ fn gpu_check_crop(_image: &std::path::Path) -> ExitCode {
 /// Loads a config, printing every problem (exit code 2) when it is invalid.
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path)
-        .and_then(|c| check_providers(&c).map(|_| c))
-        .and_then(|c| check_gpu(&c).map(|_| c))
-        .and_then(|c| check_webhooks(&c).map(|_| c))
-        .and_then(|c| check_events(&c).map(|_| c))
+        .and_then(|c| dfwatch::preflight::check(&c).map(|_| c))
         .map_err(|errors| {
             eprintln!("{}: invalid config:", path.display());
             for e in &errors.0 {
@@ -744,11 +741,8 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
     let mut bad = false;
     for f in files {
         let checked = Config::load(f).and_then(|c| {
-            let providers = check_providers(&c)?;
-            let gpu = check_gpu(&c)?;
-            check_webhooks(&c)?;
-            check_events(&c)?;
-            Ok((c, providers, gpu))
+            let found = dfwatch::preflight::check(&c)?;
+            Ok((c, found.providers, found.gpu))
         });
         if json {
             let v = match &checked {
@@ -813,76 +807,6 @@ fn validate(files: &[PathBuf], json: bool) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// `onnx.providers` against the ONNX Runtime library the config names (loaded here): the
-/// check `validate` and `run` share. `Ok(Some(line))` says what will run, or why it could not
-/// be checked.
-fn check_providers(c: &Config) -> Result<Option<String>, dfwatch::validation::ConfigErrors> {
-    use dfwatch::onnx::ProviderCheck;
-    match dfwatch::onnx::check_providers(&c.onnx) {
-        Ok(ProviderCheck::CpuOnly) => Ok(None),
-        Ok(ProviderCheck::Met(line)) => Ok(Some(line)),
-        Ok(ProviderCheck::NotChecked(why)) => Ok(Some(format!(
-            "not checked: the ONNX Runtime library could not be loaded here ({why})"
-        ))),
-        Err(e) => Err(dfwatch::validation::ConfigErrors::one(
-            dfwatch::validation::ConfigError::new("onnx.providers", e),
-        )),
-    }
-}
-
-/// What each webhook needs of this machine (its token from the environment or a file, its
-/// CA file, the system's CA certificates for https://): what the daemon would refuse at start.
-fn check_webhooks(c: &Config) -> Result<(), dfwatch::validation::ConfigErrors> {
-    let errors: Vec<_> = c
-        .webhooks
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| {
-            dfwatch::publish::webhook::Webhook::prepare(w, &c.base_dir)
-                .err()
-                .map(|e| {
-                    dfwatch::validation::ConfigError::new(format!("webhooks[{i}]"), e.to_string())
-                })
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(dfwatch::validation::ConfigErrors(errors))
-    }
-}
-
-/// The event store's file as the daemon will open it (a symbolic link, a device, a parent
-/// that is a file are refused).
-fn check_events(c: &Config) -> Result<(), dfwatch::validation::ConfigErrors> {
-    let file = c.events.file(&c.base_dir, &dfwatch::types::state_dir());
-    dfwatch::events::db::check_file(&file)
-        .map(|_| ())
-        .map_err(|e| {
-            dfwatch::validation::ConfigErrors::one(dfwatch::validation::ConfigError::new(
-                "events.path",
-                format!("{}: {e}", file.display()),
-            ))
-        })
-}
-
-/// The machine's share of `model.backend = "cuda"` (the build's is Config::parse's).
-fn check_gpu(c: &Config) -> Result<Option<String>, dfwatch::validation::ConfigErrors> {
-    if c.model.backend != dfwatch::model::Backend::Cuda {
-        return Ok(None);
-    }
-    dfwatch::gpu::check_backend(&c.gpu).map(Some).map_err(|e| {
-        let key = match e {
-            dfwatch::gpu::GpuError::NoDevice { .. } => "gpu.device",
-            _ => "model.backend",
-        };
-        dfwatch::validation::ConfigErrors::one(dfwatch::validation::ConfigError::new(
-            key,
-            format!("\"cuda\" cannot run on this machine: {e}"),
-        ))
-    })
 }
 
 fn score(

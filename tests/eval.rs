@@ -373,6 +373,56 @@ fn calibrate_measures_false_alarms_and_delay_through_the_daemons_chain() {
     let cfg = d.join("cfg.toml");
     std::fs::write(&cfg, text).unwrap();
     ok(&dfwatch(&["validate", s(&cfg)]));
+    // A FIFO in the LIST (eval refuses it): calibrate names it and goes on, never waiting
+    // for a writer that does not come.
+    assert!(
+        Command::new("mkfifo")
+            .arg(d.join("fifo.mp4"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::write(
+        d.join("fifo.csv"),
+        "path,label\nreal.mp4,real\nfifo.mp4,fake\nfake.mp4,fake\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dfwatch"))
+        .current_dir(d)
+        .args(["calibrate", "fifo.csv", "--model", s(&model)])
+        .args(["--false-alarms-per-hour", "100000", "-o", "fifo.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("calibrate hung on a FIFO in its LIST");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success());
+    let curve: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("fifo.curve.json")).unwrap()).unwrap();
+    let fifo = curve["videos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["path"] == "fifo.mp4")
+        .unwrap_or_else(|| panic!("{}", curve["videos"]))
+        .clone();
+    assert!(
+        fifo["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file"),
+        "{fifo}"
+    );
 }
 
 #[test]

@@ -805,11 +805,11 @@ fn ha_client(port: u16, id: &str, filter: &'static str) -> (AsyncClient, Collect
     (client, got)
 }
 
-/// Home Assistant discovery through a real broker: a started stream's three configs arrive
-/// retained, each naming the node's availability topic, one device and the stream's own state
-/// topics; Home Assistant's birth message brings them again; a removed stream's configs are
-/// cleared (empty retained messages) and a client arriving later sees only the other
-/// stream's.
+/// Home Assistant discovery through a real broker: a started stream's four configs arrive
+/// retained, each naming the node's availability topic, the stream's own device and its state
+/// topics; Home Assistant's birth message brings them again (once for a burst of births); a
+/// removed stream's configs are cleared (empty retained messages) and a client arriving later
+/// sees only the other stream's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_removed_streams() {
     tokio::time::timeout(SECS(60), async {
@@ -835,8 +835,8 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
                 .map(|(t, v, _)| (t.clone(), v.clone()))
                 .collect::<Vec<_>>()
         };
-        wait_until("six discovery configs", SECS(20), || {
-            configs(&got).len() >= 6
+        wait_until("eight discovery configs", SECS(20), || {
+            configs(&got).len() >= 8
         })
         .await;
         let first = configs(&got);
@@ -853,24 +853,32 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
                 "{topic}"
             );
             assert_eq!(v["availability"][0]["topic"], "dfwatch/test-node/status");
-            assert_eq!(v["device"]["identifiers"][0], "dfwatch_test-node");
+            assert_eq!(
+                v["device"]["identifiers"][0],
+                format!("dfwatch:test-node:{stream}").as_str()
+            );
             let state = v["state_topic"].as_str().unwrap();
             assert!(
                 state.starts_with(&format!("dfwatch/test-node/streams/{stream}/")),
                 "{topic}: {state}"
             );
         }
-        assert_eq!(ids.len(), 6);
-        // Home Assistant restarts: its birth brings every config again.
+        assert_eq!(ids.len(), 8);
+        // Home Assistant restarts (and flaps: 50 births at once): every config comes again,
+        // once for the burst.
         got.lock().unwrap().clear();
-        ha.publish("homeassistant/status", QoS::AtLeastOnce, false, "online")
-            .await
-            .unwrap();
+        for _ in 0..50 {
+            ha.publish("homeassistant/status", QoS::AtLeastOnce, false, "online")
+                .await
+                .unwrap();
+        }
         wait_until("the configs again after the birth", SECS(20), || {
-            configs(&got).len() >= 6
+            configs(&got).len() >= 8
         })
         .await;
-        // cam goes: its three configs are cleared, cam_2's stay.
+        tokio::time::sleep(SECS(4)).await;
+        assert_eq!(configs(&got).len(), 8, "one answer to a burst of births");
+        // cam goes: its four configs are cleared, cam_2's stay.
         p.retract_stream(&cam).await.unwrap();
         wait_until("cam's configs cleared", SECS(20), || {
             got.lock()
@@ -880,7 +888,7 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
                     v.is_empty() && t.contains("/dfwatch_test-node/cam_") && !t.contains("cam_2")
                 })
                 .count()
-                == 3
+                == 4
         })
         .await;
         assert!(
@@ -892,16 +900,135 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
         );
         let (_late, seen) = ha_client(broker.port, "ha-2", "homeassistant/#");
         wait_until("the retained configs of cam_2", SECS(20), || {
-            configs(&seen).len() == 3
+            configs(&seen).len() == 4
         })
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let kept = configs(&seen);
-        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert_eq!(kept.len(), 4, "{kept:?}");
         assert!(
             kept.iter()
                 .all(|(t, _)| t.contains("/dfwatch_test-node/cam_2_"))
         );
+        p.stop(SECS(5)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// What a crashed run left retained on a persistent broker (a gone stream's status, verdict
+/// `fake`, availability `online` and Home Assistant configs; a current stream's availability
+/// `online` while it is not): at connect the publisher reads it back and clears the gone
+/// stream's, sets the current one's availability `offline`, and says the node is `online`
+/// only after that, so Home Assistant never shows a stale entity as available. A stream's
+/// availability then follows it online, and a stop turns it `offline` first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_leftovers_of_an_earlier_run_are_swept_at_connect_and_availability_follows_the_stream()
+ {
+    tokio::time::timeout(SECS(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Broker::new(dir.path());
+        broker.start().await;
+        // The earlier run's leftovers, written by a plain client.
+        let (old, _) = ha_client(broker.port, "old-run", "unused/#");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let gone = dfwatch::types::StreamId::new("gone").unwrap();
+        let cam = dfwatch::types::StreamId::new("cam").unwrap();
+        let d = dfwatch::publish::homeassistant::Discovery::new(
+            "homeassistant",
+            "dfwatch",
+            &node(),
+            None,
+        );
+        let mut leftovers: Vec<(String, Vec<u8>)> = d.stream_configs(&gone);
+        for (t, v) in [
+            (
+                "dfwatch/test-node/streams/gone/status",
+                &b"{\"state\":\"online\"}"[..],
+            ),
+            (
+                "dfwatch/test-node/streams/gone/verdict",
+                b"{\"verdict\":\"fake\"}",
+            ),
+            ("dfwatch/test-node/streams/gone/availability", b"online"),
+            ("dfwatch/test-node/streams/cam/availability", b"online"),
+            ("dfwatch/test-node/status", b"offline"),
+        ] {
+            leftovers.push((t.to_string(), v.to_vec()));
+        }
+        for (t, v) in &leftovers {
+            old.publish(t.as_str(), QoS::AtLeastOnce, true, v.clone())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Everything the new run sends, in order, as a subscriber sees it.
+        let (_ha, seen) = ha_client(broker.port, "watcher", "#");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        seen.lock().unwrap().clear();
+        let mut cfg = config(&broker.url());
+        cfg.homeassistant = true;
+        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
+        p.set_streams([cam.clone()].into()).await.unwrap();
+        p.announce_stream(&cam).await.unwrap();
+        let node_online = |s: &Collected| {
+            s.lock()
+                .unwrap()
+                .iter()
+                .position(|(t, v, _)| t == "dfwatch/test-node/status" && v == b"online")
+        };
+        wait_until("the node online", SECS(20), || node_online(&seen).is_some()).await;
+        let online_at = node_online(&seen).unwrap();
+        let got = seen.lock().unwrap().clone();
+        let position = |topic: &str, payload: &[u8]| {
+            got.iter()
+                .position(|(t, v, _)| t == topic && v == payload)
+                .unwrap_or_else(|| panic!("{topic} = {payload:?} not sent: {got:?}"))
+        };
+        for (t, _) in leftovers.iter().filter(|(t, _)| t.contains("gone")) {
+            assert!(
+                position(t, b"") < online_at,
+                "{t} cleared before the node is online"
+            );
+        }
+        assert!(
+            position("dfwatch/test-node/streams/cam/availability", b"offline") < online_at,
+            "cam's stale availability goes offline before the node is online"
+        );
+        // A client arriving now finds nothing of the gone stream.
+        let (_late, late) = ha_client(broker.port, "late", "#");
+        tokio::time::sleep(SECS(1)).await;
+        let stale: Vec<_> = late
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, v, _)| t.contains("gone") && !v.is_empty())
+            .map(|(t, _, _)| t.clone())
+            .collect();
+        assert!(stale.is_empty(), "{stale:?}");
+        // Availability follows the stream, and a stop turns it offline first.
+        let availability = |s: &Collected| {
+            s.lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|(t, _, _)| t == "dfwatch/test-node/streams/cam/availability")
+                .map(|(_, v, _)| String::from_utf8_lossy(v).into_owned())
+        };
+        p.stream_online(&cam, true).await.unwrap();
+        wait_until("cam available", SECS(10), || {
+            availability(&seen).as_deref() == Some("online")
+        })
+        .await;
+        p.stopping().await.unwrap();
+        wait_until("cam unavailable at the stop", SECS(10), || {
+            availability(&seen).as_deref() == Some("offline")
+        })
+        .await;
+        // Once stopping, nothing makes it available again.
+        p.stream_online(&cam, true).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(availability(&seen).as_deref(), Some("offline"));
         p.stop(SECS(5)).await;
     })
     .await

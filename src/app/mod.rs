@@ -335,21 +335,43 @@ impl StreamFactory {
         let face_stop = stage.stop.clone();
         let face_thread = stage.spawn()?;
 
-        // Each status change goes out retained on <prefix>/<node>/streams/<id>/status.
+        // Each status change goes out retained on <prefix>/<node>/streams/<id>/status, and
+        // the stream's availability follows whether it is online.
         let mut status = handle.subscribe();
         let publisher = self.publisher.clone();
-        let topic = format!("streams/{}/status", s.id);
-        let scope = format!("streams/{}/", s.id);
+        let topic = crate::publish::mqtt::stream_suffix(&s.id, "status");
+        let scope = crate::publish::mqtt::stream_scope(&s.id);
         let id = s.id.clone();
+        // Until this run has judged a face, the verdict is unknown (never what an earlier
+        // run left).
+        let unknown = crate::decide::StreamVerdict::unknown(
+            &s.id,
+            state.model.read().expect("model lock").trained,
+        );
         let forwarder = tokio::spawn(async move {
             // A stream of this id may have been removed before: its topics are ours again.
             let _ = publisher.allow_retained(&scope).await;
+            if let Ok(v) = serde_json::to_vec(&unknown) {
+                let _ = publisher
+                    .publish_retained(&crate::publish::mqtt::stream_suffix(&id, "verdict"), v)
+                    .await;
+            }
             let _ = publisher.announce_stream(&id).await;
+            let mut was_online = None;
             loop {
-                let json = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
-                if publisher.publish_retained(&topic, json).await.is_err()
-                    || status.changed().await.is_err()
-                {
+                let (json, online) = {
+                    let st = status.borrow_and_update();
+                    let online = st.state == ingest::StreamState::Online;
+                    (serde_json::to_vec(&*st).unwrap_or_default(), online)
+                };
+                if publisher.publish_retained(&topic, json).await.is_err() {
+                    break;
+                }
+                if was_online != Some(online) {
+                    was_online = Some(online);
+                    let _ = publisher.stream_online(&id, online).await;
+                }
+                if status.changed().await.is_err() {
                     break;
                 }
             }
@@ -380,7 +402,7 @@ impl RunningStream {
     /// Stops the stream for good: as [`RunningStream::stop`], then its retained status and
     /// verdict are cleared on the broker and never published again.
     async fn remove(self, state: &AppState, publisher: &PublisherHandle) {
-        let scope = format!("streams/{}/", self.config.id);
+        let scope = crate::publish::mqtt::stream_scope(&self.config.id);
         let id = self.config.id.clone();
         self.stop(state).await;
         // Home Assistant forgets the entities before their state topics empty.
@@ -490,6 +512,17 @@ impl Daemon {
         announce_untrained(&model_info);
 
         let (publisher, spool_dir) = start_publisher(&config, &state_dir)?;
+        // Before it connects: the sweep at connect keeps these streams' retained messages.
+        let _ = publisher
+            .set_streams(
+                config
+                    .streams
+                    .iter()
+                    .filter(|s| s.enabled)
+                    .map(|s| s.id.clone())
+                    .collect(),
+            )
+            .await;
         let events_file = config.events.file(&config.base_dir, &state_dir);
         let store = crate::events::EventStore::open(&config.events, &events_file)?;
 
@@ -709,7 +742,10 @@ impl Daemon {
                         Err(e) => tracing::error!(error = %e, "Reload refused; nothing changed."),
                     }
                 }
-                Some(p) = self.added_rx.recv() => self.finish_add_stream(p),
+                Some(p) = self.added_rx.recv() => {
+                    self.finish_add_stream(p);
+                    self.tell_streams().await;
+                }
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { continue };
                     match cmd {
@@ -718,6 +754,7 @@ impl Daemon {
                             let r = match self.running.remove(&id) {
                                 Some(rs) => {
                                     rs.remove(&self.state, &self.publisher).await;
+                                    self.tell_streams().await;
                                     Ok(())
                                 }
                                 None => Err(CommandError::NotFound(id.to_string())),
@@ -837,11 +874,18 @@ impl Daemon {
         let _ = p.reply.send(r);
     }
 
+    /// Tells the publisher the node's streams now (the sweep at each connect keeps theirs).
+    async fn tell_streams(&self) {
+        let ids = self.running.keys().cloned().collect();
+        let _ = self.publisher.set_streams(ids).await;
+    }
+
     /// Re-reads the config file and applies what changed (see the module doc); on any error
     /// nothing changes.
     pub async fn reload(&mut self) -> Result<ReloadReport, CommandError> {
         self.notifier.reloading();
         let r = self.apply_reload().await;
+        self.tell_streams().await;
         self.notifier.reloaded(&self.status_line());
         r
     }
@@ -1036,6 +1080,8 @@ impl Daemon {
         } = self;
         notifier.stopping();
         state.ready.store(false, Ordering::Relaxed);
+        // Home Assistant shows the streams unavailable now, not their verdicts winding down.
+        let _ = publisher.stopping().await;
         let grace = config.node.shutdown_grace;
         let deadline = Instant::now() + grace;
         tracing::info!(
@@ -1109,6 +1155,12 @@ fn start_publisher(
     state_dir: &Path,
 ) -> anyhow::Result<(Arc<PublisherHandle>, PathBuf)> {
     let mut mqtt_cfg = config.mqtt.clone();
+    if mqtt_cfg.homeassistant_page_url.is_none()
+        && config.http.enabled
+        && !config.http.listen.ip().is_unspecified()
+    {
+        mqtt_cfg.homeassistant_page_url = Some(format!("http://{}/", config.http.listen));
+    }
     if mqtt_cfg.embedded {
         let listen = mqtt_cfg.embedded_listen;
         if let Err(e) = crate::publish::broker::start_embedded(listen) {

@@ -81,6 +81,10 @@ pub enum Output {
         track: TrackId,
         /// The payload JSON.
         payload: Vec<u8>,
+        /// The payload's plain-language explanation and fake probability, typed beside its
+        /// bytes (for Home Assistant's event entity).
+        sentence: String,
+        score: f64,
         /// The face crop as a JPEG, with a `new` alert of a stream that opted in.
         face_jpeg: Option<Vec<u8>>,
         /// For the event store (streams with `store_media`): the track's strongest face,
@@ -96,7 +100,8 @@ pub enum Output {
 pub struct StreamVerdict {
     pub stream: String,
     /// `fake` when any live track is fake, else `uncertain` when any is, else `real` when
-    /// any track has a verdict, else `none`.
+    /// any track has a verdict, else `none`; `unknown` until this run has judged a face of
+    /// the stream ([`StreamVerdict::unknown`]).
     pub verdict: &'static str,
     pub tracks: usize,
     pub fake_tracks: usize,
@@ -105,6 +110,22 @@ pub struct StreamVerdict {
     /// The leading track's fake probability over its evidence window (the highest of the
     /// live tracks, to 0.01; republished when it moves by 0.05), `null` without one.
     pub score: Option<f64>,
+}
+
+impl StreamVerdict {
+    /// A stream this run has not judged yet (published at its start, so what an earlier run
+    /// left retained is not taken for its state): verdict `unknown`, no tracks.
+    pub fn unknown(stream: &StreamId, model_trained: bool) -> Self {
+        StreamVerdict {
+            stream: stream.to_string(),
+            verdict: "unknown",
+            tracks: 0,
+            fake_tracks: 0,
+            open_alerts: Vec::new(),
+            model_trained,
+            score: None,
+        }
+    }
 }
 
 /// The latest [`StreamVerdict`] of each stream, for the HTTP API (`/api/streams`, the page);
@@ -513,6 +534,8 @@ impl Decider {
             stream: ev.stream,
             track: ev.track,
             payload: json,
+            sentence: payload.explanation.sentence,
+            score: ev.score,
             face_jpeg,
             media,
         });
@@ -572,7 +595,7 @@ impl Decider {
         }
         match serde_json::to_vec(&summary) {
             Ok(payload) => out.push(Output::Retained {
-                topic: format!("streams/{stream}/verdict"),
+                topic: crate::publish::mqtt::stream_suffix(stream, "verdict"),
                 payload,
             }),
             Err(e) => tracing::error!(error = %e, "Verdict summary could not be serialised."),

@@ -130,6 +130,8 @@ pub async fn hand_over(sinks: &Sinks, outputs: Vec<Output>) {
                 stream,
                 track,
                 payload,
+                sentence,
+                score,
                 face_jpeg,
                 media,
             } => {
@@ -150,6 +152,9 @@ pub async fn hand_over(sinks: &Sinks, outputs: Vec<Output>) {
                 if let Err(e) = publisher.enqueue_alert(&alert_id, kind, payload).await {
                     tracing::error!(alert_id = %alert_id, error = %e, "Alert not handed to the publisher.");
                 }
+                let _ = publisher
+                    .publish_alert_event(&stream, kind, &alert_id, &sentence, score)
+                    .await;
                 if let Some(jpeg) = face_jpeg {
                     tracing::debug!(alert_id = %alert_id, bytes = jpeg.len(), "Face crop handed to the publisher.");
                     let _ = publisher.publish_face_crop(&alert_id, jpeg).await;

@@ -153,6 +153,46 @@ impl DetectConfig {
     }
 }
 
+impl DetectorModel {
+    /// The files the model loads from `detect.model_dir`.
+    pub fn files(self) -> &'static [&'static str] {
+        match self {
+            DetectorModel::Mtcnn => &mtcnn::FILES,
+            DetectorModel::Retinaface => &[retinaface::FILE],
+        }
+    }
+}
+
+impl DetectConfig {
+    /// What the detector would refuse to load from, known without loading it: its directory
+    /// missing, a file of the model missing or not a regular file. `None` when all is there.
+    pub fn missing(&self, base_dir: &Path) -> Option<String> {
+        let dir = self.model_dir(base_dir);
+        if !dir.is_dir() {
+            return Some(format!(
+                "{}: no such directory (the {:?} detector's weights go there; run \
+                 ./tools/setup.sh, or set detect.model_dir)",
+                dir.display(),
+                self.model
+            ));
+        }
+        let missing: Vec<&str> = self
+            .model
+            .files()
+            .iter()
+            .copied()
+            .filter(|f| !dir.join(f).is_file())
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "{}: {} missing (or not a regular file)",
+                dir.display(),
+                missing.join(", ")
+            )
+        })
+    }
+}
+
 /// Where tools/setup.sh puts the MTCNN weights in a checkout.
 const CHECKOUT_MTCNN_DIR: &str = "var/models/mtcnn";
 

@@ -40,6 +40,9 @@ impl Patches<'_> {
     }
 }
 
+/// The networks' files in `detect.model_dir`: P-Net, R-Net, O-Net.
+pub const FILES: [&str; 3] = ["pnet.onnx", "rnet.onnx", "onet.onnx"];
+
 /// Tuning of the cascade; defaults are the original paper's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MtcnnSettings {
@@ -147,6 +150,7 @@ fn transposed_batch(images: &[RgbF32]) -> Vec<f32> {
 impl Mtcnn {
     /// Loads `pnet.onnx`, `rnet.onnx` and `onet.onnx` from `dir` (ONNX Runtime must be
     /// initialised).
+    /// Loads the three networks ([`FILES`]) from `dir`.
     pub fn load(dir: &Path, settings: MtcnnSettings) -> Result<Self, DetectError> {
         let open = |name: &str| {
             let p = dir.join(name);
@@ -159,10 +163,11 @@ impl Mtcnn {
             }
             onnx::session(&p).map_err(|e| DetectError::Model(e.to_string()))
         };
+        let [p, r, o] = FILES;
         Ok(Mtcnn {
-            pnet: open("pnet.onnx")?,
-            rnet: open("rnet.onnx")?,
-            onet: open("onet.onnx")?,
+            pnet: open(p)?,
+            rnet: open(r)?,
+            onet: open(o)?,
             settings,
         })
     }

@@ -101,6 +101,9 @@ pub fn decode(
         .collect()
 }
 
+/// The model's file in `detect.model_dir`.
+pub const FILE: &str = "retinaface.onnx";
+
 /// RetinaFace through ONNX Runtime.
 pub struct RetinaFace {
     session: Session,
@@ -119,7 +122,7 @@ impl std::fmt::Debug for RetinaFace {
 impl RetinaFace {
     /// Loads `retinaface.onnx` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, DetectError> {
-        let path = dir.join("retinaface.onnx");
+        let path = dir.join(FILE);
         if !path.exists() {
             return Err(DetectError::Model(format!(
                 "{} is missing: RetinaFace weights are not on any package registry; export \

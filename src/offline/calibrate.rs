@@ -93,6 +93,7 @@ pub fn trace_video(an: &mut Analyzer, row: &Row, max_faces: usize) -> anyhow::Re
         row.line,
         row.path
     );
+    let file = row.regular_file()?;
     let config = an.config().clone();
     let fps = config.ingest.analysis_fps;
     let detector = crate::detect::FaceDetector::load(&config.detect, &config.base_dir)
@@ -124,8 +125,7 @@ pub fn trace_video(an: &mut Analyzer, row: &Row, max_faces: usize) -> anyhow::Re
         stop: stop.clone(),
     };
     let stage = stage.spawn().context("starting the face stage")?;
-    let uri = row
-        .file
+    let uri = file
         .to_str()
         .with_context(|| format!("line {}: the path is not UTF-8", row.line))?
         .to_string();

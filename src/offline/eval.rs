@@ -49,6 +49,24 @@ pub struct Row {
     pub kind: Kind,
 }
 
+impl Row {
+    /// The row's file, once it is known to be a regular file (a link to one is followed): a
+    /// FIFO or a device in a LIST would block a reader or never end. Every command that reads
+    /// a LIST's files checks each with this before it opens it.
+    pub fn regular_file(&self) -> anyhow::Result<&Path> {
+        let is_file = std::fs::metadata(&self.file)
+            .with_context(|| format!("line {}: {}", self.line, self.file.display()))?
+            .is_file();
+        anyhow::ensure!(
+            is_file,
+            "line {}: {} is not a regular file",
+            self.line,
+            self.file.display()
+        );
+        Ok(&self.file)
+    }
+}
+
 fn kind_of(path: &str) -> Kind {
     let lower = path.to_ascii_lowercase();
     if [".png", ".jpg", ".jpeg"].iter().any(|e| lower.ends_with(e)) {
@@ -370,19 +388,63 @@ fn cache_read(dir: &Path, key: &str, nodes: usize) -> Option<FileScores> {
     fits.then_some(s)
 }
 
+/// Writes an entry through a new temporary file (`O_EXCL`, never through a symlink, mode
+/// 0600) renamed into place.
 fn cache_write(dir: &Path, key: &str, scores: &FileScores) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{key}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(scores)?)?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(".{key}.{}.{nanos}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec(scores)?));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, dir.join(format!("{key}.json")))
 }
 
-/// Only regular files are read (links to one followed): a FIFO or a device in a LIST would
-/// block or never end.
-fn regular_file(path: &Path) -> std::io::Result<()> {
-    if std::fs::metadata(path)?.is_file() {
-        Ok(())
+/// The cache directory, made private (0700) when new. An existing one must be a directory
+/// (not a link), owned by this user, and writable by nobody else: its entries are trusted
+/// as this user's own results, so nobody else may have been able to put one there.
+fn prepare_cache_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("the cache directory {}", dir.display()))?;
+    let m = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("the cache directory {}", dir.display()))?;
+    let refuse = if m.file_type().is_symlink() {
+        Some("is a symbolic link".to_string())
+    } else if !m.is_dir() {
+        Some("is not a directory".to_string())
+    } else if m.uid() != nix::unistd::geteuid().as_raw() {
+        Some(format!("belongs to user {}, not to this one", m.uid()))
+    } else if m.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by others (mode {:o}); chmod go-w it",
+            m.mode() & 0o777
+        ))
     } else {
-        Err(std::io::Error::other("is not a regular file"))
+        None
+    };
+    match refuse {
+        Some(why) => anyhow::bail!(
+            "the cache directory {} {why}: its entries could be someone else's (use \
+             --cache DIR with a private directory, or --no-cache)",
+            dir.display()
+        ),
+        None => Ok(()),
     }
 }
 
@@ -463,8 +525,7 @@ pub fn eval(
     let detector = analyzer.detector_name();
     let detector_settings = analyzer.detector_settings();
     if let Some(dir) = &opts.cache {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("the cache directory {}", dir.display()))?;
+        prepare_cache_dir(dir)?;
     }
     let graph = analyzer.graph().clone();
     let mut files = Vec::with_capacity(rows.len());
@@ -478,9 +539,10 @@ pub fn eval(
     };
     for (i, row) in rows.iter().enumerate() {
         progress(i, rows.len(), &row.path);
-        let sha = regular_file(&row.file)
-            .and_then(|()| crate::model::sha256_file(&row.file))
-            .with_context(|| format!("line {}: {}", row.line, row.file.display()));
+        let sha = row.regular_file().and_then(|file| {
+            crate::model::sha256_file(file)
+                .with_context(|| format!("line {}: {}", row.line, file.display()))
+        });
         let mut cached = false;
         let result = sha.and_then(|sha| {
             let key = cache_key(
@@ -808,6 +870,48 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_is_private_and_never_written_through_a_planted_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        prepare_cache_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let scores = FileScores {
+            frames: vec![0.5],
+            frames_sampled: 1,
+            marginals: None,
+        };
+        // A symlink planted where the entry goes: the rename replaces the link, and the
+        // victim it pointed at is untouched.
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("k.json")).unwrap();
+        cache_write(&dir, "k", &scores).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let entry = dir.join("k.json");
+        assert!(
+            !std::fs::symlink_metadata(&entry)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            std::fs::metadata(&entry).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(cache_read(&dir, "k", 10).is_some());
+        // A directory others may write into is refused: its entries could be theirs.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_cache_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("writable by others"), "{e}");
+        let link = d.path().join("cache-link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let e = prepare_cache_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+    }
 
     fn rows(text: &str) -> anyhow::Result<Vec<Row>> {
         parse_list(text.as_bytes(), Path::new("/data"))

@@ -27,16 +27,48 @@ fn is_alert_id(id: &str) -> bool {
     id.len() == 26 && id.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
-/// Creates `path` afresh for writing, never through a symlink.
+/// Creates `path`, which must not exist (`O_EXCL`: no file, link or hard link that was
+/// planted there is written through), never through a symlink, mode 0600.
 fn create(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// `out` made new (mode 0700), or an existing empty directory that is not a symlink: the
+/// export writes only new files, into a place nobody has prepared for it.
+fn prepare(out: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out)
+            .with_context(|| format!("creating {}", out.display())),
+        Err(e) => Err(e).with_context(|| out.display().to_string()),
+        Ok(m) if m.file_type().is_symlink() => anyhow::bail!(
+            "{} is a symbolic link; name a new or empty directory",
+            out.display()
+        ),
+        Ok(m) if !m.is_dir() => anyhow::bail!("{} is not a directory", out.display()),
+        Ok(_) => {
+            let any = std::fs::read_dir(out)
+                .with_context(|| out.display().to_string())?
+                .next()
+                .is_some();
+            anyhow::ensure!(
+                !any,
+                "{} is not empty; name a new or empty directory (the export never writes over \
+                 files)",
+                out.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Writes `list.csv` in `out` with the events the store at `db` holds as false alarms: each
@@ -45,7 +77,7 @@ fn create(path: &Path) -> std::io::Result<std::fs::File> {
 pub fn export(db: &Path, out: &Path) -> anyhow::Result<Exported> {
     use crate::events::db::{Db, MediaKind, Review};
     let db = Db::open_read_only(db)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    prepare(out)?;
     let mut list = String::from(
         "# False alarms exported from the event store by `dfwatch export-false-alarms`. The\n\
          # crops are the store's JPEGs of the aligned faces: their scores can differ a little\n\
@@ -97,6 +129,46 @@ pub fn export(db: &Path, out: &Path) -> anyhow::Result<Exported> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_output_is_a_new_or_empty_directory_and_nothing_is_written_over() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = d.path().join("a/b");
+        prepare(&fresh).unwrap();
+        assert!(fresh.is_dir());
+        prepare(&fresh).unwrap();
+        // A victim file, hard-linked into the output under the name the export would write.
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::fs::hard_link(&victim, fresh.join("list.csv")).unwrap();
+        let e = prepare(&fresh).unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        // Even past the check (a file planted after it), O_EXCL refuses to write through.
+        assert!(create(&fresh.join("list.csv")).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), &link).unwrap();
+        assert!(
+            prepare(&link)
+                .unwrap_err()
+                .to_string()
+                .contains("symbolic link")
+        );
+        assert!(
+            prepare(&victim)
+                .unwrap_err()
+                .to_string()
+                .contains("not a directory")
+        );
+        // New files are private.
+        use std::os::unix::fs::PermissionsExt;
+        create(&fresh.join("new.jpg")).unwrap();
+        let mode = std::fs::metadata(fresh.join("new.jpg"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn only_alert_ids_name_files() {

@@ -61,12 +61,17 @@ pub struct MqttConfig {
     pub embedded: bool,
     /// Loopback address of the embedded broker.
     pub embedded_listen: std::net::SocketAddr,
-    /// Home Assistant MQTT discovery: per stream a `binary_sensor` (a fake face on screen), a
-    /// `sensor` (the leading track's fake probability) and a `sensor` (stream state), under
-    /// one device per node, available while the node is `online`.
+    /// Home Assistant MQTT discovery: per stream a device with a `binary_sensor` (a fake face
+    /// on screen), a `sensor` (the leading track's fake probability, in percent), an `event`
+    /// (each alert with its explanation) and a diagnostic `sensor` (stream state), available
+    /// while the node and the stream are online.
     pub homeassistant: bool,
     /// Home Assistant's discovery prefix (its birth message is `<prefix>/status`).
     pub homeassistant_prefix: String,
+    /// The web page as Home Assistant's users reach it (each device's link to it, and each
+    /// alert event's `url`). Default: `http://<http.listen>/` unless that is a wildcard
+    /// address (then none).
+    pub homeassistant_page_url: Option<String>,
 }
 
 impl Default for MqttConfig {
@@ -95,6 +100,7 @@ impl Default for MqttConfig {
             embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
             homeassistant: false,
             homeassistant_prefix: "homeassistant".into(),
+            homeassistant_page_url: None,
         }
     }
 }
@@ -135,6 +141,18 @@ impl MqttConfig {
                      level)",
                     self.homeassistant_prefix
                 ),
+            );
+        }
+        if let Some(u) = &self.homeassistant_page_url
+            && !url::Url::parse(u).is_ok_and(|x| {
+                matches!(x.scheme(), "http" | "https")
+                    && x.username().is_empty()
+                    && x.password().is_none()
+            })
+        {
+            c.error(
+                "homeassistant_page_url",
+                format!("{u:?} is not an http:// or https:// URL (without credentials)"),
             );
         }
         if let Some(id) = &self.client_id
@@ -266,6 +284,36 @@ pub fn alerts_topic(prefix: &str, node: &NodeId) -> String {
     format!("{prefix}/{node}/alerts")
 }
 
+/// A stream's topic under its node, `streams/<id>/<leaf>` (`status`, `verdict`,
+/// `availability`, `event`): the one place the layout is written.
+pub fn stream_suffix(stream: &crate::types::StreamId, leaf: &str) -> String {
+    format!("{}{leaf}", stream_scope(stream))
+}
+
+/// Everything a stream has under its node: `streams/<id>/`.
+pub fn stream_scope(stream: &crate::types::StreamId) -> String {
+    format!("streams/{stream}/")
+}
+
+/// A stream's full topic: `<node_prefix>streams/<id>/<leaf>` (`node_prefix` ends in `/`).
+pub fn stream_topic(node_prefix: &str, stream: &crate::types::StreamId, leaf: &str) -> String {
+    format!("{node_prefix}{}", stream_suffix(stream, leaf))
+}
+
+/// The stream and leaf of a full topic under `node_prefix`, if it is a stream's topic.
+pub fn parse_stream_topic<'a>(
+    node_prefix: &str,
+    topic: &'a str,
+) -> Option<(crate::types::StreamId, &'a str)> {
+    let (id, leaf) = topic
+        .strip_prefix(node_prefix)?
+        .strip_prefix("streams/")?
+        .split_once('/')?;
+    (!leaf.is_empty() && !leaf.contains('/'))
+        .then(|| crate::types::StreamId::new(id).ok().map(|s| (s, leaf)))
+        .flatten()
+}
+
 /// Everything resolved at start, so the task itself cannot fail on configuration.
 #[derive(Clone)]
 pub(super) struct Prepared {
@@ -337,6 +385,7 @@ pub(super) fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, Publi
                 &cfg.homeassistant_prefix,
                 &cfg.prefix,
                 node,
+                cfg.homeassistant_page_url.clone(),
             )
         }),
         status,

@@ -24,6 +24,7 @@
 //!   Home Assistant's status topic to send them again when Home Assistant starts.
 
 pub mod config;
+pub mod sweep;
 mod task;
 
 use std::path::Path;
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{
     BrokerUrl, KEEP_ALIVE_RANGE, MAX_AGE_RANGE, MAX_BYTES_RANGE, MAX_PENDING_RANGE, MqttConfig,
-    alerts_topic, status_topic,
+    alerts_topic, parse_stream_topic, status_topic, stream_scope, stream_suffix, stream_topic,
 };
 
 use super::spool::{EntryKind, Spool, SpoolLimits, SpoolStats};
@@ -88,6 +89,28 @@ enum Request {
     Announce { stream: crate::types::StreamId },
     /// A removed stream's discovery configs are cleared on the broker.
     Retract { stream: crate::types::StreamId },
+    /// The node's streams now (at start, and after each change): what the sweep at connect
+    /// keeps ([`sweep`]).
+    Streams {
+        ids: std::collections::BTreeSet<crate::types::StreamId>,
+    },
+    /// A stream came online or left it: its retained `availability`.
+    StreamOnline {
+        stream: crate::types::StreamId,
+        online: bool,
+    },
+    /// The daemon is stopping: every stream's availability goes `offline` at once, before
+    /// the streams wind down (Home Assistant shows them unavailable, not their last moves).
+    Stopping,
+    /// An alert event for Home Assistant's event entity (when `homeassistant` is on): sent
+    /// when connected, never retained, never spooled (the alert itself is).
+    AlertEvent {
+        stream: crate::types::StreamId,
+        kind: EntryKind,
+        alert_id: String,
+        sentence: String,
+        score: f64,
+    },
 }
 
 /// Scopes cleared at once (removed streams); past it the oldest is forgotten (its late
@@ -252,6 +275,53 @@ impl PublisherHandle {
     ) -> Result<(), PublishError> {
         self.send(Request::Retract {
             stream: stream.clone(),
+        })
+        .await
+    }
+
+    /// The node's streams now: the sweep at each connect clears what an earlier run left
+    /// retained for any other ([`sweep`]). Until it is told, the publisher sweeps nothing.
+    pub async fn set_streams(
+        &self,
+        ids: std::collections::BTreeSet<crate::types::StreamId>,
+    ) -> Result<(), PublishError> {
+        self.send(Request::Streams { ids }).await
+    }
+
+    /// A stream came online (`true`) or left it: its entities' availability follows.
+    pub async fn stream_online(
+        &self,
+        stream: &crate::types::StreamId,
+        online: bool,
+    ) -> Result<(), PublishError> {
+        self.send(Request::StreamOnline {
+            stream: stream.clone(),
+            online,
+        })
+        .await
+    }
+
+    /// The daemon begins to stop: every stream's availability goes `offline` now.
+    pub async fn stopping(&self) -> Result<(), PublishError> {
+        self.send(Request::Stopping).await
+    }
+
+    /// An alert event for Home Assistant's event entity of `stream` (nothing without
+    /// `homeassistant`).
+    pub async fn publish_alert_event(
+        &self,
+        stream: &crate::types::StreamId,
+        kind: EntryKind,
+        alert_id: &str,
+        sentence: &str,
+        score: f64,
+    ) -> Result<(), PublishError> {
+        self.send(Request::AlertEvent {
+            stream: stream.clone(),
+            kind,
+            alert_id: alert_id.to_string(),
+            sentence: sentence.to_string(),
+            score,
         })
         .await
     }

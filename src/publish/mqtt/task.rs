@@ -324,12 +324,21 @@ struct Retained<'a> {
     cleared: &'a mut VecDeque<String>,
     /// Topics whose clearing waits for a connection.
     to_clear: &'a mut std::collections::BTreeSet<String>,
+    /// Topics whose clearing waits for a time ([`HA_DROP_GRACE`]).
+    deferred: &'a mut VecDeque<(tokio::time::Instant, String)>,
 }
 
 impl Retained<'_> {
     /// Clears every retained message under `scope` on the broker (an empty retained message
-    /// each, now or at the next connect) and refuses later ones under it.
-    fn clear(&mut self, session: &mut Session, outbox: &mut Outbox, scope: String) {
+    /// each, now or at the next connect; after `grace` when given, so Home Assistant has
+    /// dropped the entities that read them) and refuses later ones under it.
+    fn clear(
+        &mut self,
+        session: &mut Session,
+        outbox: &mut Outbox,
+        scope: String,
+        grace: Option<Duration>,
+    ) {
         let gone: Vec<String> = self
             .map
             .range(scope.clone()..)
@@ -338,7 +347,10 @@ impl Retained<'_> {
             .collect();
         for topic in gone {
             self.map.remove(&topic);
-            if session.connected {
+            if let Some(g) = grace {
+                self.deferred
+                    .push_back((tokio::time::Instant::now() + g, topic));
+            } else if session.connected {
                 session.send_unspooled(outbox, &topic, true, Vec::new());
             } else {
                 self.to_clear.insert(topic);
@@ -356,7 +368,78 @@ impl Retained<'_> {
     fn allow(&mut self, scope: &str) {
         self.cleared.retain(|c| c != scope);
         self.to_clear.retain(|t| !t.starts_with(scope));
+        self.deferred.retain(|(_, t)| !t.starts_with(scope));
     }
+
+    /// Sets a retained message (unless its scope was cleared) and sends it.
+    fn set(&mut self, session: &mut Session, outbox: &mut Outbox, topic: String, payload: Vec<u8>) {
+        if self.cleared.iter().any(|c| topic.starts_with(c.as_str())) {
+            return;
+        }
+        if self.map.get(&topic) == Some(&payload) {
+            return;
+        }
+        self.to_clear.remove(&topic);
+        self.map.insert(topic.clone(), payload);
+        session.send_retained(outbox, self.map, [&topic]);
+    }
+}
+
+/// The node's `online`, Home Assistant's status subscribed to (its births re-announce), and
+/// every retained message and pending clear of this run sent.
+fn go_online(
+    session: &mut Session,
+    outbox: &mut Outbox,
+    p: &Prepared,
+    retained: &std::collections::BTreeMap<String, Vec<u8>>,
+    to_clear: &mut std::collections::BTreeSet<String>,
+) {
+    session.send_unspooled(outbox, &p.status, true, b"online".to_vec());
+    if let Some(d) = &p.discovery {
+        let _ = session
+            .client
+            .try_subscribe(d.birth_topic(), QoS::AtLeastOnce);
+    }
+    session.send_retained(outbox, retained, retained.keys());
+    for topic in std::mem::take(to_clear) {
+        session.send_unspooled(outbox, &topic, true, Vec::new());
+    }
+}
+
+/// The sweep saw everything retained: what it says to clear (or set offline) goes out, its
+/// subscriptions end, and the node goes online.
+fn end_sweep(
+    session: &mut Session,
+    outbox: &mut Outbox,
+    p: &Prepared,
+    s: super::sweep::Sweep,
+    current: Option<&std::collections::BTreeSet<crate::types::StreamId>>,
+    retained: &std::collections::BTreeMap<String, Vec<u8>>,
+    to_clear: &mut std::collections::BTreeSet<String>,
+) {
+    for f in s.filters() {
+        let _ = session.client.try_unsubscribe(f);
+    }
+    if s.overflow > 0 {
+        tracing::warn!(
+            beyond = s.overflow,
+            "More retained topics than the sweep reads at once; the rest wait for the next connect."
+        );
+    }
+    let empty = std::collections::BTreeSet::new();
+    let publishes = s.finish(current.unwrap_or(&empty), retained);
+    let cleared = publishes.iter().filter(|(_, v)| v.is_empty()).count();
+    if cleared > 0 {
+        tracing::info!(
+            cleared,
+            "Cleared what an earlier run left retained for streams this node no longer has."
+        );
+    }
+    for (topic, payload) in publishes {
+        to_clear.remove(&topic);
+        session.send_unspooled(outbox, &topic, true, payload);
+    }
+    go_online(session, outbox, p, retained, to_clear);
 }
 
 /// What the publisher task counts.
@@ -469,7 +552,21 @@ pub(super) struct Kept {
     cleared: VecDeque<String>,
     /// Topics whose clearing waits for a connection.
     to_clear: std::collections::BTreeSet<String>,
+    /// State topics of removed streams, cleared at the time given: after Home Assistant has
+    /// dropped the entities that read them.
+    deferred: VecDeque<(tokio::time::Instant, String)>,
+    /// The node's streams, once the daemon has said ([`Request::Streams`]).
+    current: Option<std::collections::BTreeSet<crate::types::StreamId>>,
+    /// A stop began: availability only goes `offline`.
+    stopping: bool,
 }
+
+/// How long a removed stream's state topics stay after its discovery configs were cleared.
+const HA_DROP_GRACE: Duration = Duration::from_secs(5);
+/// Home Assistant's birth messages within this are answered once.
+const BIRTH_DEBOUNCE: Duration = Duration::from_secs(2);
+/// How long the node's `online` waits for the sweep at connect.
+const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the publisher until `cancel` (or every handle is gone), supervised: a panic in the
 /// task is caught, counted in `restarts` and reported, and the task starts again after a
@@ -517,6 +614,9 @@ pub(super) async fn supervise(
         retained: Default::default(),
         cleared: VecDeque::new(),
         to_clear: Default::default(),
+        deferred: VecDeque::new(),
+        current: None,
+        stopping: false,
     };
     loop {
         let run = std::panic::AssertUnwindSafe(run(
@@ -557,7 +657,14 @@ async fn run(
         retained,
         cleared,
         to_clear,
+        deferred,
+        current,
+        stopping,
     } = kept;
+    // This connection's sweep and when the node's `online` goes out without it.
+    let mut sweep: Option<(super::sweep::Sweep, tokio::time::Instant)> = None;
+    // When Home Assistant's (last) birth is answered.
+    let mut birth_due: Option<tokio::time::Instant> = None;
     let mut backoff = Backoff::new(p.backoff);
     let mut session = Session::new(p);
     // What survived the last run is durable already: the broker owes an ack for each.
@@ -632,6 +739,15 @@ async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The next timer: the sweep's timeout, a birth to answer, a deferred clear.
+        let wake = [
+            sweep.as_ref().map(|(_, at)| *at),
+            birth_due,
+            deferred.front().map(|(at, _)| *at),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         tokio::select! {
             _ = cancel.cancelled() => {
                 if session.connected {
@@ -669,21 +785,51 @@ async fn run(
                     match r {
                         Request::Retained { topic, payload } => {
                             let topic = format!("{}{topic}", p.node_prefix);
-                            if cleared.iter().any(|c| topic.starts_with(c.as_str())) {
-                                continue;
-                            }
-                            retained.insert(topic.clone(), payload);
-                            session.send_retained(&mut outbox, retained, [&topic]);
+                            let mut r = Retained { map: retained, cleared, to_clear, deferred };
+                            r.set(&mut session, &mut outbox, topic, payload);
                         }
                         Request::ClearRetained { scope } => {
                             let scope = format!("{}{scope}", p.node_prefix);
-                            let mut r = Retained { map: retained, cleared, to_clear };
-                            r.clear(&mut session, &mut outbox, scope);
+                            // With Home Assistant, the state topics go after its entities.
+                            let grace = p.discovery.as_ref().map(|_| HA_DROP_GRACE);
+                            let mut r = Retained { map: retained, cleared, to_clear, deferred };
+                            r.clear(&mut session, &mut outbox, scope, grace);
                         }
                         Request::AllowRetained { scope } => {
                             let scope = format!("{}{scope}", p.node_prefix);
-                            let mut r = Retained { map: retained, cleared, to_clear };
+                            let mut r = Retained { map: retained, cleared, to_clear, deferred };
                             r.allow(&scope);
+                        }
+                        Request::Streams { ids } => {
+                            *current = Some(ids);
+                        }
+                        Request::StreamOnline { stream, online } => {
+                            if *stopping && online {
+                                continue;
+                            }
+                            let topic = super::stream_topic(&p.node_prefix, &stream, "availability");
+                            let payload = if online { "online" } else { "offline" };
+                            let mut r = Retained { map: retained, cleared, to_clear, deferred };
+                            r.set(&mut session, &mut outbox, topic, payload.as_bytes().to_vec());
+                        }
+                        Request::Stopping => {
+                            *stopping = true;
+                            let streams: Vec<String> = retained
+                                .keys()
+                                .filter(|t| t.ends_with("/availability"))
+                                .cloned()
+                                .collect();
+                            let mut r = Retained { map: retained, cleared, to_clear, deferred };
+                            for topic in streams {
+                                r.set(&mut session, &mut outbox, topic, b"offline".to_vec());
+                            }
+                        }
+                        Request::AlertEvent { stream, kind, alert_id, sentence, score } => {
+                            if let Some(d) = &p.discovery {
+                                let kind = crate::publish::webhook::kind_name(kind);
+                                let payload = d.event_payload(kind, &alert_id, &sentence, score);
+                                session.send_unspooled(&mut outbox, &d.event_topic(&stream), false, payload);
+                            }
                         }
                         Request::Announce { stream } => {
                             if let Some(d) = &p.discovery {
@@ -788,6 +934,37 @@ async fn run(
                 share_sinks(&outbox, &hooks);
                 publish_stats(&session, spool, tally, &outbox);
             }
+            _ = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
+                let now = tokio::time::Instant::now();
+                if sweep.as_ref().is_some_and(|(_, at)| *at <= now)
+                    && let Some((s, _)) = sweep.take()
+                {
+                    tracing::warn!("The broker did not return the sweep's marker in time; going online without clearing what an earlier run left retained.");
+                    for f in s.filters() {
+                        let _ = session.client.try_unsubscribe(f);
+                    }
+                    go_online(&mut session, &mut outbox, p, retained, to_clear);
+                }
+                if birth_due.is_some_and(|at| at <= now) {
+                    birth_due = None;
+                    if let Some(d) = &p.discovery {
+                        tracing::info!("Home Assistant is online; discovery configs sent again.");
+                        session.send_retained(
+                            &mut outbox,
+                            retained,
+                            retained.keys().filter(|t| d.owns(t)),
+                        );
+                    }
+                }
+                while deferred.front().is_some_and(|(at, _)| *at <= now) {
+                    let (_, topic) = deferred.pop_front().expect("front exists");
+                    if session.connected {
+                        session.send_unspooled(&mut outbox, &topic, true, Vec::new());
+                    } else {
+                        to_clear.insert(topic);
+                    }
+                }
+            }
             _ = tick.tick() => {
                 session.drain_retained(&mut outbox, retained);
                 writer.flush(spool, Vec::new());
@@ -808,14 +985,17 @@ async fn run(
                         backoff.on_up(std::time::Instant::now());
                         last_failure = None;
                         tracing::info!("MQTT connected.");
-                        session.send_unspooled(&mut outbox, &p.status, true, b"online".to_vec());
-                        if let Some(d) = &p.discovery {
-                            // Home Assistant's births (and its retained status) re-announce.
-                            let _ = session.client.try_subscribe(d.birth_topic(), QoS::AtLeastOnce);
-                        }
-                        session.send_retained(&mut outbox, retained, retained.keys());
-                        for topic in std::mem::take(to_clear) {
-                            session.send_unspooled(&mut outbox, &topic, true, Vec::new());
+                        if current.is_some() {
+                            // What an earlier run left retained is read back first; the node
+                            // goes online when the sweep is done (or after its timeout).
+                            let s = super::sweep::Sweep::new(&p.node_prefix, p.discovery.as_ref(), rng.u64(..));
+                            for f in s.filters() {
+                                let _ = session.client.try_subscribe(f, QoS::AtLeastOnce);
+                            }
+                            let _ = session.client.try_publish(s.marker_topic(), QoS::AtLeastOnce, false, s.marker());
+                            sweep = Some((s, tokio::time::Instant::now() + SWEEP_TIMEOUT));
+                        } else {
+                            go_online(&mut session, &mut outbox, p, retained, to_clear);
                         }
                         // Entries whose write is still running join the outbox when it settles.
                         session.pump(&mut outbox, p, spool, &mut tally.published);
@@ -838,16 +1018,18 @@ async fn run(
                         session.pump(&mut outbox, p, spool, &mut tally.published);
                     }
                     Ok(Event::Incoming(Packet::Publish(m))) => {
+                        let complete = sweep
+                            .as_mut()
+                            .is_some_and(|(s, _)| s.on_message(&m.topic, &m.payload, m.retain));
+                        if complete && let Some((s, _)) = sweep.take() {
+                            end_sweep(&mut session, &mut outbox, p, s, current.as_ref(), retained, to_clear);
+                        }
                         if let Some(d) = &p.discovery
                             && m.topic == d.birth_topic()
                             && m.payload.as_ref() == crate::publish::homeassistant::BIRTH
                         {
-                            tracing::info!("Home Assistant is online; discovery configs sent again.");
-                            session.send_retained(
-                                &mut outbox,
-                                retained,
-                                retained.keys().filter(|t| d.owns(t)),
-                            );
+                            // A burst of births (or a flapping Home Assistant) is answered once.
+                            birth_due.get_or_insert(tokio::time::Instant::now() + BIRTH_DEBOUNCE);
                         }
                     }
                     Ok(_) => {}
@@ -870,6 +1052,7 @@ async fn run(
                         }
                         writer.flush(spool, Vec::new());
                         session = Session::new(p);
+                        sweep = None;
                         outbox.disconnected(MQTT);
                         // Durable answers and new alerts go on while it waits.
                         retry_at = Some(tokio::time::Instant::now() + wait);
