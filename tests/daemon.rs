@@ -214,16 +214,39 @@ async fn a_fake_face_over_rtsp_raises_one_explained_alert() {
             .any(|h| h.0.starts_with(&format!("{id}:new:")) && h.3.contains(&id))
     })
     .await;
-    // Home Assistant sees the stream: three entities of the node's device.
+    // Home Assistant sees the stream: four entities of the stream's device, available while
+    // the stream is online, and the alert as an event with its explanation.
     wait_until("Home Assistant discovery configs for cam", SECS(10), || {
         ha.lock()
             .unwrap()
             .iter()
             .filter(|(t, p)| t.contains("/dfwatch_e2e/cam_") && p.contains("\"unique_id\""))
             .count()
-            >= 3
+            >= 4
     })
     .await;
+    let available = got
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(t, _)| t.ends_with("/streams/cam/availability"))
+        .map(|(_, p)| p.clone());
+    assert_eq!(available.as_deref(), Some("online"));
+    let events = on_topic(&got, "/streams/cam/event");
+    let first_new = on_topic(&got, "/alerts")
+        .into_iter()
+        .find(|a| a["type"] == "new")
+        .unwrap();
+    let ev = events
+        .iter()
+        .find(|e| e["event_type"] == "new")
+        .unwrap_or_else(|| panic!("no alert event entity message: {events:?}"));
+    assert_eq!(ev["alert_id"], first_new["alert_id"]);
+    assert_eq!(
+        ev["explanation"], first_new["explanation"]["sentence"],
+        "{ev}"
+    );
     // The webhook's URL path (often a secret) is not in the log or the metrics.
     assert!(!daemon.log().contains("secret-path"));
     let text = metrics(port);
@@ -291,6 +314,74 @@ async fn a_real_face_is_scored_and_stays_silent() {
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(SECS(15)).0, Some(0));
     drop(server);
+}
+
+/// The hostile review's ghost: a stream added through the API turns fake, the daemon is
+/// SIGKILLed and started again without it (API streams are runtime-only). Afterwards the
+/// persistent broker holds nothing of it (no Home Assistant config, verdict, status or
+/// availability), and the config stream's availability is not the dead run's `online` until
+/// it is online again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_gone_with_a_killed_daemon_leaves_no_ghost_entities_after_the_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = Broker::new(tmp.path());
+    broker.start().await;
+    let (s, clip) = setup(&stream_toml("cam", "{clip}"), &broker.url(), 8.0, 10);
+    let server = serve_clip(&clip, 0);
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("[mqtt]\n", "[mqtt]\nhomeassistant = true\n");
+    std::fs::write(&s.config, text).unwrap();
+    let port = s.http_port;
+    let mut daemon = Daemon::start(&s.config, s.dir.path(), &[]);
+    let got = subscriber(broker.port, "ghost-watch");
+    wait_until("/readyz ready", SECS(60), || {
+        http(port, "GET", "/readyz", None, "").0 == 200
+    })
+    .await;
+    let body = format!(r#"{{"id":"guest","uri":"{}"}}"#, server.url());
+    assert_eq!(
+        http(port, "POST", "/api/streams", Some(TOKEN), &body).0,
+        201
+    );
+    wait_until("the guest stream's verdict fake", SECS(90), || {
+        on_topic(&got, "/streams/guest/verdict")
+            .last()
+            .is_some_and(|v| v["verdict"] == "fake")
+    })
+    .await;
+    daemon.signal("KILL");
+    daemon.wait_exit(SECS(10));
+    let _daemon = Daemon::start(&s.config, s.dir.path(), &[]);
+    wait_until("the node online again", SECS(60), || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t == "dfwatch/e2e/status")
+            .last()
+            .is_some_and(|(_, p)| p == "online")
+            && http(port, "GET", "/readyz", None, "").0 == 200
+    })
+    .await;
+    tokio::time::sleep(SECS(1)).await;
+    // What a client arriving now finds retained.
+    let fresh = subscriber_on(broker.port, "ghost-fresh", "#");
+    tokio::time::sleep(SECS(2)).await;
+    let ghosts: Vec<String> = fresh
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, p)| t.contains("guest") && !p.is_empty())
+        .map(|(t, _)| t.clone())
+        .collect();
+    assert!(ghosts.is_empty(), "left behind: {ghosts:?}");
+    // The config stream is back, with this run's verdict, never the dead run's fake as if
+    // judged: it starts unknown.
+    let verdicts = on_topic(&got, "/streams/cam/verdict");
+    assert!(
+        verdicts.iter().any(|v| v["verdict"] == "unknown"),
+        "{verdicts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

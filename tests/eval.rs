@@ -445,6 +445,7 @@ fn false_alarms_in_the_event_store_become_a_list_eval_reads() {
             max_age: std::time::Duration::from_secs(3600),
             max_events: 100,
             max_media_bytes: 1 << 20,
+            ..Limits::default()
         };
         let (mut db, _) = Db::open(&store, limits).unwrap();
         let t = std::time::SystemTime::now();

@@ -505,7 +505,41 @@ uri = "rtsp://127.0.0.1:1/x?access_token={CANARY_QUERY}&apikey={CANARY_QUERY}"
         assert!(out.starts_with("HTTP/1.1 401"), "{out}");
     }
     api_bodies.push(request(port, "GET", "/api/events", Some(&auth), b"").1);
-    tried += 20;
+    tried += 22;
+
+    // Long answers are bounded per client: a fifth live subscriber from one address ends the
+    // oldest (its page would reconnect), and a second export from one address is refused.
+    {
+        use std::io::{Read, Write};
+        let open = |path: &str| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(SECS(10))).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+            )
+            .unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).unwrap();
+            (s, String::from_utf8_lossy(&head).into_owned())
+        };
+        let mut subscribers: Vec<_> = (0..5).map(|_| open("/api/events/stream")).collect();
+        for (_, head) in &subscribers {
+            assert!(head.ends_with("200"), "{head}");
+        }
+        // The oldest was ended: its stream closes (after whatever it had been sent).
+        let (first, _) = &mut subscribers[0];
+        let mut rest = Vec::new();
+        let closed = first.read_to_end(&mut rest).is_ok();
+        assert!(closed, "the oldest subscriber of the client was not ended");
+        let text = metrics(port);
+        assert!(
+            metric(&text, "dfwatch_events_subscribers_evicted_total").unwrap() >= 1.0,
+            "{text}"
+        );
+        drop(subscribers);
+    }
+    tried += 1;
 
     // Nobody locks the operator out by sending nothing: header-less writes (any local
     // process) and another site's fetches from the operator's browser are refused without

@@ -25,6 +25,7 @@ fn seed_history(state: &std::path::Path, n: u32) -> Vec<String> {
         max_age: SECS(30 * 24 * 3600),
         max_events: 1000,
         max_media_bytes: 1 << 30,
+        ..Limits::default()
     };
     let (mut db, _) = Db::open(&state.join("events.db"), limits).unwrap();
     let at = SystemTime::now() - SECS(3600);

@@ -22,9 +22,11 @@ use serde::Serialize;
 
 /// Schema version in `meta`; a database from a newer dfwatch is moved aside.
 pub const SCHEMA_VERSION: i64 = 1;
-/// Updates kept per alert (the new and end events are always kept): a long alert keeps its
-/// latest updates.
-pub const MAX_UPDATES_PER_EVENT: i64 = 256;
+/// The most `events.max_updates` may be: updates kept per alert (the new and end events are
+/// always kept), so a long alert keeps its latest updates.
+pub const MAX_UPDATES_PER_EVENT: u64 = 256;
+/// Events deleted at a time while the database is over `events.max_db_bytes`.
+const SIZE_CHUNK: u64 = 16;
 /// Largest page of `list`.
 pub const MAX_PAGE: usize = 500;
 /// Events deleted in one transaction by retention.
@@ -38,6 +40,18 @@ pub struct Limits {
     pub max_age: Duration,
     pub max_events: u64,
     pub max_media_bytes: u64,
+    /// The database's own pages (rows and media; the WAL aside) at most: the oldest events
+    /// go first, so it never stays past this for longer than one write.
+    pub max_db_bytes: u64,
+    /// Updates kept per event (the newest), beside its new and end.
+    pub max_updates: u64,
+}
+
+impl Default for Limits {
+    /// `[events]`'s defaults.
+    fn default() -> Self {
+        crate::events::EventsConfig::default().limits()
+    }
 }
 
 /// What the bounds removed since the database was opened.
@@ -53,6 +67,8 @@ pub struct Pruned {
     pub media_too_large: u64,
     /// Old updates of long alerts removed.
     pub updates: u64,
+    /// Events removed to keep the database within `max_db_bytes`.
+    pub size: u64,
 }
 
 /// One step of an alert's lifecycle.
@@ -346,6 +362,8 @@ impl Db {
                 max_age: Duration::MAX,
                 max_events: u64::MAX,
                 max_media_bytes: u64::MAX,
+                max_db_bytes: u64::MAX,
+                max_updates: MAX_UPDATES_PER_EVENT,
             },
             media_bytes: 0,
             events: 0,
@@ -506,7 +524,10 @@ impl Db {
                 "DELETE FROM lifecycle WHERE id IN (
                     SELECT id FROM lifecycle WHERE alert_id = ?1 AND change = 'update'
                     ORDER BY id DESC LIMIT -1 OFFSET ?2)",
-                params![r.alert_id, MAX_UPDATES_PER_EVENT],
+                params![
+                    r.alert_id,
+                    i64::try_from(self.limits.max_updates).unwrap_or(i64::MAX)
+                ],
             )?;
         }
         tx.commit()?;
@@ -519,6 +540,7 @@ impl Db {
                 self.pruned.count += n;
             }
         }
+        self.keep_size(Some(r.alert_id))?;
         self.get(r.alert_id)
     }
 
@@ -569,7 +591,45 @@ impl Db {
         if freed_any {
             self.give_back_pages()?;
         }
+        self.keep_size(Some(alert_id))?;
         Ok(true)
+    }
+
+    /// Bytes of the database's pages in use (its file less the free pages, the WAL aside).
+    pub fn db_bytes(&self) -> Result<u64, DbError> {
+        let pragma = |name: &str| -> Result<u64, DbError> {
+            let v: i64 = self
+                .conn
+                .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))?;
+            Ok(v.max(0) as u64)
+        };
+        let used = pragma("page_count")?.saturating_sub(pragma("freelist_count")?);
+        Ok(used.saturating_mul(pragma("page_size")?))
+    }
+
+    /// Removes the oldest events (all but `spare`, the one just written) while the database
+    /// is over `max_db_bytes`; counted, and the freed pages given back.
+    fn keep_size(&mut self, spare: Option<&str>) -> Result<(), DbError> {
+        let mut freed = false;
+        while self.db_bytes()? > self.limits.max_db_bytes {
+            let ids: Vec<String> = {
+                let mut st = self.conn.prepare(
+                    "SELECT alert_id FROM events WHERE ?1 IS NULL OR alert_id != ?1
+                     ORDER BY alert_id LIMIT ?2",
+                )?;
+                st.query_map(params![spare, SIZE_CHUNK as i64], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
+            };
+            if ids.is_empty() {
+                break;
+            }
+            self.pruned.size += self.delete_ids(&ids)?;
+            freed = true;
+        }
+        if freed {
+            self.give_back_pages()?;
+        }
+        Ok(())
     }
 
     /// Removes the media of the oldest events (all but `spare`'s) while the total, less
@@ -682,6 +742,8 @@ impl Db {
         if aged + counted > 0 {
             self.give_back_pages()?;
         }
+        // After the cap was lowered.
+        self.keep_size(None)?;
         Ok(aged + counted)
     }
 

@@ -48,6 +48,8 @@ pub const MAX_AGE_RANGE: std::ops::RangeInclusive<Duration> =
 pub const MAX_EVENTS_RANGE: std::ops::RangeInclusive<u64> = 10..=10_000_000;
 /// `max_media_bytes`: 1 MiB to 1 TiB.
 pub const MAX_MEDIA_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 40);
+/// `max_db_bytes`: 16 MiB to 2 TiB.
+pub const MAX_DB_RANGE: std::ops::RangeInclusive<u64> = (16 << 20)..=(2 << 40);
 /// `held_frames`.
 pub const HELD_FRAMES_RANGE: std::ops::RangeInclusive<u64> = 1..=1024;
 
@@ -67,6 +69,13 @@ pub struct EventsConfig {
     /// Bytes of evidence media kept at most; the media of the oldest events go first, so the
     /// total never passes it. 1 MiB to 1 TiB.
     pub max_media_bytes: u64,
+    /// Bytes the database itself may take (its pages in use: rows, lifecycles and media; the
+    /// write-ahead log aside): past it the oldest events go first. More than
+    /// `max_media_bytes`; 16 MiB to 2 TiB. Default 4 GiB.
+    pub max_db_bytes: u64,
+    /// Updates kept per event, the newest (its new and end are always kept): each is a
+    /// whole alert payload, about 2 KB. 0 to 256, default 32.
+    pub max_updates: u64,
     /// Frames the decision stage holds for snapshots (one per live track of a stream with
     /// `store_media`; a 1080p RGB frame is 6 MB). Tracks beyond it get no snapshot
     /// (counted). 1 to 1024.
@@ -80,6 +89,8 @@ impl Default for EventsConfig {
             max_age: Duration::from_secs(30 * 24 * 3600),
             max_events: 100_000,
             max_media_bytes: 1 << 30,
+            max_db_bytes: 4 << 30,
+            max_updates: 32,
             held_frames: 32,
         }
     }
@@ -91,6 +102,22 @@ impl EventsConfig {
         c.duration("max_age", self.max_age, MAX_AGE_RANGE);
         c.count("max_events", self.max_events, MAX_EVENTS_RANGE);
         c.count("max_media_bytes", self.max_media_bytes, MAX_MEDIA_RANGE);
+        c.count("max_db_bytes", self.max_db_bytes, MAX_DB_RANGE);
+        c.count(
+            "max_updates",
+            self.max_updates,
+            0..=db::MAX_UPDATES_PER_EVENT,
+        );
+        if self.max_db_bytes <= self.max_media_bytes {
+            c.error(
+                "max_db_bytes",
+                format!(
+                    "{} must be more than max_media_bytes ({}): the media are in the database, \
+                     beside the events' rows",
+                    self.max_db_bytes, self.max_media_bytes
+                ),
+            );
+        }
         c.count("held_frames", self.held_frames as u64, HELD_FRAMES_RANGE);
         if let Some(p) = &self.path
             && (p.as_os_str().is_empty() || p.file_name().is_none())
@@ -112,6 +139,8 @@ impl EventsConfig {
             max_age: self.max_age,
             max_events: self.max_events,
             max_media_bytes: self.max_media_bytes,
+            max_db_bytes: self.max_db_bytes,
+            max_updates: self.max_updates,
         }
     }
 }
@@ -176,6 +205,7 @@ pub struct StoreMetrics {
     pub pruned_media: AtomicU64,
     pub pruned_media_too_large: AtomicU64,
     pub pruned_updates: AtomicU64,
+    pub pruned_size: AtomicU64,
 }
 
 impl StoreMetrics {
@@ -406,6 +436,7 @@ impl Shared {
         m.pruned_media_too_large
             .store(p.media_too_large, Ordering::Relaxed);
         m.pruned_updates.store(p.updates, Ordering::Relaxed);
+        m.pruned_size.store(p.size, Ordering::Relaxed);
     }
 
     /// The writer thread: events in queue order, media drawn and encoded outside the lock,

@@ -121,3 +121,18 @@ fn frames_waiting_for_the_writer_are_bounded() {
     // Every event is stored all the same.
     assert_eq!(store.metrics().events.load(Ordering::Relaxed), 6);
 }
+
+/// A damaged database is moved aside and a fresh one started; the store says so for a while
+/// (`/readyz` lists it as degraded), and a healthy one says nothing.
+#[test]
+fn a_reset_is_reported_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let healthy = EventStore::open(&EventsConfig::default(), &dir.path().join("ok.db")).unwrap();
+    assert_eq!(healthy.metrics().recent_reset(), None);
+    let bad = dir.path().join("bad.db");
+    std::fs::write(&bad, vec![0x5a; 8192]).unwrap();
+    let store = EventStore::open(&EventsConfig::default(), &bad).unwrap();
+    assert_eq!(store.metrics().resets.get(), 1);
+    let why = store.metrics().recent_reset().expect("a recent reset");
+    assert!(why.contains("moved aside"), "{why}");
+}

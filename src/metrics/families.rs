@@ -554,7 +554,7 @@ pub fn render(n: &NodeSample<'_>) -> String {
     e.family(
         "dfwatch_events_pruned_total",
         "counter",
-        "What the event store's bounds removed: age (events past events.max_age), count (events past events.max_events), media (snapshots and crops of the oldest events, for events.max_media_bytes), too_large (one item larger than the cap), updates (old updates of long alerts).",
+        "What the event store's bounds removed: age (events past events.max_age), count (events past events.max_events), media (snapshots and crops of the oldest events, for events.max_media_bytes), too_large (one item larger than the cap), updates (old updates of long alerts, past events.max_updates), size (the oldest events, for events.max_db_bytes).",
     );
     for (reason, a) in [
         ("age", &ev.pruned_age),
@@ -562,6 +562,7 @@ pub fn render(n: &NodeSample<'_>) -> String {
         ("media", &ev.pruned_media),
         ("too_large", &ev.pruned_media_too_large),
         ("updates", &ev.pruned_updates),
+        ("size", &ev.pruned_size),
     ] {
         e.sample(
             "dfwatch_events_pruned_total",

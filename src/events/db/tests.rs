@@ -5,6 +5,7 @@ fn limits() -> Limits {
         max_age: Duration::from_secs(3600),
         max_events: 1000,
         max_media_bytes: 10_000,
+        ..Limits::default()
     }
 }
 
@@ -254,16 +255,62 @@ fn a_long_alert_keeps_its_latest_updates() {
     let dir = tempfile::tempdir().unwrap();
     let (mut db, _) = Db::open(&dir.path().join("e.db"), limits()).unwrap();
     let t = SystemTime::now();
+    let keep = limits().max_updates;
+    assert_eq!(keep, 32, "the default bound on rows per event");
     record(&mut db, 1, Change::New, "cam", t);
-    for _ in 0..(MAX_UPDATES_PER_EVENT + 10) {
+    for _ in 0..(keep + 10) {
         record(&mut db, 1, Change::Update, "cam", t);
     }
     record(&mut db, 1, Change::End, "cam", t);
     let steps = db.lifecycle(&id(1)).unwrap();
-    assert_eq!(steps.len() as i64, MAX_UPDATES_PER_EVENT + 2);
+    assert_eq!(steps.len() as u64, keep + 2);
     assert_eq!(steps.first().unwrap().0, "new");
     assert_eq!(steps.last().unwrap().0, "end");
     assert_eq!(db.pruned.updates, 10);
+}
+
+/// The database's own size is capped like the media: 2000 events with big lifecycles in a
+/// 16 MiB cap never leave it over the cap after a write, the oldest events going first
+/// (counted), the newest kept.
+#[test]
+fn the_database_never_stays_past_its_size_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 16u64 << 20;
+    let limits = Limits {
+        max_events: 1_000_000,
+        max_media_bytes: 1 << 20,
+        max_db_bytes: cap,
+        ..limits()
+    };
+    let (mut db, _) = Db::open(&dir.path().join("e.db"), limits).unwrap();
+    let t = SystemTime::now();
+    let big = "x".repeat(4000);
+    for n in 0..2000u32 {
+        let p = serde_json::to_vec(&serde_json::json!({
+            "alert_id": id(n), "type": "new", "verdict": "fake", "score": 0.9,
+            "explanation": {"sentence": big},
+        }))
+        .unwrap();
+        for change in [Change::New, Change::Update, Change::End] {
+            db.record(&Record {
+                alert_id: &id(n),
+                change,
+                stream: "cam",
+                track: 1,
+                at: t,
+                payload: &p,
+            })
+            .unwrap();
+        }
+        assert!(
+            db.db_bytes().unwrap() <= cap,
+            "over the cap after event {n}"
+        );
+    }
+    assert!(db.pruned.size > 0, "the cap removed events");
+    assert!(db.get(&id(1999)).unwrap().is_some(), "the newest is kept");
+    assert!(db.get(&id(0)).unwrap().is_none(), "the oldest went first");
+    assert_eq!(db.events() + db.pruned.size, 2000);
 }
 
 #[test]
