@@ -1,7 +1,9 @@
 //! Bounded channels with a named policy for when they are full, usable from threads and from
 //! async code alike, counting every item they drop by reason.
 //!
-//! Every edge between stages is one of these (DESIGN.md "Channels"):
+//! Every edge between stages that carries frames, faces or embeddings is one of these
+//! (docs/src/architecture.md); the publisher's requests go over a tokio `mpsc` (async callers
+//! wait for room) and the event store's over a std `sync_channel` (its writer is a thread):
 //!
 //! | policy | when full | use it where |
 //! |---|---|---|

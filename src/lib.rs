@@ -1,9 +1,12 @@
 //! dfwatch: watches live video for DeepFake faces and raises explained alerts.
 //!
-//! Data flows one way through bounded channels (see DESIGN.md):
+//! Data flows one way through bounded channels (docs/src/architecture.md):
 //! ingest -> detect + track -> crop -> encode -> score -> evidence -> publish.
-//! Stages share only [`types`] and [`channel`]; [`app`] is the only module that knows the
-//! whole graph.
+//! Stages meet through [`types`] and [`channel`]; two compose the leaf modules they are made
+//! of by design (the face stage: detect, track, crop; the decision stage: evidence, score, and
+//! it hands its outputs to the publisher and the event store). [`app`] is the only module that
+//! knows the whole graph. No two files import each other around a circle
+//! (`tools/import_cycles.py`, run by CI).
 
 pub mod app;
 pub mod backoff;

@@ -1,7 +1,9 @@
 //! Shared types that flow between stages.
 //!
-//! Stages never import each other: they exchange only the types in this file, over the channels
-//! of [`crate::channel`]. No GStreamer, ONNX Runtime or CUDA type appears here.
+//! Stages exchange the types in this file over the channels of [`crate::channel`]; a stage
+//! imports another only where it is made of it by design (the face stage of detect, track
+//! and crop; the decision stage of evidence and score). No GStreamer, ONNX Runtime or CUDA
+//! type appears here.
 //!
 //! Stability: later stages add their own types beside these; the fields below are a contract and
 //! change only with a note to every stage that reads them.

@@ -357,8 +357,8 @@ async fn a_stream_gone_with_a_killed_daemon_leaves_no_ghost_entities_after_the_r
         got.lock()
             .unwrap()
             .iter()
-            .filter(|(t, _)| t == "dfwatch/e2e/status")
-            .last()
+            .rev()
+            .find(|(t, _)| t == "dfwatch/e2e/status")
             .is_some_and(|(_, p)| p == "online")
             && http(port, "GET", "/readyz", None, "").0 == 200
     })

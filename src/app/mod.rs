@@ -24,7 +24,6 @@
 //! new model bundle is loaded and checked first, then swapped in: the encoder thread is
 //! replaced and every open evidence window ends (`model_swapped`).
 
-pub mod state;
 pub mod systemd;
 
 use std::collections::BTreeMap;
@@ -37,7 +36,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use state::{AppState, Command, CommandError, ReloadReport, StreamView};
+use crate::http::state::{AppState, Command, CommandError, ReloadReport, StreamView};
 
 use crate::channel::{Receiver, Sender};
 use crate::config::Config;
@@ -129,7 +128,7 @@ pub fn load_model(dir: &Path, choice: EngineChoice) -> anyhow::Result<LoadedMode
     let bundle = ModelBundle::load(dir).with_context(|| {
         format!(
             "model bundle {} (make one with `tools/model.py synth` or import a checkpoint: see \
-             the README)",
+             docs/src/models.md)",
             dir.display()
         )
     })?;
@@ -210,7 +209,7 @@ fn announce_untrained(model: &ModelInfo) {
         tracing::warn!(
             model = %model.name,
             "The model bundle is SYNTHETIC (untrained): its scores mean nothing and every alert \
-             says trained=false. Import the SJEDD checkpoint for real detection (README)."
+             says trained=false. Import the SJEDD checkpoint for real detection (docs/src/models.md)."
         );
     }
 }
@@ -600,7 +599,9 @@ impl Daemon {
                 trusted_proxies: config.http.trusted_proxies.clone(),
             },
             guard: Default::default(),
-            connections: crate::http::Connections::new(crate::http::Limits::of(&config.http)),
+            connections: Arc::new(crate::http::Connections::new(crate::http::Limits::of(
+                &config.http,
+            ))),
             subscribers: crate::http::events::subscriber_places(),
             exports: crate::http::events::export_places(),
             encode_queue: encode_stats,

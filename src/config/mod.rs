@@ -143,7 +143,7 @@ impl Config {
                     "model.bundle",
                     format!(
                         "{}: no model bundle there (no manifest.toml); make a synthetic one with \
-                         `tools/model.py synth` or import a checkpoint (see the README, Models)",
+                         `tools/model.py synth` or import a checkpoint (see docs/src/models.md)",
                         dir.display()
                     ),
                 )));

@@ -9,8 +9,8 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::backend::{FaceDevice, Tower};
 use super::crop::{CropParams, kernel_maps};
+use super::face::{FaceDevice, Tower};
 use super::vit::cuda::CudaEngine;
 use super::vit::{Act, EngineError, Plan, VitShape};
 use crate::crop::align::Affine;

@@ -18,6 +18,7 @@ pub mod backend;
 pub mod crop;
 #[cfg(feature = "cuda")]
 pub mod device;
+pub mod face;
 pub mod vit;
 
 /// The CUDA C++ kernels, compiled at run time by NVRTC (no CUDA toolkit needed to build).

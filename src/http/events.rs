@@ -33,8 +33,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::state::AppState;
 use super::{guard, places};
-use crate::app::state::AppState;
 use crate::events::{DbError, Filter, MediaKind, Review, db::MAX_PAGE};
 
 /// Live subscribers at once (each holds a connection), and for one client address; a new

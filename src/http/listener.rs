@@ -28,7 +28,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::state::AppState;
 use crate::metrics::Counter;
 
 /// How long connections in flight may take to finish once the daemon stops.
@@ -144,15 +143,15 @@ impl Drop for OpenGuard<'_> {
 /// Middleware: a request that takes longer than `request_timeout` (reading its body
 /// included) is answered 408.
 pub async fn request_deadline(
-    State(state): State<Arc<AppState>>,
+    State(conns): State<Arc<Connections>>,
     req: Request,
     next: Next,
 ) -> Response {
-    let limit = state.connections.limits.request_timeout;
+    let limit = conns.limits.request_timeout;
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => {
-            state.connections.request_timeouts.inc();
+            conns.request_timeouts.inc();
             (
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
@@ -169,7 +168,7 @@ pub async fn request_deadline(
 pub async fn accept_loop(
     listener: TcpListener,
     app: Router,
-    state: Arc<AppState>,
+    conns: Arc<Connections>,
     cancel: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -184,7 +183,7 @@ pub async fn accept_loop(
             Err(e) => {
                 // Out of descriptors or memory: say so at most every 10 s, back off a little
                 // rather than spin, and keep serving.
-                state.connections.accept_errors.inc();
+                conns.accept_errors.inc();
                 let now = tokio::time::Instant::now();
                 if now >= quiet_until {
                     tracing::warn!(error = %e, "HTTP listener: accept failed.");
@@ -194,13 +193,13 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        state.connections.accepted.inc();
-        let (id, close) = state.connections.admit();
+        conns.accepted.inc();
+        let (id, close) = conns.admit();
         tracker.spawn(connection(
             stream,
             peer,
             app.clone(),
-            state.clone(),
+            conns.clone(),
             (id, close),
             cancel.clone(),
         ));
@@ -219,11 +218,10 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     app: Router,
-    state: Arc<AppState>,
+    conns: Arc<Connections>,
     (id, close): (u64, CancellationToken),
     stop: CancellationToken,
 ) {
-    let conns = &state.connections;
     let _open = OpenGuard::new(&conns.open);
     let _ = stream.set_nodelay(true);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {

@@ -24,9 +24,11 @@ pub mod config;
 pub mod events;
 pub mod guard;
 pub mod listener;
+pub mod metrics;
 pub mod page;
 pub mod places;
 pub mod session;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,8 +48,8 @@ pub use config::{HttpConfig, ReadAuth};
 pub use guard::{ApiPolicy, Guard};
 pub use listener::{Connections, Limits};
 
-use crate::app::state::{AppState, Command, CommandError};
 use crate::ingest::StreamConfig;
+use state::{AppState, Command, CommandError};
 
 /// Largest request body read.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -511,7 +513,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::map_response(no_sniff))
         .layer(from_fn_with_state(state.clone(), require_local_host))
         .layer(from_fn_with_state(
-            state.clone(),
+            state.connections.clone(),
             listener::request_deadline,
         ))
         .with_state(state)
@@ -530,7 +532,12 @@ pub async fn serve(
         .with_context(|| format!("http.listen: cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let app = router(state.clone());
-    let task = tokio::spawn(listener::accept_loop(listener, app, state, cancel));
+    let task = tokio::spawn(listener::accept_loop(
+        listener,
+        app,
+        state.connections.clone(),
+        cancel,
+    ));
     Ok((addr, task))
 }
 

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use url::Url;
 
-use super::config::CredentialsConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::validation::{Checker, ConfigError};
 
 /// Schemes a stream URI may use.
 pub const SUPPORTED_SCHEMES: &[&str] = &["rtsp", "rtsps", "srt", "http", "https", "file", "v4l2"];
@@ -444,6 +446,52 @@ fn scrub_uri_rest(uri: &str, out: &mut String) {
         }
     }
     out.push_str(fragment);
+}
+
+/// Where a stream's login comes from. Secrets are never written in the config file itself:
+/// they come from an environment variable or a file (e.g. a systemd credential), read each
+/// time the stream connects, so a rotated secret is picked up on the next reconnect.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// User name written here (not secret by itself).
+    pub username: Option<String>,
+    /// Environment variable holding the user name.
+    pub username_env: Option<String>,
+    /// Environment variable holding the password (RTSP, HTTP) or passphrase (SRT).
+    pub password_env: Option<String>,
+    /// File holding the password or passphrase (trailing newline ignored).
+    pub password_file: Option<std::path::PathBuf>,
+    /// Refused: present only to explain that inline passwords are not accepted.
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+}
+
+impl CredentialsConfig {
+    pub(crate) fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        if self.password.is_some() {
+            errors.push(ConfigError::new(
+                format!("{path}.password"),
+                "inline passwords are refused (config files get copied, logged and committed); \
+                 use password_env or password_file",
+            ));
+        }
+        if self.password_env.is_some() && self.password_file.is_some() {
+            errors.push(ConfigError::new(
+                path,
+                "set one of password_env and password_file, not both",
+            ));
+        }
+        if self.username.is_some() && self.username_env.is_some() {
+            errors.push(ConfigError::new(
+                path,
+                "set one of username and username_env, not both",
+            ));
+        }
+        let mut c = Checker::new(path, errors);
+        c.env_name("username_env", self.username_env.as_deref());
+        c.env_name("password_env", self.password_env.as_deref());
+    }
 }
 
 #[cfg(test)]

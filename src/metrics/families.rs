@@ -27,29 +27,16 @@ pub struct NodeSample<'a> {
     pub analysis: &'a AnalysisMetrics,
     pub encode_queue_len: usize,
     pub publisher: PublisherStats,
-    /// API requests refused for their token, refused by the throttle, and failing clients
-    /// forgotten because the throttle's book was full.
-    pub api_auth_failures: u64,
-    pub api_throttled: u64,
-    pub api_clients_forgotten: u64,
-    /// The HTTP listener's connections and what its bounds cost.
-    pub http: &'a crate::http::Connections,
-    /// Live subscribers of the events stream and running exports, and what their bounds cost.
-    pub subscribers: &'a crate::http::places::Places,
-    pub exports: &'a crate::http::places::Places,
     pub publisher_restarts: u64,
     /// Each webhook's counters.
     pub webhooks: Vec<crate::publish::mqtt::WebhookStats>,
     /// The event store's counters and gauges.
     pub events: &'a crate::events::StoreMetrics,
-    /// Browser sessions now, and those ended early by the sessions' bound.
-    pub sessions: usize,
-    pub sessions_evicted: u64,
 }
 
-/// Every family, in the Prometheus text format.
-pub fn render(n: &NodeSample<'_>) -> String {
-    let mut e = Exposition::new();
+/// Every family of the node's stages, added to `e` (the HTTP surface adds its own:
+/// `http::metrics`).
+pub fn render(e: &mut Exposition, n: &NodeSample<'_>) {
     let model = n.model;
     e.family(
         "dfwatch_build_info",
@@ -373,46 +360,6 @@ pub fn render(n: &NodeSample<'_>) -> String {
             "Damaged bytes skipped when the spool was replayed at start (intact records around them were recovered).",
             sp.damaged_bytes_skipped,
         ),
-        (
-            "dfwatch_api_auth_failures_total",
-            "API requests refused for a missing or wrong token.",
-            n.api_auth_failures,
-        ),
-        (
-            "dfwatch_api_throttled_total",
-            "API requests refused because their client failed the token too often.",
-            n.api_throttled,
-        ),
-        (
-            "dfwatch_api_clients_forgotten_total",
-            "Failing API clients forgotten because the throttle's book was full.",
-            n.api_clients_forgotten,
-        ),
-        (
-            "dfwatch_http_connections_accepted_total",
-            "HTTP connections accepted.",
-            n.http.accepted.get(),
-        ),
-        (
-            "dfwatch_http_connections_evicted_total",
-            "HTTP connections closed to make room at http.max_connections (the oldest first).",
-            n.http.evicted.get(),
-        ),
-        (
-            "dfwatch_http_header_timeouts_total",
-            "HTTP connections closed because a request head took longer than http.header_timeout (or the connection sat idle that long).",
-            n.http.header_timeouts.get(),
-        ),
-        (
-            "dfwatch_http_request_timeouts_total",
-            "HTTP requests answered 408 for taking longer than http.request_timeout.",
-            n.http.request_timeouts.get(),
-        ),
-        (
-            "dfwatch_http_accept_errors_total",
-            "Failed accepts on the HTTP listener (out of file descriptors, say).",
-            n.http.accept_errors.get(),
-        ),
     ] {
         e.family(name, "counter", help).sample(name, &[], v as f64);
     }
@@ -507,46 +454,10 @@ pub fn render(n: &NodeSample<'_>) -> String {
             load(&ev.media_bytes),
         ),
         (
-            "dfwatch_events_subscribers",
-            "gauge",
-            "Live subscribers of /api/events/stream.",
-            load(&n.subscribers.held),
-        ),
-        (
-            "dfwatch_events_subscribers_evicted_total",
-            "counter",
-            "Subscribers of /api/events/stream ended to make room for newer ones (in all, or of one client).",
-            n.subscribers.evicted.get() as f64,
-        ),
-        (
-            "dfwatch_events_exports_refused_total",
-            "counter",
-            "Exports of /api/events/export refused because the most were running (in all, or for one client).",
-            n.exports.refused.get() as f64,
-        ),
-        (
-            "dfwatch_http_bodies_stalled_total",
-            "counter",
-            "Long answers (events stream, exports) abandoned because the client stopped reading them.",
-            (n.subscribers.stalled.get() + n.exports.stalled.get()) as f64,
-        ),
-        (
             "dfwatch_events_held_frames",
             "gauge",
             "Frames the decision stage holds for snapshots (at most events.held_frames).",
             load(&n.analysis.held_frames),
-        ),
-        (
-            "dfwatch_api_sessions",
-            "gauge",
-            "Browser sessions (POST /api/session) live now.",
-            n.sessions as f64,
-        ),
-        (
-            "dfwatch_api_sessions_evicted_total",
-            "counter",
-            "Browser sessions ended early to stay within the sessions' bound.",
-            n.sessions_evicted as f64,
         ),
     ] {
         e.family(name, kind, help).sample(name, &[], v);
@@ -586,15 +497,4 @@ pub fn render(n: &NodeSample<'_>) -> String {
             v as f64,
         );
     }
-    e.family(
-        "dfwatch_http_connections",
-        "gauge",
-        "HTTP connections open now (at most http.max_connections).",
-    )
-    .sample(
-        "dfwatch_http_connections",
-        &[],
-        n.http.open.load(Ordering::Relaxed) as f64,
-    );
-    e.finish()
 }

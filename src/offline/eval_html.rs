@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::eval::{EvalReport, LevelMetrics};
+use super::eval_report::{EvalReport, LevelMetrics};
 use super::metrics::Estimate;
 
 /// Rows of the per-file table shown (the JSON report has them all).

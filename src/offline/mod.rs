@@ -15,6 +15,7 @@ pub mod calibrate;
 pub mod eval;
 #[cfg(feature = "gstreamer")]
 pub mod eval_html;
+pub mod eval_report;
 pub mod false_alarms;
 pub mod metrics;
 pub mod score_images;

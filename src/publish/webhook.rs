@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::mqtt::PublishError;
 use super::spool::EntryKind;
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::types::check_id;
@@ -34,6 +33,14 @@ pub const TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
 pub const MAX_OWED_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 /// Webhooks at most.
 pub const MAX_WEBHOOKS: usize = 16;
+
+/// Why a webhook cannot be prepared (its token, CA file or URL): named by its config key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct WebhookError {
+    pub field: String,
+    pub reason: String,
+}
 
 /// One `[[webhooks]]` entry.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -277,21 +284,21 @@ impl std::fmt::Debug for Webhook {
 impl Webhook {
     /// Resolves the token and TLS roots (relative files against `base_dir`). Fails on what
     /// the daemon cannot start with: a missing variable, an unreadable file, a bad CA.
-    pub fn prepare(cfg: &WebhookConfig, base_dir: &Path) -> Result<Webhook, PublishError> {
+    pub fn prepare(cfg: &WebhookConfig, base_dir: &Path) -> Result<Webhook, WebhookError> {
         let field = |f: &str| format!("webhooks.{}.{f}", cfg.name);
-        let url = WebhookUrl::parse(&cfg.url).map_err(|e| PublishError::Webhook {
+        let url = WebhookUrl::parse(&cfg.url).map_err(|e| WebhookError {
             field: field("url"),
             reason: e,
         })?;
         let bearer = match (&cfg.bearer_env, &cfg.bearer_file) {
-            (Some(var), _) => Some(std::env::var(var).map_err(|_| PublishError::Webhook {
+            (Some(var), _) => Some(std::env::var(var).map_err(|_| WebhookError {
                 field: field("bearer_env"),
                 reason: format!("environment variable {var} is not set"),
             })?),
             (None, Some(p)) => {
                 let p = crate::files::resolve(base_dir, p);
                 Some(
-                    crate::files::read_secret_file(&p).map_err(|e| PublishError::Webhook {
+                    crate::files::read_secret_file(&p).map_err(|e| WebhookError {
                         field: field("bearer_file"),
                         reason: format!("cannot read {}: {e}", p.display()),
                     })?,
@@ -303,7 +310,7 @@ impl Webhook {
             && (b.is_empty()
                 || hyper::header::HeaderValue::from_str(&format!("Bearer {b}")).is_err())
         {
-            return Err(PublishError::Webhook {
+            return Err(WebhookError {
                 field: field(if cfg.bearer_env.is_some() {
                     "bearer_env"
                 } else {
@@ -323,7 +330,7 @@ impl Webhook {
                 let _ = roots.add(cert);
             }
             if roots.is_empty() && cfg.ca_file.is_none() {
-                return Err(PublishError::Webhook {
+                return Err(WebhookError {
                     field: field("url"),
                     reason: "https:// needs CA certificates: the system has none (install \
                              ca-certificates) and no ca_file is set"
@@ -333,25 +340,25 @@ impl Webhook {
             if let Some(p) = &cfg.ca_file {
                 let p = crate::files::resolve(base_dir, p);
                 let pem = crate::files::read_capped(&p, 1 << 20, crate::files::Links::Follow)
-                    .map_err(|e| PublishError::Webhook {
+                    .map_err(|e| WebhookError {
                         field: field("ca_file"),
                         reason: format!("cannot read {}: {e}", p.display()),
                     })?;
                 let mut added = 0;
                 use rustls::pki_types::pem::PemObject;
                 for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| PublishError::Webhook {
+                    let cert = cert.map_err(|e| WebhookError {
                         field: field("ca_file"),
                         reason: format!("{}: {e}", p.display()),
                     })?;
-                    roots.add(cert).map_err(|e| PublishError::Webhook {
+                    roots.add(cert).map_err(|e| WebhookError {
                         field: field("ca_file"),
                         reason: format!("{}: {e}", p.display()),
                     })?;
                     added += 1;
                 }
                 if added == 0 {
-                    return Err(PublishError::Webhook {
+                    return Err(WebhookError {
                         field: field("ca_file"),
                         reason: format!("{}: no PEM certificate in it", p.display()),
                     });

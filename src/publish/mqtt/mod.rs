@@ -62,8 +62,8 @@ pub enum PublishError {
     Spool { path: String, reason: String },
     #[error("the publisher has stopped")]
     Stopped,
-    #[error("{field}: {reason}")]
-    Webhook { field: String, reason: String },
+    #[error(transparent)]
+    Webhook(#[from] crate::publish::webhook::WebhookError),
 }
 
 enum Request {

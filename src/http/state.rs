@@ -1,5 +1,6 @@
-//! What the daemon shares with its HTTP surface: stream views, counters, model and publisher,
-//! and the command queue into the supervisor loop (add, remove, reload).
+//! What the daemon shares with its HTTP surface, owned here: stream views, counters, model
+//! and publisher, the HTTP surface's own parts (guard, listener bounds, places, sessions), and
+//! the command queue into the supervisor loop (add, remove, reload), which `app` serves.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -124,22 +125,22 @@ pub struct AppState {
     /// Alert history and evidence media (`/api/events`, `/api/alerts`).
     pub events: crate::events::EventStore,
     /// Browser sessions from `POST /api/session` (reads only, e.g. the SSE endpoint).
-    pub sessions: crate::http::session::Sessions,
+    pub sessions: super::session::Sessions,
     /// Each stream's latest verdict summary (as on `.../streams/<id>/verdict`).
     pub verdicts: Arc<crate::decide::VerdictBoard>,
     pub analysis: Arc<AnalysisMetrics>,
     pub streams: RwLock<BTreeMap<StreamId, StreamView>>,
     pub commands: mpsc::Sender<Command>,
     /// What API callers may do (token, schemes, credential sets, limits).
-    pub api: crate::http::ApiPolicy,
+    pub api: super::guard::ApiPolicy,
     /// Failed-attempt throttle and its counters.
-    pub guard: crate::http::Guard,
+    pub guard: super::guard::Guard,
     /// The HTTP listener's bounds and their counters.
-    pub connections: crate::http::Connections,
+    pub connections: Arc<super::listener::Connections>,
     /// Live subscribers of `/api/events/stream` and running exports: bounded in all and
-    /// per client ([`crate::http::places`]).
-    pub subscribers: Arc<crate::http::places::Places>,
-    pub exports: Arc<crate::http::places::Places>,
+    /// per client ([`super::places`]).
+    pub subscribers: Arc<super::places::Places>,
+    pub exports: Arc<super::places::Places>,
     pub encode_queue: Box<dyn Fn() -> ChannelStats + Send + Sync>,
 }
 
@@ -243,18 +244,22 @@ impl AppState {
             analysis: &self.analysis,
             encode_queue_len: (self.encode_queue)().len,
             publisher: self.publisher.stats(),
-            api_auth_failures: self.guard.auth_failures.get(),
-            api_throttled: self.guard.throttled.get(),
-            api_clients_forgotten: self.guard.forgotten.get(),
-            http: &self.connections,
-            subscribers: &self.subscribers,
-            exports: &self.exports,
             publisher_restarts: self.publisher.restarts().count(),
             webhooks: self.publisher.webhook_stats(),
             events: self.events.metrics(),
-            sessions: self.sessions.len(),
-            sessions_evicted: self.sessions.evicted.get(),
         };
-        crate::metrics::families::render(&sample)
+        let mut e = crate::metrics::Exposition::new();
+        crate::metrics::families::render(&mut e, &sample);
+        super::metrics::render(
+            &mut e,
+            &super::metrics::HttpSample {
+                guard: &self.guard,
+                connections: &self.connections,
+                subscribers: &self.subscribers,
+                exports: &self.exports,
+                sessions: &self.sessions,
+            },
+        );
+        e.finish()
     }
 }
