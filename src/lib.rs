@@ -31,6 +31,7 @@ pub mod onnx;
 pub mod preflight;
 pub mod progress;
 pub mod publish;
+pub mod runtime;
 pub mod score;
 pub mod telemetry;
 pub mod track;

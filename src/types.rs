@@ -27,6 +27,32 @@ pub fn state_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| std::path::PathBuf::from("var/state"))
 }
 
+/// What an alert event is: its first (`new`), a later `update`, or its `end`. The one kind
+/// enum: the decision stage's events carry it (`evidence::AlertKind::change`), the spool orders
+/// its drops by it, webhooks filter on it, the event store records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertChange {
+    /// The first event of an alert.
+    New,
+    /// A later `update`: may be coalesced or dropped first.
+    Update,
+    /// The alert's `end`.
+    End,
+}
+
+impl AlertChange {
+    /// `new`, `update` or `end`: the alert's `type`, the webhook's `events`, the spool's and
+    /// the event store's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertChange::New => "new",
+            AlertChange::Update => "update",
+            AlertChange::End => "end",
+        }
+    }
+}
+
 /// Longest id accepted for nodes and streams.
 pub const MAX_ID_LEN: usize = 64;
 

@@ -427,7 +427,7 @@ fn calibrate_measures_false_alarms_and_delay_through_the_daemons_chain() {
 
 #[test]
 fn false_alarms_in_the_event_store_become_a_list_eval_reads() {
-    use dfwatch::events::db::{Change, Db, Limits, MediaKind, Record, Review};
+    use dfwatch::events::db::{Change, Db, Facts, Limits, MediaKind, Record, Review};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = d.join("events.db");
@@ -469,6 +469,12 @@ fn false_alarms_in_the_event_store_become_a_list_eval_reads() {
                 track: n,
                 at: t,
                 payload: &payload,
+                facts: &Facts {
+                    verdict: "fake",
+                    score: 0.9,
+                    sentence: "face likely manipulated".into(),
+                    end_reason: None,
+                },
             })
             .unwrap();
             if with_crop {

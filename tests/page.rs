@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 /// Older events, ended, in the store before the daemon starts (ids older than any new one).
 fn seed_history(state: &std::path::Path, n: u32) -> Vec<String> {
-    use dfwatch::events::db::{Change, Db, Limits, Record};
+    use dfwatch::events::db::{Change, Db, Facts, Limits, Record};
     let limits = Limits {
         max_age: SECS(30 * 24 * 3600),
         max_events: 1000,
@@ -49,6 +49,12 @@ fn seed_history(state: &std::path::Path, n: u32) -> Vec<String> {
                     track: u64::from(i),
                     at,
                     payload: payload.to_string().as_bytes(),
+                    facts: &Facts {
+                        verdict: "fake",
+                        score: 0.9,
+                        sentence: format!("Seeded event {i}: the face looks swapped."),
+                        end_reason: (kind == "end").then_some("track_lost"),
+                    },
                 })
                 .unwrap();
             }

@@ -14,8 +14,9 @@ use dfwatch::evidence::{AlertEvent, AlertKind, EndReason, EvidenceFrame, Ulid, V
 use dfwatch::ingest::source::{Redactor, Source};
 use dfwatch::model::safetensors::SafeTensors;
 use dfwatch::publish::payload::{AlertPayload, ModelInfo};
-use dfwatch::publish::spool::record::{EntryKind, Record, decode, encode_put};
+use dfwatch::publish::spool::record::{Record, decode, encode_put};
 use dfwatch::score::LabelGraph;
+use dfwatch::types::AlertChange;
 use dfwatch::types::{BBox, NodeId, StreamId, TrackId};
 
 fn cases(n: u32) -> ProptestConfig {
@@ -195,11 +196,11 @@ proptest! {
     ) {
         let mut data = before.clone();
         let mut rec = Vec::new();
-        encode_put(&mut rec, seq, EntryKind::End, &key, at, &payload);
+        encode_put(&mut rec, seq, AlertChange::End, &key, at, &payload);
         data.extend_from_slice(&rec);
         data.extend_from_slice(&after);
         let d = decode(&data);
-        let want = Record::Put { seq, kind: EntryKind::End, key, at_ms: Some(at), payload };
+        let want = Record::Put { seq, kind: AlertChange::End, key, at_ms: Some(at), payload };
         prop_assert!(d.records.contains(&want));
     }
 

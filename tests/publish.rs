@@ -1089,9 +1089,9 @@ async fn a_failing_webhook_gets_every_event_once_it_recovers_and_never_holds_bac
         for (id, kind) in events {
             let payload = format!("{{\"alert_id\":\"{id}\",\"kind\":\"{kind}\"}}").into_bytes();
             let kind = match kind {
-                "new" => dfwatch::publish::spool::EntryKind::New,
-                "update" => dfwatch::publish::spool::EntryKind::Update,
-                _ => dfwatch::publish::spool::EntryKind::End,
+                "new" => dfwatch::types::AlertChange::New,
+                "update" => dfwatch::types::AlertChange::Update,
+                _ => dfwatch::types::AlertChange::End,
             };
             p.enqueue_alert(id, kind, payload)
                 .await
@@ -1188,7 +1188,7 @@ async fn a_failing_webhook_gets_every_event_once_it_recovers_and_never_holds_bac
         let id = "01WEBHOOKALERT000000000003";
         p.enqueue_alert(
             id,
-            dfwatch::publish::spool::EntryKind::New,
+            dfwatch::types::AlertChange::New,
             format!("{{\"alert_id\":\"{id}\"}}").into_bytes(),
         )
         .await

@@ -364,7 +364,7 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     fps: f64,
     /// Model bundle.
-    #[arg(long, default_value = dfwatch::app::DEFAULT_SYNTH_BUNDLE)]
+    #[arg(long, default_value = dfwatch::runtime::DEFAULT_SYNTH_BUNDLE)]
     model: PathBuf,
     /// `track.detect_every` (full searches of a frame every this many analysed frames);
     /// unset: the shipped default.

@@ -81,8 +81,10 @@ pub enum Output {
         track: TrackId,
         /// The payload JSON.
         payload: Vec<u8>,
-        /// The payload's plain-language explanation and fake probability, typed beside its
-        /// bytes (for Home Assistant's event entity).
+        /// What the payload says, typed beside its bytes (for the event store and Home
+        /// Assistant's event entity): the verdict, the explanation's sentence, the fake
+        /// probability.
+        verdict: &'static str,
         sentence: String,
         score: f64,
         /// The face crop as a JPEG, with a `new` alert of a stream that opted in.
@@ -91,14 +93,15 @@ pub enum Output {
         /// when it is new to the store (with `new`, and whenever a stronger face came since).
         media: Option<AlertMedia>,
     },
-    /// A retained message under `<prefix>/<node>/`, e.g. `streams/<id>/verdict`.
-    Retained { topic: String, payload: Vec<u8> },
+    /// A stream's verdict summary changed: retained on `<prefix>/<node>/streams/<id>/verdict`
+    /// (serialised there, at the sink), and on the verdict board for the HTTP API.
+    Verdict(StreamVerdict),
 }
 
 /// The retained per-stream summary on `<prefix>/<node>/streams/<id>/verdict`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StreamVerdict {
-    pub stream: String,
+    pub stream: StreamId,
     /// `fake` when any live track is fake, else `uncertain` when any is, else `real` when
     /// any track has a verdict, else `none`; `unknown` until this run has judged a face of
     /// the stream ([`StreamVerdict::unknown`]).
@@ -117,7 +120,7 @@ impl StreamVerdict {
     /// left retained is not taken for its state): verdict `unknown`, no tracks.
     pub fn unknown(stream: &StreamId, model_trained: bool) -> Self {
         StreamVerdict {
-            stream: stream.to_string(),
+            stream: stream.clone(),
             verdict: "unknown",
             tracks: 0,
             fake_tracks: 0,
@@ -133,21 +136,22 @@ impl StreamVerdict {
 /// entry goes when the stream is removed).
 #[derive(Debug, Default)]
 pub struct VerdictBoard {
-    map: std::sync::Mutex<BTreeMap<String, serde_json::Value>>,
+    map: std::sync::Mutex<BTreeMap<String, StreamVerdict>>,
 }
 
 impl VerdictBoard {
     pub const MAX: usize = 4096;
 
-    pub fn set(&self, stream: &str, verdict: serde_json::Value) {
+    pub fn set(&self, verdict: &StreamVerdict) {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let stream = verdict.stream.as_str();
         if m.len() >= Self::MAX && !m.contains_key(stream) {
             return;
         }
-        m.insert(stream.to_string(), verdict);
+        m.insert(stream.to_string(), verdict.clone());
     }
 
-    pub fn get(&self, stream: &str) -> Option<serde_json::Value> {
+    pub fn get(&self, stream: &str) -> Option<StreamVerdict> {
         self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -204,14 +208,6 @@ fn verdict_str(v: Verdict) -> &'static str {
         Verdict::Fake => "fake",
         Verdict::Real => "real",
         Verdict::Uncertain => "uncertain",
-    }
-}
-
-fn kind_str(k: &AlertKind) -> &'static str {
-    match k {
-        AlertKind::New => "new",
-        AlertKind::Update => "update",
-        AlertKind::End { .. } => "end",
     }
 }
 
@@ -473,7 +469,7 @@ impl Decider {
             note.map(|n| n.mean_quality).unwrap_or(0.0),
             wall,
         );
-        let kind = kind_str(&ev.kind);
+        let kind = ev.kind.change().as_str();
         let verdict = verdict_str(ev.verdict);
         self.metrics.count_alert(kind, verdict);
         let id = ev.alert_id.to_string();
@@ -534,6 +530,7 @@ impl Decider {
             stream: ev.stream,
             track: ev.track,
             payload: json,
+            verdict,
             sentence: payload.explanation.sentence,
             score: ev.score,
             face_jpeg,
@@ -559,7 +556,7 @@ impl Decider {
             "real"
         };
         let summary = StreamVerdict {
-            stream: stream.to_string(),
+            stream: stream.clone(),
             verdict,
             tracks: v.len(),
             fake_tracks: fake,
@@ -593,13 +590,7 @@ impl Decider {
                 return;
             }
         }
-        match serde_json::to_vec(&summary) {
-            Ok(payload) => out.push(Output::Retained {
-                topic: crate::publish::mqtt::stream_suffix(stream, "verdict"),
-                payload,
-            }),
-            Err(e) => tracing::error!(error = %e, "Verdict summary could not be serialised."),
-        }
+        out.push(Output::Verdict(summary.clone()));
         self.published.insert(stream.clone(), summary);
     }
 }

@@ -11,10 +11,9 @@ use super::{Decider, Output, Scoring};
 use crate::channel::Receiver;
 use crate::encode::Encoded;
 use crate::events::{Change, EventStore, Incoming};
-use crate::evidence::{AlertKind, EvidenceConfig};
+use crate::evidence::EvidenceConfig;
 use crate::metrics::AnalysisMetrics;
 use crate::publish::mqtt::PublisherHandle;
-use crate::publish::spool::EntryKind;
 use crate::types::{FaceEvent, FaceMeta};
 
 /// What the decision stage reads: embeddings and face-stage events, in queue order.
@@ -130,16 +129,20 @@ pub async fn hand_over(sinks: &Sinks, outputs: Vec<Output>) {
                 stream,
                 track,
                 payload,
+                verdict,
                 sentence,
                 score,
                 face_jpeg,
                 media,
             } => {
-                let (kind, change) = match kind {
-                    AlertKind::New => (EntryKind::New, Change::New),
-                    AlertKind::Update => (EntryKind::Update, Change::Update),
-                    AlertKind::End { .. } => (EntryKind::End, Change::End),
+                let facts = crate::events::Facts {
+                    verdict,
+                    score,
+                    sentence: sentence.clone(),
+                    end_reason: kind.end_reason().map(|r| r.as_str()),
                 };
+                let kind = kind.change();
+                let change = Change::from(kind);
                 sinks.store.record(Incoming {
                     alert_id: alert_id.clone(),
                     change,
@@ -147,6 +150,7 @@ pub async fn hand_over(sinks: &Sinks, outputs: Vec<Output>) {
                     track: track.0,
                     at: SystemTime::now(),
                     payload: payload.clone(),
+                    facts,
                     media,
                 });
                 if let Err(e) = publisher.enqueue_alert(&alert_id, kind, payload).await {
@@ -160,15 +164,17 @@ pub async fn hand_over(sinks: &Sinks, outputs: Vec<Output>) {
                     let _ = publisher.publish_face_crop(&alert_id, jpeg).await;
                 }
             }
-            Output::Retained { topic, payload } => {
-                if let Some(stream) = topic
-                    .strip_prefix("streams/")
-                    .and_then(|t| t.strip_suffix("/verdict"))
-                    && let Ok(v) = serde_json::from_slice(&payload)
-                {
-                    sinks.verdicts.set(stream, v);
+            Output::Verdict(v) => {
+                sinks.verdicts.set(&v);
+                let topic = crate::publish::mqtt::stream_suffix(&v.stream, "verdict");
+                match serde_json::to_vec(&v) {
+                    Ok(payload) => {
+                        let _ = publisher.publish_retained(&topic, payload).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "Verdict summary could not be serialised.")
+                    }
                 }
-                let _ = publisher.publish_retained(&topic, payload).await;
             }
         }
     }

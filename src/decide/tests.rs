@@ -89,9 +89,10 @@ fn feed(d: &mut Decider, stream: &'static str, track: u64, n: u64, fake: bool) -
 fn alerts(out: &[Output]) -> Vec<(&'static str, serde_json::Value)> {
     out.iter()
         .filter_map(|o| match o {
-            Output::Alert { kind, payload, .. } => {
-                Some((kind_str(kind), serde_json::from_slice(payload).unwrap()))
-            }
+            Output::Alert { kind, payload, .. } => Some((
+                kind.change().as_str(),
+                serde_json::from_slice(payload).unwrap(),
+            )),
             _ => None,
         })
         .collect()
@@ -100,10 +101,7 @@ fn alerts(out: &[Output]) -> Vec<(&'static str, serde_json::Value)> {
 fn summaries(out: &[Output]) -> Vec<serde_json::Value> {
     out.iter()
         .filter_map(|o| match o {
-            Output::Retained { topic, payload } => {
-                assert!(topic.starts_with("streams/") && topic.ends_with("/verdict"));
-                Some(serde_json::from_slice(payload).unwrap())
-            }
+            Output::Verdict(v) => Some(serde_json::to_value(v).unwrap()),
             _ => None,
         })
         .collect()

@@ -71,7 +71,7 @@ pub struct Pruned {
     pub size: u64,
 }
 
-/// One step of an alert's lifecycle.
+/// One step of an event's life: an alert event (its kind), or what an operator did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
@@ -85,11 +85,21 @@ pub enum Change {
 impl Change {
     fn as_str(self) -> &'static str {
         match self {
-            Change::New => "new",
-            Change::Update => "update",
-            Change::End => "end",
+            Change::New => crate::types::AlertChange::New.as_str(),
+            Change::Update => crate::types::AlertChange::Update.as_str(),
+            Change::End => crate::types::AlertChange::End.as_str(),
             Change::Review => "review",
             Change::Delete => "delete",
+        }
+    }
+}
+
+impl From<crate::types::AlertChange> for Change {
+    fn from(c: crate::types::AlertChange) -> Change {
+        match c {
+            crate::types::AlertChange::New => Change::New,
+            crate::types::AlertChange::Update => Change::Update,
+            crate::types::AlertChange::End => Change::End,
         }
     }
 }
@@ -104,6 +114,7 @@ pub struct Record<'a> {
     pub at: SystemTime,
     /// The alert payload (JSON, as published).
     pub payload: &'a [u8],
+    pub facts: &'a Facts,
 }
 
 /// The operator's word on an event: labels calibration can use later.
@@ -285,25 +296,17 @@ CREATE TABLE IF NOT EXISTS media (
 ) WITHOUT ROWID;
 ";
 
-/// What a payload says of the alert's state.
-struct Facts {
-    verdict: String,
-    score: f64,
-    sentence: String,
-    end_reason: Option<String>,
-}
-
-fn facts(payload: &[u8]) -> Facts {
-    let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
-    Facts {
-        verdict: v["verdict"].as_str().unwrap_or("unknown").to_string(),
-        score: v["score"].as_f64().unwrap_or(0.0),
-        sentence: v["explanation"]["sentence"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        end_reason: v["end_reason"].as_str().map(str::to_string),
-    }
+/// What an alert event says of the alert's state, typed by the decision stage beside the
+/// payload it publishes (the store never reads the payload back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Facts {
+    /// `fake`, `real` or `uncertain`.
+    pub verdict: &'static str,
+    pub score: f64,
+    /// The explanation's sentence.
+    pub sentence: String,
+    /// Why it ended (an `end`).
+    pub end_reason: Option<&'static str>,
 }
 
 impl Db {
@@ -480,7 +483,7 @@ impl Db {
         let tx = self.conn.transaction()?;
         let seq: i64 = bump_seq(&tx)?;
         let at = unix_ms(r.at);
-        let f = facts(r.payload);
+        let f = r.facts;
         let payload = std::str::from_utf8(r.payload).unwrap_or("{}");
         let exists = has_event(&tx, r.alert_id)?;
         // An update or end whose new was not recorded (a full queue, a store that was

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-pub use db::{Change, Db, DbError, EventSummary, Filter, Limits, MediaKind, Review};
+pub use db::{Change, Db, DbError, EventSummary, Facts, Filter, Limits, MediaKind, Review};
 pub use media::AlertMedia;
 
 use crate::metrics::Counter;
@@ -154,12 +154,14 @@ pub struct Incoming {
     pub track: u64,
     pub at: SystemTime,
     pub payload: Vec<u8>,
+    pub facts: db::Facts,
     pub media: Option<AlertMedia>,
 }
 
 /// What the writer thread takes.
 enum Job {
-    Event(Incoming),
+    /// Boxed: the queue holds up to [`QUEUE_LEN`] jobs, most of them small.
+    Event(Box<Incoming>),
     /// Answered once everything queued before it is written.
     Flush(std::sync::mpsc::Sender<()>),
 }
@@ -295,7 +297,7 @@ impl EventStore {
             }
         }
         let had_media = ev.media.is_some();
-        if let Err(e) = self.queue.try_send(Job::Event(ev)) {
+        if let Err(e) = self.queue.try_send(Job::Event(Box::new(ev))) {
             let (std::sync::mpsc::TrySendError::Full(Job::Event(ev))
             | std::sync::mpsc::TrySendError::Disconnected(Job::Event(ev))) = e
             else {
@@ -467,7 +469,7 @@ impl Shared {
                 next_sweep = std::time::Instant::now() + SWEEP_EVERY;
             }
             let ev = match rx.recv_timeout(SWEEP_EVERY) {
-                Ok(Job::Event(ev)) => ev,
+                Ok(Job::Event(ev)) => *ev,
                 Ok(Job::Flush(done)) => {
                     let _ = done.send(());
                     continue;
@@ -502,6 +504,7 @@ impl Shared {
             track: ev.track,
             at: ev.at,
             payload: &ev.payload,
+            facts: &ev.facts,
         });
         let mut summary = match self.checked(&mut db, r) {
             Ok(s) => {

@@ -37,6 +37,12 @@ fn incoming(id: &str, change: Change, media: Option<AlertMedia>) -> Incoming {
         track: 1,
         at: SystemTime::now(),
         payload: payload(id, "new"),
+        facts: Facts {
+            verdict: "fake",
+            score: 0.97,
+            sentence: "The face looks swapped.".into(),
+            end_reason: None,
+        },
         media,
     }
 }

@@ -208,6 +208,18 @@ pub enum EndReason {
     StreamStopped,
 }
 
+impl EndReason {
+    /// The reason's word in alerts, the event store and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Cleared => "cleared",
+            EndReason::TrackLost => "track_lost",
+            EndReason::ModelSwapped => "model_swapped",
+            EndReason::StreamStopped => "stream_stopped",
+        }
+    }
+}
+
 /// What happened to an alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -215,6 +227,25 @@ pub enum AlertKind {
     New,
     Update,
     End { reason: EndReason },
+}
+
+impl AlertKind {
+    /// Why the alert ended, for an end.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        match self {
+            AlertKind::End { reason } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// The kind without the end's reason.
+    pub fn change(&self) -> crate::types::AlertChange {
+        match self {
+            AlertKind::New => crate::types::AlertChange::New,
+            AlertKind::Update => crate::types::AlertChange::Update,
+            AlertKind::End { .. } => crate::types::AlertChange::End,
+        }
+    }
 }
 
 /// An alert event, before it is dressed as the MQTT payload.

@@ -111,7 +111,7 @@ pub struct StreamReport {
     pub analysis_error: Option<String>,
     /// The stream's verdict summary, as on MQTT `.../streams/<id>/verdict`; `null` before
     /// its first scored face.
-    pub verdict: Option<serde_json::Value>,
+    pub verdict: Option<crate::decide::StreamVerdict>,
 }
 
 /// Shared by the supervisor loop, the stages and the HTTP handlers.

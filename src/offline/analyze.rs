@@ -107,7 +107,7 @@ pub enum Rules {
 /// The model and detector loaded once, for any number of videos and crops (`analyze` runs one
 /// video; `eval` a whole list through the same chain).
 pub struct Analyzer {
-    model: crate::app::LoadedModel,
+    model: crate::runtime::LoadedModel,
     detector: FaceDetector,
     config: Config,
     pixels: Vec<f32>,
@@ -118,7 +118,7 @@ impl Analyzer {
     /// config's detector.
     pub fn new(model_dir: &Path, config: &Config) -> anyhow::Result<Analyzer> {
         crate::onnx::init(&config.onnx).context("ONNX Runtime ([onnx] library)")?;
-        let model = crate::app::load_model(model_dir, crate::app::EngineChoice::cpu())?;
+        let model = crate::runtime::load_model(model_dir, crate::runtime::EngineChoice::cpu())?;
         let detector = FaceDetector::load(&config.detect, &config.base_dir)
             .context("face detector ([detect] model_dir; run ./tools/setup.sh)")?;
         Ok(Analyzer {
@@ -145,11 +145,11 @@ impl Analyzer {
         &self.config
     }
 
-    pub fn model(&self) -> &crate::app::LoadedModel {
+    pub fn model(&self) -> &crate::runtime::LoadedModel {
         &self.model
     }
 
-    pub fn model_mut(&mut self) -> &mut crate::app::LoadedModel {
+    pub fn model_mut(&mut self) -> &mut crate::runtime::LoadedModel {
         &mut self.model
     }
 

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::evidence::{AlertEvent, AlertKind, Verdict};
+use crate::evidence::{AlertEvent, Verdict};
 use crate::score::{Explanation, FaceScore, LabelGraph};
 use crate::types::{BBox, NodeId};
 
@@ -91,15 +91,6 @@ pub struct QualityInfo {
     pub mean_weight: f32,
 }
 
-/// Alert event type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventType {
-    New,
-    Update,
-    End,
-}
-
 /// The alert JSON, schema version 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,7 +100,7 @@ pub struct AlertPayload {
     /// together with `type` and `times.observed`.
     pub alert_id: String,
     #[serde(rename = "type")]
-    pub event: EventType,
+    pub event: crate::types::AlertChange,
     /// For `end`: `cleared`, `track_lost`, `model_swapped` or `stream_stopped`.
     pub end_reason: Option<String>,
     pub node: String,
@@ -147,16 +138,8 @@ impl AlertPayload {
         mean_quality: f32,
         now: std::time::SystemTime,
     ) -> Self {
-        let (event, end_reason) = match ev.kind {
-            AlertKind::New => (EventType::New, None),
-            AlertKind::Update => (EventType::Update, None),
-            AlertKind::End { reason } => (
-                EventType::End,
-                serde_json::to_value(reason)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string)),
-            ),
-        };
+        let event = ev.kind.change();
+        let end_reason = ev.kind.end_reason().map(|r| r.as_str().to_string());
         let score = FaceScore {
             logits: vec![],
             log_z: 0.0,

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::spool::EntryKind;
 use crate::backoff::{Backoff, BackoffConfig};
+use crate::types::AlertChange;
 use crate::types::check_id;
 use crate::validation::{Checker, ConfigError};
 
@@ -119,15 +119,6 @@ fn default_backoff() -> BackoffConfig {
         base: Duration::from_secs(1),
         cap: Duration::from_secs(60),
         reset_after: Duration::from_secs(60),
-    }
-}
-
-/// The event kind's name in `events` and in the `X-Dfwatch-Event` header.
-pub fn kind_name(k: EntryKind) -> &'static str {
-    match k {
-        EntryKind::New => "new",
-        EntryKind::Update => "update",
-        EntryKind::End => "end",
     }
 }
 
@@ -236,8 +227,8 @@ impl WebhookConfig {
     }
 
     /// Whether this webhook takes events of `kind`.
-    pub fn wants(&self, kind: EntryKind) -> bool {
-        self.events.iter().any(|e| e == kind_name(kind))
+    pub fn wants(&self, kind: AlertChange) -> bool {
+        self.events.iter().any(|e| e == kind.as_str())
     }
 }
 
@@ -485,14 +476,14 @@ pub fn classify(status: u16) -> Outcome {
 pub struct Delivery {
     pub seq: u64,
     pub alert_id: String,
-    pub kind: EntryKind,
+    pub kind: AlertChange,
     pub payload: Vec<u8>,
 }
 
 impl Delivery {
     /// `<alert_id>:<kind>:<seq>`: the same for every attempt of this event.
     pub fn key(&self) -> String {
-        format!("{}:{}:{}", self.alert_id, kind_name(self.kind), self.seq)
+        format!("{}:{}:{}", self.alert_id, self.kind.as_str(), self.seq)
     }
 }
 
@@ -513,7 +504,7 @@ pub async fn worker(
     let mut last_failure: Option<String> = None;
     while let Some(d) = deliveries.recv().await {
         let key = d.key();
-        let event = kind_name(d.kind);
+        let event = d.kind.as_str();
         let first_try = std::time::Instant::now();
         let outcome = loop {
             match hook.post(&key, event, &d.payload).await {

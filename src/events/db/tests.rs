@@ -18,6 +18,16 @@ fn payload(id: &str, kind: &str, verdict: &str, score: f64) -> Vec<u8> {
     .unwrap()
 }
 
+/// What the decision stage types beside [`payload`].
+fn facts(kind: &str, verdict: &'static str, score: f64) -> Facts {
+    Facts {
+        verdict,
+        score,
+        sentence: format!("{verdict} at {score}"),
+        end_reason: (kind == "end").then_some("cleared"),
+    }
+}
+
 /// Time-ordered ids as the ULID generator makes them (same length, later sorts higher).
 fn id(n: u32) -> String {
     format!("01J{n:023}")
@@ -32,6 +42,7 @@ fn record(db: &mut Db, n: u32, change: Change, stream: &str, at: SystemTime) -> 
         track: u64::from(n),
         at,
         payload: &payload(&id(n), kind, "fake", 0.9),
+        facts: &facts(kind, "fake", 0.9),
     })
     .unwrap()
     .unwrap()
@@ -57,6 +68,7 @@ fn a_lifecycle_is_kept_in_order_and_survives_a_reopen() {
                 track: 1,
                 at: t,
                 payload: &payload(&id(1), "end", "real", 0.2),
+                facts: &facts("end", "real", 0.2),
             })
             .unwrap()
             .unwrap();
@@ -299,6 +311,7 @@ fn the_database_never_stays_past_its_size_cap() {
                 track: 1,
                 at: t,
                 payload: &p,
+                facts: &facts(change.as_str(), "fake", 0.9),
             })
             .unwrap();
         }

@@ -137,7 +137,7 @@ fn each_stream_is_a_device_with_four_entities_that_follow_the_discovery_schema()
 fn the_templates_read_fields_the_daemon_publishes_and_only_when_they_are_json() {
     // The retained verdict and status payloads, as the daemon serialises them.
     let verdict = serde_json::to_value(crate::decide::StreamVerdict {
-        stream: "lobby".into(),
+        stream: StreamId::new("lobby").unwrap(),
         verdict: "fake",
         tracks: 1,
         fake_tracks: 1,

@@ -39,7 +39,8 @@ pub use config::{
     alerts_topic, parse_stream_topic, status_topic, stream_scope, stream_suffix, stream_topic,
 };
 
-use super::spool::{EntryKind, Spool, SpoolLimits, SpoolStats};
+use super::spool::{Spool, SpoolLimits, SpoolStats};
+use crate::types::AlertChange;
 use crate::types::NodeId;
 use crate::validation::ConfigErrors;
 
@@ -69,7 +70,7 @@ pub enum PublishError {
 enum Request {
     Alert {
         alert_id: String,
-        kind: EntryKind,
+        kind: AlertChange,
         payload: Vec<u8>,
         done: oneshot::Sender<std::io::Result<u64>>,
     },
@@ -106,7 +107,7 @@ enum Request {
     /// when connected, never retained, never spooled (the alert itself is).
     AlertEvent {
         stream: crate::types::StreamId,
-        kind: EntryKind,
+        kind: AlertChange,
         alert_id: String,
         sentence: String,
         score: f64,
@@ -179,9 +180,9 @@ impl PublisherHandle {
         payload: Vec<u8>,
     ) -> Result<u64, PublishError> {
         let kind = if update {
-            EntryKind::Update
+            AlertChange::Update
         } else {
-            EntryKind::New
+            AlertChange::New
         };
         let rx = self.enqueue_alert(alert_id, kind, payload).await?;
         match rx.await {
@@ -201,7 +202,7 @@ impl PublisherHandle {
     pub async fn enqueue_alert(
         &self,
         alert_id: &str,
-        kind: EntryKind,
+        kind: AlertChange,
         payload: Vec<u8>,
     ) -> Result<oneshot::Receiver<std::io::Result<u64>>, PublishError> {
         let (done, rx) = oneshot::channel();
@@ -311,7 +312,7 @@ impl PublisherHandle {
     pub async fn publish_alert_event(
         &self,
         stream: &crate::types::StreamId,
-        kind: EntryKind,
+        kind: AlertChange,
         alert_id: &str,
         sentence: &str,
         score: f64,

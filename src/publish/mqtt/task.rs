@@ -826,8 +826,7 @@ async fn run(
                         }
                         Request::AlertEvent { stream, kind, alert_id, sentence, score } => {
                             if let Some(d) = &p.discovery {
-                                let kind = crate::publish::webhook::kind_name(kind);
-                                let payload = d.event_payload(kind, &alert_id, &sentence, score);
+                                let payload = d.event_payload(kind.as_str(), &alert_id, &sentence, score);
                                 session.send_unspooled(&mut outbox, &d.event_topic(&stream), false, payload);
                             }
                         }

@@ -167,7 +167,7 @@ fn the_example_matches_the_golden_file_and_the_schema() {
         "{}",
         back.explanation.sentence
     );
-    assert_eq!(back.event, EventType::New);
+    assert_eq!(back.event, crate::types::AlertChange::New);
     assert_eq!(back.alert_id.len(), 26);
 }
 

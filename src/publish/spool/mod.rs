@@ -31,8 +31,8 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::types::AlertChange;
 pub use log::{LogCommand, LogDone, SpoolLog, spawn_writer};
-pub use record::EntryKind;
 
 /// The MQTT sink's name in per-sink acknowledgements: what it has is dropped first when the
 /// spool is over its byte cap.
@@ -45,7 +45,7 @@ pub struct Entry {
     pub seq: u64,
     /// The alert id the payload belongs to.
     pub key: String,
-    pub kind: EntryKind,
+    pub kind: AlertChange,
     /// Wall-clock milliseconds of the put.
     pub at_ms: u64,
     pub payload: Vec<u8>,
@@ -290,15 +290,15 @@ impl Spool {
         ix.bytes += e.size();
         ix.by_key.entry(e.key.clone()).or_default().insert(e.seq);
         match e.kind {
-            EntryKind::Update => {
+            AlertChange::Update => {
                 ix.updates.insert(e.seq);
                 let latest = ix.latest_update.entry(e.key.clone()).or_insert(e.seq);
                 *latest = (*latest).max(e.seq);
             }
-            EntryKind::End => {
+            AlertChange::End => {
                 ix.ended.insert(e.seq, e.key.clone());
             }
-            EntryKind::New => {}
+            AlertChange::New => {}
         }
         self.pending.insert(e.seq, e);
         self.stats.pending = self.pending.len();
@@ -317,16 +317,16 @@ impl Spool {
             }
         }
         match e.kind {
-            EntryKind::Update => {
+            AlertChange::Update => {
                 ix.updates.remove(&seq);
                 if ix.latest_update.get(&e.key) == Some(&seq) {
                     ix.latest_update.remove(&e.key);
                 }
             }
-            EntryKind::End => {
+            AlertChange::End => {
                 ix.ended.remove(&seq);
             }
-            EntryKind::New => {}
+            AlertChange::New => {}
         }
         self.stats.pending = self.pending.len();
         self.stats.bytes = self.index.bytes;
@@ -375,9 +375,9 @@ impl Spool {
                 .map(|e| (e.seq, e.kind));
             if let Some((seq, kind)) = taken {
                 let why = match kind {
-                    EntryKind::Update => DropReason::Update,
-                    EntryKind::End => DropReason::Ended,
-                    EntryKind::New => DropReason::OpenNew,
+                    AlertChange::Update => DropReason::Update,
+                    AlertChange::End => DropReason::Ended,
+                    AlertChange::New => DropReason::OpenNew,
                 };
                 self.drop_entry(seq, why);
             } else if let Some(&seq) = self.index.updates.first() {
@@ -410,14 +410,20 @@ impl Spool {
 
     /// Buffers a payload of alert `key` put at `at_ms`; durable once the buffered bytes are
     /// written. Past `max_pending`, an update replaces the alert's older pending update.
-    pub fn append(&mut self, key: &str, kind: EntryKind, at_ms: u64, payload: Vec<u8>) -> Appended {
+    pub fn append(
+        &mut self,
+        key: &str,
+        kind: AlertChange,
+        at_ms: u64,
+        payload: Vec<u8>,
+    ) -> Appended {
         let seq = self.next_seq;
         self.next_seq += 1;
         encode_put(&mut self.buffer, seq, kind, key, at_ms, &payload);
         self.log_records += 1;
         self.stats.appended += 1;
         let mut result = Appended::Stored(seq);
-        if kind == EntryKind::Update
+        if kind == AlertChange::Update
             && self.pending.len() >= self.limits.max_pending
             && let Some(&old) = self.index.latest_update.get(key)
         {

@@ -23,23 +23,14 @@ pub const MAX_RECORD: usize = (1 << 20) + 4096;
 /// Longest key (an alert id is 26 characters).
 pub const MAX_KEY: usize = 128;
 
-/// What a put record is, for the drop order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EntryKind {
-    /// The first event of an alert (`new`).
-    New,
-    /// A later `update`: may be coalesced or dropped first.
-    Update,
-    /// The alert's `end`.
-    End,
-}
+use crate::types::AlertChange;
 
 /// One record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Put {
         seq: u64,
-        kind: EntryKind,
+        kind: AlertChange,
         key: String,
         /// Wall-clock milliseconds of the put (`None` for records of earlier versions).
         at_ms: Option<u64>,
@@ -84,15 +75,15 @@ fn write(out: &mut Vec<u8>, seq: u64, kind: u8, key: &str, prefix: &[u8], payloa
 pub fn encode_put(
     out: &mut Vec<u8>,
     seq: u64,
-    kind: EntryKind,
+    kind: AlertChange,
     key: &str,
     at_ms: u64,
     payload: &[u8],
 ) {
     let k = match kind {
-        EntryKind::New => PUT_NEW,
-        EntryKind::Update => PUT_UPDATE,
-        EntryKind::End => PUT_END,
+        AlertChange::New => PUT_NEW,
+        AlertChange::Update => PUT_UPDATE,
+        AlertChange::End => PUT_END,
     };
     write(out, seq, k, key, &at_ms.to_le_bytes(), payload);
 }
@@ -155,10 +146,10 @@ fn parse_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
         Record::Put {
             seq,
             kind: match kind {
-                PUT_UPDATE | PUT_UPDATE_LEGACY => EntryKind::Update,
-                PUT_END => EntryKind::End,
+                PUT_UPDATE | PUT_UPDATE_LEGACY => AlertChange::Update,
+                PUT_END => AlertChange::End,
                 // Legacy puts did not say new from end: kept as long as a new would be.
-                _ => EntryKind::New,
+                _ => AlertChange::New,
             },
             key,
             at_ms,

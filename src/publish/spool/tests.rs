@@ -23,8 +23,8 @@ fn keys(s: &Spool) -> Vec<String> {
 fn pending_alerts_survive_a_reopen_and_acks_remove_them() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Spool::open(dir.path(), limits(100)).unwrap();
-    let a = s.append("A", EntryKind::New, T0, b"new A".to_vec()).seq();
-    let b = s.append("B", EntryKind::New, T0, b"new B".to_vec()).seq();
+    let a = s.append("A", AlertChange::New, T0, b"new A".to_vec()).seq();
+    let b = s.append("B", AlertChange::New, T0, b"new B".to_vec()).seq();
     s.sync().unwrap();
     assert!(s.ack(a));
     assert!(!s.ack(a), "acked once");
@@ -48,14 +48,14 @@ fn pending_alerts_survive_a_reopen_and_acks_remove_them() {
 fn unsynced_appends_are_not_on_disk_and_a_torn_tail_is_cut() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Spool::open(dir.path(), limits(100)).unwrap();
-    s.append("A", EntryKind::New, T0, b"kept".to_vec());
+    s.append("A", AlertChange::New, T0, b"kept".to_vec());
     s.sync().unwrap();
-    s.append("B", EntryKind::New, T0, b"lost with the crash".to_vec());
+    s.append("B", AlertChange::New, T0, b"lost with the crash".to_vec());
     drop(s); // never synced: like a crash before the group commit
     // A crash mid-write: half a record at the end.
     let path = dir.path().join("spool.log");
     let mut torn = Vec::new();
-    encode_put(&mut torn, 99, EntryKind::New, "C", T0, b"half written");
+    encode_put(&mut torn, 99, AlertChange::New, "C", T0, b"half written");
     let mut f = OpenOptions::new().append(true).open(&path).unwrap();
     f.write_all(&torn[..torn.len() / 2]).unwrap();
     drop(f);
@@ -64,7 +64,7 @@ fn unsynced_appends_are_not_on_disk_and_a_torn_tail_is_cut() {
     assert_eq!(s.stats().torn_bytes_dropped, (torn.len() / 2) as u64);
     assert_eq!(s.stats().damaged_regions, 0, "a torn tail is not damage");
     // New records go after the good prefix and replay fine.
-    s.append("D", EntryKind::New, T0, b"after".to_vec());
+    s.append("D", AlertChange::New, T0, b"after".to_vec());
     s.sync().unwrap();
     drop(s);
     let s = Spool::open(dir.path(), limits(100)).unwrap();
@@ -77,7 +77,7 @@ fn one_damaged_record_in_the_middle_costs_only_that_record() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Spool::open(dir.path(), limits(100)).unwrap();
     for k in ["A", "B", "C", "D"] {
-        s.append(k, EntryKind::New, T0, format!("alert {k}").into_bytes());
+        s.append(k, AlertChange::New, T0, format!("alert {k}").into_bytes());
     }
     s.sync().unwrap();
     drop(s);
@@ -105,7 +105,7 @@ fn one_damaged_record_in_the_middle_costs_only_that_record() {
         .collect();
     assert_eq!(kept.len(), 1);
     assert_eq!(std::fs::read(kept[0].path()).unwrap(), data);
-    s.append("E", EntryKind::New, T0, b"after the damage".to_vec());
+    s.append("E", AlertChange::New, T0, b"after the damage".to_vec());
     s.sync().unwrap();
     drop(s);
     let s = Spool::open(dir.path(), limits(100)).unwrap();
@@ -117,17 +117,22 @@ fn one_damaged_record_in_the_middle_costs_only_that_record() {
 fn a_write_the_disk_refuses_is_cut_back_and_loses_no_durable_alert() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Spool::open(dir.path(), limits(100)).unwrap();
-    s.append("A", EntryKind::New, T0, b"durable".to_vec());
+    s.append("A", AlertChange::New, T0, b"durable".to_vec());
     s.sync().unwrap();
     // ENOSPC after half of the next batch: the half record must not stay in the file.
-    s.append("B", EntryKind::New, T0, b"refused by a full disk".to_vec());
+    s.append(
+        "B",
+        AlertChange::New,
+        T0,
+        b"refused by a full disk".to_vec(),
+    );
     s.log_mut().unwrap().fail_after = Some(10);
     let e = s.sync().unwrap_err();
     assert_eq!(e.raw_os_error(), Some(28));
     // The disk takes writes again: a later alert, then the rewrite of everything pending.
     s.rewrite_all();
     s.buffer.clear();
-    s.append("C", EntryKind::New, T0, b"later".to_vec());
+    s.append("C", AlertChange::New, T0, b"later".to_vec());
     s.sync().unwrap();
     let snap = s.compaction_snapshot().expect("a rewrite is due");
     s.log_mut().unwrap().replace(&snap).unwrap();
@@ -148,7 +153,7 @@ fn a_failed_compaction_leaves_the_old_log_and_no_temporary_file() {
     let mut s = Spool::open(dir.path(), limits(10_000)).unwrap();
     for i in 0..2000u64 {
         let seq = s
-            .append(&format!("k{i}"), EntryKind::New, T0, vec![1; 50])
+            .append(&format!("k{i}"), AlertChange::New, T0, vec![1; 50])
             .seq();
         if i % 100 != 0 {
             s.ack(seq);
@@ -170,18 +175,18 @@ fn a_failed_compaction_leaves_the_old_log_and_no_temporary_file() {
 fn a_full_spool_coalesces_updates_but_never_drops_new_or_end() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Spool::open(dir.path(), limits(3)).unwrap();
-    s.append("A", EntryKind::New, T0, b"A new".to_vec());
-    s.append("A", EntryKind::Update, T0, b"A update 1".to_vec());
-    s.append("B", EntryKind::New, T0, b"B new".to_vec());
+    s.append("A", AlertChange::New, T0, b"A new".to_vec());
+    s.append("A", AlertChange::Update, T0, b"A update 1".to_vec());
+    s.append("B", AlertChange::New, T0, b"B new".to_vec());
     // Full: A's next update replaces its older one.
-    let r = s.append("A", EntryKind::Update, T0, b"A update 2".to_vec());
+    let r = s.append("A", AlertChange::Update, T0, b"A update 2".to_vec());
     assert!(
         matches!(r, Appended::Coalesced { replaced: 2, .. }),
         "{r:?}"
     );
     // New and end events are kept even past the bound.
-    s.append("C", EntryKind::New, T0, b"C new".to_vec());
-    s.append("B", EntryKind::End, T0, b"B end".to_vec());
+    s.append("C", AlertChange::New, T0, b"C new".to_vec());
+    s.append("B", AlertChange::End, T0, b"B end".to_vec());
     s.sync().unwrap();
     let payloads: Vec<Vec<u8>> = s.pending().map(|e| e.payload.clone()).collect();
     assert_eq!(
@@ -217,11 +222,11 @@ fn a_long_outage_stays_under_the_byte_cap_in_the_documented_order() {
     for i in 0..300u64 {
         let k = format!("alert{i:03}");
         let t = T0 + i * 1000;
-        s.append(&k, EntryKind::New, t, body(&k, "new"));
-        s.append(&k, EntryKind::Update, t + 1, body(&k, "update 1"));
-        s.append(&k, EntryKind::Update, t + 2, body(&k, "update 2"));
+        s.append(&k, AlertChange::New, t, body(&k, "new"));
+        s.append(&k, AlertChange::Update, t + 1, body(&k, "update 1"));
+        s.append(&k, AlertChange::Update, t + 2, body(&k, "update 2"));
         if i % 2 == 0 {
-            s.append(&k, EntryKind::End, t + 3, body(&k, "end"));
+            s.append(&k, AlertChange::End, t + 3, body(&k, "end"));
         }
         max_bytes = max_bytes.max(s.stats().bytes);
     }
@@ -232,8 +237,8 @@ fn a_long_outage_stays_under_the_byte_cap_in_the_documented_order() {
     // long as anything else could go.
     assert_eq!(st.dropped_update, 600, "{st:?}");
     assert!(st.dropped_ended > 0, "{st:?}");
-    let kinds: Vec<EntryKind> = s.pending().map(|e| e.kind).collect();
-    assert!(!kinds.contains(&EntryKind::Update));
+    let kinds: Vec<AlertChange> = s.pending().map(|e| e.kind).collect();
+    assert!(!kinds.contains(&AlertChange::Update));
     // Every open (odd) alert's new is still there when ended alerts remain to drop.
     let left: Vec<String> = keys(&s);
     let open_kept = (0..300)
@@ -265,7 +270,7 @@ fn compaction_keeps_exactly_the_pending_entries() {
     let mut s = Spool::open(dir.path(), limits(10_000)).unwrap();
     for i in 0..2000u64 {
         let seq = s
-            .append(&format!("k{i}"), EntryKind::New, T0, vec![i as u8; 100])
+            .append(&format!("k{i}"), AlertChange::New, T0, vec![i as u8; 100])
             .seq();
         if i % 100 != 0 {
             s.ack(seq);
@@ -280,7 +285,7 @@ fn compaction_keeps_exactly_the_pending_entries() {
     let before = size();
     assert!(s.maybe_compact().unwrap());
     assert!(size() * 10 < before, "{before} -> {}", size());
-    s.append("late", EntryKind::New, T0, b"x".to_vec());
+    s.append("late", AlertChange::New, T0, b"x".to_vec());
     s.sync().unwrap();
     drop(s);
     let s = Spool::open(dir.path(), limits(10_000)).unwrap();
@@ -300,7 +305,7 @@ fn the_writer_thread_keeps_order_across_group_commits_and_compaction() {
     let mut compacted = false;
     for i in 0..3000u64 {
         let seq = s
-            .append(&format!("k{i}"), EntryKind::New, T0, vec![i as u8; 64])
+            .append(&format!("k{i}"), AlertChange::New, T0, vec![i as u8; 64])
             .seq();
         if i % 7 != 0 {
             s.ack(seq);
@@ -321,7 +326,7 @@ fn the_writer_thread_keeps_order_across_group_commits_and_compaction() {
     assert!(compacted, "3000 records, 6 in 7 acked: compaction is due");
     s.append(
         "late",
-        EntryKind::New,
+        AlertChange::New,
         T0,
         b"after the last compaction".to_vec(),
     );
@@ -375,8 +380,8 @@ fn logs_of_the_previous_version_replay() {
     }
     std::fs::write(dir.path().join("spool.log"), &data).unwrap();
     let s = Spool::open(dir.path(), limits(100)).unwrap();
-    let kinds: Vec<EntryKind> = s.pending().map(|e| e.kind).collect();
-    assert_eq!(kinds, [EntryKind::New, EntryKind::Update]);
+    let kinds: Vec<AlertChange> = s.pending().map(|e| e.kind).collect();
+    assert_eq!(kinds, [AlertChange::New, AlertChange::Update]);
 }
 
 #[test]
@@ -393,7 +398,7 @@ fn written_log(n: usize, ack_every: usize) -> (Vec<u8>, Vec<(u64, String)>) {
         let seq = s
             .append(
                 &format!("key{i}"),
-                EntryKind::New,
+                AlertChange::New,
                 T0,
                 format!("payload {i}").into_bytes(),
             )
@@ -490,8 +495,8 @@ proptest! {
 fn a_sinks_acknowledgement_survives_a_reopen_and_a_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Spool::open(dir.path(), limits(100)).unwrap();
-    let a = s.append("A", EntryKind::New, T0, b"new A".to_vec()).seq();
-    let b = s.append("B", EntryKind::New, T0, b"new B".to_vec()).seq();
+    let a = s.append("A", AlertChange::New, T0, b"new A".to_vec()).seq();
+    let b = s.append("B", AlertChange::New, T0, b"new B".to_vec()).seq();
     assert!(s.sink_ack(a, "mqtt"));
     assert!(!s.sink_ack(a, "mqtt"), "once per sink");
     assert!(!s.sink_ack(999, "mqtt"), "not pending");

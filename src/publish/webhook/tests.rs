@@ -107,17 +107,17 @@ fn the_idempotency_key_is_the_event_and_its_spool_sequence() {
     let d = Delivery {
         seq: 42,
         alert_id: "01ALERT".into(),
-        kind: EntryKind::Update,
+        kind: AlertChange::Update,
         payload: Vec::new(),
     };
     assert_eq!(d.key(), "01ALERT:update:42");
     let c = config("https://x/in");
-    assert!(c.wants(EntryKind::End));
+    assert!(c.wants(AlertChange::End));
     let only_new = WebhookConfig {
         events: vec!["new".into()],
         ..c
     };
-    assert!(only_new.wants(EntryKind::New) && !only_new.wants(EntryKind::Update));
+    assert!(only_new.wants(AlertChange::New) && !only_new.wants(AlertChange::Update));
 }
 
 #[test]
