@@ -4,23 +4,26 @@
 //! where the stage loops, counted in its [`Restarts`], reported (log, `/readyz` degraded,
 //! `/api/streams`, metrics), and the stage goes on after a backoff with fresh per-item state.
 //!
-//! [`inject`] is a test switch, off unless `DFWATCH_FAULT_INJECT` is set in the daemon's
+//! [`inject`] is a test switch, compiled only into builds with debug assertions (the tests';
+//! never a release build) and off unless `DFWATCH_FAULT_INJECT` is set in the daemon's
 //! environment: `faces=3,encoder=5` makes the 3rd call at the `faces` point and the 5th at
 //! `encoder` panic (once each). Points: `faces` (per analysed frame), `encoder` (per batch),
 //! `decide` (per embedding), `publisher` (per request). A leaf: it imports nothing of the
 //! crate.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The environment variable of [`inject`].
 pub const ENV: &str = "DFWATCH_FAULT_INJECT";
 
-fn plan() -> &'static HashMap<String, (u64, AtomicU64)> {
-    static PLAN: OnceLock<HashMap<String, (u64, AtomicU64)>> = OnceLock::new();
+#[cfg(debug_assertions)]
+type Plan = std::collections::HashMap<String, (u64, AtomicU64)>;
+
+#[cfg(debug_assertions)]
+fn plan() -> &'static Plan {
+    static PLAN: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
     PLAN.get_or_init(|| {
         std::env::var(ENV)
             .unwrap_or_default()
@@ -36,17 +39,25 @@ fn plan() -> &'static HashMap<String, (u64, AtomicU64)> {
     })
 }
 
-/// Panics at the configured call of `point` (see the module doc); nothing otherwise.
+/// Panics at the configured call of `point` (see the module doc); nothing otherwise. Only in
+/// builds with debug assertions (the tests'): a release build (what users run, `cargo run
+/// --release` and the Debian package) compiles it to nothing, whatever the environment says.
+#[inline]
 pub fn inject(point: &str) {
-    let plan = plan();
-    if plan.is_empty() {
-        return;
-    }
-    if let Some((at, seen)) = plan.get(point)
-        && seen.fetch_add(1, Ordering::Relaxed) + 1 == *at
+    #[cfg(debug_assertions)]
     {
-        panic!("fault injected at {point} ({ENV})");
+        let plan = plan();
+        if plan.is_empty() {
+            return;
+        }
+        if let Some((at, seen)) = plan.get(point)
+            && seen.fetch_add(1, Ordering::Relaxed) + 1 == *at
+        {
+            panic!("fault injected at {point} ({ENV})");
+        }
     }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
 }
 
 /// The text of a caught panic.

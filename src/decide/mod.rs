@@ -240,6 +240,7 @@ impl Decider {
         self.max_held = n.max(1);
     }
 
+    #[cfg(test)]
     pub fn model(&self) -> &ModelInfo {
         &self.scoring.model
     }

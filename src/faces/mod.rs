@@ -20,9 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-pub use prepare::{
-    CropSpec, DeviceFace, PreparedFace, face_job, prepare_face, prepare_for_device, quick_quality,
-};
+pub use prepare::{CropSpec, face_job, prepare_face, prepare_for_device, quick_quality};
 
 use crate::channel::{Receiver, RecvTimeoutError, Sender, Sent};
 use crate::detect::FaceDetector;

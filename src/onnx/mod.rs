@@ -572,11 +572,3 @@ fn build(
         ),
     })
 }
-
-/// The runtime's information when [`init`] succeeded.
-pub fn runtime_info() -> Option<OnnxRuntimeInfo> {
-    match RUNTIME.get() {
-        Some(Ok(rt)) => Some(rt.info.clone()),
-        _ => None,
-    }
-}
