@@ -8,7 +8,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dfwatch::publish::mqtt::{self, MqttConfig, PublisherHandle};
+use dfwatch::publish::mqtt::MqttConfig;
+use dfwatch::publish::publisher::{self, PublisherHandle};
 use dfwatch::types::NodeId;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -67,7 +68,8 @@ async fn alerts_reach_the_broker_and_leave_the_spool() {
         broker.start().await;
         let got = subscriber(broker.port, "sub-basic");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let p =
+            publisher::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
         publish_n(&p, 0..5).await;
         p.publish_retained("streams/cam/status", b"{\"state\":\"online\"}".to_vec())
             .await
@@ -115,7 +117,8 @@ async fn a_broker_down_for_ten_seconds_loses_none_of_100_alerts() {
         let mut broker = Broker::new(dir.path());
         broker.start().await;
         let got = subscriber(broker.port, "sub-outage");
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let p =
+            publisher::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
         publish_n(&p, 0..3).await;
         wait_until("the first alerts", SECS(20), || alert_ids(&got).len() == 3).await;
         broker.stop();
@@ -146,7 +149,8 @@ async fn the_last_will_arrives_when_the_publisher_dies() {
         broker.start().await;
         let got = subscriber(broker.port, "sub-will");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let p =
+            publisher::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
         wait_until("online", SECS(20), || {
             got.lock().unwrap().iter().any(|(_, v)| v == "online")
         })
@@ -172,13 +176,13 @@ async fn alerts_spooled_before_a_crash_are_sent_after_the_restart() {
         let mut broker = Broker::new(dir.path());
         let spool = dir.path().join("spool");
         // No broker yet: the alerts can only go to the spool, then the process dies.
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &spool).unwrap();
+        let p = publisher::spawn(&config(&broker.url()), &node(), &spool).unwrap();
         publish_n(&p, 0..3).await;
         p.abort();
         broker.start().await;
         let got = subscriber(broker.port, "sub-restart");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &spool).unwrap();
+        let p = publisher::spawn(&config(&broker.url()), &node(), &spool).unwrap();
         wait_until("the 3 spooled alerts", SECS(20), || {
             alert_ids(&got).len() == 3
         })
@@ -193,7 +197,7 @@ async fn alerts_spooled_before_a_crash_are_sent_after_the_restart() {
 async fn bad_urls_and_unreadable_tls_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let err = |cfg: MqttConfig| match mqtt::spawn(&cfg, &node(), &spool) {
+    let err = |cfg: MqttConfig| match publisher::spawn(&cfg, &node(), &spool) {
         Ok(_) => panic!("accepted {cfg:?}"),
         Err(e) => e.to_string(),
     };
@@ -231,7 +235,7 @@ async fn the_embedded_broker_carries_alerts_statuses_and_the_last_will() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let dir = tempfile::tempdir().unwrap();
         let url = format!("mqtt://127.0.0.1:{port}");
-        let p = mqtt::spawn(&config(&url), &node(), &dir.path().join("spool")).unwrap();
+        let p = publisher::spawn(&config(&url), &node(), &dir.path().join("spool")).unwrap();
         publish_n(&p, 0..10).await;
         wait_until("10 alerts", SECS(20), || alert_ids(&got).len() == 10).await;
         let mut stats = p.subscribe();
@@ -256,7 +260,7 @@ async fn child_spools_alerts_then_waits_to_be_killed() {
         return;
     };
     let url = std::env::var("DFWATCH_CHILD_URL").unwrap();
-    let p = mqtt::spawn(&config(&url), &node(), Path::new(&spool)).unwrap();
+    let p = publisher::spawn(&config(&url), &node(), Path::new(&spool)).unwrap();
     publish_n(&p, 0..5).await;
     println!("SPOOLED");
     use std::io::Write;
@@ -311,7 +315,7 @@ async fn alerts_in_the_spool_survive_a_sigkill() {
         broker.start().await;
         let got = subscriber(broker.port, "sub-sigkill");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &spool).unwrap();
+        let p = publisher::spawn(&config(&broker.url()), &node(), &spool).unwrap();
         wait_until("the 5 alerts of the killed process", SECS(20), || {
             alert_ids(&got).len() == 5
         })
@@ -351,7 +355,8 @@ async fn face_crops_go_out_as_jpeg_and_are_never_retained() {
             }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let p =
+            publisher::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
         let mut stats = p.subscribe();
         stats.wait_for(|s| s.connected).await.unwrap();
         let rgb: Vec<u8> = (0..224 * 224 * 3).map(|i| (i % 251) as u8).collect();
@@ -513,7 +518,7 @@ async fn mqtts_with_a_client_certificate_when_the_broker_requires_one() {
         // Without a client certificate the broker refuses the handshake: alerts stay spooled.
         let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
         cfg.ca_file = Some(ca.clone());
-        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-no-cert")).unwrap();
+        let p = publisher::spawn(&cfg, &node(), &dir.path().join("spool-no-cert")).unwrap();
         publish_n(&p, 20..22).await;
         tokio::time::sleep(SECS(2)).await;
         assert!(!p.stats().connected);
@@ -522,7 +527,7 @@ async fn mqtts_with_a_client_certificate_when_the_broker_requires_one() {
         // With one, they arrive.
         cfg.client_cert_file = Some(dir.path().join("client.pem"));
         cfg.client_key_file = Some(dir.path().join("client.key"));
-        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-cert")).unwrap();
+        let p = publisher::spawn(&cfg, &node(), &dir.path().join("spool-cert")).unwrap();
         publish_n(&p, 0..3).await;
         wait_until("3 alerts with a client certificate", SECS(20), || {
             alert_ids(&got).len() == 3
@@ -531,7 +536,7 @@ async fn mqtts_with_a_client_certificate_when_the_broker_requires_one() {
         p.stop(SECS(2)).await;
         // Only one of the pair: a clear error at start.
         cfg.client_key_file = None;
-        let err = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-half"))
+        let err = publisher::spawn(&cfg, &node(), &dir.path().join("spool-half"))
             .err()
             .expect("half a client identity is refused")
             .to_string();
@@ -550,7 +555,7 @@ async fn mqtts_with_a_ca_file_reaches_a_tls_broker() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
         cfg.ca_file = Some(ca.clone());
-        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
+        let p = publisher::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
         publish_n(&p, 0..3).await;
         wait_until("3 alerts over TLS", SECS(20), || alert_ids(&got).len() == 3).await;
         p.stop(SECS(2)).await;
@@ -559,7 +564,7 @@ async fn mqtts_with_a_ca_file_reaches_a_tls_broker() {
         let (wrong_ca, _, _) = tls_files(other.path());
         let mut cfg = config(&format!("mqtts://127.0.0.1:{tls_port}"));
         cfg.ca_file = Some(wrong_ca);
-        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool-wrong-ca")).unwrap();
+        let p = publisher::spawn(&cfg, &node(), &dir.path().join("spool-wrong-ca")).unwrap();
         publish_n(&p, 10..12).await;
         tokio::time::sleep(SECS(2)).await;
         assert!(!p.stats().connected);
@@ -589,7 +594,7 @@ async fn child_publishes_while_its_disk_is_full() {
     unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.unwrap();
     setrlimit(Resource::RLIMIT_FSIZE, 12 * 1024, 12 * 1024).unwrap();
     let url = std::env::var("DFWATCH_CHILD_URL").unwrap();
-    let p = mqtt::spawn(&config(&url), &node(), Path::new(&spool)).unwrap();
+    let p = publisher::spawn(&config(&url), &node(), Path::new(&spool)).unwrap();
     let mut refused = 0;
     for i in 0..40 {
         let id = format!("01FULLDISK{i:016}");
@@ -696,7 +701,8 @@ async fn a_removed_streams_retained_messages_are_cleared_and_stay_cleared() {
         broker.start().await;
         let got = subscriber(broker.port, "sub-clear");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let p =
+            publisher::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
         let status = "dfwatch/test-node/streams/gone/status";
         let verdict = "dfwatch/test-node/streams/gone/verdict";
         let kept = "dfwatch/test-node/streams/kept/status";
@@ -820,7 +826,7 @@ async fn home_assistant_discovery_announces_reannounces_on_birth_and_clears_remo
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut cfg = config(&broker.url());
         cfg.homeassistant = true;
-        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
+        let p = publisher::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
         let (cam, cam2) = (
             dfwatch::types::StreamId::new("cam").unwrap(),
             dfwatch::types::StreamId::new("cam_2").unwrap(),
@@ -968,7 +974,7 @@ async fn retained_leftovers_of_an_earlier_run_are_swept_at_connect_and_availabil
         seen.lock().unwrap().clear();
         let mut cfg = config(&broker.url());
         cfg.homeassistant = true;
-        let p = mqtt::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
+        let p = publisher::spawn(&cfg, &node(), &dir.path().join("spool")).unwrap();
         p.set_streams([cam.clone()].into()).await.unwrap();
         p.announce_stream(&cam).await.unwrap();
         let node_online = |s: &Collected| {
@@ -1070,7 +1076,7 @@ async fn a_failing_webhook_gets_every_event_once_it_recovers_and_never_holds_bac
         let broker_url = broker.url();
         let start = || {
             let hook = dfwatch::publish::webhook::Webhook::prepare(&hook_cfg, dir.path()).unwrap();
-            mqtt::spawn_with_webhooks(
+            publisher::spawn_with_webhooks(
                 &config(&broker_url),
                 &node(),
                 &dir.path().join("spool"),
@@ -1233,7 +1239,8 @@ async fn a_burst_of_retained_messages_all_reach_the_broker() {
         broker.start().await;
         let got = subscriber(broker.port, "sub-burst");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let p = mqtt::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
+        let p =
+            publisher::spawn(&config(&broker.url()), &node(), &dir.path().join("spool")).unwrap();
         let mut s = p.subscribe();
         s.wait_for(|s| s.connected).await.unwrap();
         let n = 1200;

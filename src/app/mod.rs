@@ -48,7 +48,7 @@ use crate::evidence::UlidGenerator;
 use crate::faces::{CropSpec, EncodeItem, FaceStage};
 use crate::ingest::{self, StreamConfig, StreamHandle};
 use crate::metrics::{AnalysisMetrics, StreamMetrics};
-use crate::publish::mqtt::PublisherHandle;
+use crate::publish::publisher::PublisherHandle;
 use crate::types::{Frame, StreamId};
 
 /// How often a summary line per stream is logged.
@@ -1042,8 +1042,13 @@ fn start_publisher(
         for w in &webhooks {
             tracing::info!(webhook = %w.cfg.name, to = %w.url.shown(), events = ?w.cfg.events, "Webhook configured.");
         }
-        crate::publish::mqtt::spawn_with_webhooks(&mqtt_cfg, &config.node.id, &spool_dir, webhooks)
-            .context("starting the MQTT publisher")?
+        crate::publish::publisher::spawn_with_webhooks(
+            &mqtt_cfg,
+            &config.node.id,
+            &spool_dir,
+            webhooks,
+        )
+        .context("starting the MQTT publisher")?
     });
     tracing::info!(url = %mqtt_cfg.url, prefix = %mqtt_cfg.prefix, spool = %spool_dir.display(), "MQTT publisher started.");
     Ok((publisher, spool_dir))

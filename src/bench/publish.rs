@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
-use dfwatch::publish::mqtt::{self, MqttConfig};
+use dfwatch::publish::mqtt::MqttConfig;
+use dfwatch::publish::publisher;
 use dfwatch::types::NodeId;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -40,7 +41,7 @@ async fn durable(
         url: format!("mqtt://127.0.0.1:{port}"),
         ..MqttConfig::default()
     };
-    let p = Arc::new(mqtt::spawn(
+    let p = Arc::new(publisher::spawn(
         &cfg,
         &NodeId::new("bench")?,
         &dir.join("spool"),

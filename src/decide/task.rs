@@ -13,7 +13,7 @@ use crate::encode::Encoded;
 use crate::events::{Change, EventStore, Incoming};
 use crate::evidence::EvidenceConfig;
 use crate::metrics::AnalysisMetrics;
-use crate::publish::mqtt::PublisherHandle;
+use crate::publish::publisher::PublisherHandle;
 use crate::types::{FaceEvent, FaceMeta};
 
 /// What the decision stage reads: embeddings and face-stage events, in queue order.

@@ -14,8 +14,8 @@ use crate::channel::ChannelStats;
 use crate::ingest::{StreamConfig, StreamCounters, StreamStatus};
 use crate::metrics::families::{NodeSample, StreamSample};
 use crate::metrics::{AnalysisMetrics, StreamMetrics};
-use crate::publish::mqtt::PublisherHandle;
 use crate::publish::payload::ModelInfo;
+use crate::publish::publisher::PublisherHandle;
 use crate::types::StreamId;
 
 /// A request to the supervisor loop, answered on `reply`.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::{AnalysisMetrics, Exposition, StreamMetrics};
 use crate::ingest::{StreamStats, StreamStatus};
-use crate::publish::mqtt::PublisherStats;
 use crate::publish::payload::ModelInfo;
+use crate::publish::publisher::PublisherStats;
 
 /// One stream's numbers, read once per request.
 pub struct StreamSample<'a> {
@@ -29,7 +29,7 @@ pub struct NodeSample<'a> {
     pub publisher: PublisherStats,
     pub publisher_restarts: u64,
     /// Each webhook's counters.
-    pub webhooks: Vec<crate::publish::mqtt::WebhookStats>,
+    pub webhooks: Vec<crate::publish::publisher::WebhookStats>,
     /// The event store's counters and gauges.
     pub events: &'a crate::events::StoreMetrics,
 }
@@ -363,7 +363,7 @@ pub fn render(e: &mut Exposition, n: &NodeSample<'_>) {
     ] {
         e.family(name, "counter", help).sample(name, &[], v as f64);
     }
-    type PickHook = fn(&crate::publish::mqtt::WebhookStats) -> f64;
+    type PickHook = fn(&crate::publish::publisher::WebhookStats) -> f64;
     let hooks: [(&str, &str, &str, PickHook); 5] = [
         (
             "dfwatch_webhook_delivered_total",

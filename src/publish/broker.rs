@@ -9,20 +9,22 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use super::mqtt::PublishError;
+use super::mqtt::MqttError;
 
 /// Starts rumqttd on `listen` (a loopback address) on its own thread, and returns once it
 /// accepts connections. rumqttd has no stop: the broker runs until the process exits.
-pub fn start_embedded(listen: SocketAddr) -> Result<(), PublishError> {
+pub fn start_embedded(listen: SocketAddr) -> Result<(), MqttError> {
     if !listen.ip().is_loopback() {
-        return Err(PublishError::Url(format!(
+        return Err(MqttError::Url(format!(
             "the embedded broker listens on loopback only, not {listen}"
         )));
     }
     // Fail clearly when the port is taken (rumqttd would only log it on its own thread).
-    drop(TcpListener::bind(listen).map_err(|e| {
-        PublishError::Url(format!("embedded broker: cannot listen on {listen}: {e}"))
-    })?);
+    drop(
+        TcpListener::bind(listen).map_err(|e| {
+            MqttError::Url(format!("embedded broker: cannot listen on {listen}: {e}"))
+        })?,
+    );
     let config: rumqttd::Config = serde_json::from_value(serde_json::json!({
         "id": 0,
         "router": {
@@ -45,7 +47,7 @@ pub fn start_embedded(listen: SocketAddr) -> Result<(), PublishError> {
             }
         }
     }))
-    .map_err(|e| PublishError::Url(format!("embedded broker config: {e}")))?;
+    .map_err(|e| MqttError::Url(format!("embedded broker config: {e}")))?;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -54,7 +56,7 @@ pub fn start_embedded(listen: SocketAddr) -> Result<(), PublishError> {
                 tracing::error!(error = %e, "Embedded MQTT broker stopped.");
             }
         })
-        .map_err(|e| PublishError::Url(format!("embedded broker thread: {e}")))?;
+        .map_err(|e| MqttError::Url(format!("embedded broker thread: {e}")))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if TcpStream::connect(listen).is_ok() {
@@ -63,7 +65,7 @@ pub fn start_embedded(listen: SocketAddr) -> Result<(), PublishError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(PublishError::Url(format!(
+    Err(MqttError::Url(format!(
         "embedded broker did not start listening on {listen} within 5 s"
     )))
 }

@@ -19,6 +19,47 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 /// A sink's index in the outbox.
 pub type SinkId = usize;
 
+/// The publisher's sinks, typed: MQTT, or the config's webhook `i`. The outbox numbers them
+/// ([`Sink::id`]: MQTT first, then the webhooks in order); the spool names them
+/// ([`Sink::name`]) in its per-sink acknowledgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    Mqtt,
+    Webhook(usize),
+}
+
+impl Sink {
+    /// The sink's index in the outbox.
+    pub fn id(self) -> SinkId {
+        match self {
+            Sink::Mqtt => 0,
+            Sink::Webhook(i) => 1 + i,
+        }
+    }
+
+    /// The sink of an outbox index.
+    pub fn of(id: SinkId) -> Sink {
+        match id {
+            0 => Sink::Mqtt,
+            n => Sink::Webhook(n - 1),
+        }
+    }
+
+    /// Its name in the spool's acknowledgements and in the outbox's counters: `mqtt`, or
+    /// `webhook:<name>` for the webhook named `webhook`.
+    pub fn name(self, webhook: impl FnOnce(usize) -> String) -> String {
+        match self {
+            Sink::Mqtt => crate::publish::spool::MQTT_SINK.to_string(),
+            Sink::Webhook(i) => webhook_sink_name(&webhook(i)),
+        }
+    }
+}
+
+/// A webhook's sink name (`webhook:<name>`).
+pub fn webhook_sink_name(name: &str) -> String {
+    format!("webhook:{name}")
+}
+
 /// One sink's settings.
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
@@ -30,7 +71,7 @@ pub struct SinkConfig {
 }
 
 #[derive(Debug)]
-struct Sink {
+struct SinkState {
     cfg: SinkConfig,
     connected: bool,
     /// Every alert this sink owes an acknowledgement for, oldest first.
@@ -57,7 +98,7 @@ pub struct SinkStats {
 /// The outbox of every sink.
 #[derive(Debug)]
 pub struct Outbox {
-    sinks: Vec<Sink>,
+    sinks: Vec<SinkState>,
     /// Alert -> sinks that still owe it.
     holds: HashMap<u64, usize>,
     /// `(sink, alert)` given up by a cap since [`Outbox::take_given_up`] (to record, so a
@@ -70,7 +111,7 @@ impl Outbox {
         Outbox {
             sinks: sinks
                 .into_iter()
-                .map(|cfg| Sink {
+                .map(|cfg| SinkState {
                     cfg,
                     connected: false,
                     owed: BTreeSet::new(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rumqttc::{LastWill, MqttOptions, QoS};
 use serde::{Deserialize, Serialize};
 
-use super::PublishError;
+use super::MqttError;
 use crate::backoff::BackoffConfig;
 use crate::types::NodeId;
 use crate::validation::{Checker, ConfigError, ConfigErrors};
@@ -231,19 +231,19 @@ pub struct BrokerUrl {
 }
 
 impl BrokerUrl {
-    pub fn parse(s: &str) -> Result<Self, PublishError> {
-        let u = url::Url::parse(s).map_err(|e| PublishError::Url(format!("{s:?}: {e}")))?;
+    pub fn parse(s: &str) -> Result<Self, MqttError> {
+        let u = url::Url::parse(s).map_err(|e| MqttError::Url(format!("{s:?}: {e}")))?;
         let tls = match u.scheme() {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
             other => {
-                return Err(PublishError::Url(format!(
+                return Err(MqttError::Url(format!(
                     "unsupported scheme {other:?}; use mqtt:// or mqtts://"
                 )));
             }
         };
         if !u.username().is_empty() || u.password().is_some() {
-            return Err(PublishError::Url(
+            return Err(MqttError::Url(
                 "credentials in the URL are refused; use mqtt.username and mqtt.password_env \
                  or mqtt.password_file"
                     .into(),
@@ -252,7 +252,7 @@ impl BrokerUrl {
         let host = u
             .host_str()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| PublishError::Url(format!("{s:?} has no host")))?
+            .ok_or_else(|| MqttError::Url(format!("{s:?} has no host")))?
             .trim_matches(['[', ']'])
             .to_string();
         Ok(BrokerUrl {
@@ -263,8 +263,8 @@ impl BrokerUrl {
     }
 }
 
-fn read_file(field: &'static str, p: &Path) -> Result<Vec<u8>, PublishError> {
-    std::fs::read(p).map_err(|e| PublishError::File {
+fn read_file(field: &'static str, p: &Path) -> Result<Vec<u8>, MqttError> {
+    std::fs::read(p).map_err(|e| MqttError::File {
         field,
         path: p.display().to_string(),
         reason: e.to_string(),
@@ -272,7 +272,7 @@ fn read_file(field: &'static str, p: &Path) -> Result<Vec<u8>, PublishError> {
 }
 
 /// QoS 1 publishes awaiting their PUBACK at once.
-pub(super) const MAX_IN_FLIGHT: usize = 200;
+pub(crate) const MAX_IN_FLIGHT: usize = 200;
 
 /// Topic of the node's retained status.
 pub fn status_topic(prefix: &str, node: &NodeId) -> String {
@@ -316,19 +316,19 @@ pub fn parse_stream_topic<'a>(
 
 /// Everything resolved at start, so the task itself cannot fail on configuration.
 #[derive(Clone)]
-pub(super) struct Prepared {
-    pub(super) options: MqttOptions,
-    pub(super) status: String,
-    pub(super) alerts: String,
+pub(crate) struct Prepared {
+    pub(crate) options: MqttOptions,
+    pub(crate) status: String,
+    pub(crate) alerts: String,
     /// `<prefix>/<node>/`, for retained messages.
-    pub(super) node_prefix: String,
-    pub(super) backoff: BackoffConfig,
+    pub(crate) node_prefix: String,
+    pub(crate) backoff: BackoffConfig,
     /// Home Assistant discovery, when on.
-    pub(super) discovery: Option<crate::publish::homeassistant::Discovery>,
+    pub(crate) discovery: Option<crate::publish::homeassistant::Discovery>,
 }
 
-pub(super) fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, PublishError> {
-    cfg.check().map_err(PublishError::Config)?;
+pub(crate) fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, MqttError> {
+    cfg.check().map_err(MqttError::Config)?;
     let url = BrokerUrl::parse(&cfg.url)?;
     let id = cfg
         .client_id
@@ -343,12 +343,10 @@ pub(super) fn prepare(cfg: &MqttConfig, node: &NodeId) -> Result<Prepared, Publi
     let status = status_topic(&cfg.prefix, node);
     o.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
     let password = match (&cfg.password_env, &cfg.password_file) {
-        (Some(var), _) => {
-            Some(std::env::var(var).map_err(|_| PublishError::MissingEnv(var.clone()))?)
-        }
+        (Some(var), _) => Some(std::env::var(var).map_err(|_| MqttError::MissingEnv(var.clone()))?),
         (None, Some(p)) => {
             Some(
-                crate::files::read_secret_file(p).map_err(|e| PublishError::File {
+                crate::files::read_secret_file(p).map_err(|e| MqttError::File {
                     field: "password_file",
                     path: p.display().to_string(),
                     reason: e.to_string(),
