@@ -991,16 +991,39 @@ async fn retained_leftovers_of_an_earlier_run_are_swept_at_connect_and_availabil
                 .position(|(t, v, _)| t == topic && v == payload)
                 .unwrap_or_else(|| panic!("{topic} = {payload:?} not sent: {got:?}"))
         };
-        for (t, _) in leftovers.iter().filter(|(t, _)| t.contains("gone")) {
-            assert!(
-                position(t, b"") < online_at,
-                "{t} cleared before the node is online"
-            );
-        }
+        // The gone stream's discovery configs are cleared before the node is online (Home
+        // Assistant drops its entities); its state topics after a grace, so no entity that
+        // still exists reads an emptied topic.
+        let configs: Vec<&String> = leftovers
+            .iter()
+            .map(|(t, _)| t)
+            .filter(|t| t.starts_with("homeassistant/") && t.contains("gone"))
+            .collect();
+        assert_eq!(configs.len(), 4);
+        let last_config = configs.iter().map(|t| position(t, b"")).max().unwrap();
+        assert!(
+            last_config < online_at,
+            "configs cleared before the node is online"
+        );
         assert!(
             position("dfwatch/test-node/streams/cam/availability", b"offline") < online_at,
             "cam's stale availability goes offline before the node is online"
         );
+        let states: Vec<&String> = leftovers
+            .iter()
+            .map(|(t, _)| t)
+            .filter(|t| t.starts_with("dfwatch/test-node/streams/gone/"))
+            .collect();
+        assert_eq!(states.len(), 3);
+        wait_until("the gone stream's state topics cleared", SECS(15), || {
+            let got = seen.lock().unwrap();
+            states.iter().all(|t| {
+                got.iter()
+                    .position(|(x, v, _)| x == *t && v.is_empty())
+                    .is_some_and(|at| at > online_at)
+            })
+        })
+        .await;
         // A client arriving now finds nothing of the gone stream.
         let (_late, late) = ha_client(broker.port, "late", "#");
         tokio::time::sleep(SECS(1)).await;

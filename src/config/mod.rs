@@ -389,9 +389,6 @@ impl Config {
         cadence::Cadence::new(fps, &self.track, &self.evidence)
     }
 
-    /// Every rule for one stream under this config (`path` prefixes the errors): its own
-    /// section, the pixel format for the backend, and its scoring cadence. The daemon runs it
-    /// for streams added through the API too.
     /// What the daemon accepts but cannot do, known before it starts: an enabled stream's
     /// local file that is not there or not a regular file (the stream would go offline with
     /// `not_found`). `validate` prints these without failing: the file may appear before the
@@ -421,6 +418,9 @@ impl Config {
         out
     }
 
+    /// Every rule for one stream under this config (`path` prefixes the errors): its own
+    /// section, the pixel format for the backend, and its scoring cadence. The daemon runs it
+    /// for streams added through the API too.
     pub fn validate_stream(&self, s: &StreamConfig, path: &str, errors: &mut Vec<ConfigError>) {
         let before = errors.len();
         s.validate(path, &self.base_dir, errors);

@@ -48,6 +48,8 @@ pub const MAX_AGE_RANGE: std::ops::RangeInclusive<Duration> =
 pub const MAX_EVENTS_RANGE: std::ops::RangeInclusive<u64> = 10..=10_000_000;
 /// `max_media_bytes`: 1 MiB to 1 TiB.
 pub const MAX_MEDIA_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 40);
+/// What `max_db_bytes` must leave beside `max_media_bytes` for the events' rows.
+pub const DB_HEADROOM: u64 = 8 << 20;
 /// `max_db_bytes`: 16 MiB to 2 TiB.
 pub const MAX_DB_RANGE: std::ops::RangeInclusive<u64> = (16 << 20)..=(2 << 40);
 /// `held_frames`.
@@ -70,8 +72,8 @@ pub struct EventsConfig {
     /// total never passes it. 1 MiB to 1 TiB.
     pub max_media_bytes: u64,
     /// Bytes the database itself may take (its pages in use: rows, lifecycles and media; the
-    /// write-ahead log aside): past it the oldest events go first. More than
-    /// `max_media_bytes`; 16 MiB to 2 TiB. Default 4 GiB.
+    /// write-ahead log aside): past it the oldest events go first. At least
+    /// `max_media_bytes` plus 8 MiB; 16 MiB to 2 TiB. Default 4 GiB.
     pub max_db_bytes: u64,
     /// Updates kept per event, the newest (its new and end are always kept): each is a
     /// whole alert payload, about 2 KB. 0 to 256, default 32.
@@ -108,13 +110,16 @@ impl EventsConfig {
             self.max_updates,
             0..=db::MAX_UPDATES_PER_EVENT,
         );
-        if self.max_db_bytes <= self.max_media_bytes {
+        if self.max_db_bytes < self.max_media_bytes.saturating_add(DB_HEADROOM) {
             c.error(
                 "max_db_bytes",
                 format!(
-                    "{} must be more than max_media_bytes ({}): the media are in the database, \
-                     beside the events' rows",
-                    self.max_db_bytes, self.max_media_bytes
+                    "{} must be at least max_media_bytes ({}) plus {} MiB: the media are in the \
+                     database beside the events' rows, and a cap the media alone could fill \
+                     would remove events at every write",
+                    self.max_db_bytes,
+                    self.max_media_bytes,
+                    DB_HEADROOM >> 20
                 ),
             );
         }

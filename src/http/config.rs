@@ -65,20 +65,25 @@ pub struct Cidr {
 impl Cidr {
     /// Whether `ip` is inside the block (an IPv4-mapped IPv6 address counts as its IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        let v4 = |a: IpAddr| match a {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
             v4 => v4,
         };
-        match (self.addr, ip) {
+        // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is its IPv4 block.
+        let (net, prefix) = match (self.addr, v4(self.addr)) {
+            (IpAddr::V6(_), IpAddr::V4(n)) => (IpAddr::V4(n), self.prefix.saturating_sub(96)),
+            _ => (self.addr, self.prefix),
+        };
+        let ip = v4(ip);
+        let me = Cidr { addr: net, prefix };
+        match (me.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u32::MAX.checked_shl(32 - u32::from(me.prefix)).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
+                    .checked_shl(128 - u32::from(me.prefix))
                     .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }

@@ -335,6 +335,10 @@ mod tests {
         assert!(c("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
         assert!(c("::/0").unwrap().contains("2001:db8::1".parse().unwrap()));
         assert!(!c("::1").unwrap().contains("::2".parse().unwrap()));
+        let mapped = c("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
+        assert!(mapped.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!mapped.contains("11.0.0.1".parse().unwrap()));
         for bad in ["10.0.0.0/33", "::/129", "example.com", "10.0.0.0/x", ""] {
             assert!(c(bad).is_err(), "{bad}");
         }

@@ -197,8 +197,8 @@ fn local_host(headers: &axum::http::HeaderMap) -> bool {
     };
     let name = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((h, _)) => h,
-            None => return false,
+            Some((h, port)) if port.is_empty() || port.strip_prefix(':').is_some() => h,
+            _ => return false,
         }
     } else {
         host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
@@ -211,8 +211,9 @@ fn local_host(headers: &axum::http::HeaderMap) -> bool {
 async fn create_session(
     State(s): State<Arc<AppState>>,
     ConnectInfo(caller): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
-    match s.sessions.create(Instant::now()) {
+    match s.sessions.create(&headers, Instant::now()) {
         Ok(new) => {
             guard::audit(caller, "create_session", "-", "created");
             (
@@ -238,21 +239,21 @@ async fn create_session(
     }
 }
 
-/// `DELETE /api/session`: ends the caller's session (its cookie and tab secret are the
-/// credential).
+/// `DELETE /api/session`: ends the caller's tab (its cookie and tab secret are the
+/// credential); the cookie is cleared only with the browser's last tab.
 async fn end_session(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    let ended = s
+    match s
         .sessions
-        .end(req.headers(), req.uri().query(), Instant::now());
-    (
-        if ended {
-            StatusCode::NO_CONTENT
-        } else {
-            StatusCode::NOT_FOUND
-        },
-        [(axum::http::header::SET_COOKIE, s.sessions.cleared())],
-    )
-        .into_response()
+        .end(req.headers(), req.uri().query(), Instant::now())
+    {
+        None => StatusCode::NOT_FOUND.into_response(),
+        Some(false) => StatusCode::NO_CONTENT.into_response(),
+        Some(true) => (
+            StatusCode::NO_CONTENT,
+            [(axum::http::header::SET_COOKIE, s.sessions.cleared())],
+        )
+            .into_response(),
+    }
 }
 
 async fn livez(State(s): State<Arc<AppState>>) -> Response {
@@ -588,6 +589,7 @@ mod tests {
             "127.0.0.1.nip.io:8787",
             "localhost.evil:80",
             "[::1",
+            "[::1]junk",
         ] {
             assert!(!with(bad), "{bad}");
         }

@@ -148,6 +148,9 @@ where
         loop {
             let next = tokio::select! {
                 _ = place.ended.cancelled() => None,
+                // The client went away while nothing was due (a quiet events stream): the
+                // place is freed now, not at the next event.
+                _ = tx.closed() => return,
                 n = body.next() => Some(n),
             };
             let Some(Some(item)) = next else {
@@ -251,6 +254,18 @@ mod tests {
         // What was handed over is still read, then the cut shows as an error, not an end.
         let rest: Vec<_> = s.collect().await;
         assert!(rest.last().unwrap().is_err(), "{rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_while_nothing_is_due_frees_its_place_at_once() {
+        let p = Places::new(1, 1, WhenFull::Refuse);
+        let place = p.take(ip("10.0.0.1")).unwrap();
+        // A body that yields nothing for a long time (a quiet events stream).
+        let body = futures_util::stream::pending::<Result<u32, std::io::Error>>();
+        let s = stall_guarded(body, place, Duration::from_secs(3600));
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.held.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -18,6 +18,10 @@
 //! every change still needs the bearer token. Sessions live in memory: a restart ends them.
 //! `DELETE /api/session` (cookie and tab) ends one.
 //!
+//! A browser keeps one cookie per name, so every tab of it, and every renewal, signs in under
+//! the cookie it already has with a tab secret of its own ([`MAX_TABS`] per session): a
+//! second tab never signs the first out.
+//!
 //! Bound: [`MAX_SESSIONS`] at once; the oldest goes first (counted).
 
 use std::collections::HashMap;
@@ -37,13 +41,24 @@ pub const TAB_HEADER: &str = "x-dfwatch-tab";
 pub const TAB_QUERY: &str = "tab";
 /// How long a session is valid (the page renews it at half that while it has the token).
 pub const SESSION_TTL: Duration = Duration::from_secs(3600);
-/// Sessions kept at once.
+/// Sessions (browsers) kept at once.
 pub const MAX_SESSIONS: usize = 256;
+/// Tab secrets one session holds at once (tabs, and renewals before the old one expired);
+/// past it the oldest goes.
+pub const MAX_TABS: usize = 16;
 
-#[derive(Debug, Clone, Copy)]
+/// One browser's session: its cookie's tabs (each tab of the browser, and each renewal,
+/// signs in with a tab secret of its own under the one cookie the browser keeps).
+#[derive(Debug, Clone, Default)]
 struct Entry {
-    expires: Instant,
-    tab: [u8; 32],
+    /// Tab secrets' digests and when each expires, oldest first; at most [`MAX_TABS`].
+    tabs: std::collections::VecDeque<([u8; 32], Instant)>,
+}
+
+impl Entry {
+    fn expires(&self) -> Option<Instant> {
+        self.tabs.iter().map(|(_, e)| *e).max()
+    }
 }
 
 /// The live sessions, by the SHA-256 of their cookie secret (no secret itself is kept).
@@ -125,25 +140,43 @@ impl Sessions {
             .filter(|v| well_formed(v))
     }
 
-    /// A new session at `now`.
-    pub fn create(&self, now: Instant) -> std::io::Result<NewSession> {
-        let (cookie, tab) = (secret()?, secret()?);
+    /// A session for the request at `now`: a new tab secret under the browser's cookie when
+    /// the request carries a live one of ours (another tab signing in, or a renewal: the
+    /// browser keeps one cookie per port, so a new cookie would sign every other tab out),
+    /// else a new cookie and tab.
+    pub fn create(&self, headers: &HeaderMap, now: Instant) -> std::io::Result<NewSession> {
+        let tab = secret()?;
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        book.retain(|_, e| e.expires > now);
-        while book.len() >= MAX_SESSIONS {
-            let Some(oldest) = book.iter().min_by_key(|(_, e)| e.expires).map(|(k, _)| *k) else {
-                break;
-            };
-            book.remove(&oldest);
-            self.evicted.inc();
+        for e in book.values_mut() {
+            e.tabs.retain(|(_, exp)| *exp > now);
         }
-        book.insert(
-            digest(&cookie),
-            Entry {
-                expires: now + SESSION_TTL,
-                tab: digest(&tab),
-            },
-        );
+        book.retain(|_, e| !e.tabs.is_empty());
+        let live = self
+            .cookies(headers)
+            .find(|c| book.contains_key(&digest(c)))
+            .map(str::to_string);
+        let cookie = match live {
+            Some(c) => c,
+            None => {
+                while book.len() >= MAX_SESSIONS {
+                    let Some(oldest) = book
+                        .iter()
+                        .min_by_key(|(_, e)| e.expires())
+                        .map(|(k, _)| *k)
+                    else {
+                        break;
+                    };
+                    book.remove(&oldest);
+                    self.evicted.inc();
+                }
+                secret()?
+            }
+        };
+        let entry = book.entry(digest(&cookie)).or_default();
+        if entry.tabs.len() >= MAX_TABS {
+            entry.tabs.pop_front();
+        }
+        entry.tabs.push_back((digest(&tab), now + SESSION_TTL));
         self.created.inc();
         let set_cookie = HeaderValue::from_str(&format!(
             "{}={cookie}; HttpOnly; SameSite=Strict; Path=/api/; Max-Age={}",
@@ -154,14 +187,22 @@ impl Sessions {
         Ok(NewSession { set_cookie, tab })
     }
 
-    /// The key of the live session the request proves: one of its cookies and its tab
-    /// secret belong to the same session.
-    fn find(&self, headers: &HeaderMap, query: Option<&str>, now: Instant) -> Option<[u8; 32]> {
+    /// The session (its cookie's key) and the tab the request proves: one of its cookies
+    /// names a session that holds its tab secret, unexpired.
+    fn find(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        now: Instant,
+    ) -> Option<([u8; 32], [u8; 32])> {
         let tab = digest(tab(headers, query)?);
         let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        self.cookies(headers).map(digest).find(|key| {
-            book.get(key)
-                .is_some_and(|e| e.expires > now && same(&e.tab, &tab))
+        self.cookies(headers).map(digest).find_map(|key| {
+            book.get(&key)?
+                .tabs
+                .iter()
+                .any(|(t, exp)| *exp > now && same(t, &tab))
+                .then_some((key, tab))
         })
     }
 
@@ -170,13 +211,18 @@ impl Sessions {
         self.find(headers, query, now).is_some()
     }
 
-    /// Ends the request's session; `true` when there was one.
-    pub fn end(&self, headers: &HeaderMap, query: Option<&str>, now: Instant) -> bool {
-        let Some(key) = self.find(headers, query, now) else {
-            return false;
-        };
+    /// Ends the request's tab; `None` when it had none, else whether the browser's whole
+    /// session ended with it (its last tab: then its cookie may be cleared).
+    pub fn end(&self, headers: &HeaderMap, query: Option<&str>, now: Instant) -> Option<bool> {
+        let (key, tab) = self.find(headers, query, now)?;
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        book.remove(&key).is_some()
+        let entry = book.get_mut(&key)?;
+        entry.tabs.retain(|(t, _)| !same(t, &tab));
+        let last = entry.tabs.is_empty();
+        if last {
+            book.remove(&key);
+        }
+        Some(last)
     }
 
     /// The `Set-Cookie` value that removes the cookie.
@@ -220,7 +266,7 @@ mod tests {
     fn a_session_needs_its_cookie_and_its_tab_until_it_expires_or_ends() {
         let s = Sessions::new(8787);
         let t = Instant::now();
-        let new = s.create(t).unwrap();
+        let new = s.create(&HeaderMap::new(), t).unwrap();
         let text = new.set_cookie.to_str().unwrap();
         assert!(text.starts_with("dfwatch_session_8787="), "{text}");
         assert!(
@@ -238,8 +284,8 @@ mod tests {
         let q = format!("s=3&tab={}", new.tab);
         assert!(s.valid(&cookie_only, Some(&q), t));
         assert!(!s.valid(&cookie_only, Some("tab=nope"), t));
-        // A made-up cookie, or another session's tab, is no session.
-        let other = s.create(t).unwrap();
+        // A made-up cookie, or another browser's tab, is no session.
+        let other = s.create(&HeaderMap::new(), t).unwrap();
         let mut mixed = with(&new, false);
         mixed.insert(TAB_HEADER, other.tab.parse().unwrap());
         assert!(!s.valid(&mixed, None, t));
@@ -255,16 +301,56 @@ mod tests {
         assert!(!s.valid(&HeaderMap::new(), None, t));
         // Another port's daemon names its cookie apart.
         assert!(!Sessions::new(8788).valid(&h, None, t));
-        assert!(s.end(&h, None, t));
+        assert_eq!(s.end(&h, None, t), Some(true), "its last tab");
         assert!(!s.valid(&h, None, t));
-        assert!(!s.end(&h, None, t));
+        assert_eq!(s.end(&h, None, t), None);
+    }
+
+    /// A second tab signing in, or a tab renewing its session, keeps the browser's one
+    /// cookie: every other tab goes on reading.
+    #[test]
+    fn tabs_and_renewals_share_the_browsers_cookie_and_sign_no_one_out() {
+        let s = Sessions::new(8787);
+        let t = Instant::now();
+        let first = s.create(&HeaderMap::new(), t).unwrap();
+        let tab_a = with(&first, true);
+        // Tab B signs in with the browser's cookie: the same cookie comes back.
+        let second = s
+            .create(&with(&first, false), t + Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            second.set_cookie.to_str().unwrap().split(';').next(),
+            first.set_cookie.to_str().unwrap().split(';').next()
+        );
+        assert_ne!(second.tab, first.tab);
+        let tab_b = with(&second, true);
+        assert!(s.valid(&tab_a, None, t + Duration::from_secs(6)));
+        assert!(s.valid(&tab_b, None, t + Duration::from_secs(6)));
+        assert_eq!(s.len(), 1, "one browser, one session");
+        // A renewal of tab A before it expires: a fresh tab secret, tab B untouched.
+        let renewed = s.create(&tab_a, t + SESSION_TTL / 2).unwrap();
+        let tab_a2 = with(&renewed, true);
+        assert!(s.valid(&tab_a2, None, t + SESSION_TTL + Duration::from_secs(1)));
+        assert!(!s.valid(&tab_a, None, t + SESSION_TTL + Duration::from_secs(1)));
+        // Signing tab B out leaves the others.
+        assert_eq!(s.end(&tab_b, None, t + Duration::from_secs(7)), Some(false));
+        assert!(s.valid(&tab_a2, None, t + Duration::from_secs(7)));
+        // A session holds at most MAX_TABS tab secrets.
+        for i in 0..MAX_TABS + 3 {
+            s.create(&tab_a2, t + Duration::from_secs(8 + i as u64))
+                .unwrap();
+        }
+        assert!(
+            !s.valid(&tab_a2, None, t + Duration::from_secs(60)),
+            "the oldest went"
+        );
     }
 
     #[test]
     fn a_planted_cookie_of_the_same_name_does_not_hide_the_real_one() {
         let s = Sessions::new(8787);
         let t = Instant::now();
-        let new = s.create(t).unwrap();
+        let new = s.create(&HeaderMap::new(), t).unwrap();
         let pair = new.set_cookie.to_str().unwrap().split(';').next().unwrap();
         let mut h = HeaderMap::new();
         // Another port's page set a cookie of this name first (cookie tossing).
@@ -282,13 +368,18 @@ mod tests {
     fn the_book_is_bounded_and_the_oldest_goes_first() {
         let s = Sessions::new(8787);
         let t = Instant::now();
-        let first = with(&s.create(t).unwrap(), true);
+        let first = with(&s.create(&HeaderMap::new(), t).unwrap(), true);
         for i in 1..MAX_SESSIONS {
-            s.create(t + Duration::from_millis(i as u64)).unwrap();
+            s.create(&HeaderMap::new(), t + Duration::from_millis(i as u64))
+                .unwrap();
         }
         assert_eq!(s.len(), MAX_SESSIONS);
         assert!(s.valid(&first, None, t));
-        let newest = with(&s.create(t + Duration::from_secs(1)).unwrap(), true);
+        let newest = with(
+            &s.create(&HeaderMap::new(), t + Duration::from_secs(1))
+                .unwrap(),
+            true,
+        );
         assert_eq!(s.len(), MAX_SESSIONS);
         assert_eq!(s.evicted.get(), 1);
         assert!(!s.valid(&first, None, t));

@@ -63,7 +63,8 @@ fn prepare(out: &Path) -> anyhow::Result<()> {
             anyhow::ensure!(
                 !any,
                 "{} is not empty; name a new or empty directory (the export never writes over \
-                 files)",
+                 files; an export that stopped part way leaves its files there: remove them, or \
+                 export elsewhere)",
                 out.display()
             );
             Ok(())

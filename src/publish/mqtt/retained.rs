@@ -115,7 +115,10 @@ pub(crate) fn go_online(
 }
 
 /// The sweep saw everything retained: what it says to clear (or set offline) goes out, its
-/// subscriptions end, and the node goes online.
+/// subscriptions end, and the node goes online. With Home Assistant, a gone stream's
+/// discovery configs are cleared now and its state topics after [`HA_DROP_GRACE`] (into
+/// `deferred`), so no entity that still exists reads an emptied topic.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn end_sweep(
     session: &mut Session,
     outbox: &mut Outbox,
@@ -124,6 +127,7 @@ pub(crate) fn end_sweep(
     current: Option<&std::collections::BTreeSet<crate::types::StreamId>>,
     retained: &std::collections::BTreeMap<String, Vec<u8>>,
     to_clear: &mut std::collections::BTreeSet<String>,
+    deferred: &mut VecDeque<(tokio::time::Instant, String)>,
 ) {
     for f in s.filters() {
         let _ = session.client.try_unsubscribe(f);
@@ -143,9 +147,15 @@ pub(crate) fn end_sweep(
             "Cleared what an earlier run left retained for streams this node no longer has."
         );
     }
+    let later = tokio::time::Instant::now() + HA_DROP_GRACE;
     for (topic, payload) in publishes {
         to_clear.remove(&topic);
-        session.send_unspooled(outbox, &topic, true, payload);
+        let state_topic = super::parse_stream_topic(&p.node_prefix, &topic).is_some();
+        if payload.is_empty() && state_topic && p.discovery.is_some() {
+            deferred.push_back((later, topic));
+        } else {
+            session.send_unspooled(outbox, &topic, true, payload);
+        }
     }
     go_online(session, outbox, p, retained, to_clear);
 }

@@ -57,6 +57,10 @@ pub(super) struct Kept {
     current: Option<std::collections::BTreeSet<crate::types::StreamId>>,
     /// A stop began: availability only goes `offline`.
     stopping: bool,
+    /// The broker refused the sweep's subscriptions (an ACL that allows publishing only), or
+    /// dropped the connection while one was under way (brokers that disconnect on a denied
+    /// subscribe): no more sweeps this run, so the node still goes online at once.
+    sweep_off: bool,
 }
 
 /// Home Assistant's birth messages within this are answered once.
@@ -113,6 +117,7 @@ pub(super) async fn supervise(
         deferred: VecDeque::new(),
         current: None,
         stopping: false,
+        sweep_off: false,
     };
     loop {
         let run = std::panic::AssertUnwindSafe(run(
@@ -156,6 +161,7 @@ async fn run(
         deferred,
         current,
         stopping,
+        sweep_off,
     } = kept;
     // This connection's sweep and when the node's `online` goes out without it.
     let mut sweep: Option<(crate::publish::mqtt::sweep::Sweep, tokio::time::Instant)> = None;
@@ -480,7 +486,7 @@ async fn run(
                         backoff.on_up(std::time::Instant::now());
                         last_failure = None;
                         tracing::info!("MQTT connected.");
-                        if current.is_some() {
+                        if current.is_some() && !*sweep_off {
                             // What an earlier run left retained is read back first; the node
                             // goes online when the sweep is done (or after its timeout).
                             let s = crate::publish::mqtt::sweep::Sweep::new(&p.node_prefix, p.discovery.as_ref(), rng.u64(..));
@@ -512,12 +518,28 @@ async fn run(
                         }
                         session.pump(&mut outbox, p, spool, &mut tally.published);
                     }
+                    Ok(Event::Incoming(Packet::SubAck(ack)))
+                        if sweep.is_some()
+                            && ack
+                                .return_codes
+                                .iter()
+                                .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                    {
+                        if let Some((s, _)) = sweep.take() {
+                            tracing::warn!("The broker refused the subscriptions that read back what an earlier run left retained (an ACL?); going online without that sweep, and not sweeping again this run.");
+                            for f in s.filters() {
+                                let _ = session.client.try_unsubscribe(f);
+                            }
+                            *sweep_off = true;
+                            go_online(&mut session, &mut outbox, p, retained, to_clear);
+                        }
+                    }
                     Ok(Event::Incoming(Packet::Publish(m))) => {
                         let complete = sweep
                             .as_mut()
                             .is_some_and(|(s, _)| s.on_message(&m.topic, &m.payload, m.retain));
                         if complete && let Some((s, _)) = sweep.take() {
-                            end_sweep(&mut session, &mut outbox, p, s, current.as_ref(), retained, to_clear);
+                            end_sweep(&mut session, &mut outbox, p, s, current.as_ref(), retained, to_clear, deferred);
                         }
                         if let Some(d) = &p.discovery
                             && m.topic == d.birth_topic()
@@ -547,7 +569,10 @@ async fn run(
                         }
                         writer.flush(spool, Vec::new());
                         session = Session::new(p);
-                        sweep = None;
+                        if sweep.take().is_some() && !*sweep_off {
+                            tracing::warn!("The connection was lost during the sweep at connect; not sweeping again this run.");
+                            *sweep_off = true;
+                        }
                         outbox.disconnected(Sink::Mqtt.id());
                         // Durable answers and new alerts go on while it waits.
                         retry_at = Some(tokio::time::Instant::now() + wait);
