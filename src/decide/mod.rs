@@ -246,6 +246,8 @@ impl Decider {
     }
 
     /// The current verdict of a track, if it has one.
+    // Read by `analyze` (which needs GStreamer) and the tests.
+    #[cfg_attr(not(feature = "gstreamer"), allow(dead_code))]
     pub fn verdict(&self, stream: &StreamId, track: TrackId) -> Option<Verdict> {
         self.evidence.verdict(stream, track)
     }
